@@ -1,0 +1,1 @@
+"""Data sets for emcaps: smallNORB, MNIST, the SynthNORB renderer, and the paper's preprocessing."""

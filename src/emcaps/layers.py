@@ -1,0 +1,164 @@
+"""Capsule layers: PrimaryCaps, ConvCaps (capsule convolution with EM routing), ClassCaps.
+
+Each layer takes and returns `Capsules`; the pose grid is channels-last, (N, H, W, types, 4, 4).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from emcaps.capsules import Capsules, conv_output_size, extract_patches
+from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
+
+
+def _trunc_normal(shape: tuple[int, ...], std: float) -> nn.Parameter:
+    w = torch.empty(shape)
+    nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
+    return nn.Parameter(w)
+
+
+def _transform(poses: Tensor, weight: Tensor) -> Tensor:
+    """Multiply each child's pose by its transforms to every parent type.
+
+    poses:  (I, M, 4, 4)   child pose i of routing problem m
+    weight: (I, J, 4, 4)   transform from child i to parent type j
+    ->      (M, J, I, 16)  votes, in the layout `em_routing_fused` wants
+    """
+    n_in, m = poses.shape[:2]
+    n_out = weight.shape[1]
+    # One batched product over children: (I, M*4, 4) @ (I, 4, J*4) -> (I, M*4, J*4)
+    votes = torch.bmm(poses.reshape(n_in, m * 4, 4), weight.permute(0, 2, 1, 3).reshape(n_in, 4, n_out * 4))
+    return votes.view(n_in, m, 4, n_out, 4).permute(1, 3, 0, 2, 4).reshape(m, n_out, n_in, 16)
+
+
+class PrimaryCaps(nn.Module):
+    """1x1 convolution from a feature map to capsules: a linear 4x4 pose and a logistic activation per type.
+
+    (N, A, H, W) -> Capsules(pose (N, H, W, B, 4, 4), activation (N, H, W, B))
+    """
+
+    def __init__(self, in_channels: int, types: int) -> None:
+        super().__init__()
+        self.types = types
+        self.pose = nn.Conv2d(in_channels, types * 16, kernel_size=1)
+        self.activation = nn.Conv2d(in_channels, types, kernel_size=1)
+        nn.init.trunc_normal_(self.pose.weight, std=0.5, a=-1.0, b=1.0)
+        nn.init.trunc_normal_(self.activation.weight, std=3.0, a=-6.0, b=6.0)
+        nn.init.zeros_(self.pose.bias)
+        nn.init.zeros_(self.activation.bias)
+
+    def forward(self, x: Tensor) -> Capsules:
+        if x.dim() != 4:
+            raise ValueError(f"PrimaryCaps expects a feature map (N, C, H, W), got {tuple(x.shape)}")
+        n, _, h, w = x.shape
+        pose = self.pose(x).permute(0, 2, 3, 1).reshape(n, h, w, self.types, 4, 4)
+        act = torch.sigmoid(self.activation(x)).permute(0, 2, 3, 1)
+        return Capsules(pose, act)
+
+
+class ConvCaps(nn.Module):
+    """Capsule convolution: each KxK window of child capsules votes for C parent types, routed by EM.
+
+    Capsules(pose (N, H, W, B, 4, 4)) -> Capsules(pose (N, H', W', C, 4, 4)), H' = (H - K) // S + 1
+    """
+
+    def __init__(self, in_types: int, out_types: int, kernel: int, stride: int,
+                 routing: RoutingConfig = RoutingConfig()) -> None:
+        super().__init__()
+        if kernel < 1 or stride < 1:
+            raise ValueError(f"kernel and stride must be >= 1, got kernel={kernel}, stride={stride}")
+        self.in_types, self.out_types = in_types, out_types
+        self.kernel, self.stride = kernel, stride
+        self.routing = routing
+        self.weight = _trunc_normal((kernel * kernel * in_types, out_types, 4, 4), std=0.3)  # (K*K*B, C, 4, 4)
+        self.beta_u = nn.Parameter(torch.zeros(out_types))
+        self.beta_a = nn.Parameter(torch.zeros(out_types))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_types}, {self.out_types}, kernel={self.kernel}, stride={self.stride}"
+
+    def votes(self, caps: Capsules) -> tuple[Tensor, Tensor]:
+        """Votes (N*L, C, K*K*B, 16) and child activations (N*L, K*K*B), L = H'*W' output positions."""
+        pose, act = caps
+        if pose.dim() != 6 or pose.shape[3] != self.in_types:
+            raise ValueError(f"ConvCaps expects pose (N, H, W, {self.in_types}, 4, 4), got {tuple(pose.shape)}")
+        n, h, w = pose.shape[:3]
+        oh = conv_output_size(h, self.kernel, self.stride)
+        ow = conv_output_size(w, self.kernel, self.stride)
+        m, n_in = n * oh * ow, self.kernel * self.kernel * self.in_types
+        patches = extract_patches(pose, self.kernel, self.stride)         # (N, H', W', K, K, B, 4, 4)
+        poses = patches.reshape(m, n_in, 4, 4).transpose(0, 1)            # (K*K*B, M, 4, 4)
+        a_in = extract_patches(act, self.kernel, self.stride).reshape(m, n_in)
+        return _transform(poses, self.weight), a_in
+
+    def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
+        n, h, w = caps.pose.shape[:3]
+        votes, a_in = self.votes(caps)
+        oh = conv_output_size(h, self.kernel, self.stride)
+        ow = conv_output_size(w, self.kernel, self.stride)
+        scale = (oh * ow * self.out_types) / (h * w * self.in_types) if self.routing.normalize_cost else 1.0
+        initial = normalise = None
+        if self.routing.compete_positions:
+            comp = PositionCompetition(h, w, self.kernel, self.stride, self.in_types, device=votes.device)
+            initial = comp.initial(n, self.out_types, torch.promote_types(votes.dtype, torch.float32))
+            normalise = comp
+        pose, act = em_routing_fused(votes, a_in, self.beta_u, self.beta_a, self.routing, cost_scale=scale,
+                                     initial=initial, normalise=normalise, trace=trace)
+        return Capsules(pose.view(n, oh, ow, self.out_types, 4, 4), act.view(n, oh, ow, self.out_types))
+
+
+class ClassCaps(nn.Module):
+    """Class capsules: one transform per (input type, class) shared across positions, with coordinate
+    addition, routed by EM over every input capsule of the grid.
+
+    Capsules(pose (N, H, W, D, 4, 4)) -> Capsules(pose (N, E, 4, 4), activation (N, E))
+    """
+
+    def __init__(self, in_types: int, classes: int, coord_add: bool = True,
+                 routing: RoutingConfig = RoutingConfig()) -> None:
+        super().__init__()
+        self.in_types, self.classes = in_types, classes
+        self.coord_add = coord_add
+        self.routing = routing
+        self.weight = _trunc_normal((in_types, classes, 4, 4), std=0.01)
+        self.beta_u = nn.Parameter(torch.zeros(classes))
+        self.beta_a = nn.Parameter(torch.zeros(classes))
+
+    def extra_repr(self) -> str:
+        return f"{self.in_types}, {self.classes}, coord_add={self.coord_add}"
+
+    def votes(self, caps: Capsules) -> tuple[Tensor, Tensor]:
+        """Votes (N, E, H*W*D, 16) and child activations (N, H*W*D)."""
+        pose, act = caps
+        if pose.dim() != 6 or pose.shape[3] != self.in_types:
+            raise ValueError(f"ClassCaps expects pose (N, H, W, {self.in_types}, 4, 4), got {tuple(pose.shape)}")
+        n, h, w = pose.shape[:3]
+        poses = pose.permute(3, 0, 1, 2, 4, 5).reshape(self.in_types, n * h * w, 4, 4)   # (D, N*H*W, 4, 4)
+        votes = _transform(poses, self.weight)                            # (N*H*W, E, D, 16)
+        votes = votes.view(n, h * w, self.classes, self.in_types, 16).transpose(1, 2)  # (N, E, H*W, D, 16)
+        if self.coord_add:
+            votes = votes + coordinate_offsets(h, w, votes.dtype, votes.device).view(1, 1, h * w, 1, 16)
+        return votes.reshape(n, self.classes, h * w * self.in_types, 16), act.reshape(n, h * w * self.in_types)
+
+    def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
+        votes, a_in = self.votes(caps)
+        n, _, n_in, _ = votes.shape
+        scale = self.classes / n_in if self.routing.normalize_cost else 1.0
+        pose, act = em_routing_fused(votes, a_in, self.beta_u, self.beta_a, self.routing, cost_scale=scale,
+                                     trace=trace)
+        return Capsules(pose.view(n, self.classes, 4, 4), act)
+
+
+def coordinate_offsets(height: int, width: int, dtype: torch.dtype = torch.float32,
+                       device: torch.device | None = None) -> Tensor:
+    """Scaled (row, col) of each receptive-field centre, placed in the pose entries (0, 3) and (1, 3).
+
+    -> (H*W, 16); row and column of position (y, x) are (y + 0.5) / H and (x + 0.5) / W.
+    """
+    rows = (torch.arange(height, dtype=dtype, device=device) + 0.5) / height
+    cols = (torch.arange(width, dtype=dtype, device=device) + 0.5) / width
+    off = torch.zeros(height, width, 4, 4, dtype=dtype, device=device)
+    off[..., 0, 3] = rows.view(-1, 1)
+    off[..., 1, 3] = cols.view(1, -1)
+    return off.view(height * width, 16)

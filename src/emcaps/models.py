@@ -1,0 +1,124 @@
+"""Models: the matrix capsule network of the paper, its baseline CNN, and a registry of named presets.
+
+Every model maps images (N, C, 32, 32) to class scores (N, E). `score_kind` tells losses and attacks
+what the scores are: "activation" (capsule activations in [0, 1]) or "logit".
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emcaps.capsules import Capsules
+from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps
+from emcaps.routing import RoutingConfig, RoutingStep
+
+
+@dataclass(frozen=True)
+class CapsNetConfig:
+    """A = conv1 channels, B = primary capsule types, C and D = ConvCaps1/2 types, classes = E."""
+
+    A: int = 32
+    B: int = 32
+    C: int = 32
+    D: int = 32
+    classes: int = 5
+    in_channels: int = 1
+    coord_add: bool = True
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+
+class MatrixCapsNet(nn.Module):
+    """The smallNORB network: ReLU Conv1 -> PrimaryCaps -> ConvCaps1 -> ConvCaps2 -> ClassCaps.
+
+    (N, in_channels, 32, 32) -> 14x14xA -> 14x14xB caps -> 6x6xC caps -> 4x4xD caps -> E caps
+    """
+
+    score_kind = "activation"
+
+    def __init__(self, config: CapsNetConfig = CapsNetConfig()) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.conv1 = nn.Conv2d(c.in_channels, c.A, kernel_size=5, stride=2)
+        nn.init.trunc_normal_(self.conv1.weight, std=0.05, a=-0.1, b=0.1)
+        nn.init.zeros_(self.conv1.bias)
+        self.primary = PrimaryCaps(c.A, c.B)
+        self.conv_caps1 = ConvCaps(c.B, c.C, kernel=3, stride=2, routing=c.routing)
+        self.conv_caps2 = ConvCaps(c.C, c.D, kernel=3, stride=1, routing=c.routing)
+        self.class_caps = ClassCaps(c.D, c.classes, coord_add=c.coord_add, routing=c.routing)
+
+    def capsules(self, x: Tensor, trace: list[RoutingStep] | None = None) -> Capsules:
+        """Class capsules for images (N, C, H, W): pose (N, E, 4, 4), activation (N, E).
+
+        `trace`, if given, collects the class layer's routing iterations.
+        """
+        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
+            raise ValueError(f"MatrixCapsNet expects images (N, {self.config.in_channels}, H, W), "
+                             f"got {tuple(x.shape)}")
+        caps = self.primary(F.relu(self.conv1(x)))
+        caps = self.conv_caps2(self.conv_caps1(caps))
+        return self.class_caps(caps, trace=trace)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> class activations (N, E)."""
+        return self.capsules(x).activation
+
+
+class BaselineCNN(nn.Module):
+    """The paper's baseline: conv 5x5x32 + pool, conv 5x5x64 + pool, FC 1024 + dropout, FC E.
+
+    (N, in_channels, 32, 32) -> logits (N, E); about 4.2M parameters at 32x32.
+    """
+
+    score_kind = "logit"
+
+    def __init__(self, classes: int = 5, in_channels: int = 1, image_size: int = 32, dropout: float = 0.5) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        side = image_size // 4
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(64 * side * side, 1024), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(1024, classes),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(self.features(x))
+
+
+PRESETS: dict[str, CapsNetConfig] = {
+    "paper": CapsNetConfig(A=32, B=32, C=32, D=32),
+    "small": CapsNetConfig(A=64, B=8, C=16, D=16),
+    "tiny": CapsNetConfig(A=16, B=4, C=4, D=4),
+}
+MODEL_NAMES = (*PRESETS, "cnn")
+
+
+def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,
+                 coord_add: bool | None = None) -> nn.Module:
+    """A model by name: a capsule preset ('paper', 'small', 'tiny') or 'cnn' (the baseline)."""
+    if name == "cnn":
+        return BaselineCNN(classes=classes, in_channels=in_channels)
+    if name not in PRESETS:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
+    config = replace(PRESETS[name], classes=classes, in_channels=in_channels)
+    if routing is not None:
+        config = replace(config, routing=routing)
+    if coord_add is not None:
+        config = replace(config, coord_add=coord_add)
+    return MatrixCapsNet(config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def describe(config: CapsNetConfig) -> dict:
+    """The config as plain data (for saving beside a checkpoint)."""
+    return asdict(config)

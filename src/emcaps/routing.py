@@ -1,0 +1,275 @@
+"""EM routing between two layers of matrix capsules (Hinton, Sabour, Frosst, ICLR 2018).
+
+Each parent capsule is a Gaussian over the votes of its children; routing fits a mixture of these
+Gaussians by EM, where a child's data are weighted by the child's activation and a parent's activation
+is a logistic function of how cheaply its Gaussian explains the data assigned to it.
+
+Two forms live here and compute the same thing:
+- `em_routing`: the dense reference, written to read like the paper. Votes (N, I, J, D).
+- `em_routing_fused`: the form the layers use. Votes are laid out (M, J, I, D) so that every M-step and
+  E-step is one batched matrix product over the votes and their squares, and the E-step normalisation
+  is pluggable (convolutional layers normalise a child over every position it feeds).
+
+Numerical choices, shared by both forms so that they agree:
+- variances get a floor `var_floor` and the log-likelihood uses log(variance), never sqrt, so a parent
+  with one child or identical votes has finite cost and finite gradients;
+- log(parent activation) is logsigmoid(logit), exact where sigmoid underflows;
+- sums of weighted assignments get `EPS` in the denominator so all-zero activations give zero means.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+EPS = 1e-8
+DEFAULT_VAR_FLOOR = 5e-4
+DEFAULT_FINAL_LAMBDA = 0.01
+SCHEDULES = ("authors", "linear", "constant")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Everything that decides how a layer routes; one value shared by a model's layers.
+
+    iterations:       EM iterations (the paper uses 3).
+    final_lambda:     scale of the inverse temperature schedule.
+    schedule:         'authors' (lambda_i = final * (1 - 0.95**(i+1))), 'linear' (final * (i+1)/T),
+                      or 'constant' (final every iteration).
+    var_floor:        added to every variance.
+    normalize_cost:   scale each parent's share of the data by n_parents / n_children (Gritzman 2019),
+                      so the cost has the same size in layers with very different fan-in.
+    compete_positions: in convolutional layers, a child's assignments are normalised over every parent
+                      it feeds (all positions and types), not over the types at each position.
+    """
+
+    iterations: int = 3
+    final_lambda: float = DEFAULT_FINAL_LAMBDA
+    schedule: str = "authors"
+    var_floor: float = DEFAULT_VAR_FLOOR
+    normalize_cost: bool = False
+    compete_positions: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"routing iterations must be an integer >= 1, got {self.iterations!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown inverse-temperature schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if not self.final_lambda > 0:
+            raise ValueError(f"final_lambda must be > 0, got {self.final_lambda}")
+        if not self.var_floor > 0:
+            raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
+
+    @property
+    def inverse_temperatures(self) -> list[float]:
+        return inverse_temperatures(self.iterations, self.final_lambda, self.schedule)
+
+
+def inverse_temperatures(iterations: int, final_lambda: float = DEFAULT_FINAL_LAMBDA,
+                         schedule: str = "authors") -> list[float]:
+    """The inverse temperature lambda for each iteration; it rises each iteration."""
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"routing iterations must be an integer >= 1, got {iterations!r}")
+    if schedule == "authors":
+        return [final_lambda * (1 - 0.95 ** (i + 1)) for i in range(iterations)]
+    if schedule == "linear":
+        return [final_lambda * (i + 1) / iterations for i in range(iterations)]
+    if schedule == "constant":
+        return [final_lambda] * iterations
+    raise ValueError(f"unknown inverse-temperature schedule {schedule!r}; expected one of {SCHEDULES}")
+
+
+@dataclass
+class RoutingStep:
+    """What one EM iteration computed, kept when a caller passes `trace=[]` (for pictures and tests).
+
+    assignments: the assignments the M-step used, in the caller's layout ((N, I, J) dense, (M, J, I) fused)
+    mean, var:   the parents' Gaussians, (.., J, D)
+    activation:  the parents' activations, (.., J)
+    """
+
+    assignments: Tensor
+    mean: Tensor
+    var: Tensor
+    activation: Tensor
+    inverse_temperature: float
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half-precision routing loses the variance floor and the log-likelihoods; route in at least fp32.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _check_betas(beta_u: Tensor, beta_a: Tensor, n_out: int) -> None:
+    for name, b in (("beta_u", beta_u), ("beta_a", beta_a)):
+        if b.dim() > 1 or (b.dim() == 1 and b.shape[0] not in (1, n_out)):
+            raise ValueError(f"{name} must be a scalar or have shape ({n_out},), got {tuple(b.shape)}")
+
+
+def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int = 3, *,
+               final_lambda: float = DEFAULT_FINAL_LAMBDA, schedule: str = "authors",
+               var_floor: float = DEFAULT_VAR_FLOOR, normalize_cost: bool = False,
+               connectivity: Tensor | None = None,
+               trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
+    """EM routing, dense reference form.
+
+    votes:        (N, I, J, D)  vote of child i for parent j
+    activations:  (N, I)        child activations
+    beta_u, beta_a: (J,)        learned cost offsets (scalars broadcast)
+    connectivity: optional (I, J) bool; child i feeds parent j only where True. A child's assignments
+                  start uniform over, and are normalised over, the parents it feeds.
+    returns pose (N, J, D) (the Gaussian means) and activation (N, J).
+    """
+    if votes.dim() != 4:
+        raise ValueError(f"votes must have shape (N, I, J, D), got {tuple(votes.shape)}")
+    n, n_in, n_out, _ = votes.shape
+    if tuple(activations.shape) != (n, n_in):
+        raise ValueError(f"activations must have shape ({n}, {n_in}) to match votes, got {tuple(activations.shape)}")
+    _check_betas(beta_u, beta_a, n_out)
+    lambdas = inverse_temperatures(iterations, final_lambda, schedule)
+    out_dtype = votes.dtype
+    cd = _compute_dtype(out_dtype)
+    v, a = votes.to(cd), activations.to(cd)
+    bu, ba = beta_u.to(cd), beta_a.to(cd)
+
+    if connectivity is None:
+        r = torch.full((1, n_in, n_out), 1.0 / n_out, dtype=cd, device=v.device)
+    else:
+        if tuple(connectivity.shape) != (n_in, n_out) or connectivity.dtype != torch.bool:
+            raise ValueError(f"connectivity must be a bool tensor of shape ({n_in}, {n_out})")
+        fan_out = connectivity.sum(1, keepdim=True)
+        if (fan_out == 0).any():
+            raise ValueError("connectivity leaves a child with no parent")
+        r = (connectivity / fan_out).to(cd).unsqueeze(0)
+    scale = n_out / n_in if normalize_cost else 1.0
+
+    for it, lam in enumerate(lambdas):
+        # M-step: assignments weighted by the children's activations.
+        ra = r * a.unsqueeze(-1)                                        # (N, I, J)
+        r_sum = ra.sum(1)                                               # (N, J)
+        w = ra / (r_sum.unsqueeze(1) + EPS)                             # (N, I, J)
+        mean = (w.unsqueeze(-1) * v).sum(1)                             # (N, J, D)
+        sq = (v - mean.unsqueeze(1)) ** 2                               # (N, I, J, D)
+        var = (w.unsqueeze(-1) * sq).sum(1) + var_floor                 # (N, J, D)
+        cost = ((bu.unsqueeze(-1) + 0.5 * torch.log(var)) * (scale * r_sum).unsqueeze(-1)).sum(-1)  # (N, J)
+        logit = lam * (ba - cost)
+        act = torch.sigmoid(logit)                                      # (N, J)
+        if trace is not None:
+            trace.append(RoutingStep(r.expand(n, -1, -1), mean, var, act, lam))
+        if it == len(lambdas) - 1:
+            break
+        # E-step: log-likelihood of each vote under each parent, weighted by the parent's activation.
+        log_p = -0.5 * (sq / var.unsqueeze(1) + torch.log(var).unsqueeze(1) + _LOG_2PI).sum(-1)  # (N, I, J)
+        log_r = F.logsigmoid(logit).unsqueeze(1) + log_p
+        if connectivity is not None:
+            log_r = log_r.masked_fill(~connectivity, float("-inf"))
+        r = torch.softmax(log_r, dim=2)
+    return mean.to(out_dtype), act.to(out_dtype)
+
+
+Normaliser = Callable[[Tensor], Tensor]
+
+
+def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
+                     config: RoutingConfig, *, cost_scale: float = 1.0,
+                     initial: Tensor | None = None, normalise: Normaliser | None = None,
+                     trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
+    """EM routing in the layout the layers use; computes what `em_routing` computes.
+
+    votes:       (M, J, I, D)   M independent routing problems (images, or image-positions)
+    activations: (M, I)
+    initial:     initial assignments, broadcastable to (M, J, I); default uniform 1/J
+    normalise:   maps unnormalised log-assignments (M, J, I) to normalised ones; default log-softmax
+                 over J. Convolutional layers pass one that normalises across positions.
+    returns pose (M, J, D) and activation (M, J).
+
+    The votes are centred per parent once and stored beside their squares, (M, J, I, 2D); each M-step is
+    then one batched product (weights @ [v, v^2]) and each E-step one more ([v, v^2] @ coefficients),
+    with no (votes - mean)^2 temporary. Centring keeps the moment formula exact for large votes.
+    """
+    m, n_out, n_in, d = votes.shape
+    out_dtype = votes.dtype
+    cd = _compute_dtype(out_dtype)
+    v = votes.to(cd)
+    a = activations.to(cd).unsqueeze(1)                                 # (M, 1, I)
+    bu, ba = beta_u.to(cd), beta_a.to(cd)
+    centre = v.mean(2)                                                  # (M, J, D)
+    vc = v - centre.unsqueeze(2)
+    moments = torch.cat((vc, vc * vc), dim=-1).view(m * n_out, n_in, 2 * d)   # (MJ, I, 2D)
+    del v, vc
+
+    r = initial if initial is not None else votes.new_full((1, 1, 1), 1.0 / n_out, dtype=cd)
+    lambdas = config.inverse_temperatures
+    for it, lam in enumerate(lambdas):
+        ra = (r * a).expand(m, n_out, n_in)                             # (M, J, I)
+        r_sum = ra.sum(-1)                                              # (M, J)
+        w = ra / (r_sum.unsqueeze(-1) + EPS)
+        mom = torch.bmm(w.reshape(m * n_out, 1, n_in), moments).view(m, n_out, 2 * d)
+        mean, ex2 = mom[..., :d], mom[..., d:]                          # (M, J, D) each
+        var = (ex2 - mean * mean).clamp_min(0) + config.var_floor
+        log_var = torch.log(var)
+        cost = (d * bu + 0.5 * log_var.sum(-1)) * (cost_scale * r_sum)  # (M, J)
+        logit = lam * (ba - cost)
+        act = torch.sigmoid(logit)
+        if trace is not None:
+            trace.append(RoutingStep(r.expand(m, n_out, n_in), mean + centre, var, act, lam))
+        if it == len(lambdas) - 1:
+            break
+        # sum_d (v - mean)^2 / var  =  sum_d v^2/var - 2 v mean/var + mean^2/var, as one product.
+        inv = 1.0 / var
+        coef = torch.cat((-2 * mean * inv, inv), dim=-1).view(m * n_out, 2 * d, 1)
+        maha = torch.bmm(moments, coef).view(m, n_out, n_in) + (mean * mean * inv).sum(-1, keepdim=True)
+        log_p = -0.5 * (maha.clamp_min(0) + (log_var.sum(-1, keepdim=True) + d * _LOG_2PI))
+        log_r = F.logsigmoid(logit).unsqueeze(-1) + log_p               # (M, J, I)
+        log_r = normalise(log_r) if normalise is not None else torch.log_softmax(log_r, dim=1)
+        r = log_r.exp()
+    return (mean + centre).to(out_dtype), act.to(out_dtype)
+
+
+class PositionCompetition:
+    """E-step normalisation for a capsule convolution in which parents at different positions compete.
+
+    A child at input position p feeds every (output position, kernel offset) whose window covers p; its
+    assignments are normalised over all those parents and all output types. Log-assignments arrive as
+    (N*L, C, K*K*B), L = H'*W' output positions, ordered (ky, kx, b) along the last axis.
+    """
+
+    def __init__(self, height: int, width: int, kernel: int, stride: int, types_in: int,
+                 device: torch.device | None = None) -> None:
+        from emcaps.capsules import child_index
+
+        self.index = child_index(height, width, kernel, stride).to(device)   # (L*K*K,)
+        self.n_children = height * width
+        self.kk = kernel * kernel
+        self.types_in = types_in
+        count = torch.zeros(self.n_children, device=device).index_add_(
+            0, self.index, torch.ones_like(self.index, dtype=torch.float32))
+        self.uncovered = (count == 0).float()                                   # (H*W,)
+        self.edge_fan_out = count[self.index]                                    # parents per child, / types
+
+    def initial(self, batch: int, types_out: int, dtype: torch.dtype) -> Tensor:
+        """Uniform assignments over all parents a child feeds: (N*L, 1, K*K*B)."""
+        r0 = 1.0 / (self.edge_fan_out * types_out)                               # (L*K*K,)
+        n_pos = r0.shape[0] // self.kk
+        r0 = r0.to(dtype).view(1, n_pos, self.kk, 1).expand(batch, -1, -1, self.types_in)
+        return r0.reshape(batch * n_pos, 1, self.kk * self.types_in)
+
+    def __call__(self, log_r: Tensor) -> Tensor:
+        """(N*L, C, K*K*B) -> the same, normalised per child over positions and types."""
+        ml, c, i = log_r.shape
+        n_pos = self.index.shape[0] // self.kk
+        n = ml // n_pos
+        per_edge = torch.logsumexp(log_r, dim=1).view(n, n_pos * self.kk, self.types_in)   # (N, L*KK, B)
+        # A detached per-child shift keeps exp() in range; it cancels exactly, so gradients are unchanged.
+        shift = per_edge.new_zeros(n, self.n_children, self.types_in).scatter_reduce(
+            1, self.index.view(1, -1, 1).expand_as(per_edge), per_edge.detach(), "amax", include_self=False)
+        total = per_edge.new_zeros(n, self.n_children, self.types_in).index_add(
+            1, self.index, torch.exp(per_edge - shift[:, self.index]))
+        lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift        # (N, H*W, B)
+        return log_r - lse[:, self.index].reshape(ml, 1, i)

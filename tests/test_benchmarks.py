@@ -1,0 +1,97 @@
+"""The benchmark's reference network must compute what emcaps computes, or its timings compare nothing.
+
+emcaps is configured to match the reference (assignments normalised per position), the weights are
+copied across, and outputs and input gradients are compared in float64.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from emcaps.capsules import Capsules
+from emcaps.models import create_model
+from emcaps.routing import RoutingConfig
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(f"emcaps_bench_{name}", BENCH_DIR / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+reference = _load("reference")
+
+MATCHING = RoutingConfig(compete_positions=False)
+
+
+def _matched_pair(preset: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = create_model(preset, routing=MATCHING).double()
+    # Non-zero betas so the cost and activation terms are exercised, not only their defaults.
+    with torch.no_grad():
+        for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
+            layer.beta_u.normal_(0, 0.5)
+            layer.beta_a.normal_(0, 0.5)
+    return model, reference.load_from_emcaps(model)
+
+
+# Inputs smaller than 32x32 keep the test fast; 28 gives grids 12 -> 5 -> 3 (odd, with a stride
+# remainder) and 24 gives 10 -> 4 -> 2, so coordinate addition still sees several positions.
+@pytest.mark.parametrize("preset, size", [("small", 28), ("paper", 24)])
+def test_reference_matches_emcaps(preset, size):
+    model, ref = _matched_pair(preset)
+    x = torch.randn(2, 1, size, size, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    x_emc = x.clone().requires_grad_(True)
+    x_ref = x.clone().requires_grad_(True)
+
+    caps = model.capsules(x_emc)
+    pose_ref, act_ref = ref.capsules(x_ref)
+    torch.testing.assert_close(act_ref, caps.activation, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pose_ref, caps.pose, rtol=0, atol=1e-6)
+    # The activations sit near 0.5 at init; make sure they are not all equal, or the check is weak.
+    assert caps.activation.std() > 1e-4
+
+    # One scalar that depends on poses and activations, back to the input image.
+    weights = torch.randn(caps.pose.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    (caps.activation.sum() + (caps.pose * weights).sum()).backward()
+    (act_ref.sum() + (pose_ref * weights).sum()).backward()
+    scale = x_emc.grad.abs().max().item()
+    assert scale > 0
+    torch.testing.assert_close(x_ref.grad, x_emc.grad, rtol=1e-6, atol=1e-6 * max(1.0, scale))
+
+
+def test_reference_conv_caps_matches_emcaps_layer():
+    torch.manual_seed(3)
+    model = create_model("small", routing=MATCHING).double()
+    layer = model.conv_caps1
+    ref = reference.reference_conv_caps(layer)
+    g = torch.Generator().manual_seed(4)
+    pose = torch.randn(2, 7, 7, layer.in_types, 4, 4, dtype=torch.float64, generator=g)
+    act = torch.rand(2, 7, 7, layer.in_types, dtype=torch.float64, generator=g)
+    out = layer(Capsules(pose, act))
+    pose_ref, act_ref = reference.unpack_capsules(ref(reference.pack_capsules(pose, act)), layer.out_types)
+    torch.testing.assert_close(act_ref, out.activation, rtol=0, atol=1e-6)
+    torch.testing.assert_close(pose_ref, out.pose, rtol=0, atol=1e-6)
+
+
+def test_reference_refuses_a_config_it_cannot_match():
+    with pytest.raises(ValueError, match="compete_positions"):
+        reference.load_from_emcaps(create_model("tiny"))
+    with pytest.raises(ValueError, match="normalize_cost"):
+        reference.load_from_emcaps(create_model("tiny", routing=RoutingConfig(compete_positions=False,
+                                                                            normalize_cost=True)))
+
+
+def test_parameter_counts_agree():
+    model = create_model("paper", routing=MATCHING)
+    ref = reference.load_from_emcaps(model)
+    assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in model.parameters())

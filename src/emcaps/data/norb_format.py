@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import struct
 import tempfile
 import zlib
@@ -163,3 +164,44 @@ def create_norb_memmap(path: str | os.PathLike, dtype: np.dtype, shape: tuple[in
         handle.write(header)
         handle.truncate(len(header) + size)
     return np.memmap(path, dtype=dtype, mode="r+", offset=len(header), shape=tuple(shape))
+
+
+def validate_norb(path: str | os.PathLike, gzipped: bool | None = None, chunk_size: int = 1 << 20) -> tuple[np.dtype, tuple[int, ...]]:
+    """Check a whole file (header, size, gzip stream) without holding it in memory; return (dtype, shape).
+
+    ``gzipped`` defaults to the file name (``.gz``); pass it for names like ``x.mat.gz.part``.
+    """
+    path = Path(path)
+    if gzipped is None:
+        gzipped = path.suffix == ".gz"
+    if not gzipped:
+        return read_norb_header(path)
+    head = b""
+    total = 0
+    try:
+        with gzip.open(path, "rb") as handle:
+            while block := handle.read(chunk_size):
+                if len(head) < 8 + 4 * MAX_NDIM:
+                    head += block[: 8 + 4 * MAX_NDIM - len(head)]
+                total += len(block)
+    except (OSError, EOFError, zlib.error) as error:
+        raise NorbFormatError(path, f"bad gzip data ({error})") from error
+    dtype, shape, _ = _parse_header(path, head, total)
+    return dtype, shape
+
+
+def gunzip_norb(source: str | os.PathLike, dest: str | os.PathLike, chunk_size: int = 1 << 20) -> Path:
+    """Decompress a gzipped NORB file to a plain (memory-mappable) one, validated, written atomically."""
+    source, dest = Path(source), Path(dest)
+    validate_norb(source, gzipped=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    try:
+        with gzip.open(source, "rb") as reader, open(tmp, "wb") as writer:
+            shutil.copyfileobj(reader, writer, chunk_size)
+            writer.flush()
+            os.fsync(writer.fileno())
+        read_norb_header(tmp)
+        os.replace(tmp, dest)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return dest

@@ -1,0 +1,339 @@
+"""One config object per run: nested frozen dataclasses read from TOML, with `section.key=value` overrides.
+
+A run's config is written beside its checkpoint (config.toml) and inside it, so a run can be resumed or
+reproduced from its directory alone. Unknown keys and values of the wrong type or range raise ConfigError
+naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any
+
+from emcaps.routing import RoutingConfig
+
+
+class ConfigError(ValueError):
+    """A config file, key or value a user supplied is wrong."""
+
+
+DATASETS = ("synthnorb", "smallnorb", "mnist", "toy")
+VIEWPOINTS = ("", "familiar", "novel")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where images come from and how they are preprocessed (the paper: 48x48, then 32x32 crops).
+
+    dataset:   synthnorb (rendered once into the user cache), smallnorb (files under `root`), mnist, or
+               toy (procedural class-dependent patterns made in memory: for tests, needs no files).
+    root:      directory of the data set files; "" = the user cache (see emcaps.data.cache).
+    cameras:   'left', 'right' or 'both' (2 input channels, as in the paper); NORB-format data only.
+    resize:    side the images are downsampled to before cropping (0 = keep).
+    crop:      side of the crops the model sees (random for training, centre for testing).
+    train_limit, test_limit: keep a random subset of this many images (0 = all).
+    train_azimuths, train_elevations, test_azimuths, test_elevations: '' (all), 'familiar' or 'novel'.
+    """
+
+    dataset: str = "synthnorb"
+    root: str = ""
+    synth_size: int = 48
+    synth_subset: str = "full"
+    synth_seed: int = 0
+    cameras: str = "left"
+    resize: int = 48
+    crop: int = 32
+    augment: bool = True
+    train_limit: int = 0
+    test_limit: int = 0
+    train_azimuths: str = ""
+    train_elevations: str = ""
+    test_azimuths: str = ""
+    test_elevations: str = ""
+
+    def __post_init__(self) -> None:
+        _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.cameras", self.cameras, ("left", "right", "both"))
+        for name in ("train_azimuths", "train_elevations", "test_azimuths", "test_elevations"):
+            _choice(f"data.{name}", getattr(self, name), VIEWPOINTS)
+        _at_least("data.synth_size", self.synth_size, 8)
+        _at_least("data.crop", self.crop, 8)
+        _at_least("data.resize", self.resize, 0)
+        if self.resize and self.resize < self.crop:
+            raise ConfigError(f"data.resize ({self.resize}) must be 0 or at least data.crop ({self.crop})")
+        _at_least("data.train_limit", self.train_limit, 0)
+        _at_least("data.test_limit", self.test_limit, 0)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """name: a capsule preset of emcaps.models ('paper', 'small', 'tiny') or 'cnn' (the baseline)."""
+
+    name: str = "small"
+    coord_add: bool = True
+
+    def __post_init__(self) -> None:
+        from emcaps.models import MODEL_NAMES
+
+        _choice("model.name", self.name, MODEL_NAMES)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and a per-step learning-rate schedule.
+
+    lr_schedule: 'constant'; 'exponential' (lr * lr_decay ** (step / decay_steps), the authors' form);
+                 'cosine' (from lr down to lr * min_lr_ratio over the run). warmup_steps ramp linearly.
+    grad_clip:   clip the global gradient norm to this (0 = off).
+    """
+
+    optimizer: str = "adam"
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    lr_schedule: str = "exponential"
+    lr_decay: float = 0.96
+    decay_steps: int = 2000
+    min_lr_ratio: float = 0.01
+    warmup_steps: int = 0
+    grad_clip: float = 0.0
+
+    def __post_init__(self) -> None:
+        _choice("optim.optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        _choice("optim.lr_schedule", self.lr_schedule, ("constant", "exponential", "cosine"))
+        _positive("optim.lr", self.lr)
+        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        if not 0 < self.lr_decay <= 1:
+            raise ConfigError(f"optim.lr_decay must be in (0, 1], got {self.lr_decay}")
+        _at_least("optim.decay_steps", self.decay_steps, 1)
+        _at_least("optim.min_lr_ratio", self.min_lr_ratio, 0.0)
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+        _at_least("optim.grad_clip", self.grad_clip, 0.0)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """name: 'auto' (spread loss for capsules, cross-entropy for the CNN), 'spread', 'margin' or
+    'cross_entropy'. The spread-loss margin rises from margin_start to margin_end: 'linear' over the whole
+    run (the paper), 'sigmoid' (the authors' code, with sigmoid_steps per unit), or 'constant' (margin_end).
+    """
+
+    name: str = "auto"
+    margin_schedule: str = "linear"
+    margin_start: float = 0.2
+    margin_end: float = 0.9
+    sigmoid_steps: float = 50000.0
+
+    def __post_init__(self) -> None:
+        _choice("loss.name", self.name, ("auto", "spread", "margin", "cross_entropy"))
+        _choice("loss.margin_schedule", self.margin_schedule, ("linear", "sigmoid", "constant"))
+        _positive("loss.sigmoid_steps", self.sigmoid_steps)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The loop. device: 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1'...; threads: torch
+    intra-op threads (0 = torch's default). Checkpoints are written every epoch, every `checkpoint_minutes`
+    and every `checkpoint_steps` steps (0 = off). eval_every: test the model every this many epochs
+    (0 = only at the end)."""
+
+    epochs: int = 10
+    batch_size: int = 32
+    seed: int = 0
+    device: str = "auto"
+    threads: int = 0
+    checkpoint_minutes: float = 10.0
+    checkpoint_steps: int = 0
+    eval_every: int = 1
+    eval_batch_size: int = 64
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.eval_batch_size", self.eval_batch_size, 1)
+        _at_least("train.threads", self.threads, 0)
+        _at_least("train.checkpoint_steps", self.checkpoint_steps, 0)
+        _at_least("train.eval_every", self.eval_every, 0)
+        _at_least("train.log_every", self.log_every, 1)
+        _positive("train.checkpoint_minutes", self.checkpoint_minutes)
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ConfigError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything that decides a run. `name` labels the run directory and logs."""
+
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        return dumps_toml(self.to_dict())
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
+
+
+def _at_least(key: str, value: float, low: float) -> None:
+    if not value >= low:
+        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
+
+
+def _positive(key: str, value: float) -> None:
+    if not (value > 0 and math.isfinite(value)):
+        raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building configs from plain data, checking every key and type
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in fields(cls)}
+
+
+def _coerce(key: str, value: Any, kind: Any) -> Any:
+    """Check one value against its field type; ints are accepted where floats are expected."""
+    if kind is bool:
+        ok = isinstance(value, bool)
+    elif kind is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif kind is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"config field {key} has unsupported type {kind}")
+    if not ok:
+        raise ConfigError(f"{key} must be {kind.__name__}, got {value!r} ({type(value).__name__})")
+    return value
+
+
+def _unknown(key: str, known: list[str]) -> ConfigError:
+    prefix, _, leaf = key.rpartition(".")
+    close = difflib.get_close_matches(leaf, known, n=1)
+    hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else f"; known: {', '.join(known)}"
+    return ConfigError(f"unknown config key {key!r}{hint}")
+
+
+def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """A (nested) config dataclass from a dict, rejecting unknown keys and ill-typed values."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+    types = _field_types(cls)
+    values = {}
+    for key, value in data.items():
+        full = prefix + key
+        if key not in types:
+            raise _unknown(full, list(types))
+        kind = types[key]
+        if is_dataclass(kind):
+            values[key] = build(kind, value, full + ".")
+        else:
+            values[key] = _coerce(full, value, kind)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as err:      # e.g. RoutingConfig's own validation
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {err}") from None
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'optim.lr=1e-3' -> (['optim', 'lr'], 0.001). Values are TOML; a bare word is a string."""
+    key, sep, raw = text.partition("=")
+    key, raw = key.strip(), raw.strip()
+    if not sep or not key:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.split("."), value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings to a plain config dict (a new dict; the input is unchanged)."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return out
+
+
+def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    return build(RunConfig, apply_overrides(data, list(overrides)))
+
+
+def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A RunConfig from a TOML file (None = all defaults) plus overrides; `name` defaults to the file stem."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        data.setdefault("name", path.stem)
+    return from_dict(data, overrides)
+
+
+def named_config_path(name: str) -> Path | None:
+    """configs/NAME.toml of the source tree, if it exists (lets `--config quick` work from the repo)."""
+    candidate = Path(__file__).resolve().parents[2] / "configs" / f"{name}.toml"
+    return candidate if candidate.is_file() else None
+
+
+def with_updates(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """A copy with some fields of some sections changed, checked like any other config."""
+    data = config.to_dict()
+    for section, values in sections.items():
+        data[section] = {**data[section], **values}
+    return from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing TOML (tomllib only reads): flat tables of scalars are all a config needs.
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+        return f'"{escaped}"'
+    raise TypeError(f"cannot write {value!r} as a TOML value")
+
+
+def dumps_toml(data: dict[str, Any]) -> str:
+    top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
+    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+              for k, v in data.items() if isinstance(v, dict)]
+    return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
+

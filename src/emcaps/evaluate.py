@@ -1,0 +1,158 @@
+"""Evaluation: predictions, test error, confusion matrices, per-viewpoint error and multi-crop testing.
+
+The functions take plain tensors and iterables of (images, labels) batches so that experiments and
+notebooks can use them on any model; `evaluate_run` is what `emcaps eval` calls.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+# The authors' 13 test crops: the centre, and the centre moved 1, 2 and 3 pixels along each axis.
+CROP_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0),) + tuple(
+    s for d in (1, 2, 3) for s in ((d, 0), (-d, 0), (0, d), (0, -d)))
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
+            device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Scores (N, E) float and labels (N,) long, on the cpu, for every batch (images (B, C, H, W), labels (B,))."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    scores, labels = [], []
+    for x, y in loader:
+        scores.append(model(x.to(device)).float().cpu())
+        labels.append(torch.as_tensor(y).cpu())
+    model.train(was_training)
+    if not scores:
+        return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+    return torch.cat(scores), torch.cat(labels).long()
+
+
+def to_probabilities(scores: Tensor, score_kind: str) -> Tensor:
+    """Scores (N, E) in a form that can be averaged over crops: softmax of logits, activations as they are."""
+    return torch.softmax(scores, dim=1) if score_kind == "logit" else scores
+
+
+def multi_crop_predict(model: nn.Module, images: Tensor, labels: Tensor, crop: int,
+                       shifts: Sequence[tuple[int, int]] = CROP_SHIFTS, batch_size: int = 64,
+                       device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
+    """Scores (N, E) averaged over crops of images (N, C, H, W): the centre crop moved by each shift.
+
+    Logits are averaged as probabilities; capsule activations directly.
+    """
+    from emcaps.train import centre_crop
+
+    kind = getattr(model, "score_kind", "logit")
+    total = None
+    for shift in shifts:
+        batches = ((centre_crop(images[i:i + batch_size], crop, shift), labels[i:i + batch_size])
+                   for i in range(0, len(labels), batch_size))
+        scores, _ = predict(model, batches, device)
+        p = to_probabilities(scores, kind)
+        total = p if total is None else total + p
+    return total / len(shifts), labels.long()
+
+
+def error_rate(predicted: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
+    predicted, labels = np.asarray(predicted), np.asarray(labels)
+    return float((predicted != labels).mean()) if len(labels) else float("nan")
+
+
+def confusion(predicted: Tensor | np.ndarray, labels: Tensor | np.ndarray, classes: int) -> np.ndarray:
+    """(classes, classes) int64 counts; row = true class, column = predicted class."""
+    predicted, labels = np.asarray(predicted, np.int64), np.asarray(labels, np.int64)
+    matrix = np.zeros((classes, classes), np.int64)
+    np.add.at(matrix, (labels, predicted), 1)
+    return matrix
+
+
+def per_viewpoint_error(predicted: Tensor | np.ndarray, labels: Tensor | np.ndarray, azimuth: np.ndarray,
+                        elevation: np.ndarray) -> dict[str, Any]:
+    """Error for each (elevation, azimuth) seen: {'azimuths': [A], 'elevations': [L],
+    'error': (L, A) nested lists (None where no image), 'count': (L, A)}."""
+    wrong = np.asarray(predicted) != np.asarray(labels)
+    azimuth, elevation = np.asarray(azimuth), np.asarray(elevation)
+    azimuths, elevations = np.unique(azimuth), np.unique(elevation)
+    errors = np.full((len(elevations), len(azimuths)), np.nan)
+    counts = np.zeros((len(elevations), len(azimuths)), np.int64)
+    for i, e in enumerate(elevations):
+        for j, a in enumerate(azimuths):
+            mask = (elevation == e) & (azimuth == a)
+            counts[i, j] = mask.sum()
+            if counts[i, j]:
+                errors[i, j] = wrong[mask].mean()
+    return {"azimuths": azimuths.tolist(), "elevations": elevations.tolist(),
+            "error": [[None if np.isnan(v) else float(v) for v in row] for row in errors],
+            "count": counts.tolist()}
+
+
+def summarise(scores: Tensor, labels: Tensor, class_names: Sequence[str],
+              meta: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+    """Test error, confusion matrix, per-class error and (if meta has azimuth and elevation) per-viewpoint error."""
+    predicted = scores.argmax(1).numpy()
+    matrix = confusion(predicted, labels.numpy(), len(class_names))
+    per_class = {name: (1.0 - matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None
+                 for k, name in enumerate(class_names)}
+    result: dict[str, Any] = {"images": int(len(labels)), "test_error": error_rate(predicted, labels.numpy()),
+                              "classes": list(class_names), "confusion": matrix.tolist(),
+                              "per_class_error": per_class}
+    if meta and "azimuth" in meta and "elevation" in meta:
+        result["per_viewpoint"] = per_viewpoint_error(predicted, labels.numpy(), meta["azimuth"], meta["elevation"])
+    return result
+
+
+def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path | None = None,
+                 device: str = "auto", overrides: Sequence[str] = (), batch_size: int | None = None,
+                 quiet: bool = False) -> dict[str, Any]:
+    """Evaluate a checkpoint (or run directory) on its test split; write results.json and PNG figures.
+
+    overrides change the data section of the run's config (e.g. data.test_azimuths=novel).
+    out_dir defaults to RUN_DIR/eval. Returns the results dict that results.json holds.
+    """
+    from emcaps import config as cfgmod
+    from emcaps import plots
+    from emcaps.train import checkpoint_path, eval_batches, load_split, model_from_checkpoint, resolve_device
+
+    ckpt = checkpoint_path(path)
+    for text in overrides:
+        if not text.strip().startswith("data."):
+            raise cfgmod.ConfigError(f"eval overrides may only change data.* keys, got {text!r}")
+    dev = resolve_device(device)
+    model, config, state = model_from_checkpoint(ckpt, dev)
+    if overrides:
+        config = cfgmod.from_dict(config.to_dict(), overrides)
+    data = load_split(config.data, "test", seed=config.train.seed, progress=not quiet)
+    bs = batch_size or config.train.eval_batch_size
+    if multi_crop:
+        scores, labels = multi_crop_predict(model, data.images, data.labels, config.data.crop, CROP_SHIFTS, bs, dev)
+    else:
+        scores, labels = predict(model, eval_batches(data, bs, config.data.crop), dev)
+    result = {"checkpoint": str(ckpt), "name": config.name, "model": config.model.name,
+              "dataset": config.data.dataset, "params": sum(p.numel() for p in model.parameters()),
+              "step": state["step"], "epoch": state["epoch"], "multi_crop": multi_crop,
+              "crops": len(CROP_SHIFTS) if multi_crop else 1,
+              **summarise(scores, labels, data.class_names, data.meta)}
+    out = Path(out_dir) if out_dir is not None else ckpt.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    suffix = "-multicrop" if multi_crop else ""
+    (out / f"results{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
+    names = [n[:8] for n in data.class_names]
+    plots.heatmap(out / f"confusion{suffix}.png", np.array(result["confusion"]), names, names,
+                  title=f"{config.name}: test error {100 * result['test_error']:.2f}%", xlabel="predicted",
+                  ylabel="true")
+    if "per_viewpoint" in result:
+        pv = result["per_viewpoint"]
+        grid = np.array([[np.nan if v is None else 100 * v for v in row] for row in pv["error"]])
+        plots.heatmap(out / f"viewpoint-error{suffix}.png", grid, [str(30 + 5 * e) for e in pv["elevations"]],
+                      [str(a) for a in pv["azimuths"]], title="error % by viewpoint", xlabel="azimuth",
+                      ylabel="elevation", vmax=100.0)
+    result["out_dir"] = str(out)
+    return result

@@ -41,20 +41,20 @@ def _direction(pitch_deg: float, yaw_deg: float = 0.0) -> np.ndarray:
 
 def animal(rng: np.random.Generator) -> list[Primitive]:
     u = rng.uniform
-    body_l, body_w, body_h = u(0.6, 1.3), u(0.25, 0.5), u(0.22, 0.45)
-    leg_len, leg_r = u(0.3, 1.0), u(0.06, 0.14)
+    body_l, body_w, body_h = u(0.45, 1.4), u(0.2, 0.55), u(0.18, 0.5)
+    leg_len, leg_r = u(0.15, 1.1), u(0.05, 0.16)
     hip = leg_len + body_h * 0.6
-    parts = [_part(SPHERE, (0, 0, hip), (body_l, body_w, body_h), rotation("y", u(-12, 12)))]
-    splay = u(0, 15)
+    parts = [_part(SPHERE, (0, 0, hip), (body_l, body_w, body_h), rotation("y", u(-15, 15)))]
+    splay = u(0, 20)
     for sx in (-1, 1):
         for sy in (-1, 1):
             top = np.array([sx * body_l * u(0.5, 0.75), sy * body_w * 0.55, hip])
-            foot = top + np.array([sx * np.sin(np.radians(splay)) * leg_len + u(-0.1, 0.1), 0, -hip])
+            foot = top + np.array([sx * np.sin(np.radians(splay)) * leg_len + u(-0.25, 0.25), u(-0.1, 0.1), -hip])
             parts.append(_rod(top, foot, leg_r * u(0.85, 1.15)))
     neck_base = np.array([body_l * 0.75, 0, hip + body_h * 0.3])
-    neck_tip = neck_base + _direction(u(10, 75), u(-25, 25)) * u(0.2, 0.8)
+    neck_tip = neck_base + _direction(u(-15, 80), u(-35, 35)) * u(0.1, 0.9)
     parts.append(_rod(neck_base, neck_tip, u(0.08, 0.18)))
-    head = (u(0.15, 0.35), u(0.1, 0.2), u(0.1, 0.2))
+    head = (u(0.12, 0.4), u(0.08, 0.22), u(0.08, 0.22))
     parts.append(_part(SPHERE, neck_tip + np.array([head[0] * 0.6, 0, 0]), head, rotation("y", u(-40, 30))))
     tail_base = np.array([-body_l * 0.9, 0, hip + body_h * 0.2])
     parts.append(_rod(tail_base, tail_base + _direction(180 - u(-50, 50), u(-30, 30)) * u(0.15, 0.7),
@@ -64,10 +64,10 @@ def animal(rng: np.random.Generator) -> list[Primitive]:
 
 def human(rng: np.random.Generator) -> list[Primitive]:
     u = rng.uniform
-    leg_len, leg_r = u(0.7, 1.1), u(0.06, 0.11)
-    torso = (u(0.1, 0.2), u(0.18, 0.32), u(0.25, 0.42))
+    leg_len, leg_r = u(0.55, 1.15), u(0.05, 0.13)
+    torso = (u(0.08, 0.24), u(0.15, 0.36), u(0.2, 0.45))
     hip_w = torso[1] * 0.55
-    stride = u(-20, 20)
+    stride = u(-35, 35)
     parts = []
     for side, swing in ((-1, stride), (1, -stride)):
         hip = np.array([0, side * hip_w, leg_len])
@@ -77,11 +77,11 @@ def human(rng: np.random.Generator) -> list[Primitive]:
     waist = leg_len + torso[2]
     parts.append(_part(BOX, (0, 0, waist), torso, rotation("z", u(-15, 15)) @ rotation("y", u(-10, 10))))
     shoulder_z = waist + torso[2] * 0.8
-    arm_len, arm_r = u(0.5, 0.9), u(0.05, 0.09)
+    arm_len, arm_r = u(0.4, 0.95), u(0.04, 0.1)
     for side in (-1, 1):
         shoulder = np.array([0, side * (torso[1] + arm_r), shoulder_z])
-        lift = np.radians(u(5, 110))
-        swing = np.radians(u(-40, 40))
+        lift = np.radians(u(0, 150))
+        swing = np.radians(u(-70, 70))
         direction = np.array([np.sin(swing) * np.cos(lift), side * np.sin(lift), -np.cos(lift) * np.cos(swing)])
         parts.append(_rod(shoulder, shoulder + arm_len * direction, arm_r))
     head_r = u(0.11, 0.18)
@@ -92,14 +92,15 @@ def human(rng: np.random.Generator) -> list[Primitive]:
 
 def airplane(rng: np.random.Generator) -> list[Primitive]:
     u = rng.uniform
-    length, radius = u(0.9, 1.5), u(0.1, 0.2)
+    length, radius = u(0.8, 1.6), u(0.07, 0.25)
     height = radius * u(1.2, 2.0)
     parts = [_part(SPHERE, (0, 0, height), (length, radius, radius * u(0.9, 1.2)))]
-    chord, span, wing_x = u(0.15, 0.4), u(0.7, 1.5), u(-0.25, 0.2)
-    sweep, dihedral = u(-5, 40), u(-6, 12)
+    chord, span, wing_x = u(0.12, 0.45), u(0.5, 1.6), u(-0.35, 0.25)
+    sweep, dihedral = u(-10, 55), u(-8, 15)
+    wing_z = u(-0.7, 0.7)
     for side in (-1, 1):
         rot = rotation("z", -side * sweep) @ rotation("x", side * dihedral)
-        center = np.array([wing_x, 0, height]) + rot @ np.array([0, side * span / 2, 0])
+        center = np.array([wing_x, 0, height + radius * wing_z]) + rot @ np.array([0, side * span / 2, 0])
         parts.append(_part(BOX, center, (chord, span / 2, 0.025), rot))
     tail_x = -length * u(0.75, 0.9)
     parts.append(_part(BOX, (tail_x, 0, height), (u(0.08, 0.18), u(0.25, 0.55), 0.02), rotation("z", 0)))
@@ -121,10 +122,10 @@ def _wheels(rng: np.random.Generator, axles_x, half_track: float, radius: float)
 
 def truck(rng: np.random.Generator) -> list[Primitive]:
     u = rng.uniform
-    length, width, wheel_r = u(1.0, 1.5), u(0.35, 0.5), u(0.15, 0.24)
+    length, width, wheel_r = u(0.9, 1.6), u(0.3, 0.55), u(0.12, 0.26)
     floor = wheel_r * u(1.1, 1.5)
-    cab_l, cab_h = u(0.22, 0.4), u(0.3, 0.5)
-    cargo_l, cargo_h = length - cab_l - 0.05, u(0.15, 0.7)
+    cab_l, cab_h = u(0.2, 0.45), u(0.22, 0.55)
+    cargo_l, cargo_h = length - cab_l - 0.05, u(0.1, 0.8)
     parts = [
         _part(BOX, (0, 0, floor), (length, width * 0.9, 0.06)),
         _part(BOX, (length - cab_l, 0, floor + cab_h), (cab_l, width * u(0.85, 1.0), cab_h)),
@@ -136,13 +137,13 @@ def truck(rng: np.random.Generator) -> list[Primitive]:
 
 def car(rng: np.random.Generator) -> list[Primitive]:
     u = rng.uniform
-    length, width, wheel_r = u(0.9, 1.25), u(0.38, 0.5), u(0.13, 0.2)
-    body_h = u(0.1, 0.2)
+    length, width, wheel_r = u(0.8, 1.35), u(0.32, 0.55), u(0.11, 0.22)
+    body_h = u(0.08, 0.26)
     floor = wheel_r * u(0.9, 1.2) + body_h
     parts = [
         _part(BOX, (0, 0, floor), (length, width, body_h)),
         _part(SPHERE, (u(-0.3, 0.1) * length, 0, floor + body_h * 0.6),
-              (length * u(0.4, 0.65), width * u(0.8, 0.95), u(0.15, 0.35)), rotation("y", u(-6, 6))),
+              (length * u(0.3, 0.7), width * u(0.7, 1.0), u(0.1, 0.42)), rotation("y", u(-6, 6))),
     ]
     axle = length * u(0.55, 0.75)
     return parts + _wheels(rng, (axle, -axle), width * 0.85, wheel_r)
@@ -164,8 +165,8 @@ def make_object(category: int, seed: int, instance: int) -> list[Primitive]:
     shift = np.array([middle[0], middle[1], low[2]])
     return [
         Primitive(p.kind, (yaw @ p.center - shift) * scale, yaw @ p.rotation, p.half_size * scale,
-                  p.albedo * paint)
-        for p in parts
+                  min(1.0, p.albedo * paint * shade))
+        for p, shade in zip(parts, rng.uniform(0.8, 1.2, len(parts)))
     ]
 
 

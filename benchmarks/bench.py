@@ -27,8 +27,8 @@ PRESETS = ("paper", "small", "routing")
 MODES = ("train", "infer")
 IMPLS = ("emcaps", "emcaps-compile", "reference")
 KEEP_FREED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
-# Peak RSS of the reference per byte of its votes tensors (one per routed layer), measured on the paper
-# and small presets (see README.md); used to pick a batch that keeps the reference under the budget.
+# Peak RSS of the reference per byte of its votes tensors (all routed layers), measured at batch 4 and
+# rounded up (see README.md); used to pick a batch that keeps the reference under the memory budget.
 REFERENCE_PEAK_PER_VOTE_BYTE = {"train": 18.0, "infer": 5.0}
 
 

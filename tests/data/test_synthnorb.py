@@ -14,15 +14,6 @@ TINY = SUBSETS["tiny"]
 PAIRS = 5 * 5 * len(TINY.azimuths) * len(TINY.elevations) * len(TINY.lightings)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Small renders are overhead-bound; one thread avoids thread-pool stalls on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     return render_dataset(tmp_path_factory.mktemp("synth"), size=SIZE, seed=0, subset="tiny", progress=False)

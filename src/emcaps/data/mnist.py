@@ -84,11 +84,11 @@ def _check_idx_gzip(path: Path) -> None:
 
 
 def download(root: str | os.PathLike, base_url: str = MNIST_URL, progress: bool = True,
-             files: tuple[RemoteFile, ...] = MNIST_REMOTE) -> Path:
+             files: tuple[RemoteFile, ...] | None = None) -> Path:
     """Fetch the four gzipped idx files into ``root``, each checked for size, SHA-256, gzip and idx header."""
     root = Path(root)
     base = base_url if base_url.endswith("/") else base_url + "/"
-    for remote in files:
+    for remote in MNIST_REMOTE if files is None else files:
         if (root / remote.name.removesuffix(".gz")).is_file():
             continue
         fetch(base + remote.name, root / remote.name, size=remote.size, sha256=remote.sha256,

@@ -159,7 +159,7 @@ class SmallNORB(Dataset):
 
 
 def download(root: str | os.PathLike, base_url: str = SMALLNORB_URL, progress: bool = True,
-             files: tuple[RemoteFile, ...] = SMALLNORB_FILES) -> Path:
+             files: tuple[RemoteFile, ...] | None = None) -> Path:
     """Fetch the six official files into ``root`` and unpack them to plain, memory-mappable ``.mat`` files.
 
     Each download is checked against its recorded size and SHA-256, then its gzip stream is read through
@@ -168,7 +168,7 @@ def download(root: str | os.PathLike, base_url: str = SMALLNORB_URL, progress: b
     """
     root = Path(root)
     base = base_url if base_url.endswith("/") else base_url + "/"
-    for remote in files:
+    for remote in SMALLNORB_FILES if files is None else files:
         plain = root / remote.name.removesuffix(".gz")
         if plain.is_file():
             continue

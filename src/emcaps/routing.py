@@ -14,7 +14,8 @@ Numerical choices, shared by both forms so that they agree:
 - variances get a floor `var_floor` and the log-likelihood uses log(variance), never sqrt, so a parent
   with one child or identical votes has finite cost and finite gradients;
 - log(parent activation) is logsigmoid(logit), exact where sigmoid underflows;
-- sums of weighted assignments get `EPS` in the denominator so all-zero activations give zero means.
+- sums of weighted assignments are clamped at `EPS` in the denominator, so all-zero activations give
+  zero means and weights otherwise sum to exactly one.
 """
 
 from __future__ import annotations
@@ -153,7 +154,7 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         # M-step: assignments weighted by the children's activations.
         ra = r * a.unsqueeze(-1)                                        # (N, I, J)
         r_sum = ra.sum(1)                                               # (N, J)
-        w = ra / (r_sum.unsqueeze(1) + EPS)                             # (N, I, J)
+        w = ra / r_sum.clamp_min(EPS).unsqueeze(1)                             # (N, I, J)
         mean = (w.unsqueeze(-1) * v).sum(1)                             # (N, J, D)
         sq = (v - mean.unsqueeze(1)) ** 2                               # (N, I, J, D)
         var = (w.unsqueeze(-1) * sq).sum(1) + var_floor                 # (N, J, D)
@@ -209,7 +210,7 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     for it, lam in enumerate(lambdas):
         ra = (r * a).expand(m, n_out, n_in)                             # (M, J, I)
         r_sum = ra.sum(-1)                                              # (M, J)
-        w = ra / (r_sum.unsqueeze(-1) + EPS)
+        w = ra / r_sum.clamp_min(EPS).unsqueeze(-1)
         mom = torch.bmm(w.reshape(m * n_out, 1, n_in), moments).view(m, n_out, 2 * d)
         mean, ex2 = mom[..., :d], mom[..., d:]                          # (M, J, D) each
         var = (ex2 - mean * mean).clamp_min(0) + config.var_floor

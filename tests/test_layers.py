@@ -1,0 +1,155 @@
+"""Capsule layers: votes against explicit products, the fast routing path against the dense reference,
+the structure each layer promises (translation equivariance, shared transforms), and bad inputs."""
+
+import pytest
+import torch
+
+from emcaps.capsules import Capsules
+from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps, coordinate_offsets
+from emcaps.routing import RoutingConfig, em_routing
+
+R = RoutingConfig(final_lambda=1.0)
+
+
+def random_caps(n=2, h=5, w=5, types=3, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return Capsules(torch.randn(n, h, w, types, 4, 4, generator=g, dtype=dtype),
+                    torch.rand(n, h, w, types, generator=g, dtype=dtype))
+
+
+def conv_layer(b, c, k, s, **routing):
+    torch.manual_seed(1)
+    layer = ConvCaps(b, c, kernel=k, stride=s, routing=RoutingConfig(final_lambda=1.0, **routing)).double()
+    with torch.no_grad():
+        layer.beta_u.normal_()
+        layer.beta_a.normal_()
+    return layer
+
+
+def test_primary_caps_shapes_and_range():
+    layer = PrimaryCaps(6, 3)
+    caps = layer(torch.randn(2, 6, 7, 5))
+    assert caps.pose.shape == (2, 7, 5, 3, 4, 4) and caps.activation.shape == (2, 7, 5, 3)
+    assert ((caps.activation >= 0) & (caps.activation <= 1)).all()
+    with pytest.raises(ValueError, match=r"feature map \(N, C, H, W\)"):
+        layer(torch.randn(6, 7, 5))
+
+
+def test_conv_caps_votes_are_pose_times_transform():
+    b, c, k, s = 3, 2, 3, 2
+    layer = conv_layer(b, c, k, s)
+    caps = random_caps(h=7, w=7, types=b)
+    votes, a_in = layer.votes(caps)                                     # (N*L, C, K*K*B, 16)
+    votes = votes.view(2, 3, 3, c, k, k, b, 4, 4)
+    a_in = a_in.view(2, 3, 3, k, k, b)
+    weight = layer.weight.view(k, k, b, c, 4, 4)
+    for y, x, ky, kx, bi, ci in [(0, 0, 0, 0, 0, 0), (2, 1, 2, 0, 1, 1), (1, 2, 1, 2, 2, 0)]:
+        expected = caps.pose[:, y * s + ky, x * s + kx, bi] @ weight[ky, kx, bi, ci]
+        torch.testing.assert_close(votes[:, y, x, ci, ky, kx, bi], expected)
+        torch.testing.assert_close(a_in[:, y, x, ky, kx, bi], caps.activation[:, y * s + ky, x * s + kx, bi])
+
+
+def test_conv_caps_without_competition_is_dense_routing_per_position():
+    layer = conv_layer(3, 4, 3, 1, compete_positions=False)
+    caps = random_caps(h=5, w=5, types=3)
+    out = layer(caps)
+    votes, a_in = layer.votes(caps)
+    pose, act = em_routing(votes.transpose(1, 2), a_in, layer.beta_u, layer.beta_a, 3, final_lambda=1.0)
+    torch.testing.assert_close(out.pose.reshape(pose.shape), pose, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out.activation.reshape(act.shape), act, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("k,s,h", [(3, 1, 5), (3, 2, 7)])
+def test_conv_caps_with_competition_is_dense_routing_over_the_grid(k, s, h):
+    b, c, n = 2, 3, 2
+    layer = conv_layer(b, c, k, s)
+    caps = random_caps(n=n, h=h, w=h, types=b, seed=4)
+    out = layer(caps)
+    oh = (h - k) // s + 1
+    votes, _ = layer.votes(caps)
+    votes = votes.view(n, oh, oh, c, k, k, b, 16)
+    dense = torch.zeros(n, h, h, b, oh, oh, c, 16, dtype=torch.float64)
+    conn = torch.zeros(h, h, b, oh, oh, c, dtype=torch.bool)
+    for y in range(oh):
+        for x in range(oh):
+            for ky in range(k):
+                for kx in range(k):
+                    dense[:, y * s + ky, x * s + kx, :, y, x] = votes[:, y, x, :, ky, kx].transpose(1, 2)
+                    conn[y * s + ky, x * s + kx, :, y, x] = True
+    dense = dense.view(n, h * h * b, oh * oh * c, 16)
+    conn = conn.view(h * h * b, oh * oh * c)
+    pose, act = em_routing(dense, caps.activation.reshape(n, -1), layer.beta_u.repeat(oh * oh),
+                           layer.beta_a.repeat(oh * oh), 3, final_lambda=1.0, connectivity=conn)
+    torch.testing.assert_close(out.pose.reshape(pose.shape), pose, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out.activation.reshape(act.shape), act, atol=1e-9, rtol=1e-9)
+
+
+def test_conv_caps_is_translation_equivariant():
+    """Shifting the input by one stride shifts the output by one position (per-position routing)."""
+    layer = conv_layer(2, 3, 3, 2, compete_positions=False)
+    caps = random_caps(h=9, w=9, types=2)
+    out = layer(caps)
+    shifted = layer(Capsules(caps.pose[:, 2:, 2:], caps.activation[:, 2:, 2:]))
+    torch.testing.assert_close(shifted.pose, out.pose[:, 1:, 1:])
+    torch.testing.assert_close(shifted.activation, out.activation[:, 1:, 1:])
+
+
+def test_class_caps_coordinate_addition_and_dense_agreement():
+    torch.manual_seed(0)
+    layer = ClassCaps(3, 4, coord_add=True, routing=R).double()
+    with torch.no_grad():
+        layer.weight.normal_()
+    caps = random_caps(h=3, w=2, types=3)
+    votes, a_in = layer.votes(caps)                                     # (N, E, H*W*D, 16)
+    layer.coord_add = False
+    plain, _ = layer.votes(caps)
+    layer.coord_add = True
+    offsets = (votes - plain).view(2, 4, 3, 2, 3, 4, 4)
+    assert offsets[..., 0, 3].round(decimals=9).unique().numel() == 3                    # one per row
+    torch.testing.assert_close(offsets[0, 0, 2, 1, 0, 0, 3].item(), 2.5 / 3)
+    torch.testing.assert_close(offsets[0, 0, 2, 1, 0, 1, 3].item(), 1.5 / 2)
+    offsets[..., 0, 3] = 0
+    offsets[..., 1, 3] = 0
+    assert offsets.abs().max() == 0
+    out = layer(caps)
+    pose, act = em_routing(votes.transpose(1, 2), a_in, layer.beta_u, layer.beta_a, 3, final_lambda=1.0)
+    torch.testing.assert_close(out.pose.view(2, 4, 16), pose, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out.activation, act, atol=1e-9, rtol=1e-9)
+
+
+def test_class_caps_without_coordinates_is_invariant_to_position_permutation():
+    layer = ClassCaps(3, 4, coord_add=False, routing=R).double()
+    caps = random_caps(h=3, w=3, types=3)
+    perm = torch.randperm(9)
+    flat = lambda t: t.reshape(2, 9, *t.shape[3:])
+    permuted = Capsules(flat(caps.pose)[:, perm].view(caps.pose.shape),
+                        flat(caps.activation)[:, perm].view(caps.activation.shape))
+    torch.testing.assert_close(layer(permuted).pose, layer(caps).pose)
+    torch.testing.assert_close(layer(permuted).activation, layer(caps).activation)
+
+
+def test_coordinate_offsets():
+    off = coordinate_offsets(2, 4).view(2, 4, 4, 4)
+    assert off[1, 3, 0, 3].item() == pytest.approx(0.75) and off[1, 3, 1, 3].item() == pytest.approx(0.875)
+    assert off[..., 2:, :].abs().sum() == 0 and off[..., :2, :3].abs().sum() == 0
+
+
+def test_layer_bad_inputs():
+    layer = ConvCaps(3, 2, kernel=5, stride=1)
+    with pytest.raises(ValueError, match="kernel 5 is larger than the input grid 4"):
+        layer(random_caps(h=4, w=4, types=3, dtype=torch.float32))
+    with pytest.raises(ValueError, match=r"pose \(N, H, W, 3, 4, 4\)"):
+        layer(random_caps(h=6, w=6, types=2, dtype=torch.float32))
+    with pytest.raises(ValueError, match="kernel and stride"):
+        ConvCaps(3, 2, kernel=0, stride=1)
+    with pytest.raises(ValueError, match=r"ClassCaps expects pose \(N, H, W, 5, 4, 4\)"):
+        ClassCaps(5, 3)(random_caps(types=3, dtype=torch.float32))
+
+
+def test_layers_gradcheck():
+    layer = conv_layer(2, 2, 2, 1)
+    layer.weight.data.mul_(0.5)
+    caps = random_caps(n=1, h=3, w=3, types=2)
+    pose = caps.pose.clone().requires_grad_(True)
+    act = caps.activation.clone().requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda p, a: tuple(layer(Capsules(p, a))), (pose, act))

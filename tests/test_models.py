@@ -1,0 +1,66 @@
+import pytest
+import torch
+
+from emcaps.models import BaselineCNN, MatrixCapsNet, count_parameters, create_model
+from emcaps.routing import RoutingConfig
+
+
+def test_paper_preset_layer_shapes_match_the_paper():
+    model = create_model("paper")
+    x = torch.randn(2, 1, 32, 32)
+    feat = torch.relu(model.conv1(x))
+    assert feat.shape == (2, 32, 14, 14)
+    caps = model.primary(feat)
+    assert caps.pose.shape == (2, 14, 14, 32, 4, 4)
+    caps = model.conv_caps1(caps)
+    assert caps.pose.shape == (2, 6, 6, 32, 4, 4) and caps.activation.shape == (2, 6, 6, 32)
+    caps = model.conv_caps2(caps)
+    assert caps.pose.shape == (2, 4, 4, 32, 4, 4)
+    caps = model.class_caps(caps)
+    assert caps.pose.shape == (2, 5, 4, 4) and caps.activation.shape == (2, 5)
+
+
+@pytest.mark.parametrize("name,target", [("paper", 310_000), ("small", 68_000)])
+@pytest.mark.parametrize("in_channels", [1, 2])
+def test_preset_parameter_counts(name, target, in_channels):
+    n = count_parameters(create_model(name, in_channels=in_channels))
+    assert abs(n - target) / target < 0.03, n
+
+
+def test_baseline_cnn_size_and_output():
+    cnn = create_model("cnn")
+    assert isinstance(cnn, BaselineCNN) and cnn.score_kind == "logit"
+    assert abs(count_parameters(cnn) - 4.2e6) / 4.2e6 < 0.03
+    assert cnn(torch.randn(3, 1, 32, 32)).shape == (3, 5)
+
+
+def test_any_number_of_classes_and_stereo_input():
+    model = create_model("tiny", classes=10, in_channels=2)
+    assert isinstance(model, MatrixCapsNet) and model.score_kind == "activation"
+    out = model(torch.randn(2, 2, 32, 32))
+    assert out.shape == (2, 10) and ((out >= 0) & (out <= 1)).all()
+    caps = model.capsules(torch.randn(2, 2, 28, 28))
+    assert caps.pose.shape == (2, 10, 4, 4)
+
+
+def test_model_errors():
+    with pytest.raises(ValueError, match="unknown model 'huge'"):
+        create_model("huge")
+    with pytest.raises(ValueError, match=r"expects images \(N, 1, H, W\)"):
+        create_model("tiny")(torch.randn(2, 3, 32, 32))
+    with pytest.raises(ValueError, match="larger than the input grid"):
+        create_model("tiny")(torch.randn(2, 1, 16, 16))
+
+
+def test_routing_config_reaches_every_layer():
+    model = create_model("tiny", routing=RoutingConfig(iterations=2), coord_add=False)
+    assert model.conv_caps1.routing.iterations == 2 and model.class_caps.routing.iterations == 2
+    assert model.class_caps.coord_add is False
+
+
+def test_gradients_flow_to_every_parameter():
+    model = create_model("tiny")
+    model(torch.randn(4, 1, 32, 32)).sum().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name

@@ -1,0 +1,279 @@
+"""EM routing: the dense reference against an independent NumPy transcription of the paper, the
+fused form against the dense one, and the properties the paper's procedure must have."""
+
+import numpy as np
+import pytest
+import torch
+
+from emcaps.routing import (
+    EPS,
+    PositionCompetition,
+    RoutingConfig,
+    em_routing,
+    em_routing_fused,
+    inverse_temperatures,
+)
+
+FLOOR = 5e-4
+
+
+def numpy_em(votes, act, beta_u, beta_a, iterations, final_lambda=0.01, floor=FLOOR, scale=1.0):
+    """The paper's Procedure 1, one sample at a time, float64. votes (N, I, J, D), act (N, I)."""
+    n, n_in, n_out, d = votes.shape
+    poses, acts = np.zeros((n, n_out, d)), np.zeros((n, n_out))
+    for s in range(n):
+        V, a = votes[s], act[s]
+        R = np.full((n_in, n_out), 1.0 / n_out)
+        for t in range(iterations):
+            lam = final_lambda * (1 - 0.95 ** (t + 1))
+            # M-step
+            Ra = R * a[:, None]
+            Rsum = Ra.sum(axis=0)
+            mu = np.einsum("ij,ijh->jh", Ra, V) / np.maximum(Rsum[:, None], EPS)
+            sigma2 = np.einsum("ij,ijh->jh", Ra, (V - mu[None]) ** 2) / np.maximum(Rsum[:, None], EPS) + floor
+            cost = ((beta_u[:, None] + np.log(np.sqrt(sigma2))) * Rsum[:, None] * scale).sum(axis=1)
+            a_out = 1 / (1 + np.exp(-lam * (beta_a - cost)))
+            if t < iterations - 1:
+                # E-step: p_ij = prod_h N(V_ijh; mu_jh, sigma2_jh), R_ij = a_j p_ij / sum_k a_k p_ik
+                log_p = (-(V - mu[None]) ** 2 / (2 * sigma2[None]) - 0.5 * np.log(2 * np.pi * sigma2[None])).sum(-1)
+                z = np.log(a_out)[None] + log_p
+                z -= z.max(axis=1, keepdims=True)
+                R = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
+        poses[s], acts[s] = mu, a_out
+    return poses, acts
+
+
+def random_problem(n=3, n_in=7, n_out=4, d=16, seed=0, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    votes = torch.randn(n, n_in, n_out, d, generator=g, dtype=dtype)
+    act = torch.rand(n, n_in, generator=g, dtype=dtype)
+    beta_u = torch.randn(n_out, generator=g, dtype=dtype)
+    beta_a = torch.randn(n_out, generator=g, dtype=dtype)
+    return votes, act, beta_u, beta_a
+
+
+def dense_to_fused(votes):
+    """(N, I, J, D) -> (N, J, I, D)"""
+    return votes.transpose(1, 2).contiguous()
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3])
+@pytest.mark.parametrize("final_lambda", [0.01, 1.0])
+def test_dense_matches_independent_numpy(iterations, final_lambda):
+    votes, act, bu, ba = random_problem(seed=iterations)
+    pose, a = em_routing(votes, act, bu, ba, iterations, final_lambda=final_lambda)
+    np_pose, np_a = numpy_em(votes.numpy(), act.numpy(), bu.numpy(), ba.numpy(), iterations, final_lambda)
+    np.testing.assert_allclose(pose.numpy(), np_pose, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(a.numpy(), np_a, atol=1e-6, rtol=0)
+
+
+def test_dense_matches_numpy_with_cost_normalisation():
+    votes, act, bu, ba = random_problem(n_in=9, n_out=3, seed=5)
+    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0, normalize_cost=True)
+    np_pose, np_a = numpy_em(votes.numpy(), act.numpy(), bu.numpy(), ba.numpy(), 3, 1.0, scale=3 / 9)
+    np.testing.assert_allclose(pose.numpy(), np_pose, atol=1e-6, rtol=0)
+    np.testing.assert_allclose(a.numpy(), np_a, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+@pytest.mark.parametrize("normalize_cost", [False, True])
+def test_fused_matches_dense(iterations, normalize_cost):
+    votes, act, bu, ba = random_problem(n=4, n_in=11, n_out=5, seed=10 + iterations)
+    votes = votes * 3 + 50  # an offset far from zero exercises the centred moments
+    cfg = RoutingConfig(iterations=iterations, final_lambda=1.0, normalize_cost=normalize_cost)
+    pose, a = em_routing(votes, act, bu, ba, iterations, final_lambda=1.0, normalize_cost=normalize_cost)
+    scale = 5 / 11 if normalize_cost else 1.0
+    fpose, fa = em_routing_fused(dense_to_fused(votes), act, bu, ba, cfg, cost_scale=scale)
+    torch.testing.assert_close(fpose, pose, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(fa, a, atol=1e-9, rtol=1e-9)
+
+
+def test_one_iteration_pose_is_activation_weighted_mean():
+    votes, act, bu, ba = random_problem(n=2, n_in=6, n_out=3)
+    act[:, 0] = 0.95
+    act[:, 1] = 0.01
+    pose, _ = em_routing(votes, act, bu, ba, 1)
+    expected = (act[:, :, None, None] * votes).sum(1) / act.sum(1)[:, None, None]
+    torch.testing.assert_close(pose, expected, atol=1e-7, rtol=1e-6)
+    plain_mean = votes.mean(1)  # what renormalising r * a over the parents would give
+    assert (pose - plain_mean).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+def test_inactive_child_has_no_influence(iterations):
+    votes, act, bu, ba = random_problem(n=2, n_in=8, n_out=4, seed=3)
+    act[:, 2] = 0.0
+    pose, a = em_routing(votes, act, bu, ba, iterations, final_lambda=1.0)
+    changed = votes.clone()
+    changed[:, 2] = torch.randn_like(changed[:, 2]) * 100
+    pose2, a2 = em_routing(changed, act, bu, ba, iterations, final_lambda=1.0)
+    torch.testing.assert_close(pose2, pose, atol=1e-12, rtol=0)
+    torch.testing.assert_close(a2, a, atol=1e-12, rtol=0)
+    fpose, fa = em_routing_fused(dense_to_fused(changed), act, bu, ba,
+                                 RoutingConfig(iterations=iterations, final_lambda=1.0))
+    torch.testing.assert_close(fpose, pose, atol=1e-9, rtol=0)
+
+
+def test_child_permutation_invariance_and_assignments_sum_to_one():
+    votes, act, bu, ba = random_problem(n=2, n_in=9, n_out=4, seed=4)
+    trace = []
+    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0, trace=trace)
+    perm = torch.randperm(9, generator=torch.Generator().manual_seed(0))
+    pose_p, a_p = em_routing(votes[:, perm], act[:, perm], bu, ba, 3, final_lambda=1.0)
+    torch.testing.assert_close(pose_p, pose, atol=1e-10, rtol=0)
+    torch.testing.assert_close(a_p, a, atol=1e-10, rtol=0)
+    assert len(trace) == 3
+    for step in trace:
+        torch.testing.assert_close(step.assignments.sum(-1), torch.ones(2, 9, dtype=torch.float64))
+
+
+def test_agreeing_parent_is_more_active_than_scattered_one():
+    g = torch.Generator().manual_seed(0)
+    n_in, d = 10, 16
+    centre = torch.randn(d, generator=g, dtype=torch.float64)
+    agree = centre + 0.01 * torch.randn(n_in, d, generator=g, dtype=torch.float64)
+    scatter = centre + 1.0 * torch.randn(n_in, d, generator=g, dtype=torch.float64)
+    votes = torch.stack((agree, scatter), dim=1).unsqueeze(0)  # (1, I, 2, D)
+    act = torch.ones(1, n_in, dtype=torch.float64)
+    zeros = torch.zeros(2, dtype=torch.float64)
+    for iterations in (1, 3):
+        _, a = em_routing(votes, act, zeros, zeros, iterations, final_lambda=1.0)
+        assert a[0, 0] > a[0, 1] + 0.1
+
+
+def test_inverse_temperature_schedules():
+    lam = inverse_temperatures(3)
+    assert lam == pytest.approx([0.01 * (1 - 0.95 ** k) for k in (1, 2, 3)])
+    assert all(b > a for a, b in zip(lam, lam[1:]))
+    assert inverse_temperatures(4, 2.0, "linear") == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    assert inverse_temperatures(2, 0.3, "constant") == [0.3, 0.3]
+    with pytest.raises(ValueError, match="schedule"):
+        inverse_temperatures(3, 0.01, "cubic")
+
+
+@pytest.mark.parametrize("case", ["single_child", "identical_votes", "all_inactive", "huge_votes"])
+@pytest.mark.parametrize("form", ["dense", "fused"])
+def test_degenerate_inputs_stay_finite(case, form):
+    votes, act, bu, ba = random_problem(n=2, n_in=6, n_out=3, dtype=torch.float32)
+    if case == "single_child":
+        votes, act = votes[:, :1], act[:, :1]
+    elif case == "identical_votes":
+        votes = votes[:, :1].expand_as(votes).clone()
+    elif case == "all_inactive":
+        act = torch.zeros_like(act)
+    elif case == "huge_votes":
+        votes = votes * 1e4
+    votes.requires_grad_(True)
+    act.requires_grad_(True)
+    bu.requires_grad_(True)
+    ba.requires_grad_(True)
+    if form == "dense":
+        pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0)
+    else:
+        pose, a = em_routing_fused(dense_to_fused(votes), act, bu, ba, RoutingConfig(final_lambda=1.0))
+    (pose.sum() + a.sum()).backward()
+    for t in (pose, a, votes.grad, act.grad, bu.grad, ba.grad):
+        assert torch.isfinite(t).all(), case
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    votes, act, bu, ba = random_problem(n=2, n_in=6, n_out=3, dtype=torch.float32)
+    ref_pose, ref_a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0)
+    pose, a = em_routing(votes.to(dtype), act.to(dtype), bu.to(dtype), ba.to(dtype), 3, final_lambda=1.0)
+    assert pose.dtype == dtype and a.dtype == dtype
+    assert torch.isfinite(pose).all() and torch.isfinite(a).all()
+    torch.testing.assert_close(a.float(), ref_a, atol=0.05, rtol=0)
+    fpose, fa = em_routing_fused(dense_to_fused(votes).to(dtype), act.to(dtype), bu.to(dtype), ba.to(dtype),
+                                 RoutingConfig(final_lambda=1.0))
+    assert fpose.dtype == dtype and torch.isfinite(fpose).all() and torch.isfinite(fa).all()
+
+
+def test_gradcheck_dense_and_fused():
+    votes, act, bu, ba = random_problem(n=1, n_in=4, n_out=3, d=4, seed=2)
+    for t in (votes, act, bu, ba):
+        t.requires_grad_(True)
+
+    def dense(v, a_, u, b):
+        return em_routing(v, a_, u, b, 3, final_lambda=1.0)
+
+    def fused(v, a_, u, b):
+        return em_routing_fused(v.transpose(1, 2), a_, u, b, RoutingConfig(final_lambda=1.0))
+
+    assert torch.autograd.gradcheck(dense, (votes, act, bu, ba))
+    assert torch.autograd.gradcheck(fused, (votes, act, bu, ba))
+
+
+def test_bad_arguments():
+    votes, act, bu, ba = random_problem()
+    with pytest.raises(ValueError, match=r"votes must have shape \(N, I, J, D\)"):
+        em_routing(votes[0], act, bu, ba)
+    with pytest.raises(ValueError, match="activations must have shape"):
+        em_routing(votes, act[:, :-1], bu, ba)
+    with pytest.raises(ValueError, match="beta_u"):
+        em_routing(votes, act, torch.zeros(7, dtype=votes.dtype), ba)
+    with pytest.raises(ValueError, match="iterations"):
+        em_routing(votes, act, bu, ba, 0)
+    with pytest.raises(ValueError, match="iterations"):
+        RoutingConfig(iterations=0)
+    with pytest.raises(ValueError, match="schedule"):
+        RoutingConfig(schedule="fast")
+
+
+def conv_connectivity(h, w, k, s, b, c):
+    """(H*W*B, H'*W'*C) bool: which child capsule feeds which parent in a KxK, stride-S capsule conv."""
+    oh, ow = (h - k) // s + 1, (w - k) // s + 1
+    conn = torch.zeros(h, w, b, oh, ow, c, dtype=torch.bool)
+    for y in range(oh):
+        for x in range(ow):
+            conn[y * s:y * s + k, x * s:x * s + k, :, y, x, :] = True
+    return conn.reshape(h * w * b, oh * ow * c)
+
+
+@pytest.mark.parametrize("h,k,s", [(5, 3, 1), (7, 3, 2), (6, 2, 2)])
+def test_position_competition_matches_dense_masked(h, k, s):
+    """The fused conv routing with competing positions equals dense routing over the whole grid with the
+    convolution's connectivity (children that no window covers dropped: they feed no parent)."""
+    b, c, d, n = 2, 3, 16, 2
+    oh = (h - k) // s + 1
+    g = torch.Generator().manual_seed(h * 10 + k)
+    # votes for every (output position, kernel offset, child type, parent type)
+    fv = torch.randn(n, oh, oh, c, k, k, b, d, generator=g, dtype=torch.float64)
+    act = torch.rand(n, h, h, b, generator=g, dtype=torch.float64)
+    bu, ba = torch.randn(c, generator=g, dtype=torch.float64), torch.randn(c, generator=g, dtype=torch.float64)
+    a_edges = act.unfold(1, k, s).unfold(2, k, s).permute(0, 1, 2, 4, 5, 3)   # (N, H', W', K, K, B)
+
+    comp = PositionCompetition(h, h, k, s, b)
+    fpose, fa = em_routing_fused(fv.reshape(n * oh * oh, c, k * k * b, d), a_edges.reshape(n * oh * oh, -1),
+                                 bu, ba, RoutingConfig(final_lambda=1.0),
+                                 initial=comp.initial(n, c, torch.float64), normalise=comp)
+
+    # dense: children (H, W, B), parents (H', W', C)
+    dense = torch.zeros(n, h, h, b, oh, oh, c, d, dtype=torch.float64)
+    for y in range(oh):
+        for x in range(oh):
+            for ky in range(k):
+                for kx in range(k):
+                    dense[:, y * s + ky, x * s + kx, :, y, x, :] = fv[:, y, x, :, ky, kx].transpose(1, 2)
+    conn = conv_connectivity(h, h, k, s, b, c)
+    dense = dense.reshape(n, h * h * b, oh * oh * c, d)
+    covered = conn.any(1)
+    pose, a = em_routing(dense[:, covered], act.reshape(n, -1)[:, covered], bu.repeat(oh * oh),
+                         ba.repeat(oh * oh), 3, final_lambda=1.0, connectivity=conn[covered])
+    torch.testing.assert_close(fpose.reshape(n, -1, d), pose, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(fa.reshape(n, -1), a, atol=1e-9, rtol=1e-9)
+
+
+def test_competition_assignments_sum_to_one_per_child():
+    h, k, s, b, c, n = 6, 3, 1, 2, 3, 2
+    comp = PositionCompetition(h, h, k, s, b)
+    oh = h - k + 1
+    log_r = torch.randn(n * oh * oh, c, k * k * b, dtype=torch.float64) * 5
+    r = comp(log_r).exp().view(n, oh * oh, c, k * k, b).sum(2)            # (N, L, KK, B)
+    per_child = torch.zeros(n, h * h, b, dtype=torch.float64).index_add(
+        1, comp.index, r.reshape(n, oh * oh * k * k, b))
+    torch.testing.assert_close(per_child, torch.ones_like(per_child))
+    r0 = comp.initial(n, c, torch.float64).expand(-1, c, -1).reshape(n, oh * oh, c, k * k, b).sum(2)
+    per_child0 = torch.zeros(n, h * h, b, dtype=torch.float64).index_add(
+        1, comp.index, r0.reshape(n, oh * oh * k * k, b))
+    torch.testing.assert_close(per_child0, torch.ones_like(per_child0))

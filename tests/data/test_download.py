@@ -78,9 +78,8 @@ def test_offline_names_the_url(tmp_path):
 
 
 def test_http_404(tmp_path):
-    with FileServer({}) as server:
-        with pytest.raises(DownloadError, match="HTTP error 404"):
-            fetch(server.base_url + "missing.bin", tmp_path / "missing.bin", progress=False)
+    with FileServer({}) as server, pytest.raises(DownloadError, match="HTTP error 404"):
+        fetch(server.base_url + "missing.bin", tmp_path / "missing.bin", progress=False)
 
 
 def test_fetch_all(tmp_path):

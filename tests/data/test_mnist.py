@@ -114,9 +114,8 @@ def test_mnist_download_rejects_corrupt_file(tmp_path):
     name = "t10k-labels-idx1-ubyte.gz"
     bad = bytearray(blobs[name])
     bad[-5] ^= 0xFF
-    with FileServer({**blobs, name: bytes(bad)}) as server:
-        with pytest.raises(ChecksumError, match=name):
-            download(tmp_path / "mnist", base_url=server.base_url, files=table, progress=False)
+    with FileServer({**blobs, name: bytes(bad)}) as server, pytest.raises(ChecksumError, match=name):
+        download(tmp_path / "mnist", base_url=server.base_url, files=table, progress=False)
     assert not (tmp_path / "mnist" / name).exists()
     assert not (tmp_path / "mnist" / (name + ".part")).exists()
 

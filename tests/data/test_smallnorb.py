@@ -94,8 +94,7 @@ def test_download_rejects_a_corrupt_file(tmp_path):
     name = table[2].name
     bad = bytearray(blobs[name])
     bad[len(bad) // 2] ^= 0x55
-    with FileServer({**blobs, name: bytes(bad)}) as server:
-        with pytest.raises(ChecksumError, match="SHA-256"):
-            download(tmp_path / "norb", base_url=server.base_url, files=table, progress=False)
+    with FileServer({**blobs, name: bytes(bad)}) as server, pytest.raises(ChecksumError, match="SHA-256"):
+        download(tmp_path / "norb", base_url=server.base_url, files=table, progress=False)
     leftovers = [p.name for p in (tmp_path / "norb").iterdir()]
     assert not any(name.removesuffix(".gz") in p for p in leftovers)

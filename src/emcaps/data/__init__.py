@@ -13,6 +13,15 @@ from emcaps.data.smallnorb import CATEGORIES, SmallNORB
 from emcaps.data.synthnorb import ensure_synthnorb, render_dataset, show
 
 __all__ = [
-    "CATEGORIES", "ChecksumError", "DownloadError", "IdxFormatError", "MNIST", "NorbFormatError", "SmallNORB",
-    "default_data_dir", "ensure_synthnorb", "render_dataset", "show",
+    "CATEGORIES",
+    "MNIST",
+    "ChecksumError",
+    "DownloadError",
+    "IdxFormatError",
+    "NorbFormatError",
+    "SmallNORB",
+    "default_data_dir",
+    "ensure_synthnorb",
+    "render_dataset",
+    "show",
 ]

@@ -13,9 +13,9 @@ import os
 import socket
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
 
 from emcaps.data.progress import Progress
 
@@ -138,8 +138,7 @@ def fetch(url: str, dest: str | os.PathLike, *, size: int | None = None, sha256:
                     f"{url}: could not connect ({error.reason}); are you offline? You can also put the "
                     f"file there by hand: {dest}"
                 ) from error
-        except (http.client.IncompleteRead, ConnectionError, TimeoutError, socket.timeout,
-                http.client.HTTPException) as error:
+        except (http.client.IncompleteRead, ConnectionError, TimeoutError, http.client.HTTPException) as error:
             problem = error
         attempt += 1
         if attempt > retries:

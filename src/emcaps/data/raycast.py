@@ -58,7 +58,7 @@ class Scene:
     albedo: torch.Tensor
 
     @staticmethod
-    def stack(objects: list[list[Primitive]]) -> "Scene":
+    def stack(objects: list[list[Primitive]]) -> Scene:
         """Build a batch from B primitive lists that share their sequence of kinds."""
         order = sorted(range(len(objects[0])), key=lambda k: objects[0][k].kind)
         layouts = {tuple(prims[k].kind for k in order) for prims in objects}
@@ -73,7 +73,7 @@ class Scene:
         albedo = torch.tensor([[prims[k].albedo for k in order] for prims in objects], dtype=torch.float32)
         return Scene(kinds, world_to_local, centers, albedo)
 
-    def select(self, index: torch.Tensor) -> "Scene":
+    def select(self, index: torch.Tensor) -> Scene:
         """The scenes at ``index`` (B',), e.g. one row per rendered view."""
         return Scene(self.kinds, self.world_to_local[index], self.centers[index], self.albedo[index])
 

@@ -28,8 +28,8 @@ import torch
 from emcaps.data.norb_format import create_norb_memmap
 from emcaps.data.progress import Progress
 from emcaps.data.raycast import Scene, intersect, surface_normals
-from emcaps.data.synth_objects import CATEGORY_NAMES, make_object, object_height
 from emcaps.data.smallnorb import SPLIT_FILES, TEST_INSTANCES, TRAIN_INSTANCES
+from emcaps.data.synth_objects import CATEGORY_NAMES, make_object, object_height
 
 FORMAT_VERSION = 1
 MANIFEST = "synthnorb.json"

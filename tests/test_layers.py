@@ -153,3 +153,22 @@ def test_layers_gradcheck():
     pose = caps.pose.clone().requires_grad_(True)
     act = caps.activation.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda p, a: tuple(layer(Capsules(p, a))), (pose, act))
+
+
+def test_chunked_recomputed_routing_equals_whole_batch():
+    """Chunking the batch and recomputing routing in the backward pass change nothing but memory."""
+    from emcaps.models import create_model
+
+    x = torch.randn(5, 1, 32, 32, dtype=torch.float64)
+    results = []
+    for chunk, recompute in [(0, False), (2, True), (3, False)]:
+        torch.manual_seed(0)
+        model = create_model("tiny", routing=RoutingConfig(final_lambda=1.0, chunk=chunk, recompute=recompute))
+        model = model.double()
+        out = model(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    for out, grads in results[1:]:
+        torch.testing.assert_close(out, results[0][0])
+        for g, g0 in zip(grads, results[0][1]):
+            torch.testing.assert_close(g, g0)

@@ -5,8 +5,11 @@ Each layer takes and returns `Capsules`; the pose grid is channels-last, (N, H, 
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from emcaps.capsules import Capsules, conv_output_size, extract_patches
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
@@ -30,6 +33,27 @@ def _transform(poses: Tensor, weight: Tensor) -> Tensor:
     # One batched product over children: (I, M*4, 4) @ (I, 4, J*4) -> (I, M*4, J*4)
     votes = torch.bmm(poses.reshape(n_in, m * 4, 4), weight.permute(0, 2, 1, 3).reshape(n_in, 4, n_out * 4))
     return votes.view(n_in, m, 4, n_out, 4).permute(1, 3, 0, 2, 4).reshape(m, n_out, n_in, 16)
+
+
+def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, routing: RoutingConfig,
+                     trace: list[RoutingStep] | None) -> tuple[Tensor, Tensor]:
+    """Run `route(pose, activation)` on chunks of images and concatenate the results.
+
+    Images route independently, so chunking changes nothing but the working set. When training with
+    `recompute`, each chunk is checkpointed: only the layer's inputs are kept, and the chunk's votes and
+    EM iterations are recomputed in the backward pass. A trace needs the whole batch in one piece.
+    """
+    n = caps.pose.shape[0]
+    if trace is not None:
+        return route(caps.pose, caps.activation, trace)
+    step = routing.chunk or n
+    save_all = not (routing.recompute and torch.is_grad_enabled())
+    parts = [route(caps.pose[s:s + step], caps.activation[s:s + step]) if save_all
+             else checkpoint(route, caps.pose[s:s + step], caps.activation[s:s + step], use_reentrant=False)
+             for s in range(0, n, step)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p for p, _ in parts]), torch.cat([a for _, a in parts])
 
 
 class PrimaryCaps(nn.Module):
@@ -92,11 +116,11 @@ class ConvCaps(nn.Module):
         a_in = extract_patches(act, self.kernel, self.stride).reshape(m, n_in)
         return _transform(poses, self.weight), a_in
 
-    def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
-        n, h, w = caps.pose.shape[:3]
-        votes, a_in = self.votes(caps)
-        oh = conv_output_size(h, self.kernel, self.stride)
-        ow = conv_output_size(w, self.kernel, self.stride)
+    def _route(self, pose: Tensor, act: Tensor, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
+        """(N, H, W, B, 4, 4), (N, H, W, B) -> pose (N, H', W', C, 4, 4), activation (N, H', W', C)"""
+        n, h, w = pose.shape[:3]
+        votes, a_in = self.votes(Capsules(pose, act))
+        oh, ow = (h - self.kernel) // self.stride + 1, (w - self.kernel) // self.stride + 1
         scale = (oh * ow * self.out_types) / (h * w * self.in_types) if self.routing.normalize_cost else 1.0
         initial = normalise = None
         if self.routing.compete_positions:
@@ -105,7 +129,10 @@ class ConvCaps(nn.Module):
             normalise = comp
         pose, act = em_routing_fused(votes, a_in, self.beta_u, self.beta_a, self.routing, cost_scale=scale,
                                      initial=initial, normalise=normalise, trace=trace)
-        return Capsules(pose.view(n, oh, ow, self.out_types, 4, 4), act.view(n, oh, ow, self.out_types))
+        return pose.view(n, oh, ow, self.out_types, 4, 4), act.view(n, oh, ow, self.out_types)
+
+    def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
+        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace))
 
 
 class ClassCaps(nn.Module):
@@ -141,13 +168,17 @@ class ClassCaps(nn.Module):
             votes = votes + coordinate_offsets(h, w, votes.dtype, votes.device).view(1, 1, h * w, 1, 16)
         return votes.reshape(n, self.classes, h * w * self.in_types, 16), act.reshape(n, h * w * self.in_types)
 
-    def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
-        votes, a_in = self.votes(caps)
+    def _route(self, pose: Tensor, act: Tensor, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
+        """(N, H, W, D, 4, 4), (N, H, W, D) -> pose (N, E, 4, 4), activation (N, E)"""
+        votes, a_in = self.votes(Capsules(pose, act))
         n, _, n_in, _ = votes.shape
         scale = self.classes / n_in if self.routing.normalize_cost else 1.0
         pose, act = em_routing_fused(votes, a_in, self.beta_u, self.beta_a, self.routing, cost_scale=scale,
                                      trace=trace)
-        return Capsules(pose.view(n, self.classes, 4, 4), act)
+        return pose.view(n, self.classes, 4, 4), act
+
+    def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
+        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace))
 
 
 def coordinate_offsets(height: int, width: int, dtype: torch.dtype = torch.float32,

@@ -48,6 +48,12 @@ class RoutingConfig:
                       so the cost has the same size in layers with very different fan-in.
     compete_positions: in convolutional layers, a child's assignments are normalised over every parent
                       it feeds (all positions and types), not over the types at each position.
+
+    How it runs (the result does not depend on these):
+    chunk:            route this many images at a time (0: the whole batch at once). Small chunks keep
+                      the votes of one chunk in cache and let the allocator reuse the same blocks.
+    recompute:        when training, keep only each layer's inputs and recompute votes and routing in
+                      the backward pass, chunk by chunk, instead of storing every iteration's tensors.
     """
 
     iterations: int = 3
@@ -56,8 +62,12 @@ class RoutingConfig:
     var_floor: float = DEFAULT_VAR_FLOOR
     normalize_cost: bool = False
     compete_positions: bool = True
+    chunk: int = 4
+    recompute: bool = True
 
     def __post_init__(self) -> None:
+        if not isinstance(self.chunk, int) or self.chunk < 0:
+            raise ValueError(f"routing chunk must be an integer >= 0, got {self.chunk!r}")
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise ValueError(f"routing iterations must be an integer >= 1, got {self.iterations!r}")
         if self.schedule not in SCHEDULES:

@@ -248,7 +248,7 @@ def render_dataset(out_dir: str | os.PathLike, size: int = 96, seed: int = 0, su
         "subset": chosen.name, "azimuths": list(chosen.azimuths), "elevations": list(chosen.elevations),
         "lightings": list(chosen.lightings), "render_seconds": round(time.perf_counter() - started, 2),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
+    (out / MANIFEST).write_text(json.dumps(manifest) + "\n")
     return out
 
 

@@ -14,10 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-# The authors' 13 test crops: the centre, and the centre moved 1, 2 and 3 pixels along each axis.
-CROP_SHIFTS: tuple[tuple[int, int], ...] = ((0, 0),) + tuple(
-    s for d in (1, 2, 3) for s in ((d, 0), (-d, 0), (0, d), (0, -d)))
-
+from emcaps.data.transforms import MULTI_CROP_OFFSETS, multi_crop
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
@@ -42,23 +39,22 @@ def to_probabilities(scores: Tensor, score_kind: str) -> Tensor:
 
 
 def multi_crop_predict(model: nn.Module, images: Tensor, labels: Tensor, crop: int,
-                       shifts: Sequence[tuple[int, int]] = CROP_SHIFTS, batch_size: int = 64,
+                       offsets: Sequence[tuple[int, int]] = MULTI_CROP_OFFSETS, batch_size: int = 64,
                        device: str | torch.device | None = None) -> tuple[Tensor, Tensor]:
-    """Scores (N, E) averaged over crops of images (N, C, H, W): the centre crop moved by each shift.
-
-    Logits are averaged as probabilities; capsule activations directly.
-    """
-    from emcaps.train import centre_crop
-
+    """Scores (N, E) averaged over K crops of images (N, C, H, W): the centre crop moved by each offset
+    (the authors' 13 by default). Logits are averaged as probabilities; capsule activations directly."""
     kind = getattr(model, "score_kind", "logit")
-    total = None
-    for shift in shifts:
-        batches = ((centre_crop(images[i:i + batch_size], crop, shift), labels[i:i + batch_size])
-                   for i in range(0, len(labels), batch_size))
-        scores, _ = predict(model, batches, device)
-        p = to_probabilities(scores, kind)
-        total = p if total is None else total + p
-    return total / len(shifts), labels.long()
+    k = len(offsets)
+    chunk = max(1, batch_size // k)
+
+    def batches():
+        for i in range(0, len(labels), chunk):
+            crops = multi_crop(images[i:i + chunk], crop, tuple(offsets))          # (n, K, C, crop, crop)
+            yield crops.flatten(0, 1), labels[i:i + chunk].repeat_interleave(k)
+
+    scores, _ = predict(model, batches(), device)                                   # (N*K, E)
+    scores = to_probabilities(scores, kind)
+    return scores.view(len(labels), k, -1).mean(1), labels.long()
 
 
 def error_rate(predicted: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
@@ -132,13 +128,14 @@ def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path
     data = load_split(config.data, "test", seed=config.train.seed, progress=not quiet)
     bs = batch_size or config.train.eval_batch_size
     if multi_crop:
-        scores, labels = multi_crop_predict(model, data.images, data.labels, config.data.crop, CROP_SHIFTS, bs, dev)
+        scores, labels = multi_crop_predict(model, data.images, data.labels, config.data.crop, batch_size=bs,
+                                            device=dev)
     else:
         scores, labels = predict(model, eval_batches(data, bs, config.data.crop), dev)
     result = {"checkpoint": str(ckpt), "name": config.name, "model": config.model.name,
               "dataset": config.data.dataset, "params": sum(p.numel() for p in model.parameters()),
               "step": state["step"], "epoch": state["epoch"], "multi_crop": multi_crop,
-              "crops": len(CROP_SHIFTS) if multi_crop else 1,
+              "crops": len(MULTI_CROP_OFFSETS) if multi_crop else 1,
               **summarise(scores, labels, data.class_names, data.meta)}
     out = Path(out_dir) if out_dir is not None else ckpt.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from emcaps import config as cfgmod
 from emcaps.config import ConfigError, DataConfig, LossConfig, OptimConfig, RunConfig
+from emcaps.data.transforms import center_crop, preprocess, train_augment
 from emcaps.losses import LOSSES, linear_margin, sigmoid_margin
 from emcaps.models import count_parameters, create_model
 
@@ -75,54 +76,6 @@ class ImageSet:
         return ImageSet(self.images[index], self.labels[index], self.classes, self.class_names, meta)
 
 
-def standardise(images: Tensor, size: int = 0, chunk: int = 1024) -> Tensor:
-    """uint8 or float (N, C, H, W) -> float (N, C, size, size), each image zero mean and unit variance.
-
-    Downsampling uses area averaging (the paper downsamples 96x96 smallNORB to 48x48). Chunked so a
-    full split never needs a float copy at full resolution.
-    """
-    out = []
-    for part in images.split(chunk):
-        x = part.float()
-        if size and x.shape[-1] != size:
-            mode = "area" if x.shape[-1] > size else "bilinear"
-            x = F.interpolate(x, size=(size, size), mode=mode, **({"align_corners": False} if mode == "bilinear" else {}))
-        flat = x.flatten(1)
-        x = ((flat - flat.mean(1, keepdim=True)) / flat.std(1, keepdim=True).clamp_min(1e-5)).view_as(x)
-        out.append(x)
-    return torch.cat(out) if out else images.float()
-
-
-def _crop(images: Tensor, top: Tensor, left: Tensor, size: int) -> Tensor:
-    """Per-image crops: images (N, C, H, W), top/left (N,) -> (N, C, size, size)."""
-    n, c = images.shape[:2]
-    rows = (top.view(n, 1) + torch.arange(size)).view(n, 1, size, 1)
-    cols = (left.view(n, 1) + torch.arange(size)).view(n, 1, 1, size)
-    return images[torch.arange(n).view(n, 1, 1, 1), torch.arange(c).view(1, c, 1, 1), rows, cols]
-
-
-def centre_crop(images: Tensor, size: int, shift: tuple[int, int] = (0, 0)) -> Tensor:
-    """(N, C, H, W) -> (N, C, size, size), the centre crop moved by shift = (dy, dx) pixels."""
-    h, w = images.shape[-2:]
-    top, left = (h - size) // 2 + shift[0], (w - size) // 2 + shift[1]
-    if not (0 <= top <= h - size and 0 <= left <= w - size):
-        raise ValueError(f"crop of {size} shifted by {shift} does not fit in {h}x{w} images")
-    return images[..., top:top + size, left:left + size]
-
-
-def augment(images: Tensor, size: int, generator: torch.Generator) -> Tensor:
-    """The paper's training augmentation on standardised images (N, C, H, W) -> (N, C, size, size):
-    a random crop, then random contrast (x0.5..x1.5 about the mean) and brightness (+-0.25 std)."""
-    n, _, h, w = images.shape
-    top = torch.randint(0, h - size + 1, (n,), generator=generator)
-    left = torch.randint(0, w - size + 1, (n,), generator=generator)
-    x = _crop(images, top, left, size)
-    contrast = torch.empty(n, 1, 1, 1).uniform_(0.5, 1.5, generator=generator)
-    brightness = torch.empty(n, 1, 1, 1).uniform_(-0.25, 0.25, generator=generator)
-    mean = x.mean(dim=(1, 2, 3), keepdim=True)
-    return (x - mean) * contrast + mean + brightness
-
-
 def toy_images(n: int, size: int, seed: int, classes: int = 5) -> tuple[Tensor, Tensor]:
     """A procedural stand-in with no files: class k is a bar at angle k*180/classes degrees, jittered in
     position, length and angle, on noise. Images float (n, 1, size, size), labels (n,)."""
@@ -140,6 +93,14 @@ def toy_images(n: int, size: int, seed: int, classes: int = 5) -> tuple[Tensor, 
     bar = torch.exp(-(across / (size * 0.06)) ** 2) * (along.abs() < length.view(n, 1, 1)).float()
     images = bar + 0.3 * torch.randn(n, size, size, generator=g)
     return images.unsqueeze(1), labels
+
+
+def _preprocess(images: Tensor, size: int, chunk: int = 1024) -> Tensor:
+    """uint8 (N, C, H, W) -> standardised float (N, C, size, size) (size 0 = keep), a chunk at a time so a
+    full split never needs a float copy at full resolution."""
+    size = size or images.shape[-1]
+    parts = [preprocess(part, size) for part in images.split(chunk)]
+    return torch.cat(parts) if parts else torch.zeros(0, images.shape[1], size, size)
 
 
 def _norb_root(cfg: DataConfig, progress: bool) -> Path:
@@ -169,10 +130,10 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
     if cfg.dataset == "toy":
         n = limit or (2000 if split == "train" else 500)
         images, labels = toy_images(n, cfg.resize or cfg.crop, seed=cfg.synth_seed * 2 + (split == "test"))
-        return ImageSet(standardise(images), labels, 5, tuple(f"class{k}" for k in range(5)))
+        return ImageSet(preprocess(images, images.shape[-1]), labels, 5, tuple(f"class{k}" for k in range(5)))
     if cfg.dataset == "mnist":
         images, labels = _mnist_tensors(cfg, split)
-        data = ImageSet(standardise(images, cfg.resize), labels, 10, tuple(str(k) for k in range(10)))
+        data = ImageSet(_preprocess(images, cfg.resize), labels, 10, tuple(str(k) for k in range(10)))
     else:
         from emcaps.data.smallnorb import CATEGORIES, SmallNORB
 
@@ -193,7 +154,7 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
         if keep is not None:
             meta = {k: v[keep] for k, v in meta.items()}
             labels = labels[torch.from_numpy(keep)]
-        return ImageSet(standardise(raw, cfg.resize), labels, len(CATEGORIES), tuple(CATEGORIES), meta)
+        return ImageSet(_preprocess(raw, cfg.resize), labels, len(CATEGORIES), tuple(CATEGORIES), meta)
     if limit and limit < len(data):
         g = torch.Generator().manual_seed(seed * 7919 + (split == "test"))
         data = data.subset(torch.randperm(len(data), generator=g)[:limit].sort().values)
@@ -235,12 +196,12 @@ def batch_generator(seed: int, epoch: int, batch: int, rank: int) -> torch.Gener
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 100_003 + batch) * 1009 + rank)
 
 
-def eval_batches(data: ImageSet, batch_size: int, crop: int, shift: tuple[int, int] = (0, 0),
-                 rank: int = 0, world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
-    """Centre crops (shifted by `shift`) of this rank's share (every world-th image) of a split."""
+def eval_batches(data: ImageSet, batch_size: int, crop: int, rank: int = 0,
+                 world: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+    """Centre crops of this rank's share (every world-th image) of a split: ((B, C, crop, crop), (B,))."""
     index = torch.arange(rank, len(data), world)
     for part in index.split(batch_size):
-        yield centre_crop(data.images[part], crop, shift), data.labels[part]
+        yield center_crop(data.images[part], crop), data.labels[part]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -714,8 +675,8 @@ def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | Non
             for b in range(prog.position, len(batches)):
                 index = batches[b]
                 images = train_set.images[index]
-                x = (augment(images, config.data.crop, batch_generator(tc.seed, epoch, b, dd.rank))
-                     if config.data.augment else centre_crop(images, config.data.crop))
+                x = (train_augment(images, config.data.crop, batch_generator(tc.seed, epoch, b, dd.rank))
+                     if config.data.augment else center_crop(images, config.data.crop))
                 x, y = x.to(device), train_set.labels[index].to(device)       # (B, C, crop, crop), (B,)
                 margin = margin_at(config.loss, prog.step, total_steps)
                 scores = net(x)                                                  # (B, E)

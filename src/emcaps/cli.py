@@ -1,0 +1,202 @@
+"""The `emcaps` command: argument parsing only; every subcommand is a thin wrapper over a library function.
+
+Errors a user can cause print one line, `emcaps: error: ...`, and exit non-zero (2 for usage errors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+USAGE_ERROR = 2
+
+
+class UsageError(Exception):
+    """Bad arguments or config: exit status 2."""
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr instead of the usage block."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("emcaps").strip()
+        raise UsageError(f"{where + ': ' if where else ''}{message} (see {self.prog} --help)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Subcommands
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from emcaps import config as cfgmod
+    from emcaps import train
+
+    if args.resume:
+        if args.config:
+            raise UsageError("emcaps train: give either --config (a new run) or --resume RUN_DIR, not both")
+        if args.run_dir:
+            raise UsageError("emcaps train: --resume continues in its own directory; drop --run-dir")
+        summary = train.resume(args.resume, args.set, quiet=args.quiet)
+    else:
+        config = cfgmod.load(_config_path(args.config), args.set)
+        run_dir = Path(args.run_dir) if args.run_dir else _shared_run_dir(config)
+        summary = train.train(config, run_dir, quiet=args.quiet)
+    print(json.dumps(summary))
+    return 0
+
+
+def _config_path(name: str | None) -> Path | None:
+    """A TOML file, or the name of one in configs/ (e.g. 'quick')."""
+    if name is None:
+        return None
+    path = Path(name)
+    if path.is_file():
+        return path
+    from emcaps.config import ConfigError, named_config_path
+
+    named = named_config_path(name) if path.suffix == "" and len(path.parts) == 1 else None
+    if named is None:
+        raise ConfigError(f"config file {name!r} does not exist")
+    return named
+
+
+def _shared_run_dir(config) -> Path:
+    """runs/NAME-TIMESTAMP; under torchrun, rank 0's choice is broadcast so all ranks agree."""
+    from emcaps import train
+
+    run_dir = train.default_run_dir(config)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        import torch.distributed as dist
+
+        train.setup_distributed(config.train.device)
+        box = [str(run_dir)]
+        dist.broadcast_object_list(box, src=0)
+        run_dir = Path(box[0])
+    return run_dir
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from emcaps.evaluate import evaluate_run
+
+    result = evaluate_run(args.path, multi_crop=args.multi_crop, out_dir=args.out, device=args.device,
+                          overrides=args.set, batch_size=args.batch_size, quiet=args.quiet)
+    crops = f" ({result['crops']} crops)" if args.multi_crop else ""
+    print(f"{result['name']}: test error {100 * result['test_error']:.2f}%{crops} on {result['images']} images; "
+          f"results in {result['out_dir']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from emcaps.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, quiet=args.quiet)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The parser
+
+def _optional_commands(sub) -> None:
+    """Subcommands other modules provide (data, experiment, report), added only where they exist."""
+    for module, function in (("emcaps.data.commands", "add_data_parser"),
+                             ("emcaps.experiments.commands", "add_experiment_parser"),
+                             ("emcaps.experiments.commands", "add_report_parser")):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name and module.startswith(err.name):
+                continue
+            raise
+        add = getattr(mod, function, None)
+        if add is not None:
+            add(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="emcaps", description="Matrix capsule networks with EM routing.")
+    parser.add_argument("--version", action="version", version=_version())
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
+    sub.required = True
+
+    p = sub.add_parser("train", help="train a model from a TOML config", description=(
+        "Train a model. A run directory gets config.toml, checkpoint.pt (atomic, every epoch and every "
+        "train.checkpoint_minutes) and log.jsonl. Under torchrun, every process trains on a shard."))
+    p.add_argument("--config", metavar="FILE", help="TOML config file, or the name of one in configs/ "
+                   "(paper, small, mnist, quick); defaults for anything left out")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--run-dir", metavar="DIR", help="where to write the run (default runs/NAME-TIMESTAMP)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR from its checkpoint")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or epoch lines")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a checkpoint on its test split", description=(
+        "Test error, confusion matrix and per-viewpoint error of a checkpoint (or run directory); writes "
+        "results.json and PNG figures."))
+    p.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR")
+    p.add_argument("--multi-crop", action="store_true", help="average scores over the authors' 13 test crops")
+    p.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/eval)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size")
+    p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
+                   help="change the test data, e.g. --set data.test_azimuths=novel (repeatable)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("demo", help="train capsules and a CNN on SynthNORB and write a report", description=(
+        "Render SynthNORB (once, into the user cache), train the small capsule network and the baseline CNN "
+        "for a few minutes, test both on unseen object instances and write a Markdown report with figures."))
+    p.add_argument("--quick", action="store_true", help="tiny data and models: well under a minute")
+    p.add_argument("--out", metavar="DIR", default="demo-report", help="report directory (default demo-report)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_demo)
+
+    _optional_commands(sub)
+    return parser
+
+
+def _version() -> str:
+    from emcaps import __version__
+
+    return f"emcaps {__version__}"
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from emcaps.config import ConfigError
+    from emcaps.train import CheckpointError, TrainingDiverged
+
+    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError,
+            NotADirectoryError, PermissionError, ValueError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `emcaps` console script and `python -m emcaps`; returns the exit status."""
+    from emcaps.config import ConfigError
+
+    try:
+        args = build_parser().parse_args(argv)
+        return int(args.func(args) or 0)
+    except (UsageError, ConfigError) as err:
+        print(f"emcaps: error: {_one_line(err)}", file=sys.stderr)
+        return USAGE_ERROR
+    except KeyboardInterrupt:
+        print("emcaps: interrupted (a run resumes from its last checkpoint with --resume RUN_DIR)", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        print(f"emcaps: error: {_one_line(err)}", file=sys.stderr)
+        return 1
+
+
+def _one_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        text = f"{err.filename}: {err.strerror}"
+    return " ".join(text.split())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

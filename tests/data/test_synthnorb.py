@@ -115,9 +115,13 @@ def test_ensure_synthnorb_renders_once_atomically(tmp_path):
     assert len(SmallNORB(path, "test")) == 25
 
 
-def test_unknown_subset_rejected(tmp_path):
+def test_bad_subsets_rejected(tmp_path):
     with pytest.raises(ValueError, match="unknown SynthNORB subset"):
         render_dataset(tmp_path, subset="huge", progress=False)
+    with pytest.raises(ValueError, match="azimuths must be distinct indices in 0..17"):
+        Subset("odd", azimuths=(0, 18))
+    with pytest.raises(ValueError, match="lightings"):
+        Subset("none", lightings=())
 
 
 def test_show_writes_png(tiny_dir, tmp_path):

@@ -45,6 +45,14 @@ class Subset:
     elevations: tuple[int, ...] = tuple(range(N_ELEVATIONS))
     lightings: tuple[int, ...] = tuple(range(N_LIGHTINGS))
 
+    def __post_init__(self) -> None:
+        for field, values, count in (("azimuths", self.azimuths, N_AZIMUTHS),
+                                     ("elevations", self.elevations, N_ELEVATIONS),
+                                     ("lightings", self.lightings, N_LIGHTINGS)):
+            if not values or len(set(values)) != len(values) or not all(0 <= v < count for v in values):
+                raise ValueError(f"subset {self.name!r}: {field} must be distinct indices in 0..{count - 1}, "
+                                 f"got {values}")
+
 
 SUBSETS = {
     "full": Subset("full"),

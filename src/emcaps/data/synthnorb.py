@@ -180,12 +180,12 @@ def to_pixels(radiance: torch.Tensor) -> torch.Tensor:
 
 def camera_positions(azimuth_deg: torch.Tensor, elevation_deg: float, target: torch.Tensor,
                      camera: Camera) -> torch.Tensor:
-    """Eyes (A, 2, 3) of the left and right cameras for azimuths (A,) looking at target (3,)."""
+    """Eyes (A, 2, 3) of the left and right cameras for azimuths (A,), both aimed at target (3,) (toe-in)."""
     az = torch.deg2rad(azimuth_deg)
     el = math.radians(elevation_deg)
     toward = torch.stack([math.cos(el) * az.cos(), math.cos(el) * az.sin(),
                           torch.full_like(az, math.sin(el))], dim=-1)
-    right = torch.stack([az.sin(), -az.cos(), torch.zeros_like(az)], dim=-1)
+    right = torch.stack([-az.sin(), az.cos(), torch.zeros_like(az)], dim=-1)
     centre = target + camera.distance * toward
     half = camera.baseline / 2
     return torch.stack([centre - half * right, centre + half * right], dim=1)

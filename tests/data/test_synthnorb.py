@@ -133,3 +133,15 @@ def test_show_writes_png(tiny_dir, tmp_path):
     assert (width, height) == (len(TINY.azimuths) * (SIZE + gap) + gap, 5 * (SIZE + gap) + gap)
     idat = raw[raw.index(b"IDAT") + 4:raw.index(b"IEND") - 8]
     assert len(zlib.decompress(idat)) == height * (width + 1)
+
+
+def test_stereo_rig_left_then_right():
+    from emcaps.data.synthnorb import Camera, camera_positions, camera_rays
+
+    target = torch.tensor([0.0, 0.0, 0.5])
+    eyes = camera_positions(torch.tensor([0.0, 100.0, 260.0]), 45.0, target, Camera())
+    assert torch.allclose((eyes - target).norm(dim=-1), torch.full((3, 2), (3.6**2 + 0.175**2) ** 0.5))
+    for rig in eyes:
+        rays = camera_rays(rig, target.expand(2, 3), 3, 17.0)
+        camera_right = rays[0, 5] - rays[0, 4]
+        assert ((rig[1] - rig[0]) * camera_right).sum() > 0

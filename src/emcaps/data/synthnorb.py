@@ -21,6 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -54,11 +55,11 @@ class Subset:
                                  f"got {values}")
 
 
-SUBSETS = {
+SUBSETS = MappingProxyType({
     "full": Subset("full"),
     "small": Subset("small", azimuths=tuple(range(0, 18, 2)), elevations=(0, 2, 4, 6, 8), lightings=(0, 2, 4)),
     "tiny": Subset("tiny", azimuths=(0, 3, 9, 15, 17), elevations=(0, 4, 8), lightings=(0, 3)),
-}
+})
 
 
 @dataclass(frozen=True)

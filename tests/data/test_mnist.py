@@ -93,6 +93,12 @@ def test_mnist_rejects_mismatched_files(tmp_path):
         MNIST(tmp_path / "empty", "train")
 
 
+def test_mnist_default_root_is_the_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMCAPS_DATA_DIR", str(tmp_path))
+    _fake_mnist(tmp_path / "mnist")
+    assert len(MNIST(split="test")) == 6
+
+
 def _served_mnist(tmp_path):
     source = tmp_path / "source"
     _fake_mnist(source, gz=True)

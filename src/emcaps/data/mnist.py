@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from emcaps.data.cache import default_data_dir
 from emcaps.data.download import RemoteFile, fetch
 from emcaps.data.idx_format import read_idx
 
@@ -45,13 +46,13 @@ def _find(root: Path, name: str) -> Path:
 
 
 class MNIST(Dataset):
-    """One split of MNIST from ``root``; items are (uint8 image (1, 28, 28), label)."""
+    """One split of MNIST from ``root`` (default: the cache's ``mnist``); items are (uint8 image (1, 28, 28), label)."""
 
-    def __init__(self, root: str | os.PathLike, split: str = "train",
+    def __init__(self, root: str | os.PathLike | None = None, split: str = "train",
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if split not in MNIST_FILES:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.root = Path(root)
+        self.root = Path(root) if root is not None else default_data_dir() / "mnist"
         self.split = split
         self.transform = transform
         image_file, label_file = (_find(self.root, name) for name in MNIST_FILES[split])

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from emcaps.data.cache import default_data_dir
 from emcaps.data.download import RemoteFile, fetch
 from emcaps.data.norb_format import gunzip_norb, read_norb, validate_norb
 
@@ -85,19 +86,21 @@ def _cameras(cameras) -> tuple[int, ...]:
 class SmallNORB(Dataset):
     """One split of smallNORB (or SynthNORB) from ``root``; items are (uint8 image (C, H, W), label).
 
+    ``root`` defaults to ``smallnorb`` under the data cache (where ``emcaps data download smallnorb`` puts it).
+
     ``cameras``: 'both' (2 channels, the paper's input), 'left' or 'right'. ``azimuths`` (degrees) and
     ``elevations`` (indices 0..8) filter the rows: 'familiar' / 'novel' give the paper's viewpoint
     splits, a list picks values, None keeps all. ``transform`` is applied to each image tensor.
     Plain files are memory-mapped, so opening is instant and rows are read on demand.
     """
 
-    def __init__(self, root: str | os.PathLike, split: str = "train", cameras="both",
+    def __init__(self, root: str | os.PathLike | None = None, split: str = "train", cameras="both",
                  azimuths: str | Iterable[int] | None = None, elevations: str | Iterable[int] | None = None,
                  lightings: Iterable[int] | None = None, instances: Iterable[int] | None = None,
                  transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
         if split not in SPLIT_FILES:
             raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-        self.root = Path(root)
+        self.root = Path(root) if root is not None else default_data_dir() / "smallnorb"
         self.split = split
         self.cameras = _cameras(cameras)
         self.transform = transform

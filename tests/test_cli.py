@@ -1,0 +1,78 @@
+"""The CLI: every user error is one line `emcaps: error: ...` and a non-zero exit; --help everywhere."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from emcaps import cli
+
+TOY = ["--set", "data.dataset=toy", "--set", "data.resize=36", "--set", "data.train_limit=32", "--set",
+       "data.test_limit=16", "--set", "model.name=tiny", "--set", "train.epochs=1", "--set", "train.batch_size=16",
+       "--set", "train.threads=1"]
+
+
+def run(capsys, *argv):
+    code = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_error_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emcaps: error: "), err
+    return lines[0]
+
+
+@pytest.mark.parametrize("argv, code, text", [
+    (["train", "--config", "no-such.toml"], 2, "config file 'no-such.toml' does not exist"),
+    (["train", "--set", "train.epoch=2"], 2, "did you mean 'train.epochs'"),
+    (["train", "--set", "model.name=huge"], 2, "model.name must be one of"),
+    (["train", "--set", "train.epochs=two"], 2, "train.epochs must be int"),
+    (["train", "--config", "quick", "--resume", "x"], 2, "not both"),
+    (["train", "--bogus"], 2, "unrecognized arguments"),
+    (["frobnicate"], 2, "invalid choice"),
+    (["eval"], 2, "required"),
+    (["eval", "/no/such/run"], 1, "no checkpoint or run directory"),
+    (["train", "--resume", "/no/such/run"], 1, "no checkpoint or run directory"),
+    (["train", "--set", "data.dataset=smallnorb", "--set", "data.root=/no/such/dir"], 1, "does not exist"),
+])
+def test_user_errors_are_one_line(capsys, argv, code, text):
+    status, _, err = run(capsys, *argv)
+    assert status == code
+    assert text in one_error_line(err)
+
+
+def test_corrupt_checkpoint_is_an_error(capsys, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"\x00" * 100)
+    status, _, err = run(capsys, "eval", str(tmp_path))
+    assert status == 1 and "not a readable emcaps checkpoint" in one_error_line(err)
+    torch.save({"weights": 1}, tmp_path / "checkpoint.pt")
+    status, _, err = run(capsys, "train", "--resume", str(tmp_path))
+    assert status == 1 and "not an emcaps checkpoint" in one_error_line(err)
+
+
+@pytest.mark.parametrize("command", [[], ["train"], ["eval"], ["demo"]])
+def test_help_everywhere(capsys, command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([*command, "--help"])
+    assert exit_.value.code == 0
+    assert "usage: emcaps" in capsys.readouterr().out
+
+
+def test_train_eval_and_rerun_refusal(capsys, tmp_path):
+    run_dir = str(tmp_path / "run")
+    status, out, _ = run(capsys, "train", *TOY, "--run-dir", run_dir, "--quiet")
+    assert status == 0 and '"finished": true' in out
+    status, out, _ = run(capsys, "eval", run_dir, "--quiet")
+    assert status == 0 and "test error" in out and (tmp_path / "run" / "eval" / "confusion.png").is_file()
+    status, _, err = run(capsys, "train", *TOY, "--run-dir", run_dir, "--quiet")
+    assert status == 1 and "already holds a checkpoint" in one_error_line(err)
+
+
+def test_python_dash_m_entry_point():
+    done = subprocess.run([sys.executable, "-m", "emcaps", "train", "--set", "optim.lr=-1"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip() == "emcaps: error: optim.lr must be a finite number > 0, got -1.0"

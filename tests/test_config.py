@@ -1,0 +1,77 @@
+"""Config files, overrides and validation: every mistake names the key and what was expected."""
+
+from pathlib import Path
+
+import pytest
+
+from emcaps import config
+from emcaps.config import ConfigError, RunConfig
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_defaults_and_round_trip_through_toml(tmp_path):
+    c = config.load(None, ["train.epochs=3", "routing.final_lambda=0.1", "name=x"])
+    assert c.train.epochs == 3 and c.routing.final_lambda == 0.1 and c.name == "x"
+    path = tmp_path / "run.toml"
+    path.write_text(c.to_toml())
+    assert config.load(path) == c
+
+
+@pytest.mark.parametrize("name", ["paper", "small", "mnist", "quick"])
+def test_named_configs_load(name):
+    c = config.load(CONFIGS / f"{name}.toml")
+    assert isinstance(c, RunConfig) and c.name == name
+    assert config.named_config_path(name) == CONFIGS / f"{name}.toml"
+
+
+@pytest.mark.parametrize("text, key, value", [
+    ("optim.lr=1e-3", ["optim", "lr"], 1e-3),
+    ("train.epochs=4", ["train", "epochs"], 4),
+    ("data.augment=false", ["data", "augment"], False),
+    ("data.dataset=mnist", ["data", "dataset"], "mnist"),          # a bare word is a string
+    ('data.root="/a b"', ["data", "root"], "/a b"),
+])
+def test_override_values_are_toml(text, key, value):
+    assert config.parse_override(text) == (key, value)
+
+
+def test_int_accepted_for_float_but_not_the_reverse():
+    assert config.load(None, ["optim.lr=1"]).optim.lr == 1.0
+    with pytest.raises(ConfigError, match="train.epochs must be int"):
+        config.load(None, ["train.epochs=1.5"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.epoch=3", "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+    ("trian.epochs=3", "unknown config key 'trian'"),
+    ("train.epochs=many", "train.epochs must be int"),
+    ("train.epochs=0", "train.epochs must be >= 1"),
+    ("model.name=huge", "model.name must be one of"),
+    ("data.dataset=cifar", "data.dataset must be one of"),
+    ("optim.lr=-1", "optim.lr must be a finite number > 0"),
+    ("routing.iterations=0", "routing iterations must be an integer >= 1"),
+    ("data.resize=16", "data.resize (16) must be 0 or at least data.crop (32)"),
+    ("train=3", "train must be a table"),
+    ("novalue", "must look like section.key=value"),
+])
+def test_bad_keys_and_values_are_named(override, message):
+    with pytest.raises(ConfigError) as err:
+        config.load(None, [override])
+    assert message in str(err.value)
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        config.load(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\nepochs = 1\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        config.load(bad)
+
+
+def test_with_updates_validates():
+    c = config.with_updates(RunConfig(), train={"epochs": 7})
+    assert c.train.epochs == 7
+    with pytest.raises(ConfigError):
+        config.with_updates(RunConfig(), train={"epochs": -1})

@@ -1,0 +1,189 @@
+"""The training loop: exact resume, crash safety (SIGKILL), divergence handling, checkpoint checks."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from emcaps import config, train
+from emcaps.train import CheckpointError, TrainingDiverged
+
+TOY = ["name=toy", "data.dataset=toy", "data.resize=36", "data.crop=32", "data.train_limit=64",
+       "data.test_limit=32", "model.name=tiny", "train.epochs=2", "train.batch_size=16", "train.threads=1",
+       "train.log_every=1"]
+
+
+def toy_config(*overrides: str) -> config.RunConfig:
+    return config.load(None, TOY + list(overrides))
+
+
+def weights(run_dir) -> dict[str, torch.Tensor]:
+    return train.load_checkpoint(run_dir)["model"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_run_directory_contents(tmp_path):
+    summary = train.train(toy_config(), tmp_path / "run", quiet=True)
+    run = tmp_path / "run"
+    assert summary["finished"] and summary["steps"] == 8 and 0 <= summary["test_error"] <= 1
+    assert sorted(p.name for p in run.iterdir() if p.name != "tensorboard") == ["checkpoint.pt", "config.toml", "log.jsonl"]
+    assert config.load(run / "config.toml") == toy_config()
+    state = train.load_checkpoint(run)
+    assert state["format"] == train.CHECKPOINT_FORMAT and state["version"] == train.CHECKPOINT_VERSION
+    for key in ("optimizer", "scheduler", "rng", "order_state", "margin", "position", "config"):
+        assert key in state
+    assert state["step"] == 8 and state["epoch"] == 2 and state["finished"]
+    assert set(state["rng"][0]) == {"torch", "cuda", "numpy", "python"}
+
+
+@pytest.mark.parametrize("stop_at", [4, 5])        # at the epoch boundary, and in the middle of an epoch
+def test_resume_is_exact(tmp_path, stop_at):
+    straight = train.train(toy_config(), tmp_path / "straight", quiet=True)
+    part = train.train(toy_config(), tmp_path / "split", quiet=True, stop_at_step=stop_at)
+    assert not part["finished"] and part["steps"] == stop_at
+    assert train.load_checkpoint(tmp_path / "split")["step"] == stop_at
+    resumed = train.resume(tmp_path / "split", quiet=True)
+    assert resumed["steps"] == straight["steps"] == 8
+    assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
+    assert resumed["test_error"] == straight["test_error"]
+    # The log is continued, not duplicated: the same step events as the straight run.
+    steps = [line for line in (tmp_path / "split" / "log.jsonl").read_text().splitlines() if '"step", "step"' in line]
+    assert len(steps) == 8
+
+
+def test_resume_of_a_finished_run_does_nothing(tmp_path):
+    train.train(toy_config(), tmp_path / "run", quiet=True)
+    before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    assert train.resume(tmp_path / "run", quiet=True)["finished"]
+    assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
+
+
+def test_new_run_refuses_a_directory_with_a_checkpoint(tmp_path):
+    train.train(toy_config(), tmp_path / "run", quiet=True, stop_at_step=1)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train.train(toy_config(), tmp_path / "run", quiet=True)
+
+
+def test_corrupt_truncated_and_foreign_checkpoints_fail_clearly(tmp_path):
+    train.train(toy_config(), tmp_path / "run", quiet=True, stop_at_step=2)
+    good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
+    cases = {
+        "garbage": (b"not a checkpoint at all" * 10, "not a readable emcaps checkpoint"),
+        "truncated": (good[: len(good) // 2], "not a readable emcaps checkpoint"),
+    }
+    for name, (data, message) in cases.items():
+        (tmp_path / "run" / "checkpoint.pt").write_bytes(data)
+        with pytest.raises(CheckpointError, match=message):
+            train.resume(tmp_path / "run", quiet=True)
+    torch.save({"state_dict": {}}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="not an emcaps checkpoint"):
+        train.resume(tmp_path / "run", quiet=True)
+    torch.save({"format": train.CHECKPOINT_FORMAT, "version": 99}, tmp_path / "run" / "checkpoint.pt")
+    with pytest.raises(CheckpointError, match="format version 99"):
+        train.resume(tmp_path / "run", quiet=True)
+    with pytest.raises(CheckpointError, match="holds no checkpoint.pt"):
+        train.resume(tmp_path, quiet=True)
+
+
+def _poison_after(step_to_poison: int):
+    def callback(step: int, model: torch.nn.Module) -> None:
+        if step == step_to_poison:
+            with torch.no_grad():
+                model.class_caps.weight.view(-1)[0] = float("nan")
+    return callback
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    cfg = toy_config("train.checkpoint_steps=2")
+    with pytest.raises(TrainingDiverged) as err:
+        train.train(cfg, tmp_path / "run", quiet=True, callback=_poison_after(5))
+    message = str(err.value)
+    assert "non-finite loss at step 6" in message and "class_caps.weight" in message
+    state = train.load_checkpoint(tmp_path / "run")
+    assert state["step"] == 4
+    assert all(torch.isfinite(t).all() for t in state["model"].values())
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path):
+    cfg = toy_config("train.checkpoint_steps=2")
+    with pytest.raises(TrainingDiverged, match="class_caps.weight became non-finite by step 4"):
+        train.train(cfg, tmp_path / "run", quiet=True, callback=_poison_after(4))
+    assert train.load_checkpoint(tmp_path / "run")["step"] == 2
+
+
+def test_diagnosis_names_the_first_layer_with_non_finite_output():
+    model = train.build_model(toy_config(), 5, 1)
+    with torch.no_grad():
+        model.conv1.bias.fill_(float("inf"))
+    assert train.diagnose(model, torch.zeros(2, 1, 32, 32)) == "first non-finite parameter: conv1.bias"
+    model = train.build_model(toy_config(), 5, 1)
+    assert "input batch" in train.diagnose(model, torch.full((2, 1, 32, 32), float("nan")))
+    with torch.no_grad():
+        model.conv1.weight.fill_(1e30)                # finite weights whose product with the input overflows
+    assert train.diagnose(model, torch.full((2, 1, 32, 32), 1e30)).endswith("non-finite output: conv1")
+
+
+def test_schedules():
+    cfg = toy_config("optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1").optim
+    f = train.lr_factor(cfg, 100)
+    assert f(0) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and f(50) == pytest.approx(0.55)
+    cfg = toy_config("optim.lr_schedule=exponential", "optim.lr_decay=0.5", "optim.decay_steps=10").optim
+    assert train.lr_factor(cfg, 100)(20) == pytest.approx(0.25)
+    loss = toy_config().loss
+    assert train.margin_at(loss, 0, 11) == pytest.approx(0.2) and train.margin_at(loss, 10, 11) == pytest.approx(0.9)
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    train.atomic_write_bytes(tmp_path / "f", b"one")
+    train.atomic_write_bytes(tmp_path / "f", b"two")
+    assert (tmp_path / "f").read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["f"]
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "emcaps", *args]
+
+
+def test_sigkill_then_resume_loses_nothing_before_the_checkpoint(tmp_path):
+    """Kill -9 a real training process mid-run; resuming finishes it with the uninterrupted run's weights."""
+    overrides = TOY + ["data.train_limit=256", "train.batch_size=8", "train.checkpoint_steps=1"]
+    sets = [a for o in overrides for a in ("--set", o)]
+    run = tmp_path / "killed"
+    proc = subprocess.Popen(_cli("train", *sets, "--run-dir", str(run), "--quiet"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    killed_at = None
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            if train.load_checkpoint(run)["step"] >= 6:
+                os.kill(proc.pid, signal.SIGKILL)
+                killed_at = time.monotonic()
+                break
+        except CheckpointError:
+            pass                                  # not written yet
+        time.sleep(0.05)
+    proc.wait()
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert killed_at is not None, f"the run ended before it could be killed: {stderr}"
+    step = train.load_checkpoint(run)["step"]        # whatever the last complete checkpoint holds
+    assert 6 <= step < 64
+    done = subprocess.run(_cli("train", "--resume", str(run), "--quiet"), capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    final = train.load_checkpoint(run)
+    assert final["finished"] and final["step"] == 64
+    log = (run / "log.jsonl").read_text()
+    assert f'{{"event": "resume", "step": {step},' in log
+    straight = train.train(config.load(None, overrides), tmp_path / "straight", quiet=True)
+    assert straight["steps"] == 64
+    assert_same_weights(weights(tmp_path / "straight"), final["model"])

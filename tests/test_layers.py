@@ -172,3 +172,20 @@ def test_chunked_recomputed_routing_equals_whole_batch():
         torch.testing.assert_close(out, results[0][0])
         for g, g0 in zip(grads, results[0][1]):
             torch.testing.assert_close(g, g0)
+
+
+def test_compiled_routing_in_layers_matches_eager():
+    """ConvCaps (positions competing) and ClassCaps give the same outputs and gradients compiled."""
+    from emcaps.models import create_model
+
+    x = torch.randn(3, 1, 32, 32, dtype=torch.float64)
+    results = []
+    for compile_ in (False, True):
+        torch.manual_seed(0)
+        model = create_model("tiny", routing=RoutingConfig(final_lambda=1.0, compile=compile_)).double()
+        out = model(x)
+        out.pow(2).sum().backward()
+        results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for g, g0 in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(g, g0)

@@ -277,3 +277,18 @@ def test_competition_assignments_sum_to_one_per_child():
     per_child0 = torch.zeros(n, h * h, b, dtype=torch.float64).index_add(
         1, comp.index, r0.reshape(n, oh * oh * k * k, b))
     torch.testing.assert_close(per_child0, torch.ones_like(per_child0))
+
+
+def test_compiled_kernel_matches_dense():
+    """The torch.compile path (RoutingConfig(compile=True)) computes what the dense reference does."""
+    votes, act, bu, ba = random_problem(n=3, n_in=10, n_out=4, seed=8)
+    for t in (votes, act, bu, ba):
+        t.requires_grad_(True)
+    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0)
+    cpose, ca = em_routing_fused(dense_to_fused(votes), act, bu, ba, RoutingConfig(final_lambda=1.0, compile=True))
+    torch.testing.assert_close(cpose, pose, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(ca, a, atol=1e-9, rtol=1e-9)
+    g = torch.autograd.grad((pose.sum() + a.sum()), (votes, act, bu, ba))
+    cg = torch.autograd.grad((cpose.sum() + ca.sum()), (votes, act, bu, ba))
+    for x, y in zip(cg, g):
+        torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-7)

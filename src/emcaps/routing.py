@@ -20,6 +20,7 @@ Numerical choices, shared by both forms so that they agree:
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
@@ -54,6 +55,8 @@ class RoutingConfig:
                       the votes of one chunk in cache and let the allocator reuse the same blocks.
     recompute:        when training, keep only each layer's inputs and recompute votes and routing in
                       the backward pass, chunk by chunk, instead of storing every iteration's tensors.
+    compile:          route with a torch.compile'd kernel (fused loops, no votes-sized temporaries);
+                      the first call of each shape pays the compile time. Eager otherwise.
     """
 
     iterations: int = 3
@@ -64,6 +67,7 @@ class RoutingConfig:
     compete_positions: bool = True
     chunk: int = 4
     recompute: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk, int) or self.chunk < 0:
@@ -203,10 +207,18 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     The votes are centred per parent once and stored beside their squares, (M, J, I, 2D); each M-step is
     then one batched product (weights @ [v, v^2]) and each E-step one more ([v, v^2] @ coefficients),
     with no (votes - mean)^2 temporary. Centring keeps the moment formula exact for large votes.
+    With `config.compile`, a compiled kernel (`_em_direct`) runs instead: it fuses the broadcasts into
+    loops and needs neither the stored squares nor the batched products.
     """
     m, n_out, n_in, d = votes.shape
     out_dtype = votes.dtype
     cd = _compute_dtype(out_dtype)
+    r = initial if initial is not None else votes.new_full((1, 1, 1), 1.0 / n_out, dtype=cd)
+    if config.compile and trace is None:
+        mean, act = _compiled_kernel()(votes.to(cd), activations.to(cd), beta_u.to(cd), beta_a.to(cd),
+                                       tuple(config.inverse_temperatures), config.var_floor, cost_scale,
+                                       r, normalise)
+        return mean.to(out_dtype), act.to(out_dtype)
     v = votes.to(cd)
     a = activations.to(cd).unsqueeze(1)                                 # (M, 1, I)
     bu, ba = beta_u.to(cd), beta_a.to(cd)
@@ -215,7 +227,6 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     moments = torch.cat((vc, vc * vc), dim=-1).view(m * n_out, n_in, 2 * d)   # (MJ, I, 2D)
     del v, vc
 
-    r = initial if initial is not None else votes.new_full((1, 1, 1), 1.0 / n_out, dtype=cd)
     lambdas = config.inverse_temperatures
     for it, lam in enumerate(lambdas):
         ra = (r * a).expand(m, n_out, n_in)                             # (M, J, I)
@@ -284,3 +295,40 @@ class PositionCompetition:
             1, self.index, torch.exp(per_edge - shift[:, self.index]))
         lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift        # (N, H*W, B)
         return log_r - lse[:, self.index].reshape(ml, 1, i)
+
+
+def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, lambdas: tuple[float, ...],
+               var_floor: float, cost_scale: float, initial: Tensor,
+               normalise: Normaliser | None) -> tuple[Tensor, Tensor]:
+    """EM routing written as plain broadcasts over (M, J, I, D), for torch.compile to fuse into loops.
+
+    Eager, each line would allocate a votes-sized temporary; compiled, none does, and (v - mean)^2 is
+    recomputed in registers rather than stored. Same maths and numerical choices as `em_routing`.
+    """
+    d = votes.shape[-1]
+    a = activations.unsqueeze(1)                                        # (M, 1, I)
+    r = initial
+    for it, lam in enumerate(lambdas):
+        ra = r * a                                                      # (M, J, I)
+        r_sum = ra.sum(-1)                                              # (M, J)
+        w = (ra / r_sum.clamp_min(EPS).unsqueeze(-1)).unsqueeze(-1)     # (M, J, I, 1)
+        mean = (w * votes).sum(2)                                       # (M, J, D)
+        sq = (votes - mean.unsqueeze(2)) ** 2                           # (M, J, I, D), fused away
+        var = (w * sq).sum(2) + var_floor
+        log_var = torch.log(var)
+        cost = (d * beta_u + 0.5 * log_var.sum(-1)) * (cost_scale * r_sum)
+        logit = lam * (beta_a - cost)
+        act = torch.sigmoid(logit)
+        if it == len(lambdas) - 1:
+            break
+        log_p = -0.5 * ((sq / var.unsqueeze(2)).sum(-1) + (log_var.sum(-1, keepdim=True) + d * _LOG_2PI))
+        log_r = F.logsigmoid(logit).unsqueeze(-1) + log_p
+        log_r = normalise(log_r) if normalise is not None else torch.log_softmax(log_r, dim=1)
+        r = log_r.exp()
+    return mean, act
+
+
+@functools.cache
+def _compiled_kernel() -> Callable[..., tuple[Tensor, Tensor]]:
+    """torch.compile(_em_direct), built once per process on first use."""
+    return torch.compile(_em_direct, dynamic=False)

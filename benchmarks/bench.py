@@ -51,11 +51,12 @@ class Spec:
 # The workloads (built in the child; also used by profile_routing.py)
 
 
-def routing_config(match_reference: bool):
-    """emcaps' default routing, or the per-position routing the reference computes."""
+def routing_config(match_reference: bool, compiled: bool = False):
+    """emcaps' default routing (or the per-position routing the reference computes), eager or with the
+    torch.compile'd routing kernel (impl emcaps-compile)."""
     from emcaps.routing import RoutingConfig
 
-    return RoutingConfig(compete_positions=False) if match_reference else RoutingConfig()
+    return RoutingConfig(compete_positions=not match_reference, compile=compiled)
 
 
 def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
@@ -71,7 +72,7 @@ def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
 
     torch.manual_seed(spec.seed)
     model = create_model("paper" if spec.preset == "routing" else spec.preset,
-                         routing=routing_config(spec.match_reference))
+                         routing=routing_config(spec.match_reference, spec.impl == "emcaps-compile"))
     n = spec.batch
 
     if spec.preset == "routing":
@@ -86,7 +87,7 @@ def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
             def forward():
                 return reference.unpack_capsules(net(x), layer.out_types)
         else:
-            net = torch.compile(layer) if spec.impl == "emcaps-compile" else layer
+            net = layer
             pose.requires_grad_(spec.mode == "train")
             act.requires_grad_(spec.mode == "train")
 
@@ -107,7 +108,7 @@ def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
             net = reference.load_from_emcaps(model, strict=False)
             del model
         else:
-            net = torch.compile(model) if spec.impl == "emcaps-compile" else model
+            net = model
 
         def forward():
             return net(x)
@@ -290,7 +291,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma list of paper, small, routing")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of train, infer")
     p.add_argument("--impl", default="emcaps,reference", help="comma list of emcaps, reference")
-    p.add_argument("--compile", action="store_true", help="add a torch.compile'd emcaps (impl emcaps-compile)")
+    p.add_argument("--compile", action="store_true",
+                   help="add emcaps with its torch.compile'd routing kernel (impl emcaps-compile)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 32; 4 with --quick)")
     p.add_argument("--threads", type=int, default=None, help="torch threads in each child (default: torch's)")
     p.add_argument("--steps", type=int, default=None, help="timed steps (default 5; 2 with --quick)")

@@ -1,0 +1,264 @@
+"""Pictures of what a trained capsule network does: routing histograms, pose perturbations, parse maps.
+
+All figures are PNGs drawn with `emcaps.plots` (numpy only); every function also returns its raw arrays
+so tests and reports can use the numbers without reading pictures.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emcaps import plots
+from emcaps.capsules import extract_patches
+from emcaps.models import MatrixCapsNet
+from emcaps.routing import RoutingStep
+
+
+def _one_image(x: Tensor) -> Tensor:
+    """(C, H, W) or (1, C, H, W) -> (1, C, H, W)."""
+    x = x.unsqueeze(0) if x.dim() == 3 else x
+    if x.dim() != 4 or x.shape[0] != 1:
+        raise ValueError(f"expected one image (C, H, W) or (1, C, H, W), got {tuple(x.shape)}")
+    return x
+
+
+def _check_capsnet(model: nn.Module) -> MatrixCapsNet:
+    if not isinstance(model, MatrixCapsNet):
+        raise ValueError(f"this picture needs a capsule network (MatrixCapsNet), got {type(model).__name__}")
+    return model
+
+
+class _Eval:
+    """Run a model in eval mode without gradients, restoring its mode afterwards."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model, self.was_training = model, model.training
+        self.no_grad = torch.no_grad()
+
+    def __enter__(self):
+        self.model.eval()
+        self.no_grad.__enter__()
+
+    def __exit__(self, *exc):
+        self.no_grad.__exit__(*exc)
+        self.model.train(self.was_training)
+
+
+def _layers(model: MatrixCapsNet, x: Tensor, trace_conv: bool = False) -> dict:
+    """Every layer's capsules for images x (N, C, H, W), and (optionally) the routing traces of ConvCaps1/2
+    and always of the class layer: {'primary', 'caps1', 'caps2', 'out': Capsules; 'trace1', 'trace2',
+    'trace_class': list[RoutingStep]}."""
+    t1, t2, tc = ([] if trace_conv else None), ([] if trace_conv else None), []
+    primary = model.primary(F.relu(model.conv1(x)))
+    caps1 = model.conv_caps1(primary, trace=t1)
+    caps2 = model.conv_caps2(caps1, trace=t2)
+    out = model.class_caps(caps2, trace=tc)
+    return {"primary": primary, "caps1": caps1, "caps2": caps2, "out": out, "trace1": t1, "trace2": t2,
+            "trace_class": tc}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Routing histograms
+
+def routing_histograms(model: nn.Module, x: Tensor, out_png: str | Path | None = None, bins: int = 24,
+                       class_names: Sequence[str] | None = None) -> dict[str, np.ndarray]:
+    """For one image, after each EM iteration of the class layer: the histogram of the distances from each
+    vote to its class capsule's mean, each vote weighted by its assignment to that class.
+
+    x (C, H, W) -> {'counts': (T, E, bins), 'edges': (bins + 1,), 'mass': (T, E) total assignment per
+    class, 'activation': (T, E)}. The bins span [0, largest distance], so counts sum to mass exactly.
+    A class that explains its votes well has its mass piled up near zero.
+    """
+    model = _check_capsnet(model)
+    x = _one_image(x)
+    with _Eval(model):
+        layers = _layers(model, x)
+        votes, _ = model.class_caps.votes(layers["caps2"])                  # (1, E, I, 16)
+    steps: list[RoutingStep] = layers["trace_class"]
+    mean = torch.stack([s.mean.reshape(1, votes.shape[1], 16) for s in steps])[:, 0]      # (T, E, 16)
+    weight = torch.stack([s.assignments.reshape(votes.shape[:3]) for s in steps])[:, 0]   # (T, E, I)
+    dist = (votes[0].unsqueeze(0) - mean.unsqueeze(2)).norm(dim=-1)        # (T, E, I)
+    d, w = dist.double().numpy(), weight.double().numpy()
+    edges = np.linspace(0.0, max(float(d.max()), 1e-12) * (1 + 1e-9), bins + 1)
+    counts = np.stack([np.stack([np.histogram(d[t, e], edges, weights=w[t, e])[0] for e in range(d.shape[1])])
+                       for t in range(d.shape[0])])                         # (T, E, bins)
+    act = torch.stack([s.activation.reshape(-1) for s in steps]).double().numpy()
+    result = {"counts": counts, "edges": edges, "mass": w.sum(-1), "activation": act}
+    if out_png is not None:
+        names = list(class_names) if class_names is not None else [f"class {e}" for e in range(d.shape[1])]
+        _draw_histograms(out_png, counts, edges, act, names)
+    return result
+
+
+def _draw_histograms(path: str | Path, counts: np.ndarray, edges: np.ndarray, act: np.ndarray,
+                     names: Sequence[str]) -> Path:
+    """Panels of bars: rows = iterations (T), columns = classes (E); counts (T, E, bins)."""
+    t_n, e_n, n_bins = counts.shape
+    pw, ph, gap, left, top = 150, 90, 12, 70, 50
+    img = plots.canvas(top + t_n * (ph + gap) + 30, left + e_n * (pw + gap) + 10)
+    plots.draw_text(img, img.shape[1] // 2, 6, "VOTE-TO-MEAN DISTANCE, WEIGHTED BY ASSIGNMENT", anchor="centre")
+    bar = pw / n_bins
+    for t in range(t_n):
+        y0 = top + t * (ph + gap)
+        plots.draw_text(img, 4, y0 + ph // 2 - 5, f"iter {t + 1}")
+        peak = max(float(counts[t].max()), 1e-12)
+        for e in range(e_n):
+            x0 = left + e * (pw + gap)
+            img[y0:y0 + ph, x0:x0 + pw] = (245, 245, 245)
+            colour = plots.PALETTE[e % len(plots.PALETTE)]
+            for b in range(n_bins):
+                h = int(round(counts[t, e, b] / peak * (ph - 14)))
+                if h:
+                    img[y0 + ph - h:y0 + ph, int(x0 + b * bar):max(int(x0 + (b + 1) * bar) - 1, int(x0 + b * bar) + 1)] = colour
+            plots.draw_text(img, x0 + pw - 2, y0 + 2, f"a={act[t, e]:.2f}", scale=1, anchor="right")
+    for e, name in enumerate(names):
+        plots.draw_text(img, left + e * (pw + gap) + pw // 2, top - 18, str(name), anchor="centre")
+    plots.draw_text(img, left, img.shape[0] - 20, f"distance 0 to {edges[-1]:.3g}")
+    return plots.write_png(path, img)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A decoder from the target class capsule's pose, and its perturbation grid
+
+class PoseDecoder(nn.Module):
+    """MLP from class capsule poses (N, E, 16), all but the target class masked to zero, to an image
+    (N, C, S, S): a window onto what the 16 pose entries of a class capsule encode."""
+
+    def __init__(self, classes: int, image_shape: tuple[int, int, int] = (1, 32, 32), hidden: int = 256) -> None:
+        super().__init__()
+        self.classes, self.image_shape = classes, tuple(image_shape)
+        self.net = nn.Sequential(nn.Linear(classes * 16, hidden), nn.ReLU(), nn.Linear(hidden, 2 * hidden),
+                                 nn.ReLU(), nn.Linear(2 * hidden, int(np.prod(image_shape))))
+
+    def forward(self, pose: Tensor, labels: Tensor) -> Tensor:
+        """pose (N, E, 4, 4) or (N, E, 16), labels (N,) -> images (N, C, S, S)."""
+        pose = pose.reshape(pose.shape[0], self.classes, 16)
+        mask = F.one_hot(labels, self.classes).to(pose.dtype).unsqueeze(-1)     # (N, E, 1)
+        return self.net((pose * mask).flatten(1)).view(-1, *self.image_shape)
+
+
+@torch.no_grad()
+def class_poses(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
+    """Class capsule poses (N, E, 16) of images (N, C, H, W), in eval mode."""
+    model = _check_capsnet(model)
+    with _Eval(model):
+        return torch.cat([model.capsules(images[i:i + batch_size]).pose.flatten(2)
+                          for i in range(0, len(images), batch_size)])
+
+
+def train_decoder(model: nn.Module, images: Tensor, labels: Tensor, steps: int = 200, lr: float = 1e-3,
+                  batch_size: int = 32, seed: int = 0) -> PoseDecoder:
+    """Fit a PoseDecoder to reconstruct images (N, C, H, W) from the frozen model's poses of their true
+    class (mean squared error). The capsule network is not changed."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    poses = class_poses(model, images)                                      # (N, E, 16)
+    decoder = PoseDecoder(poses.shape[1], tuple(images.shape[1:]))
+    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
+    for _ in range(steps):
+        idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=g)
+        loss = F.mse_loss(decoder(poses[idx], labels[idx]), images[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return decoder.eval()
+
+
+@torch.no_grad()
+def pose_perturbation_grid(decoder: PoseDecoder, pose: Tensor, label: int, out_png: str | Path | None = None,
+                           steps: int = 11, delta: float = 0.25) -> np.ndarray:
+    """Reconstructions as each of the 16 pose entries of class `label` moves through
+    linspace(-delta, delta, steps) around its value in pose (E, 4, 4) or (E, 16).
+
+    -> images (16, steps, H, W) (first channel); the PNG has a row per entry, a column per step.
+    """
+    pose = pose.reshape(decoder.classes, 16)
+    offsets = torch.linspace(-delta, delta, steps, dtype=pose.dtype)
+    grid = pose.expand(16, steps, -1, -1).clone()                           # (16, steps, E, 16)
+    entry = torch.arange(16)
+    grid[entry, :, label, entry] += offsets                                 # entry k moves in row k
+    labels = torch.full((16 * steps,), label, dtype=torch.long)
+    images = decoder(grid.reshape(16 * steps, decoder.classes, 16), labels)[:, 0]
+    images = images.reshape(16, steps, *images.shape[-2:]).numpy()
+    if out_png is not None:
+        plots.image_grid(out_png, images.reshape(16 * steps, *images.shape[-2:]), columns=steps, scale=2,
+                         labels=[f"({k // 4},{k % 4})" for k in range(16)])
+    return images
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Parse map
+
+def _conv_credit(parent_mass: Tensor, step: RoutingStep, child_act: Tensor, kernel: int, stride: int,
+                 grid: tuple[int, int, int]) -> Tensor:
+    """Hand a ConvCaps layer's per-capsule credit down to its children, for one image.
+
+    parent_mass (H', W', C); step.assignments (H'*W', C, K*K*B); child_act (1, H, W, B) -> (H, W, B).
+    A child's share of a parent is its assignment times its activation, normalised over the parent's
+    window: the weight of its vote in the parent's mean.
+    """
+    oh, ow, c = parent_mass.shape
+    a_in = extract_patches(child_act, kernel, stride).reshape(oh * ow, 1, -1)   # (H'*W', 1, K*K*B)
+    w = step.assignments.reshape(oh * ow, c, -1) * a_in
+    share = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
+    child = (parent_mass.reshape(oh * ow, c, 1) * share).sum(1)              # (H'*W', K*K*B)
+    child = child.view(oh, ow, kernel, kernel, -1)
+    out = torch.zeros(grid, dtype=child.dtype)
+    for ky in range(kernel):
+        for kx in range(kernel):
+            out[ky:ky + stride * (oh - 1) + 1:stride, kx:kx + stride * (ow - 1) + 1:stride] += child[:, :, ky, kx]
+    return out
+
+
+def parse_map(model: nn.Module, x: Tensor, out_png: str | Path | None = None, scale: int = 6) -> dict:
+    """Where in the image the evidence for the winning class comes from.
+
+    Approximation: credit 1 starts at the winning class capsule and flows down through the last EM
+    iteration of every capsule layer; a parent hands each child the child's share of its mean (assignment
+    times activation, normalised over the parent's inputs), so credit is conserved. The primary capsules'
+    credit, summed over types, is spread evenly over each one's 5x5 receptive field in the input.
+
+    x (C, H, W) -> {'winner': int, 'primary': (H1, W1) credit per primary position, 'heat': (H, W) credit
+    per pixel (sums to 1)}; the PNG overlays the heat in red on the first input channel.
+    """
+    model = _check_capsnet(model)
+    x = _one_image(x)
+    with _Eval(model):
+        layers = _layers(model, x, trace_conv=True)
+        winner = int(layers["out"].activation[0].argmax())
+        caps2 = layers["caps2"]
+        step = layers["trace_class"][-1]
+        w = step.assignments.reshape(model.config.classes, -1)[winner]
+        w = w * caps2.activation.reshape(-1)
+        mass2 = (w / w.sum().clamp_min(1e-12)).view(caps2.activation.shape[1:])       # (4, 4, D)
+        cc1, cc2 = model.conv_caps1, model.conv_caps2
+        mass1 = _conv_credit(mass2, layers["trace2"][-1], layers["caps1"].activation, cc2.kernel, cc2.stride,
+                             tuple(layers["caps1"].activation.shape[1:]))             # (6, 6, C)
+        mass0 = _conv_credit(mass1, layers["trace1"][-1], layers["primary"].activation, cc1.kernel, cc1.stride,
+                             tuple(layers["primary"].activation.shape[1:]))           # (14, 14, B)
+    primary = mass0.sum(-1)                                                 # (H1, W1)
+    k, s = model.conv1.kernel_size[0], model.conv1.stride[0]
+    heat = torch.zeros(x.shape[-2:], dtype=primary.dtype)
+    for ky in range(k):
+        for kx in range(k):
+            heat[ky:ky + s * (primary.shape[0] - 1) + 1:s, kx:kx + s * (primary.shape[1] - 1) + 1:s] += primary / (k * k)
+    result = {"winner": winner, "primary": primary.double().numpy(), "heat": heat.double().numpy()}
+    if out_png is not None:
+        _draw_overlay(out_png, x[0, 0].double().numpy(), result["heat"], scale)
+    return result
+
+
+def _draw_overlay(path: str | Path, image: np.ndarray, heat: np.ndarray, scale: int) -> Path:
+    """Grey image (H, W) with heat (H, W) blended in red, both enlarged `scale` times."""
+    grey = (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
+    h = heat / max(float(heat.max()), 1e-12)
+    rgb = np.repeat(grey[..., None], 3, axis=2) * (1 - 0.7 * h[..., None])
+    rgb[..., 0] += 0.7 * h
+    rgb = np.kron(np.clip(rgb, 0, 1), np.ones((scale, scale, 1)))
+    return plots.write_png(path, (rgb * 255).round().astype(np.uint8))

@@ -1,0 +1,68 @@
+"""Routing histograms, the pose decoder and its perturbation grid, and parse maps on a tiny capsule net."""
+
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from emcaps import viz
+from emcaps.models import create_model
+from emcaps.routing import RoutingConfig
+
+
+def _png_size(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
+    return struct.unpack(">II", data[16:24])                                # (width, height)
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return create_model("tiny", classes=5, routing=RoutingConfig(iterations=3))
+
+
+def test_routing_histograms(model, tmp_path):
+    x = torch.randn(1, 32, 32)
+    out = viz.routing_histograms(model, x, tmp_path / "hist.png", bins=10)
+    assert out["counts"].shape == (3, 5, 10) and out["edges"].shape == (11,) and out["mass"].shape == (3, 5)
+    # Every vote lands in a bin, so each panel's weights add up to the class's assignment mass.
+    np.testing.assert_allclose(out["counts"].sum(-1), out["mass"], rtol=1e-9, atol=1e-9)
+    assert (out["counts"] >= 0).all() and out["mass"].sum() > 0
+    w, h = _png_size(tmp_path / "hist.png")
+    assert w > 5 * 150 and h > 3 * 90
+    assert model.training
+
+
+def test_histograms_need_a_capsule_net():
+    with pytest.raises(ValueError, match="capsule network"):
+        viz.routing_histograms(create_model("cnn"), torch.randn(1, 32, 32))
+
+
+def test_decoder_and_perturbation_grid(model, tmp_path):
+    g = torch.Generator().manual_seed(1)
+    images, labels = torch.randn(12, 1, 32, 32, generator=g), torch.arange(12) % 5
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    decoder = viz.train_decoder(model, images, labels, steps=30)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    recon = decoder(viz.class_poses(model, images), labels)
+    assert recon.shape == images.shape
+    pose = viz.class_poses(model, images[:1])[0]
+    grid = viz.pose_perturbation_grid(decoder, pose, int(labels[0]), tmp_path / "grid.png", steps=5)
+    assert grid.shape == (16, 5, 32, 32)
+    # The middle column is the unperturbed pose; entries differ where they move.
+    np.testing.assert_allclose(grid[:, 2], np.broadcast_to(grid[0, 2], (16, 32, 32)), atol=1e-5)
+    assert not np.allclose(grid[:, 0], grid[:, 4])
+    w, h = _png_size(tmp_path / "grid.png")
+    assert w >= 5 * 64 and h >= 16 * 64
+
+
+def test_parse_map_conserves_credit(model, tmp_path):
+    out = viz.parse_map(model, torch.randn(1, 1, 32, 32), tmp_path / "parse.png", scale=3)
+    assert 0 <= out["winner"] < 5
+    assert out["primary"].shape == (14, 14) and out["heat"].shape == (32, 32)
+    assert (out["heat"] >= 0).all()
+    np.testing.assert_allclose(out["primary"].sum(), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(out["heat"].sum(), 1.0, rtol=1e-5)
+    assert _png_size(tmp_path / "parse.png") == (96, 96)

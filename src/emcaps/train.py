@@ -162,21 +162,10 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
 
 
 def _mnist_tensors(cfg: DataConfig, split: str) -> tuple[Tensor, Tensor]:
-    """uint8 images (N, 1, 28, 28) and labels (N,) from emcaps.data.mnist."""
-    try:
-        from emcaps.data import mnist
-    except ImportError:
-        raise FileNotFoundError("MNIST support (emcaps.data.mnist) is not installed in this version") from None
-    kwargs = {"root": cfg.root} if cfg.root else {}
-    data = mnist.MNIST(split=split, **kwargs)
-    if hasattr(data, "tensors"):
-        images, labels = data.tensors()
-    else:
-        images = torch.stack([torch.as_tensor(data[i][0]) for i in range(len(data))])
-        labels = torch.tensor([int(data[i][1]) for i in range(len(data))])
-    if images.dim() == 3:
-        images = images.unsqueeze(1)
-    return images, labels.long()
+    """uint8 images (N, 1, 28, 28) and labels (N,) from the MNIST files under data.root (or the cache)."""
+    from emcaps.data.mnist import MNIST
+
+    return MNIST(root=cfg.root or None, split=split).tensors()
 
 
 def epoch_order(n: int, generator: torch.Generator, rank: int, world: int, batch_size: int) -> list[Tensor]:
@@ -573,6 +562,8 @@ def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | Non
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_bytes(run_dir / "config.toml", config.to_toml().encode())
     device = resolve_device(config.train.device, dd.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)            # nccl and the default cuda stream follow this process's GPU
     if config.train.threads:
         torch.set_num_threads(config.train.threads)
     tc = config.train

@@ -1,0 +1,116 @@
+"""`emcaps experiment viewpoint|adversarial|ablation` and `emcaps report`: argument parsing only.
+
+`emcaps.cli` adds these through `add_experiment_parser` and `add_report_parser`. Mistakes a user can
+make raise ValueError with a message the CLI prints on one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def _common(p: argparse.ArgumentParser, name: str) -> None:
+    p.add_argument("--fast", action="store_true",
+                   help="tiny SynthNORB subset, 'tiny' capsules, a few steps: a smoke test in under a minute "
+                        "(after SynthNORB's one-off rendering)")
+    p.add_argument("--out", metavar="DIR", default=f"experiments/{name}", help=f"output directory "
+                   f"(default experiments/{name})")
+    p.add_argument("--data", choices=("synthnorb", "smallnorb"), default="synthnorb",
+                   help="synthnorb (rendered once into the data cache; default) or smallnorb (files under --root "
+                        "or the data cache)")
+    p.add_argument("--root", metavar="DIR", default="", help="data directory (default: the data cache)")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _finish(result: dict) -> int:
+    print(f"{result['experiment']}: results in {result['out_dir']}/results.md")
+    return 0
+
+
+def cmd_viewpoint(args: argparse.Namespace) -> int:
+    from emcaps.experiments.viewpoint import run_viewpoint
+
+    return _finish(run_viewpoint(args.split, args.out, fast=args.fast, dataset=args.data, root=args.root,
+                                 seed=args.seed, quiet=args.quiet))
+
+
+def _floats(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ValueError(f"--eps takes comma-separated numbers, got {text!r}") from None
+    if not values or any(v < 0 for v in values):
+        raise ValueError(f"--eps takes non-negative numbers, got {text!r}")
+    return values
+
+
+def cmd_adversarial(args: argparse.Namespace) -> int:
+    from emcaps.experiments.adversarial import run_adversarial
+
+    if bool(args.capsnet) != bool(args.cnn):
+        raise ValueError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
+    eps = _floats(args.eps) if args.eps else None
+    return _finish(run_adversarial(args.out, fast=args.fast, dataset=args.data, root=args.root, seed=args.seed,
+                                   capsnet=args.capsnet, cnn=args.cnn, eps=eps, quiet=args.quiet))
+
+
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from emcaps.experiments.ablation import run_ablation
+
+    only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
+    return _finish(run_ablation(args.out, fast=args.fast, dataset=args.data, root=args.root, seed=args.seed,
+                                only=only, quiet=args.quiet))
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from emcaps.experiments.report import write_report
+
+    paths = write_report(args.run_dirs, args.out)
+    print(json.dumps({k: str(v) for k, v in paths.items()}))
+    return 0
+
+
+def add_experiment_parser(sub) -> None:
+    p = sub.add_parser("experiment", help="reproduce the paper's experiments (viewpoint, adversarial, ablation)",
+                       description="Reproduce the paper's experiments. Each writes results.json, results.md "
+                                   "(tables in the paper's form) and PNG figures to --out.")
+    exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
+    exp.required = True
+
+    q = exp.add_parser("viewpoint", help="novel viewpoints (Table 2)", description=(
+        "Train the CNN and the capsule network on familiar viewpoints only; stop the capsule network when its "
+        "familiar-viewpoint error matches the CNN's; report both models' error on familiar and novel "
+        "viewpoints and per viewpoint."))
+    q.add_argument("--split", choices=("azimuth", "elevation"), default="azimuth",
+                   help="azimuth: train on 300..40 degrees; elevation: train on the 3 lowest (default azimuth)")
+    _common(q, "viewpoint")
+    q.set_defaults(func=cmd_viewpoint)
+
+    q = exp.add_parser("adversarial", help="FGSM and BIM attacks on both models (section 5)", description=(
+        "Attack the capsule network and the CNN with FGSM and BIM: accuracy vs eps (untargeted) and success "
+        "rate vs eps (targeted at a random wrong class). Trains both models unless given checkpoints."))
+    q.add_argument("--capsnet", metavar="CKPT", help="capsule network checkpoint (from `emcaps train`)")
+    q.add_argument("--cnn", metavar="CKPT", help="CNN checkpoint (from `emcaps train`)")
+    q.add_argument("--eps", metavar="E1,E2,...", help="perturbation sizes, in units of the standardised "
+                   "pixels (default 0,0.05,0.1,0.25,0.5; fast: 0,0.1,0.5)")
+    _common(q, "adversarial")
+    q.set_defaults(func=cmd_adversarial)
+
+    q = exp.add_parser("ablation", help="routing iterations, coordinate addition, loss (Table 1)", description=(
+        "Train capsule networks that differ in one thing: routing iterations 1/2/3/5, with or without "
+        "coordinate addition, spread vs margin vs cross-entropy loss; report their test error."))
+    q.add_argument("--only", metavar="GROUPS", help="comma-separated subset of iterations,coord,loss")
+    _common(q, "ablation")
+    q.set_defaults(func=cmd_ablation)
+
+
+def add_report_parser(sub) -> None:
+    p = sub.add_parser("report", help="gather experiment results into one Markdown (and HTML) page",
+                       description="Collect the results.md tables and PNG figures of run or experiment "
+                                   "directories into one Markdown page and a simple HTML page beside it.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", metavar="FILE.md", default="report.md", help="Markdown output (default report.md); "
+                   "the HTML page goes beside it")
+    p.set_defaults(func=cmd_report)

@@ -1,0 +1,106 @@
+"""Generalisation to novel viewpoints (the paper's section 4.1, Table 2).
+
+Protocol: train the CNN and the capsule network on the familiar viewpoints only (azimuths 300..40, or the
+3 lowest elevations). The CNN trains for its budget; the capsule network is stopped as soon as its error
+on the familiar test viewpoints is no worse than the CNN's (or at its own budget). Then both are tested
+on the novel viewpoints, and on every azimuth / elevation of the test set for the figure.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emcaps import plots
+from emcaps.data.smallnorb import ELEVATIONS_DEG, FAMILIAR_AZIMUTHS, FAMILIAR_ELEVATIONS
+from emcaps.experiments import common
+
+SPLITS = ("azimuth", "elevation")
+LABELS = {"cnn": "CNN", "capsules": "capsules"}
+
+
+def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
+    """True (N,) where an image's viewpoint is one of the familiar ones of `split`."""
+    if split == "azimuth":
+        return np.isin(meta["azimuth"], FAMILIAR_AZIMUTHS)
+    return np.isin(meta["elevation"], FAMILIAR_ELEVATIONS)
+
+
+def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fast: bool = False,
+                  dataset: str = "synthnorb", root: str = "", seed: int = 0, quiet: bool = True) -> dict[str, Any]:
+    """Run the protocol for one split; writes results.json, results.md and error-per-<split>.png in out_dir."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
+    cfg = common.settings(fast)
+    key = "train_azimuths" if split == "azimuth" else "train_elevations"
+    data_cfg = common.data_config(dataset, root, fast, **{key: "familiar"})
+    train = common.load(data_cfg, "train")
+    test = common.load(data_cfg, "test")                                     # every viewpoint
+    if "azimuth" not in test.meta:
+        raise ValueError(f"data set {dataset!r} has no viewpoint labels")
+    familiar = familiar_mask(split, test.meta)
+    if familiar.all() or not familiar.any():
+        raise ValueError(f"the {dataset} test set needs both familiar and novel {split}s for this experiment")
+
+    def evaluate(model) -> dict[str, Any]:
+        predicted = common.predict(model, test)
+        return {"predicted": predicted, "familiar_error": common.error(predicted, test.labels, familiar),
+                "novel_error": common.error(predicted, test.labels, ~familiar)}
+
+    say = (lambda text: None) if quiet else print
+    models: dict[str, dict[str, Any]] = {}
+    cnn = common.make_model("cnn", train)
+    fitted = common.fit(cnn, train, cfg["cnn"], seed=seed)
+    models["cnn"] = {**common.describe_model(cnn, "cnn"), **fitted, **evaluate(cnn)}
+    target = models["cnn"]["familiar_error"]
+    say(f"CNN: familiar {common.pct(target)}, novel {common.pct(models['cnn']['novel_error'])}")
+
+    caps = common.make_model(cfg["capsnet"], train)
+
+    def matched(model, step) -> bool:
+        return common.error(common.predict(model, test), test.labels, familiar) <= target
+
+    fitted = common.fit(caps, train, cfg["capsules"], seed=seed, check_every=cfg["check_every"], stop=matched)
+    models["capsules"] = {**common.describe_model(caps, cfg["capsnet"]), **fitted, **evaluate(caps)}
+    models["capsules"]["matched"] = bool(models["capsules"]["familiar_error"] <= target)
+    say(f"capsules: familiar {common.pct(models['capsules']['familiar_error'])}, "
+        f"novel {common.pct(models['capsules']['novel_error'])}")
+
+    values = np.unique(test.meta[split])
+    per_view = {"values": values.tolist(), "familiar": [bool(familiar_mask(split, {split: np.array([v])})[0])
+                                                        for v in values]}
+    for name, m in models.items():
+        per_view[name] = [common.error(m["predicted"], test.labels, test.meta[split] == v) for v in values]
+        del m["predicted"]
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    x = values if split == "azimuth" else np.array([ELEVATIONS_DEG[v] for v in values])
+    plots.line_plot(out / f"error-per-{split}.png",
+                    {LABELS[name]: (x, [100 * e for e in per_view[name]]) for name in models},
+                    title=f"TEST ERROR PER {split.upper()} (TRAINED ON FAMILIAR)",
+                    xlabel=f"{split} (degrees)", ylabel="error %", ylim=(0, 100))
+    results = {"experiment": "viewpoint", "split": split, "dataset": dataset, "fast": fast, "seed": seed,
+               "train_images": len(train), "test_images": len(test), "familiar_test_images": int(familiar.sum()),
+               "models": models, "per_view": per_view, "figures": [f"error-per-{split}.png"]}
+    return common.write_results(out, results, _markdown(results))
+
+
+def _markdown(r: dict[str, Any]) -> str:
+    m = r["models"]
+    rows = [[f"{LABELS[name]} ({m[name]['model']}, {m[name]['params']:,} params)", common.pct(m[name]["familiar_error"]),
+             common.pct(m[name]["novel_error"]), m[name]["steps"]] for name in ("cnn", "capsules")]
+    stop = ("matched the CNN's familiar error" if m["capsules"]["matched"]
+            else "did not match the CNN's familiar error within its budget")
+    return "\n".join([
+        f"# Novel viewpoints: {r['split']}", "",
+        f"Trained on the familiar {r['split']}s of {r['dataset']} ({r['train_images']} images); tested on "
+        f"{r['test_images']} test images, {r['familiar_test_images']} of them at familiar viewpoints"
+        f"{' (fast mode: a smoke test, not a result)' if r['fast'] else ''}.", "",
+        common.markdown_table(["model", "familiar error", "novel error", "steps"], rows), "",
+        f"The capsule network {stop} (paper, smallNORB {r['split']}: CNN "
+        f"{'20% / 3.7%' if r['split'] == 'azimuth' else '17.8% / 4.3%'}, capsules "
+        f"{'13.5% / 3.7%' if r['split'] == 'azimuth' else '12.3% / 4.3%'} novel / familiar).", "",
+        f"![error per {r['split']}](error-per-{r['split']}.png)",
+    ])

@@ -1,0 +1,66 @@
+"""The experiment commands end to end in fast mode, on a small smallNORB-format data set written here
+(class-dependent blobs at the tiny SynthNORB subset's viewpoints), so no rendering or download is needed."""
+
+import json
+import struct
+
+import numpy as np
+import pytest
+
+from emcaps import cli
+from emcaps.data.norb_format import write_norb
+from emcaps.data.smallnorb import SPLIT_FILES, TEST_INSTANCES, TRAIN_INSTANCES
+
+ELEVATIONS = (0, 4, 8)
+AZIMUTHS = (0, 3, 9, 15, 17)        # x 20 degrees: 0, 60, 180, 300, 340
+
+
+@pytest.fixture(scope="module")
+def norb(tmp_path_factory):
+    root = tmp_path_factory.mktemp("norb")
+    rng = np.random.default_rng(0)
+    for split, instances in (("train", TRAIN_INSTANCES[:2]), ("test", TEST_INSTANCES[:2])):
+        grid = np.meshgrid(np.arange(5), instances, ELEVATIONS, AZIMUTHS, indexing="ij")
+        cat, inst, elev, azim = (g.reshape(-1) for g in grid)
+        images = rng.integers(0, 60, (len(cat), 2, 32, 32)).astype(np.uint8)
+        for i, (c, a) in enumerate(zip(cat, azim)):
+            top, left = 4 + 5 * c, 6 + (a % 4)
+            images[i, :, top:top + 6, left:left + 12] = 230
+        info = np.stack([inst, elev, 2 * azim, np.zeros_like(cat)], 1).astype(np.int32)
+        names = SPLIT_FILES[split]
+        write_norb(root / names["dat"], images)
+        write_norb(root / names["cat"], cat.astype(np.int32))
+        write_norb(root / names["info"], info)
+    return root
+
+
+def _png_ok(path):
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    w, h = struct.unpack(">II", data[16:24])
+    assert w > 50 and h > 50
+
+
+def _run(args, capsys):
+    status = cli.main(args)
+    captured = capsys.readouterr()
+    assert status == 0, captured.err
+    return captured
+
+
+@pytest.mark.parametrize("split", ["azimuth", "elevation"])
+def test_viewpoint_fast(norb, tmp_path, capsys, split):
+    out = tmp_path / split
+    _run(["experiment", "viewpoint", "--split", split, "--fast", "--quiet", "--data", "smallnorb",
+          "--root", str(norb), "--out", str(out)], capsys)
+    results = json.loads((out / "results.json").read_text())
+    assert results["split"] == split and set(results["models"]) == {"cnn", "capsules"}
+    for m in results["models"].values():
+        assert 0 <= m["familiar_error"] <= 1 and 0 <= m["novel_error"] <= 1 and m["params"] > 0
+        assert 1 <= m["steps"] <= 8
+    values = results["per_view"]["values"]
+    assert len(values) == (5 if split == "azimuth" else 3)
+    assert all(0 <= e <= 1 for e in results["per_view"]["capsules"])
+    md = (out / "results.md").read_text()
+    assert "familiar error" in md and "| CNN" in md and "| capsules" in md
+    _png_ok(out / f"error-per-{split}.png")

@@ -64,3 +64,27 @@ def test_viewpoint_fast(norb, tmp_path, capsys, split):
     md = (out / "results.md").read_text()
     assert "familiar error" in md and "| CNN" in md and "| capsules" in md
     _png_ok(out / f"error-per-{split}.png")
+
+
+def test_adversarial_fast(norb, tmp_path, capsys):
+    out = tmp_path / "adv"
+    _run(["experiment", "adversarial", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
+          "--out", str(out)], capsys)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["curves"]) == {"fgsm", "bim"} and results["eps"] == [0.0, 0.5]
+    for method in results["curves"].values():
+        for kind in ("untargeted_accuracy", "targeted_success"):
+            assert set(method[kind]) == {"cnn", "capsules"}
+            assert all(0 <= v <= 1 and len(vals) == 2 for vals in method[kind].values() for v in vals)
+    # eps 0 leaves the images alone: FGSM and BIM agree on the clean accuracy.
+    for name in ("cnn", "capsules"):
+        assert results["curves"]["fgsm"]["untargeted_accuracy"][name][0] == \
+            results["curves"]["bim"]["untargeted_accuracy"][name][0]
+    for name in results["figures"]:
+        _png_ok(out / name)
+    assert "FGSM: untargeted accuracy" in (out / "results.md").read_text()
+
+
+def test_adversarial_needs_both_checkpoints(capsys):
+    assert cli.main(["experiment", "adversarial", "--capsnet", "x.pt"]) == 1
+    assert "give both --capsnet" in capsys.readouterr().err

@@ -88,3 +88,22 @@ def test_adversarial_fast(norb, tmp_path, capsys):
 def test_adversarial_needs_both_checkpoints(capsys):
     assert cli.main(["experiment", "adversarial", "--capsnet", "x.pt"]) == 1
     assert "give both --capsnet" in capsys.readouterr().err
+
+
+def test_ablation_fast(norb, tmp_path, capsys):
+    out = tmp_path / "abl"
+    _run(["experiment", "ablation", "--fast", "--quiet", "--only", "coord,loss", "--data", "smallnorb",
+          "--root", str(norb), "--out", str(out)], capsys)
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["groups"]) == {"coord", "loss"}
+    assert len(results["runs"]) == 4                    # the base is shared by both groups
+    for run in results["runs"].values():
+        assert 0 <= run["test_error"] <= 1 and run["steps"] == 4
+    md = (out / "results.md").read_text()
+    groups = [line.split("|")[1].strip() for line in md.splitlines() if line.startswith("| ")][1:]
+    assert groups == ["coord"] * 2 + ["loss"] * 3 and "cross-entropy" in md
+
+
+def test_ablation_rejects_unknown_groups(capsys):
+    assert cli.main(["experiment", "ablation", "--only", "iterations,pose"]) == 1
+    assert "unknown ablation group(s) pose" in capsys.readouterr().err

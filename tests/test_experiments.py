@@ -107,3 +107,32 @@ def test_ablation_fast(norb, tmp_path, capsys):
 def test_ablation_rejects_unknown_groups(capsys):
     assert cli.main(["experiment", "ablation", "--only", "iterations,pose"]) == 1
     assert "unknown ablation group(s) pose" in capsys.readouterr().err
+
+
+def test_report_gathers_tables_and_figures(tmp_path, capsys):
+    from emcaps.data.png import write_png
+
+    a, b = tmp_path / "runs" / "viewpoint", tmp_path / "runs" / "demo"
+    write_png(a / "error.png", np.zeros((60, 60), np.uint8))
+    (a / "results.md").write_text("# Novel viewpoints\n\n| model | error |\n|---|---|\n| CNN | 5.0% |\n\n"
+                                  "![error](error.png)\n")
+    write_png(b / "eval" / "confusion.png", np.zeros((60, 60), np.uint8))
+    out = tmp_path / "site" / "report.md"
+    _run(["report", str(a), str(b), "--out", str(out)], capsys)
+    md = out.read_text()
+    assert "## viewpoint" in md and "### Novel viewpoints" in md and "| CNN | 5.0% |" in md
+    assert "](../runs/viewpoint/error.png)" in md and "](../runs/demo/eval/confusion.png)" in md
+    page = out.with_suffix(".html").read_text()
+    assert "<table>" in page and "<th>model</th>" in page and '<img alt="error" src="../runs/viewpoint/error.png">' in page
+
+
+def test_report_errors(tmp_path, capsys):
+    assert cli.main(["report", str(tmp_path / "missing")]) == 1
+    assert "is not a directory" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path)]) == 1
+    assert "holds no results.md" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["experiment", "--help"])
+    assert exit_.value.code == 0
+    help_text = capsys.readouterr().out
+    assert all(name in help_text for name in ("viewpoint", "adversarial", "ablation"))

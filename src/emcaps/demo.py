@@ -31,7 +31,7 @@ DATA = {
 MODELS = {
     "full": {
         "capsules": ["model.name=small", "optim.lr=1e-2", "loss.margin_schedule=sigmoid", "train.batch_size=32",
-                     "train.epochs=2", "data.train_limit=1000"],
+                     "train.epochs=3", "data.train_limit=1000"],
         "cnn": ["model.name=cnn", "optim.lr=1e-3", "train.batch_size=32", "train.epochs=8"],
     },
     "quick": {
@@ -91,7 +91,7 @@ def run_demo(out_dir: str | Path = "demo-report", quick: bool = False, quiet: bo
 
     note(f"emcaps demo: SynthNORB ({first.data.synth_subset} subset, {first.data.synth_size} px), "
          f"rendered once into the user cache")
-    load_split(first.data, "train", seed=first.train.seed, progress=not quiet)
+    load_split(first.data, "train", seed=first.train.seed, progress=not quiet and sys.stderr.isatty())
     render_s = time.monotonic() - t0
     _montage(first, out)
 

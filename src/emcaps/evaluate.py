@@ -7,6 +7,7 @@ notebooks can use them on any model; `evaluate_run` is what `emcaps eval` calls.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -125,7 +126,7 @@ def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path
     model, config, state = model_from_checkpoint(ckpt, dev)
     if overrides:
         config = cfgmod.from_dict(config.to_dict(), overrides)
-    data = load_split(config.data, "test", seed=config.train.seed, progress=not quiet)
+    data = load_split(config.data, "test", seed=config.train.seed, progress=not quiet and sys.stderr.isatty())
     bs = batch_size or config.train.eval_batch_size
     if multi_crop:
         scores, labels = multi_crop_predict(model, data.images, data.labels, config.data.crop, batch_size=bs,

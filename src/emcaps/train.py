@@ -575,8 +575,8 @@ def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | Non
     random.seed(tc.seed)
     if dd.world > 1 and not dd.main:
         dist.barrier()                           # let rank 0 render / unpack data sets first
-    train_set = load_split(config.data, "train", seed=tc.seed, progress=show)
-    test_set = load_split(config.data, "test", seed=tc.seed, progress=show)
+    train_set = load_split(config.data, "train", seed=tc.seed, progress=show and sys.stderr.isatty())
+    test_set = load_split(config.data, "test", seed=tc.seed, progress=show and sys.stderr.isatty())
     if dd.world > 1 and dd.main:
         dist.barrier()
     in_channels = train_set.images.shape[1]

@@ -123,7 +123,8 @@ def test_report_gathers_tables_and_figures(tmp_path, capsys):
     assert "## viewpoint" in md and "### Novel viewpoints" in md and "| CNN | 5.0% |" in md
     assert "](../runs/viewpoint/error.png)" in md and "](../runs/demo/eval/confusion.png)" in md
     page = out.with_suffix(".html").read_text()
-    assert "<table>" in page and "<th>model</th>" in page and '<img alt="error" src="../runs/viewpoint/error.png">' in page
+    assert "<table>" in page and "<th>model</th>" in page
+    assert '<img alt="error" src="../runs/viewpoint/error.png">' in page
 
 
 def test_report_errors(tmp_path, capsys):

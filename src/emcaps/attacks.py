@@ -60,8 +60,8 @@ def _clamp(x: Tensor, clamp: tuple[float, float] | None) -> Tensor:
     return x if clamp is None else x.clamp(*clamp)
 
 
-def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, targeted: bool = False, target: Tensor | None = None,
-         clamp: tuple[float, float] | None = None) -> Tensor:
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, targeted: bool = False,
+         target: Tensor | None = None, clamp: tuple[float, float] | None = None) -> Tensor:
     """Fast gradient sign method (Goodfellow et al. 2015): x (N, C, H, W), y (N,) -> x_adv (N, C, H, W).
 
     Untargeted: x + eps * sign(grad loss(y)). Targeted: x - eps * sign(grad loss(target)).
@@ -79,7 +79,8 @@ def fgsm(model: nn.Module, x: Tensor, y: Tensor, eps: float, targeted: bool = Fa
 
 
 def bim(model: nn.Module, x: Tensor, y: Tensor, eps: float, steps: int = 10, step_size: float | None = None,
-        targeted: bool = False, target: Tensor | None = None, clamp: tuple[float, float] | None = None) -> Tensor:
+        targeted: bool = False, target: Tensor | None = None,
+        clamp: tuple[float, float] | None = None) -> Tensor:
     """Basic iterative method (Kurakin et al. 2017): `steps` FGSM steps of `step_size`, each projected back
     into the eps-ball around x. x (N, C, H, W), y (N,) -> x_adv (N, C, H, W).
 

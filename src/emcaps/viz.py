@@ -102,7 +102,8 @@ def _draw_histograms(path: str | Path, counts: np.ndarray, edges: np.ndarray, ac
     t_n, e_n, n_bins = counts.shape
     pw, ph, gap, left, top = 150, 90, 12, 70, 50
     img = plots.canvas(top + t_n * (ph + gap) + 30, left + e_n * (pw + gap) + 10)
-    plots.draw_text(img, img.shape[1] // 2, 6, "VOTE-TO-MEAN DISTANCE, WEIGHTED BY ASSIGNMENT", anchor="centre")
+    plots.draw_text(img, img.shape[1] // 2, 6, "VOTE-TO-MEAN DISTANCE, WEIGHTED BY ASSIGNMENT",
+                    anchor="centre")
     bar = pw / n_bins
     for t in range(t_n):
         y0 = top + t * (ph + gap)
@@ -115,7 +116,8 @@ def _draw_histograms(path: str | Path, counts: np.ndarray, edges: np.ndarray, ac
             for b in range(n_bins):
                 h = int(round(counts[t, e, b] / peak * (ph - 14)))
                 if h:
-                    img[y0 + ph - h:y0 + ph, int(x0 + b * bar):max(int(x0 + (b + 1) * bar) - 1, int(x0 + b * bar) + 1)] = colour
+                    c0 = int(x0 + b * bar)
+                    img[y0 + ph - h:y0 + ph, c0:max(int(x0 + (b + 1) * bar) - 1, c0 + 1)] = colour
             plots.draw_text(img, x0 + pw - 2, y0 + 2, f"a={act[t, e]:.2f}", scale=1, anchor="right")
     for e, name in enumerate(names):
         plots.draw_text(img, left + e * (pw + gap) + pw // 2, top - 18, str(name), anchor="centre")
@@ -130,7 +132,8 @@ class PoseDecoder(nn.Module):
     """MLP from class capsule poses (N, E, 16), all but the target class masked to zero, to an image
     (N, C, S, S): a window onto what the 16 pose entries of a class capsule encode."""
 
-    def __init__(self, classes: int, image_shape: tuple[int, int, int] = (1, 32, 32), hidden: int = 256) -> None:
+    def __init__(self, classes: int, image_shape: tuple[int, int, int] = (1, 32, 32),
+                 hidden: int = 256) -> None:
         super().__init__()
         self.classes, self.image_shape = classes, tuple(image_shape)
         self.net = nn.Sequential(nn.Linear(classes * 16, hidden), nn.ReLU(), nn.Linear(hidden, 2 * hidden),
@@ -212,7 +215,9 @@ def _conv_credit(parent_mass: Tensor, step: RoutingStep, child_act: Tensor, kern
     out = torch.zeros(grid, dtype=child.dtype)
     for ky in range(kernel):
         for kx in range(kernel):
-            out[ky:ky + stride * (oh - 1) + 1:stride, kx:kx + stride * (ow - 1) + 1:stride] += child[:, :, ky, kx]
+            rows = slice(ky, ky + stride * (oh - 1) + 1, stride)
+            cols = slice(kx, kx + stride * (ow - 1) + 1, stride)
+            out[rows, cols] += child[:, :, ky, kx]
     return out
 
 
@@ -240,14 +245,17 @@ def parse_map(model: nn.Module, x: Tensor, out_png: str | Path | None = None, sc
         cc1, cc2 = model.conv_caps1, model.conv_caps2
         mass1 = _conv_credit(mass2, layers["trace2"][-1], layers["caps1"].activation, cc2.kernel, cc2.stride,
                              tuple(layers["caps1"].activation.shape[1:]))             # (6, 6, C)
-        mass0 = _conv_credit(mass1, layers["trace1"][-1], layers["primary"].activation, cc1.kernel, cc1.stride,
+        mass0 = _conv_credit(mass1, layers["trace1"][-1], layers["primary"].activation, cc1.kernel,
+                             cc1.stride,
                              tuple(layers["primary"].activation.shape[1:]))           # (14, 14, B)
     primary = mass0.sum(-1)                                                 # (H1, W1)
     k, s = model.conv1.kernel_size[0], model.conv1.stride[0]
     heat = torch.zeros(x.shape[-2:], dtype=primary.dtype)
     for ky in range(k):
         for kx in range(k):
-            heat[ky:ky + s * (primary.shape[0] - 1) + 1:s, kx:kx + s * (primary.shape[1] - 1) + 1:s] += primary / (k * k)
+            rows = slice(ky, ky + s * (primary.shape[0] - 1) + 1, s)
+            cols = slice(kx, kx + s * (primary.shape[1] - 1) + 1, s)
+            heat[rows, cols] += primary / (k * k)
     result = {"winner": winner, "primary": primary.double().numpy(), "heat": heat.double().numpy()}
     if out_png is not None:
         _draw_overlay(out_png, x[0, 0].double().numpy(), result["heat"], scale)

@@ -46,8 +46,9 @@ def variants(only: Sequence[str] | None = None) -> dict[str, list[Variant]]:
     return {g: table[g] for g in GROUPS if g in chosen}
 
 
-def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: str = "synthnorb", root: str = "",
-                 seed: int = 0, only: Sequence[str] | None = None, quiet: bool = True) -> dict[str, Any]:
+def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: str = "synthnorb",
+                 root: str = "", seed: int = 0, only: Sequence[str] | None = None,
+                 quiet: bool = True) -> dict[str, Any]:
     """Train every distinct variant, test it; writes results.json, results.md and test-error.png."""
     groups = variants(only)
     cfg = common.settings(fast)
@@ -56,13 +57,13 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
     say = (lambda text: None) if quiet else print
     runs: dict[str, dict[str, Any]] = {}
     for v in dict.fromkeys(v for vs in groups.values() for v in vs):
-        model = common.make_model(cfg["capsnet"], train, routing=RoutingConfig(iterations=v.iterations, chunk=0,
-                                                                                recompute=False),
-                                  coord_add=v.coord_add)
+        routing = RoutingConfig(iterations=v.iterations, chunk=0, recompute=False)
+        model = common.make_model(cfg["capsnet"], train, routing=routing, coord_add=v.coord_add)
         fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed)
         err = common.error(common.predict(model, test), test.labels)
         paper = PAPER.get(v)
-        runs[v.key] = {"iterations": v.iterations, "coord_add": v.coord_add, "loss": v.loss, "test_error": err,
+        runs[v.key] = {"iterations": v.iterations, "coord_add": v.coord_add, "loss": v.loss,
+                       "test_error": err,
                        "paper_error": None if paper is None else paper / 100, **fitted,
                        **common.describe_model(model, cfg["capsnet"])}
         say(f"{v.key}: test error {common.pct(err)}")
@@ -76,9 +77,11 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
                          "paper": ([r["iterations"] for r in its], [100 * r["paper_error"] for r in its])},
                         title="TEST ERROR VS ROUTING ITERATIONS", xlabel="iterations", ylabel="error %")
         figures.append("error-vs-iterations.png")
-    results = {"experiment": "ablation", "dataset": dataset, "fast": fast, "seed": seed, "model": cfg["capsnet"],
+    results = {"experiment": "ablation", "dataset": dataset, "fast": fast, "seed": seed,
+               "model": cfg["capsnet"],
                "train_images": len(train), "test_images": len(test),
-               "groups": {g: [v.key for v in vs] for g, vs in groups.items()}, "runs": runs, "figures": figures}
+               "groups": {g: [v.key for v in vs] for g, vs in groups.items()}, "runs": runs,
+               "figures": figures}
     return common.write_results(out, results, _markdown(results))
 
 
@@ -87,13 +90,16 @@ def _markdown(r: dict[str, Any]) -> str:
     for group, keys in r["groups"].items():
         for key in keys:
             run = r["runs"][key]
-            rows.append([group, run["iterations"], run["loss"].replace("_", "-"), "yes" if run["coord_add"] else "no",
+            rows.append([group, run["iterations"], run["loss"].replace("_", "-"),
+                         "yes" if run["coord_add"] else "no",
                          common.pct(run["test_error"]), common.pct(run["paper_error"])])
     parts = [
         "# Ablation", "",
-        f"'{r['model']}' capsule networks on {r['dataset']} ({r['train_images']} training, {r['test_images']} test "
+        f"'{r['model']}' capsule networks on {r['dataset']} ({r['train_images']} training, "
+        f"{r['test_images']} test "
         f"images); one change from the base (3 iterations, spread loss, coordinate addition) per row"
-        f"{' (fast mode: a smoke test, not a result)' if r['fast'] else ''}. The paper's column is smallNORB.", "",
+        f"{' (fast mode: a smoke test, not a result)' if r['fast'] else ''}. "
+        "The paper's column is smallNORB.", "",
         common.markdown_table(["group", "routing iterations", "loss", "coordinate addition", "test error",
                                "paper"], rows)]
     parts += [f"\n![{name}]({name})" for name in r["figures"]]

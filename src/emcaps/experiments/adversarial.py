@@ -28,7 +28,8 @@ def _models(train, fast: bool, seed: int, capsnet: str | None, cnn: str | None) 
         loaded = {"capsules": model_from_checkpoint(capsnet)[0], "cnn": model_from_checkpoint(cnn)[0]}
         for name, want in (("capsules", "activation"), ("cnn", "logit")):
             if getattr(loaded[name], "score_kind", "logit") != want:
-                raise ValueError(f"--{'capsnet' if name == 'capsules' else 'cnn'} checkpoint holds the wrong kind "
+                flag = "capsnet" if name == "capsules" else "cnn"
+                raise ValueError(f"--{flag} checkpoint holds the wrong kind "
                                  f"of model ({type(loaded[name]).__name__})")
         return {name: {**common.describe_model(m, type(m).__name__), "source": path, "net": m}
                 for (name, m), path in zip(loaded.items(), (capsnet, cnn))}
@@ -42,7 +43,8 @@ def _models(train, fast: bool, seed: int, capsnet: str | None, cnn: str | None) 
 
 def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dataset: str = "synthnorb",
                     root: str = "", seed: int = 0, capsnet: str | None = None, cnn: str | None = None,
-                    eps: Sequence[float] | None = None, images: int | None = None, bim_steps: int | None = None,
+                    eps: Sequence[float] | None = None, images: int | None = None,
+                    bim_steps: int | None = None,
                     quiet: bool = True) -> dict[str, Any]:
     """Train (or load) both models, attack them, write results.json, results.md and four PNGs."""
     eps = list(eps if eps is not None else (FAST_EPS if fast else EPS))
@@ -60,7 +62,8 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
         curves[method] = {"untargeted_accuracy": {}, "targeted_success": {}}
         for name, m in models.items():
             net = m["net"]
-            curves[method]["untargeted_accuracy"][name] = attacks.accuracy_under_attack(net, (x, y), attack, eps)
+            curves[method]["untargeted_accuracy"][name] = attacks.accuracy_under_attack(
+                net, (x, y), attack, eps)
             curves[method]["targeted_success"][name] = attacks.targeted_success_rate(
                 net, (x, y), attack, eps, classes=test.classes, seed=seed)
             say(f"{method} {name}: accuracy {curves[method]['untargeted_accuracy'][name]}, "
@@ -81,7 +84,8 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     results = {"experiment": "adversarial", "dataset": dataset, "fast": fast, "seed": seed, "eps": eps,
                "attack_images": len(y), "bim_steps": bim_steps, "models": models, "curves": curves,
                "figures": figures,
-               "objective": {"cnn": "cross-entropy", "capsules": f"spread loss, margin {attacks.ATTACK_MARGIN}"}}
+               "objective": {"cnn": "cross-entropy",
+                             "capsules": f"spread loss, margin {attacks.ATTACK_MARGIN}"}}
     return common.write_results(out, results, _markdown(results))
 
 
@@ -93,7 +97,8 @@ def _markdown(r: dict[str, Any]) -> str:
              f"capsules ~55%.", ""]
     for method, c in r["curves"].items():
         header = ["model"] + [f"eps {e:g}" for e in r["eps"]]
-        for kind, title in (("untargeted_accuracy", "untargeted accuracy"), ("targeted_success", "targeted success rate")):
+        for kind, title in (("untargeted_accuracy", "untargeted accuracy"),
+                            ("targeted_success", "targeted success rate")):
             parts += [f"## {method.upper()}: {title}", "",
                       common.markdown_table(header, [[LABELS[k]] + [common.pct(v) for v in vals]
                                                      for k, vals in c[kind].items()]), "",

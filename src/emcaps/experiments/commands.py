@@ -17,8 +17,8 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--out", metavar="DIR", default=f"experiments/{name}", help=f"output directory "
                    f"(default experiments/{name})")
     p.add_argument("--data", choices=("synthnorb", "smallnorb"), default="synthnorb",
-                   help="synthnorb (rendered once into the data cache; default) or smallnorb (files under --root "
-                        "or the data cache)")
+                   help="synthnorb (rendered once into the data cache; default) or smallnorb "
+                        "(files under --root or the data cache)")
     p.add_argument("--root", metavar="DIR", default="", help="data directory (default: the data cache)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -52,7 +52,8 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
     if bool(args.capsnet) != bool(args.cnn):
         raise ValueError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
     eps = _floats(args.eps) if args.eps else None
-    return _finish(run_adversarial(args.out, fast=args.fast, dataset=args.data, root=args.root, seed=args.seed,
+    return _finish(run_adversarial(args.out, fast=args.fast, dataset=args.data, root=args.root,
+                                   seed=args.seed,
                                    capsnet=args.capsnet, cnn=args.cnn, eps=eps, quiet=args.quiet))
 
 
@@ -73,18 +74,21 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def add_experiment_parser(sub) -> None:
-    p = sub.add_parser("experiment", help="reproduce the paper's experiments (viewpoint, adversarial, ablation)",
+    p = sub.add_parser("experiment",
+                       help="reproduce the paper's experiments (viewpoint, adversarial, ablation)",
                        description="Reproduce the paper's experiments. Each writes results.json, results.md "
                                    "(tables in the paper's form) and PNG figures to --out.")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
     exp.required = True
 
     q = exp.add_parser("viewpoint", help="novel viewpoints (Table 2)", description=(
-        "Train the CNN and the capsule network on familiar viewpoints only; stop the capsule network when its "
+        "Train the CNN and the capsule network on familiar viewpoints only; stop the capsule network "
+        "when its "
         "familiar-viewpoint error matches the CNN's; report both models' error on familiar and novel "
         "viewpoints and per viewpoint."))
     q.add_argument("--split", choices=("azimuth", "elevation"), default="azimuth",
-                   help="azimuth: train on 300..40 degrees; elevation: train on the 3 lowest (default azimuth)")
+                   help="azimuth: train on 300..40 degrees; elevation: train on the 3 lowest "
+                        "(default azimuth)")
     _common(q, "viewpoint")
     q.set_defaults(func=cmd_viewpoint)
 
@@ -98,7 +102,8 @@ def add_experiment_parser(sub) -> None:
     _common(q, "adversarial")
     q.set_defaults(func=cmd_adversarial)
 
-    q = exp.add_parser("ablation", help="routing iterations, coordinate addition, loss (Table 1)", description=(
+    q = exp.add_parser("ablation", help="routing iterations, coordinate addition, loss (Table 1)",
+                       description=(
         "Train capsule networks that differ in one thing: routing iterations 1/2/3/5, with or without "
         "coordinate addition, spread vs margin vs cross-entropy loss; report their test error."))
     q.add_argument("--only", metavar="GROUPS", help="comma-separated subset of iterations,coord,loss")
@@ -111,6 +116,7 @@ def add_report_parser(sub) -> None:
                        description="Collect the results.md tables and PNG figures of run or experiment "
                                    "directories into one Markdown page and a simple HTML page beside it.")
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", metavar="FILE.md", default="report.md", help="Markdown output (default report.md); "
+    p.add_argument("--out", metavar="FILE.md", default="report.md",
+                   help="Markdown output (default report.md); "
                    "the HTML page goes beside it")
     p.set_defaults(func=cmd_report)

@@ -68,15 +68,17 @@ def make_model(name: str, data: ImageSet, routing: RoutingConfig | None = None,
     keeping its tensors for the backward pass is several times faster than the chunked default."""
     routing = routing or RoutingConfig(chunk=0, recompute=False)
     return create_model(name, classes=data.classes, in_channels=data.images.shape[1],
-                        routing=routing if name != "cnn" else None, coord_add=coord_add if name != "cnn" else None)
+                        routing=routing if name != "cnn" else None,
+                        coord_add=coord_add if name != "cnn" else None)
 
 
 def default_loss(model: nn.Module) -> str:
     return "cross_entropy" if getattr(model, "score_kind", "logit") == "logit" else "spread"
 
 
-def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: str | None = None, seed: int = 0,
-        check_every: int = 0, stop: Callable[[nn.Module, int], bool] | None = None) -> dict[str, Any]:
+def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: str | None = None,
+        seed: int = 0, check_every: int = 0,
+        stop: Callable[[nn.Module, int], bool] | None = None) -> dict[str, Any]:
     """Train on random crops (with brightness/contrast jitter) of data.images (N, C, S, S).
 
     The spread loss's margin rises linearly from 0.2 to 0.9 over the budget. Every `check_every` steps
@@ -100,11 +102,13 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
         value, step = float(out.detach()), step + 1
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at step {step} (loss {value})")
-        if stop is not None and check_every and step % check_every == 0 and step < budget.steps and stop(model, step):
+        due = stop is not None and check_every and step % check_every == 0 and step < budget.steps
+        if due and stop(model, step):
             early = True
             break
     model.eval()
-    return {"steps": step, "seconds": time.perf_counter() - start, "final_loss": value, "stopped_early": early}
+    return {"steps": step, "seconds": time.perf_counter() - start, "final_loss": value,
+            "stopped_early": early}
 
 
 @torch.no_grad()
@@ -112,8 +116,9 @@ def predict(model: nn.Module, data: ImageSet, crop: int = 32, batch_size: int = 
     """Predicted classes (N,) on the centre crops of data.images (N, C, S, S), in eval mode."""
     was_training = model.training
     model.eval()
-    out = torch.cat([model(center_crop(data.images[i:i + batch_size], crop)).argmax(1)
-                     for i in range(0, len(data), batch_size)]) if len(data) else torch.zeros(0, dtype=torch.long)
+    parts = [model(center_crop(data.images[i:i + batch_size], crop)).argmax(1)
+             for i in range(0, len(data), batch_size)]
+    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     model.train(was_training)
     return out
 
@@ -127,7 +132,8 @@ def error(predicted: Tensor, labels: Tensor, mask: np.ndarray | None = None) -> 
 
 
 def describe_model(model: nn.Module, name: str) -> dict[str, Any]:
-    return {"model": name, "params": count_parameters(model), "score_kind": getattr(model, "score_kind", "logit")}
+    return {"model": name, "params": count_parameters(model),
+            "score_kind": getattr(model, "score_kind", "logit")}
 
 
 def pct(value: float | None) -> str:

@@ -32,7 +32,8 @@ def _section(run: Path, page_dir: Path) -> str:
         return f"![{match.group(1)}]({Path(os.path.relpath(run / target, page_dir)).as_posix()})"
 
     body = _IMAGE.sub(rebase, re.sub(r"^(#+) ", r"##\1 ", text, flags=re.M)).strip()
-    extra = [p for p in sorted(run.glob("*.png")) + sorted(run.glob("eval/*.png")) if p.resolve() not in shown]
+    pngs = sorted(run.glob("*.png")) + sorted(run.glob("eval/*.png"))
+    extra = [p for p in pngs if p.resolve() not in shown]
     if not body and not extra:
         raise ValueError(f"{run} holds no results.md, report.md or PNG figures")
     parts = [f"## {run.name}", "", f"`{run}`", ""]

@@ -29,8 +29,9 @@ def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fast: bool = False,
-                  dataset: str = "synthnorb", root: str = "", seed: int = 0, quiet: bool = True) -> dict[str, Any]:
-    """Run the protocol for one split; writes results.json, results.md and error-per-<split>.png in out_dir."""
+                  dataset: str = "synthnorb", root: str = "", seed: int = 0,
+                  quiet: bool = True) -> dict[str, Any]:
+    """Run the protocol for one split; writes results.json, results.md and error-per-<split>.png."""
     if split not in SPLITS:
         raise ValueError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
     cfg = common.settings(fast)
@@ -82,14 +83,16 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
                     title=f"TEST ERROR PER {split.upper()} (TRAINED ON FAMILIAR)",
                     xlabel=f"{split} (degrees)", ylabel="error %", ylim=(0, 100))
     results = {"experiment": "viewpoint", "split": split, "dataset": dataset, "fast": fast, "seed": seed,
-               "train_images": len(train), "test_images": len(test), "familiar_test_images": int(familiar.sum()),
+               "train_images": len(train), "test_images": len(test),
+               "familiar_test_images": int(familiar.sum()),
                "models": models, "per_view": per_view, "figures": [f"error-per-{split}.png"]}
     return common.write_results(out, results, _markdown(results))
 
 
 def _markdown(r: dict[str, Any]) -> str:
     m = r["models"]
-    rows = [[f"{LABELS[name]} ({m[name]['model']}, {m[name]['params']:,} params)", common.pct(m[name]["familiar_error"]),
+    rows = [[f"{LABELS[name]} ({m[name]['model']}, {m[name]['params']:,} params)",
+             common.pct(m[name]["familiar_error"]),
              common.pct(m[name]["novel_error"]), m[name]["steps"]] for name in ("cnn", "capsules")]
     stop = ("matched the CNN's familiar error" if m["capsules"]["matched"]
             else "did not match the CNN's familiar error within its budget")

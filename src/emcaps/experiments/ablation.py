@@ -48,7 +48,7 @@ def variants(only: Sequence[str] | None = None) -> dict[str, list[Variant]]:
 
 def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: str = "synthnorb",
                  root: str = "", seed: int = 0, only: Sequence[str] | None = None,
-                 quiet: bool = True) -> dict[str, Any]:
+                 quiet: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Train every distinct variant, test it; writes results.json, results.md and test-error.png."""
     groups = variants(only)
     cfg = common.settings(fast)
@@ -58,7 +58,8 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
     runs: dict[str, dict[str, Any]] = {}
     for v in dict.fromkeys(v for vs in groups.values() for v in vs):
         routing = RoutingConfig(iterations=v.iterations, chunk=0, recompute=False)
-        model = common.make_model(cfg["capsnet"], train, routing=routing, coord_add=v.coord_add)
+        model = common.make_model(cfg["capsnet"], train, routing=routing, coord_add=v.coord_add,
+                                  device=common.device_of(device))
         fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed)
         err = common.error(common.predict(model, test), test.labels)
         paper = PAPER.get(v)

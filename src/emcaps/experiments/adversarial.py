@@ -21,11 +21,13 @@ FAST_EPS = (0.0, 0.5)
 LABELS = {"cnn": "CNN", "capsules": "capsules"}
 
 
-def _models(train, fast: bool, seed: int, capsnet: str | None, cnn: str | None) -> dict[str, dict[str, Any]]:
+def _models(train, fast: bool, seed: int, capsnet: str | None, cnn: str | None,
+            device) -> dict[str, dict[str, Any]]:
     """{'cnn': {...}, 'capsules': {...}} each with the model under 'net', trained here or loaded."""
     cfg = common.settings(fast)
     if capsnet and cnn:
-        loaded = {"capsules": model_from_checkpoint(capsnet)[0], "cnn": model_from_checkpoint(cnn)[0]}
+        loaded = {"capsules": model_from_checkpoint(capsnet, device)[0],
+                  "cnn": model_from_checkpoint(cnn, device)[0]}
         for name, want in (("capsules", "activation"), ("cnn", "logit")):
             if getattr(loaded[name], "score_kind", "logit") != want:
                 flag = "capsnet" if name == "capsules" else "cnn"
@@ -35,7 +37,7 @@ def _models(train, fast: bool, seed: int, capsnet: str | None, cnn: str | None) 
                 for (name, m), path in zip(loaded.items(), (capsnet, cnn))}
     out = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
-        model = common.make_model(arch, train)
+        model = common.make_model(arch, train, device=device)
         out[name] = {**common.describe_model(model, arch), **common.fit(model, train, cfg[name], seed=seed),
                      "source": "trained", "net": model}
     return out
@@ -45,7 +47,7 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
                     root: str = "", seed: int = 0, capsnet: str | None = None, cnn: str | None = None,
                     eps: Sequence[float] | None = None, images: int | None = None,
                     bim_steps: int | None = None,
-                    quiet: bool = True) -> dict[str, Any]:
+                    quiet: bool = True, device: str = "cpu") -> dict[str, Any]:
     """Train (or load) both models, attack them, write results.json, results.md and four PNGs."""
     eps = list(eps if eps is not None else (FAST_EPS if fast else EPS))
     images = images or (8 if fast else 500)
@@ -55,7 +57,7 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     test = common.load(data_cfg, "test")
     x, y = center_crop(test.images[:images], 32), test.labels[:images]
     say = (lambda text: None) if quiet else print
-    models = _models(train, fast, seed, capsnet, cnn)
+    models = _models(train, fast, seed, capsnet, cnn, common.device_of(device))
     methods = {"fgsm": attacks.fgsm, "bim": functools.partial(attacks.bim, steps=bim_steps)}
     curves: dict[str, dict[str, dict[str, list[float]]]] = {}
     for method, attack in methods.items():

@@ -21,6 +21,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
                         "(files under --root or the data cache)")
     p.add_argument("--root", metavar="DIR", default="", help="data directory (default: the data cache)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
 
 
@@ -33,7 +34,7 @@ def cmd_viewpoint(args: argparse.Namespace) -> int:
     from emcaps.experiments.viewpoint import run_viewpoint
 
     return _finish(run_viewpoint(args.split, args.out, fast=args.fast, dataset=args.data, root=args.root,
-                                 seed=args.seed, quiet=args.quiet))
+                                 seed=args.seed, quiet=args.quiet, device=args.device))
 
 
 def _floats(text: str) -> list[float]:
@@ -54,7 +55,8 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
     eps = _floats(args.eps) if args.eps else None
     return _finish(run_adversarial(args.out, fast=args.fast, dataset=args.data, root=args.root,
                                    seed=args.seed,
-                                   capsnet=args.capsnet, cnn=args.cnn, eps=eps, quiet=args.quiet))
+                                   capsnet=args.capsnet, cnn=args.cnn, eps=eps, quiet=args.quiet,
+                                   device=args.device))
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
@@ -62,7 +64,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     return _finish(run_ablation(args.out, fast=args.fast, dataset=args.data, root=args.root, seed=args.seed,
-                                only=only, quiet=args.quiet))
+                                only=only, quiet=args.quiet, device=args.device))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -48,6 +48,13 @@ def settings(fast: bool) -> dict[str, Any]:
     return FAST if fast else FULL
 
 
+def device_of(name: str) -> torch.device:
+    """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."""
+    from emcaps.train import resolve_device
+
+    return resolve_device(name)
+
+
 def data_config(dataset: str = "synthnorb", root: str = "", fast: bool = False, **views: str) -> DataConfig:
     """The data of an experiment: fast = the tiny SynthNORB subset at 32x32, else 48x48 with 32x32 crops.
     `views` are DataConfig viewpoint filters, e.g. train_azimuths='familiar'."""
@@ -62,14 +69,15 @@ def load(cfg: DataConfig, split: str) -> ImageSet:
     return load_split(cfg, split)
 
 
-def make_model(name: str, data: ImageSet, routing: RoutingConfig | None = None,
-               coord_add: bool | None = None) -> nn.Module:
+def make_model(name: str, data: ImageSet, routing: RoutingConfig | None = None, coord_add: bool | None = None,
+               device: torch.device | str = "cpu") -> nn.Module:
     """A model sized for `data` (classes, input channels). On a CPU, routing the whole batch at once and
     keeping its tensors for the backward pass is several times faster than the chunked default."""
     routing = routing or RoutingConfig(chunk=0, recompute=False)
-    return create_model(name, classes=data.classes, in_channels=data.images.shape[1],
-                        routing=routing if name != "cnn" else None,
-                        coord_add=coord_add if name != "cnn" else None)
+    model = create_model(name, classes=data.classes, in_channels=data.images.shape[1],
+                         routing=routing if name != "cnn" else None,
+                         coord_add=coord_add if name != "cnn" else None)
+    return model.to(device)
 
 
 def default_loss(model: nn.Module) -> str:
@@ -85,6 +93,7 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
     `stop(model, step)` may end training early. -> {'steps', 'seconds', 'final_loss', 'stopped_early'}.
     """
     loss = loss or default_loss(model)
+    device = next(model.parameters()).device
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
@@ -92,10 +101,10 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
     start, value, step, early = time.perf_counter(), math.nan, 0, False
     while step < budget.steps:
         idx = torch.randint(0, len(data), (min(budget.batch_size, len(data)),), generator=g)
-        x = train_augment(data.images[idx], crop, generator=g)
+        x = train_augment(data.images[idx], crop, generator=g).to(device)
         scores = model(x)                                                   # (B, E)
         margin = linear_margin(step, budget.steps)
-        out = compute_loss(loss, scores, data.labels[idx], margin)
+        out = compute_loss(loss, scores, data.labels[idx].to(device), margin)
         opt.zero_grad(set_to_none=True)
         out.backward()
         opt.step()
@@ -115,8 +124,9 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
 def predict(model: nn.Module, data: ImageSet, crop: int = 32, batch_size: int = 64) -> Tensor:
     """Predicted classes (N,) on the centre crops of data.images (N, C, S, S), in eval mode."""
     was_training = model.training
+    device = next(model.parameters()).device
     model.eval()
-    parts = [model(center_crop(data.images[i:i + batch_size], crop)).argmax(1)
+    parts = [model(center_crop(data.images[i:i + batch_size], crop).to(device)).argmax(1).cpu()
              for i in range(0, len(data), batch_size)]
     out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
     model.train(was_training)

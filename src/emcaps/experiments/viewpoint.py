@@ -29,12 +29,13 @@ def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fast: bool = False,
-                  dataset: str = "synthnorb", root: str = "", seed: int = 0,
-                  quiet: bool = True) -> dict[str, Any]:
+                  dataset: str = "synthnorb", root: str = "", seed: int = 0, quiet: bool = True,
+                  device: str = "cpu") -> dict[str, Any]:
     """Run the protocol for one split; writes results.json, results.md and error-per-<split>.png."""
     if split not in SPLITS:
         raise ValueError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
     cfg = common.settings(fast)
+    dev = common.device_of(device)
     key = "train_azimuths" if split == "azimuth" else "train_elevations"
     data_cfg = common.data_config(dataset, root, fast, **{key: "familiar"})
     train = common.load(data_cfg, "train")
@@ -52,13 +53,13 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
 
     say = (lambda text: None) if quiet else print
     models: dict[str, dict[str, Any]] = {}
-    cnn = common.make_model("cnn", train)
+    cnn = common.make_model("cnn", train, device=dev)
     fitted = common.fit(cnn, train, cfg["cnn"], seed=seed)
     models["cnn"] = {**common.describe_model(cnn, "cnn"), **fitted, **evaluate(cnn)}
     target = models["cnn"]["familiar_error"]
     say(f"CNN: familiar {common.pct(target)}, novel {common.pct(models['cnn']['novel_error'])}")
 
-    caps = common.make_model(cfg["capsnet"], train)
+    caps = common.make_model(cfg["capsnet"], train, device=dev)
 
     def matched(model, step) -> bool:
         return common.error(common.predict(model, test), test.labels, familiar) <= target

@@ -63,7 +63,9 @@ def test_viewpoint_fast(norb, tmp_path, capsys, split):
     assert all(0 <= e <= 1 for e in results["per_view"]["capsules"])
     md = (out / "results.md").read_text()
     assert "familiar error" in md and "| CNN" in md and "| capsules" in md
-    _png_ok(out / f"error-per-{split}.png")
+    for name in results["figures"]:
+        _png_ok(out / name)
+    assert "![parse map](parse-map.png)" in md
 
 
 def test_adversarial_fast(norb, tmp_path, capsys):

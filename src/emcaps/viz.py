@@ -84,11 +84,11 @@ def routing_histograms(model: nn.Module, x: Tensor, out_png: str | Path | None =
     mean = torch.stack([s.mean.reshape(1, votes.shape[1], 16) for s in steps])[:, 0]      # (T, E, 16)
     weight = torch.stack([s.assignments.reshape(votes.shape[:3]) for s in steps])[:, 0]   # (T, E, I)
     dist = (votes[0].unsqueeze(0) - mean.unsqueeze(2)).norm(dim=-1)        # (T, E, I)
-    d, w = dist.double().numpy(), weight.double().numpy()
+    d, w = dist.double().cpu().numpy(), weight.double().cpu().numpy()
     edges = np.linspace(0.0, max(float(d.max()), 1e-12) * (1 + 1e-9), bins + 1)
     counts = np.stack([np.stack([np.histogram(d[t, e], edges, weights=w[t, e])[0] for e in range(d.shape[1])])
                        for t in range(d.shape[0])])                         # (T, E, bins)
-    act = torch.stack([s.activation.reshape(-1) for s in steps]).double().numpy()
+    act = torch.stack([s.activation.reshape(-1) for s in steps]).double().cpu().numpy()
     result = {"counts": counts, "edges": edges, "mass": w.sum(-1), "activation": act}
     if out_png is not None:
         names = list(class_names) if class_names is not None else [f"class {e}" for e in range(d.shape[1])]
@@ -148,10 +148,11 @@ class PoseDecoder(nn.Module):
 
 @torch.no_grad()
 def class_poses(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
-    """Class capsule poses (N, E, 16) of images (N, C, H, W), in eval mode."""
+    """Class capsule poses (N, E, 16) of images (N, C, H, W), in eval mode, on the cpu."""
     model = _check_capsnet(model)
+    device = next(model.parameters()).device
     with _Eval(model):
-        return torch.cat([model.capsules(images[i:i + batch_size]).pose.flatten(2)
+        return torch.cat([model.capsules(images[i:i + batch_size].to(device)).pose.flatten(2).cpu()
                           for i in range(0, len(images), batch_size)])
 
 
@@ -162,6 +163,7 @@ def train_decoder(model: nn.Module, images: Tensor, labels: Tensor, steps: int =
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     poses = class_poses(model, images)                                      # (N, E, 16)
+    images, labels = images.cpu(), labels.cpu()
     decoder = PoseDecoder(poses.shape[1], tuple(images.shape[1:]))
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     for _ in range(steps):
@@ -181,14 +183,14 @@ def pose_perturbation_grid(decoder: PoseDecoder, pose: Tensor, label: int, out_p
 
     -> images (16, steps, H, W) (first channel); the PNG has a row per entry, a column per step.
     """
-    pose = pose.reshape(decoder.classes, 16)
-    offsets = torch.linspace(-delta, delta, steps, dtype=pose.dtype)
+    pose = pose.reshape(decoder.classes, 16).to(next(decoder.parameters()).device)
+    offsets = torch.linspace(-delta, delta, steps, dtype=pose.dtype, device=pose.device)
     grid = pose.expand(16, steps, -1, -1).clone()                           # (16, steps, E, 16)
-    entry = torch.arange(16)
+    entry = torch.arange(16, device=pose.device)
     grid[entry, :, label, entry] += offsets                                 # entry k moves in row k
-    labels = torch.full((16 * steps,), label, dtype=torch.long)
+    labels = torch.full((16 * steps,), label, dtype=torch.long, device=pose.device)
     images = decoder(grid.reshape(16 * steps, decoder.classes, 16), labels)[:, 0]
-    images = images.reshape(16, steps, *images.shape[-2:]).numpy()
+    images = images.reshape(16, steps, *images.shape[-2:]).cpu().numpy()
     if out_png is not None:
         plots.image_grid(out_png, images.reshape(16 * steps, *images.shape[-2:]), columns=steps, scale=2,
                          labels=[f"({k // 4},{k % 4})" for k in range(16)])
@@ -212,7 +214,7 @@ def _conv_credit(parent_mass: Tensor, step: RoutingStep, child_act: Tensor, kern
     share = w / w.sum(-1, keepdim=True).clamp_min(1e-12)
     child = (parent_mass.reshape(oh * ow, c, 1) * share).sum(1)              # (H'*W', K*K*B)
     child = child.view(oh, ow, kernel, kernel, -1)
-    out = torch.zeros(grid, dtype=child.dtype)
+    out = torch.zeros(grid, dtype=child.dtype, device=child.device)
     for ky in range(kernel):
         for kx in range(kernel):
             rows = slice(ky, ky + stride * (oh - 1) + 1, stride)
@@ -250,15 +252,16 @@ def parse_map(model: nn.Module, x: Tensor, out_png: str | Path | None = None, sc
                              tuple(layers["primary"].activation.shape[1:]))           # (14, 14, B)
     primary = mass0.sum(-1)                                                 # (H1, W1)
     k, s = model.conv1.kernel_size[0], model.conv1.stride[0]
-    heat = torch.zeros(x.shape[-2:], dtype=primary.dtype)
+    heat = torch.zeros(x.shape[-2:], dtype=primary.dtype, device=primary.device)
     for ky in range(k):
         for kx in range(k):
             rows = slice(ky, ky + s * (primary.shape[0] - 1) + 1, s)
             cols = slice(kx, kx + s * (primary.shape[1] - 1) + 1, s)
             heat[rows, cols] += primary / (k * k)
-    result = {"winner": winner, "primary": primary.double().numpy(), "heat": heat.double().numpy()}
+    result = {"winner": winner, "primary": primary.double().cpu().numpy(),
+              "heat": heat.double().cpu().numpy()}
     if out_png is not None:
-        _draw_overlay(out_png, x[0, 0].double().numpy(), result["heat"], scale)
+        _draw_overlay(out_png, x[0, 0].double().cpu().numpy(), result["heat"], scale)
     return result
 
 

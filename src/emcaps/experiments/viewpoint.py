@@ -13,8 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from emcaps import plots
+from emcaps import plots, viz
 from emcaps.data.smallnorb import ELEVATIONS_DEG, FAMILIAR_AZIMUTHS, FAMILIAR_ELEVATIONS
+from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
 
 SPLITS = ("azimuth", "elevation")
@@ -83,10 +84,16 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
                     {LABELS[name]: (x, [100 * e for e in per_view[name]]) for name in models},
                     title=f"TEST ERROR PER {split.upper()} (TRAINED ON FAMILIAR)",
                     xlabel=f"{split} (degrees)", ylabel="error %", ylim=(0, 100))
+    # What the capsule network does with one novel-viewpoint test image.
+    novel = int(np.flatnonzero(~familiar)[0])
+    image = center_crop(test.images[novel:novel + 1], 32).to(dev)                # (1, C, 32, 32)
+    viz.routing_histograms(caps, image, out / "routing-histograms.png", class_names=test.class_names)
+    viz.parse_map(caps, image, out / "parse-map.png")
     results = {"experiment": "viewpoint", "split": split, "dataset": dataset, "fast": fast, "seed": seed,
                "train_images": len(train), "test_images": len(test),
                "familiar_test_images": int(familiar.sum()),
-               "models": models, "per_view": per_view, "figures": [f"error-per-{split}.png"]}
+               "models": models, "per_view": per_view,
+               "figures": [f"error-per-{split}.png", "routing-histograms.png", "parse-map.png"]}
     return common.write_results(out, results, _markdown(results))
 
 
@@ -106,5 +113,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f"The capsule network {stop} (paper, smallNORB {r['split']}: CNN "
         f"{'20% / 3.7%' if r['split'] == 'azimuth' else '17.8% / 4.3%'}, capsules "
         f"{'13.5% / 3.7%' if r['split'] == 'azimuth' else '12.3% / 4.3%'} novel / familiar).", "",
-        f"![error per {r['split']}](error-per-{r['split']}.png)",
+        f"![error per {r['split']}](error-per-{r['split']}.png)", "",
+        "The capsule network on one novel-viewpoint test image: distances from the class layer's votes to "
+        "each class capsule's mean after each routing iteration, weighted by assignment; and where the "
+        "evidence for its winning class comes from.", "",
+        "![routing histograms](routing-histograms.png)", "", "![parse map](parse-map.png)",
     ])

@@ -161,7 +161,7 @@ def test_chunked_recomputed_routing_equals_whole_batch():
 
     x = torch.randn(5, 1, 32, 32, dtype=torch.float64)
     results = []
-    for chunk, recompute in [(0, False), (2, True), (3, False)]:
+    for chunk, recompute in [(100, False), (2, True), (3, False), (0, True)]:
         torch.manual_seed(0)
         model = create_model("tiny", routing=RoutingConfig(final_lambda=1.0, chunk=chunk, recompute=recompute))
         model = model.double()

@@ -292,3 +292,12 @@ def test_compiled_kernel_matches_dense():
     cg = torch.autograd.grad((cpose.sum() + ca.sum()), (votes, act, bu, ba))
     for x, y in zip(cg, g):
         torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-7)
+
+
+def test_images_per_chunk():
+    assert RoutingConfig(chunk_mb=1).images_per_chunk(32, 300_000) == 3
+    assert RoutingConfig(chunk_mb=1).images_per_chunk(2, 300_000) == 2
+    assert RoutingConfig(chunk_mb=1).images_per_chunk(32, 5_000_000) == 1
+    assert RoutingConfig(chunk=5).images_per_chunk(32, 5_000_000) == 5
+    with pytest.raises(ValueError, match="chunk"):
+        RoutingConfig(chunk=-1)

@@ -36,7 +36,7 @@ def _transform(poses: Tensor, weight: Tensor) -> Tensor:
 
 
 def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, routing: RoutingConfig,
-                     trace: list[RoutingStep] | None) -> tuple[Tensor, Tensor]:
+                     trace: list[RoutingStep] | None, votes_per_image: int) -> tuple[Tensor, Tensor]:
     """Run `route(pose, activation)` on chunks of images and concatenate the results.
 
     Images route independently, so chunking changes nothing but the working set. When training with
@@ -46,7 +46,7 @@ def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules
     n = caps.pose.shape[0]
     if trace is not None:
         return route(caps.pose, caps.activation, trace)
-    step = routing.chunk or n
+    step = routing.images_per_chunk(n, votes_per_image * caps.pose.element_size())
     save_all = not (routing.recompute and torch.is_grad_enabled())
     parts = [route(caps.pose[s:s + step], caps.activation[s:s + step]) if save_all
              else checkpoint(route, caps.pose[s:s + step], caps.activation[s:s + step], use_reentrant=False)
@@ -132,7 +132,10 @@ class ConvCaps(nn.Module):
         return pose.view(n, oh, ow, self.out_types, 4, 4), act.view(n, oh, ow, self.out_types)
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
-        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace))
+        h, w = caps.pose.shape[1:3]
+        positions = ((h - self.kernel) // self.stride + 1) * ((w - self.kernel) // self.stride + 1)
+        per_image = max(positions, 1) * self.out_types * self.kernel ** 2 * self.in_types * 16
+        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image))
 
 
 class ClassCaps(nn.Module):
@@ -178,7 +181,8 @@ class ClassCaps(nn.Module):
         return pose.view(n, self.classes, 4, 4), act
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
-        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace))
+        per_image = caps.pose[0, ..., 0, 0].numel() * self.classes * 16 if caps.pose.shape[0] else 0
+        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image))
 
 
 def coordinate_offsets(height: int, width: int, dtype: torch.dtype = torch.float32,

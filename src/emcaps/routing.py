@@ -51,8 +51,11 @@ class RoutingConfig:
                       it feeds (all positions and types), not over the types at each position.
 
     How it runs (the result does not depend on these):
-    chunk:            route this many images at a time (0: the whole batch at once). Small chunks keep
-                      the votes of one chunk in cache and let the allocator reuse the same blocks.
+    chunk:            route this many images at a time; 0 (default) picks as many as keep one chunk's
+                      votes under `chunk_mb`. Small chunks keep the working set in cache and below
+                      glibc's mmap threshold (32 MB at most), so the allocator reuses the same blocks
+                      instead of mapping and zero-filling fresh pages every step.
+    chunk_mb:         the votes budget of an automatic chunk, in MB.
     recompute:        when training, keep only each layer's inputs and recompute votes and routing in
                       the backward pass, chunk by chunk, instead of storing every iteration's tensors.
     compile:          route with a torch.compile'd kernel (fused loops, no votes-sized temporaries);
@@ -65,7 +68,8 @@ class RoutingConfig:
     var_floor: float = DEFAULT_VAR_FLOOR
     normalize_cost: bool = False
     compete_positions: bool = True
-    chunk: int = 4
+    chunk: int = 0
+    chunk_mb: float = 12.0
     recompute: bool = True
     compile: bool = False
 
@@ -80,6 +84,12 @@ class RoutingConfig:
             raise ValueError(f"final_lambda must be > 0, got {self.final_lambda}")
         if not self.var_floor > 0:
             raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
+
+    def images_per_chunk(self, batch: int, votes_bytes_per_image: int) -> int:
+        """How many images of a batch to route at once."""
+        if self.chunk > 0:
+            return self.chunk
+        return max(1, min(batch, int(self.chunk_mb * 2**20 // max(votes_bytes_per_image, 1))))
 
     @property
     def inverse_temperatures(self) -> list[float]:

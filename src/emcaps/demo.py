@@ -31,7 +31,7 @@ DATA = {
 MODELS = {
     "full": {
         "capsules": ["model.name=small", "optim.lr=1e-2", "loss.margin_schedule=sigmoid", "train.batch_size=32",
-                     "train.epochs=3", "data.train_limit=1000"],
+                     "train.epochs=2", "data.train_limit=1000"],
         "cnn": ["model.name=cnn", "optim.lr=1e-3", "train.batch_size=32", "train.epochs=8"],
     },
     "quick": {

@@ -27,7 +27,6 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emcaps import config as cfgmod
@@ -291,11 +290,17 @@ def first_nonfinite_module(model: nn.Module, x: Tensor) -> str | None:
     """Run the model once more with hooks; the first module (in call order) whose output is non-finite."""
     found: list[str] = []
 
+    def tensors(output: Any) -> list[Tensor]:
+        if isinstance(output, Tensor):
+            return [output]
+        try:                                      # tuples, Capsules(pose, activation)
+            return [t for t in output if isinstance(t, Tensor)]
+        except TypeError:
+            return []
+
     def hook(name: str):
         def check(_module, _inputs, output) -> None:
-            tensors = [output] if isinstance(output, Tensor) else [t for t in getattr(output, "__iter__", lambda: [])()
-                                                                      if isinstance(t, Tensor)]
-            if not found and any(not torch.isfinite(t).all() for t in tensors):
+            if not found and any(not torch.isfinite(t).all() for t in tensors(output)):
                 found.append(name or "(model)")
         return check
 

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from emcaps import config as cfgmod
 from emcaps.config import ConfigError, DataConfig, LossConfig, OptimConfig, RunConfig
+from emcaps.data.download import fsync_dir
 from emcaps.data.transforms import center_crop, preprocess, train_augment
 from emcaps.losses import LOSSES, linear_margin, sigmoid_margin
 from emcaps.models import count_parameters, create_model
@@ -330,18 +331,6 @@ def diagnose(model: nn.Module, x: Tensor) -> str:
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write a file so that a crash at any moment leaves either the old file or the new one, whole."""
@@ -356,7 +345,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
-    _fsync_dir(path.parent)
+    fsync_dir(path.parent)
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:

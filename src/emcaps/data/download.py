@@ -45,7 +45,8 @@ def sha256_of(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def _fsync_dir(directory: Path) -> None:
+def fsync_dir(directory: Path) -> None:
+    """Make a rename inside `directory` durable (best effort: some file systems refuse)."""
     try:
         fd = os.open(directory, os.O_RDONLY)
     except OSError:
@@ -151,7 +152,7 @@ def fetch(url: str, dest: str | os.PathLike, *, size: int | None = None, sha256:
     with open(part, "rb+") as handle:
         os.fsync(handle.fileno())
     os.replace(part, dest)
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
     return dest
 
 

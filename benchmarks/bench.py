@@ -25,7 +25,10 @@ from typing import Callable
 
 PRESETS = ("paper", "small", "routing")
 MODES = ("train", "infer")
-IMPLS = ("emcaps", "emcaps-compile", "reference")
+# emcaps: its default (native kernels where they build); emcaps-torch: routing with PyTorch ops only;
+# emcaps-compile: the torch.compile'd routing kernel; reference: the public-style network in reference.py.
+IMPLS = ("emcaps", "emcaps-torch", "emcaps-compile", "reference")
+BACKEND = {"emcaps": "auto", "emcaps-torch": "torch", "emcaps-compile": "compile"}
 KEEP_FREED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 # Peak RSS of the reference per byte of its votes tensors (all routed layers), measured at batch 4 and
 # rounded up (see README.md); used to pick a batch that keeps the reference under the memory budget.
@@ -51,12 +54,12 @@ class Spec:
 # The workloads (built in the child; also used by profile_routing.py)
 
 
-def routing_config(match_reference: bool, compiled: bool = False):
-    """emcaps' default routing (or the per-position routing the reference computes), eager or with the
-    torch.compile'd routing kernel (impl emcaps-compile)."""
+def routing_config(match_reference: bool, impl: str = "emcaps"):
+    """emcaps' default routing (or the per-position routing the reference computes), with the routing
+    backend of `impl` (see IMPLS)."""
     from emcaps.routing import RoutingConfig
 
-    return RoutingConfig(compete_positions=not match_reference, compile=compiled)
+    return RoutingConfig(compete_positions=not match_reference, backend=BACKEND.get(impl, "auto"))
 
 
 def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
@@ -72,7 +75,7 @@ def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
 
     torch.manual_seed(spec.seed)
     model = create_model("paper" if spec.preset == "routing" else spec.preset,
-                         routing=routing_config(spec.match_reference, spec.impl == "emcaps-compile"))
+                         routing=routing_config(spec.match_reference, spec.impl))
     n = spec.batch
 
     if spec.preset == "routing":
@@ -290,7 +293,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", action="store_true", help="print one JSON list of records instead of a table")
     p.add_argument("--presets", default=",".join(PRESETS), help="comma list of paper, small, routing")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of train, infer")
-    p.add_argument("--impl", default="emcaps,reference", help="comma list of emcaps, reference")
+    p.add_argument("--impl", default="emcaps,reference",
+                   help="comma list of emcaps, emcaps-torch, emcaps-compile, reference")
     p.add_argument("--compile", action="store_true",
                    help="add emcaps with its torch.compile'd routing kernel (impl emcaps-compile)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 32; 4 with --quick)")

@@ -26,7 +26,7 @@ from bench import IMPLS, MODES, PRESETS, Spec, build_step
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="paper", choices=PRESETS)
-    p.add_argument("--impl", default="emcaps", choices=[i for i in IMPLS if i != "emcaps-compile"])
+    p.add_argument("--impl", default="emcaps", choices=IMPLS)
     p.add_argument("--mode", default="train", choices=MODES)
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--threads", type=int, default=None)

@@ -6,9 +6,13 @@ import torch
 
 from emcaps.capsules import Capsules
 from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps, coordinate_offsets
+from emcaps.native_routing import native_available
 from emcaps.routing import RoutingConfig, em_routing
 
 R = RoutingConfig(final_lambda=1.0)
+# Capsule convolutions route with PyTorch ops or with the native kernels; both must compute the same thing.
+BACKENDS = ["torch", pytest.param("native", marks=pytest.mark.skipif(
+    not native_available(torch.device("cpu")), reason="no C++ compiler for the native kernels"))]
 
 
 def random_caps(n=2, h=5, w=5, types=3, seed=0, dtype=torch.float64):
@@ -49,8 +53,9 @@ def test_conv_caps_votes_are_pose_times_transform():
         torch.testing.assert_close(a_in[:, y, x, ky, kx, bi], caps.activation[:, y * s + ky, x * s + kx, bi])
 
 
-def test_conv_caps_without_competition_is_dense_routing_per_position():
-    layer = conv_layer(3, 4, 3, 1, compete_positions=False)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_conv_caps_without_competition_is_dense_routing_per_position(backend):
+    layer = conv_layer(3, 4, 3, 1, compete_positions=False, backend=backend)
     caps = random_caps(h=5, w=5, types=3)
     out = layer(caps)
     votes, a_in = layer.votes(caps)
@@ -59,10 +64,11 @@ def test_conv_caps_without_competition_is_dense_routing_per_position():
     torch.testing.assert_close(out.activation.reshape(act.shape), act, atol=1e-9, rtol=1e-9)
 
 
-@pytest.mark.parametrize("k,s,h", [(3, 1, 5), (3, 2, 7)])
-def test_conv_caps_with_competition_is_dense_routing_over_the_grid(k, s, h):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("k,s,h", [(3, 1, 5), (3, 2, 7), (2, 1, 4)])
+def test_conv_caps_with_competition_is_dense_routing_over_the_grid(k, s, h, backend):
     b, c, n = 2, 3, 2
-    layer = conv_layer(b, c, k, s)
+    layer = conv_layer(b, c, k, s, backend=backend)
     caps = random_caps(n=n, h=h, w=h, types=b, seed=4)
     out = layer(caps)
     oh = (h - k) // s + 1
@@ -146,13 +152,22 @@ def test_layer_bad_inputs():
         ClassCaps(5, 3)(random_caps(types=3, dtype=torch.float32))
 
 
-def test_layers_gradcheck():
-    layer = conv_layer(2, 2, 2, 1)
+@pytest.mark.parametrize("compete", [True, False])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layers_gradcheck(backend, compete):
+    layer = conv_layer(2, 2, 2, 1, backend=backend, compete_positions=compete)
     layer.weight.data.mul_(0.5)
     caps = random_caps(n=1, h=3, w=3, types=2)
     pose = caps.pose.clone().requires_grad_(True)
     act = caps.activation.clone().requires_grad_(True)
     assert torch.autograd.gradcheck(lambda p, a: tuple(layer(Capsules(p, a))), (pose, act))
+    # ... and with respect to the parameters (transforms, beta_u, beta_a), through every iteration.
+    names = ("weight", "beta_u", "beta_a")
+
+    def with_params(*params):
+        return tuple(torch.func.functional_call(layer, dict(zip(names, params)), (caps,)))
+    params = [getattr(layer, n).detach().clone().requires_grad_(True) for n in names]
+    assert torch.autograd.gradcheck(with_params, params)
 
 
 def test_chunked_recomputed_routing_equals_whole_batch():
@@ -174,15 +189,16 @@ def test_chunked_recomputed_routing_equals_whole_batch():
             torch.testing.assert_close(g, g0)
 
 
-def test_compiled_routing_in_layers_matches_eager():
-    """ConvCaps (positions competing) and ClassCaps give the same outputs and gradients compiled."""
+@pytest.mark.parametrize("backend", ["compile", *BACKENDS[1:]])
+def test_routing_backends_in_layers_match_torch(backend):
+    """ConvCaps (positions competing) and ClassCaps give the same outputs and gradients on every backend."""
     from emcaps.models import create_model
 
     x = torch.randn(3, 1, 32, 32, dtype=torch.float64)
     results = []
-    for compile_ in (False, True):
+    for be in ("torch", backend):
         torch.manual_seed(0)
-        model = create_model("tiny", routing=RoutingConfig(final_lambda=1.0, compile=compile_)).double()
+        model = create_model("tiny", routing=RoutingConfig(final_lambda=1.0, backend=be)).double()
         out = model(x)
         out.pow(2).sum().backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))

@@ -280,12 +280,12 @@ def test_competition_assignments_sum_to_one_per_child():
 
 
 def test_compiled_kernel_matches_dense():
-    """The torch.compile path (RoutingConfig(compile=True)) computes what the dense reference does."""
+    """The torch.compile path (RoutingConfig(backend="compile")) computes what the dense reference does."""
     votes, act, bu, ba = random_problem(n=3, n_in=10, n_out=4, seed=8)
     for t in (votes, act, bu, ba):
         t.requires_grad_(True)
     pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0)
-    cpose, ca = em_routing_fused(dense_to_fused(votes), act, bu, ba, RoutingConfig(final_lambda=1.0, compile=True))
+    cpose, ca = em_routing_fused(dense_to_fused(votes), act, bu, ba, RoutingConfig(final_lambda=1.0, backend="compile"))
     torch.testing.assert_close(cpose, pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(ca, a, atol=1e-9, rtol=1e-9)
     g = torch.autograd.grad((pose.sum() + a.sum()), (votes, act, bu, ba))

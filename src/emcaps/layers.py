@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from emcaps.capsules import Capsules, conv_output_size, extract_patches
+from emcaps.native_routing import conv_routing, native_available
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
 
 
@@ -36,7 +37,8 @@ def _transform(poses: Tensor, weight: Tensor) -> Tensor:
 
 
 def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, routing: RoutingConfig,
-                     trace: list[RoutingStep] | None, votes_per_image: int) -> tuple[Tensor, Tensor]:
+                     trace: list[RoutingStep] | None, votes_per_image: int,
+                     recompute: bool) -> tuple[Tensor, Tensor]:
     """Run `route(pose, activation)` on chunks of images and concatenate the results.
 
     Images route independently, so chunking changes nothing but the working set. When training with
@@ -47,7 +49,7 @@ def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules
     if trace is not None:
         return route(caps.pose, caps.activation, trace)
     step = routing.images_per_chunk(n, votes_per_image * caps.pose.element_size())
-    save_all = not (routing.recompute and torch.is_grad_enabled())
+    save_all = not (recompute and torch.is_grad_enabled())
     parts = [route(caps.pose[s:s + step], caps.activation[s:s + step]) if save_all
              else checkpoint(route, caps.pose[s:s + step], caps.activation[s:s + step], use_reentrant=False)
              for s in range(0, n, step)]
@@ -102,40 +104,63 @@ class ConvCaps(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.in_types}, {self.out_types}, kernel={self.kernel}, stride={self.stride}"
 
-    def votes(self, caps: Capsules) -> tuple[Tensor, Tensor]:
-        """Votes (N*L, C, K*K*B, 16) and child activations (N*L, K*K*B), L = H'*W' output positions."""
+    def windows(self, caps: Capsules) -> tuple[Tensor, Tensor]:
+        """The capsules in each window: poses (N*L, K*K*B, 4, 4) and activations (N*L, K*K*B), L = H'*W'."""
         pose, act = caps
         if pose.dim() != 6 or pose.shape[3] != self.in_types:
             raise ValueError(f"ConvCaps expects pose (N, H, W, {self.in_types}, 4, 4), got {tuple(pose.shape)}")
         n, h, w = pose.shape[:3]
-        oh = conv_output_size(h, self.kernel, self.stride)
-        ow = conv_output_size(w, self.kernel, self.stride)
-        m, n_in = n * oh * ow, self.kernel * self.kernel * self.in_types
-        patches = extract_patches(pose, self.kernel, self.stride)         # (N, H', W', K, K, B, 4, 4)
-        poses = patches.reshape(m, n_in, 4, 4).transpose(0, 1)            # (K*K*B, M, 4, 4)
-        a_in = extract_patches(act, self.kernel, self.stride).reshape(m, n_in)
-        return _transform(poses, self.weight), a_in
+        m = n * conv_output_size(h, self.kernel, self.stride) * conv_output_size(w, self.kernel, self.stride)
+        n_in = self.kernel * self.kernel * self.in_types
+        poses = extract_patches(pose, self.kernel, self.stride).reshape(m, n_in, 4, 4)
+        return poses, extract_patches(act, self.kernel, self.stride).reshape(m, n_in)
+
+    def votes(self, caps: Capsules) -> tuple[Tensor, Tensor]:
+        """Votes (N*L, C, K*K*B, 16) and child activations (N*L, K*K*B), L = H'*W' output positions."""
+        poses, a_in = self.windows(caps)
+        return _transform(poses.transpose(0, 1), self.weight), a_in
+
+    def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
+        """Whether this call routes with the native kernels (see `RoutingConfig.backend`)."""
+        backend = self.routing.backend
+        if trace is not None:
+            return False                  # a trace records every iteration's tensors: PyTorch ops
+        if backend == "native":
+            if not native_available(pose.device):
+                raise RuntimeError(f"routing backend 'native' needs a CPU tensor and the emcaps kernels "
+                                   f"(got a {pose.device.type} tensor; see emcaps.kernels)")
+            return True
+        return backend == "auto" and native_available(pose.device)
 
     def _route(self, pose: Tensor, act: Tensor, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
         """(N, H, W, B, 4, 4), (N, H, W, B) -> pose (N, H', W', C, 4, 4), activation (N, H', W', C)"""
         n, h, w = pose.shape[:3]
-        votes, a_in = self.votes(Capsules(pose, act))
-        oh, ow = (h - self.kernel) // self.stride + 1, (w - self.kernel) // self.stride + 1
+        oh, ow = conv_output_size(h, self.kernel, self.stride), conv_output_size(w, self.kernel, self.stride)
         scale = (oh * ow * self.out_types) / (h * w * self.in_types) if self.routing.normalize_cost else 1.0
-        initial = normalise = None
+        cd = torch.promote_types(pose.dtype, torch.float32)
+        comp = initial = None
         if self.routing.compete_positions:
-            comp = PositionCompetition(h, w, self.kernel, self.stride, self.in_types, device=votes.device)
-            initial = comp.initial(n, self.out_types, torch.promote_types(votes.dtype, torch.float32))
-            normalise = comp
-        pose, act = em_routing_fused(votes, a_in, self.beta_u, self.beta_a, self.routing, cost_scale=scale,
-                                     initial=initial, normalise=normalise, trace=trace)
+            comp = PositionCompetition(h, w, self.kernel, self.stride, self.in_types, device=pose.device)
+            initial = comp.initial(n, self.out_types, cd)
+        if self.uses_native(pose, trace):
+            poses, a_in = self.windows(Capsules(pose, act))
+            if initial is None:
+                initial = pose.new_full((1, 1, 1), 1.0 / self.out_types, dtype=cd)
+            pose, act = conv_routing(poses.reshape(*a_in.shape, 16), self.weight.view(a_in.shape[1], -1, 16),
+                                     a_in, self.beta_u, self.beta_a, self.routing, initial, comp, scale)
+        else:
+            votes, a_in = self.votes(Capsules(pose, act))
+            pose, act = em_routing_fused(votes, a_in, self.beta_u, self.beta_a, self.routing,
+                                         cost_scale=scale, initial=initial, normalise=comp, trace=trace)
         return pose.view(n, oh, ow, self.out_types, 4, 4), act.view(n, oh, ow, self.out_types)
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
         h, w = caps.pose.shape[1:3]
         positions = ((h - self.kernel) // self.stride + 1) * ((w - self.kernel) // self.stride + 1)
         per_image = max(positions, 1) * self.out_types * self.kernel ** 2 * self.in_types * 16
-        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image))
+        # The native backward stores no iteration's votes, so checkpointing would only repeat the forward.
+        recompute = self.routing.recompute and not self.uses_native(caps.pose, trace)
+        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image, recompute))
 
 
 class ClassCaps(nn.Module):
@@ -182,7 +207,8 @@ class ClassCaps(nn.Module):
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
         per_image = caps.pose[0, ..., 0, 0].numel() * self.classes * 16 if caps.pose.shape[0] else 0
-        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image))
+        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image,
+                                          self.routing.recompute))
 
 
 def coordinate_offsets(height: int, width: int, dtype: torch.dtype = torch.float32,

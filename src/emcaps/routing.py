@@ -33,6 +33,7 @@ EPS = 1e-8
 DEFAULT_VAR_FLOOR = 5e-4
 DEFAULT_FINAL_LAMBDA = 0.01
 SCHEDULES = ("authors", "linear", "constant")
+BACKENDS = ("auto", "native", "torch", "compile")
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -58,8 +59,13 @@ class RoutingConfig:
     chunk_mb:         the votes budget of an automatic chunk, in MB.
     recompute:        when training, keep only each layer's inputs and recompute votes and routing in
                       the backward pass, chunk by chunk, instead of storing every iteration's tensors.
-    compile:          route with a torch.compile'd kernel (fused loops, no votes-sized temporaries);
-                      the first call of each shape pays the compile time. Eager otherwise.
+    backend:          how capsule convolutions route. 'native': C++ kernels that recompute the votes
+                      in every pass and never store them, with a hand-written backward (CPU only; built
+                      with the system compiler on first use, see emcaps.kernels); 'torch': PyTorch ops
+                      (the fused form below); 'compile': a torch.compile'd kernel (fused loops, no
+                      votes-sized temporaries; the first call of each shape pays the compile time);
+                      'auto' (default): native where it is available, else torch. Class capsules,
+                      whose votes are small, and traced calls always route with PyTorch ops.
     """
 
     iterations: int = 3
@@ -71,7 +77,7 @@ class RoutingConfig:
     chunk: int = 0
     chunk_mb: float = 12.0
     recompute: bool = True
-    compile: bool = False
+    backend: str = "auto"
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunk, int) or self.chunk < 0:
@@ -80,6 +86,8 @@ class RoutingConfig:
             raise ValueError(f"routing iterations must be an integer >= 1, got {self.iterations!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown inverse-temperature schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown routing backend {self.backend!r}; expected one of {BACKENDS}")
         if not self.final_lambda > 0:
             raise ValueError(f"final_lambda must be > 0, got {self.final_lambda}")
         if not self.var_floor > 0:
@@ -217,14 +225,14 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     The votes are centred per parent once and stored beside their squares, (M, J, I, 2D); each M-step is
     then one batched product (weights @ [v, v^2]) and each E-step one more ([v, v^2] @ coefficients),
     with no (votes - mean)^2 temporary. Centring keeps the moment formula exact for large votes.
-    With `config.compile`, a compiled kernel (`_em_direct`) runs instead: it fuses the broadcasts into
-    loops and needs neither the stored squares nor the batched products.
+    With `config.backend == "compile"`, a compiled kernel (`_em_direct`) runs instead: it fuses the
+    broadcasts into loops and needs neither the stored squares nor the batched products.
     """
     m, n_out, n_in, d = votes.shape
     out_dtype = votes.dtype
     cd = _compute_dtype(out_dtype)
     r = initial if initial is not None else votes.new_full((1, 1, 1), 1.0 / n_out, dtype=cd)
-    if config.compile and trace is None:
+    if config.backend == "compile" and trace is None:
         mean, act = _compiled_kernel()(votes.to(cd), activations.to(cd), beta_u.to(cd), beta_a.to(cd),
                                        tuple(config.inverse_temperatures), config.var_floor, cost_scale,
                                        r, normalise)
@@ -243,8 +251,12 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
         r_sum = ra.sum(-1)                                              # (M, J)
         w = ra / r_sum.clamp_min(EPS).unsqueeze(-1)
         mom = torch.bmm(w.reshape(m * n_out, 1, n_in), moments).view(m, n_out, 2 * d)
-        mean, ex2 = mom[..., :d], mom[..., d:]                          # (M, J, D) each
-        var = (ex2 - mean * mean).clamp_min(0) + config.var_floor
+        m1, ex2 = mom[..., :d], mom[..., d:]                            # (M, J, D) each, centred
+        # mean - centre, and var = sum_i w (vc - that)^2, exactly as the dense form also where the
+        # weights sum to less than one (r_sum < EPS): there the mean shrinks towards 0, not the centre.
+        w_sum = (r_sum / r_sum.clamp_min(EPS)).unsqueeze(-1)            # (M, J, 1)
+        mean = m1 + centre * (w_sum - 1)
+        var = (ex2 - 2 * mean * m1 + mean * mean * w_sum).clamp_min(0) + config.var_floor
         log_var = torch.log(var)
         cost = (d * bu + 0.5 * log_var.sum(-1)) * (cost_scale * r_sum)  # (M, J)
         logit = lam * (ba - cost)
@@ -291,6 +303,13 @@ class PositionCompetition:
         n_pos = r0.shape[0] // self.kk
         r0 = r0.to(dtype).view(1, n_pos, self.kk, 1).expand(batch, -1, -1, self.types_in)
         return r0.reshape(batch * n_pos, 1, self.kk * self.types_in)
+
+    def child_sums(self, x: Tensor) -> Tensor:
+        """(N*L, K*K*B) -> the same: for each child, the sum of x over every (position, offset) it feeds."""
+        n_pos = self.index.shape[0] // self.kk
+        per_edge = x.reshape(x.shape[0] // n_pos, n_pos * self.kk, self.types_in)     # (N, L*KK, B)
+        total = per_edge.new_zeros(per_edge.shape[0], self.n_children, self.types_in)
+        return total.index_add_(1, self.index, per_edge)[:, self.index].reshape(x.shape)
 
     def __call__(self, log_r: Tensor) -> Tensor:
         """(N*L, C, K*K*B) -> the same, normalised per child over positions and types."""

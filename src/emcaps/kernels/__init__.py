@@ -1,0 +1,164 @@
+"""Native CPU kernels for EM routing (em_kernels.cpp), built with the system C++ compiler on first use.
+
+Why native code: every pass of EM routing reads the votes, and a capsule convolution's votes are about
+30 MB per image. The kernels recompute each vote from its 4x4 pose and transform inside the pass, in
+registers, so no votes tensor is ever written or read; PyTorch cannot express that without materialising it.
+
+The shared library is cached under the user's cache (`$EMCAPS_KERNEL_DIR`, else `<data cache>/kernels`),
+one file per (source, compiler, flags, machine), built atomically, so a second process reuses it. Without a
+compiler, or with `EMCAPS_NATIVE=0`, `library()` returns None and emcaps routes with PyTorch ops instead.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("em_kernels.cpp")
+# Reassociation lets the compiler vectorise sums over the 16 pose entries and over children; it keeps
+# infinities and NaNs (no -ffinite-math-only).
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-math-errno",
+         "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
+# Tuned for the machine that builds it: the library lives in a per-user cache, never in a wheel.
+NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
+FUNCTIONS = ("mstep", "estep", "estep_backward", "mstep_backward")
+
+
+class KernelBuildError(RuntimeError):
+    """The C++ compiler failed on em_kernels.cpp; the message holds its output."""
+
+
+def kernel_dir() -> Path:
+    explicit = os.environ.get("EMCAPS_KERNEL_DIR")
+    if explicit:
+        return Path(explicit).expanduser()
+    from emcaps.data.cache import default_data_dir
+
+    return default_data_dir() / "kernels"
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with: `$CXX`, else the first of c++, g++, clang++ on PATH."""
+    for name in (os.environ.get("CXX"), "c++", "g++", "clang++"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def _flags(cxx: str) -> tuple[str, ...]:
+    # -march=native is what makes the kernels fast; a compiler without it (some ARM toolchains) builds generic.
+    probe = subprocess.run([cxx, *NATIVE_FLAGS, "-x", "c++", "-E", "-", "-o", os.devnull], input=b"",
+                           capture_output=True)
+    return FLAGS + (NATIVE_FLAGS if probe.returncode == 0 else ())
+
+
+def build(directory: Path | None = None, cxx: str | None = None) -> Path:
+    """Compile em_kernels.cpp into `directory` (default `kernel_dir()`) unless it is there; its path."""
+    cxx = cxx or compiler()
+    if cxx is None:
+        raise KernelBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
+    flags = _flags(cxx)
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, *flags, platform.machine(),
+                                    platform.processor()]).encode()).hexdigest()[:16]
+    directory = Path(directory) if directory is not None else kernel_dir()
+    target = directory / f"em_kernels-{key}.so"
+    if target.exists():
+        return target
+    directory.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".em_kernels-", suffix=".so", dir=directory)
+    os.close(fd)
+    try:
+        done = subprocess.run([cxx, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True)
+        if done.returncode != 0:
+            raise KernelBuildError(f"{cxx} failed to build {SOURCE.name}:\n{done.stderr[-4000:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+class Library:
+    """The loaded kernels, with ctypes signatures; `call` splits the problems m across threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lib = ctypes.CDLL(str(path))
+        if self._lib.emcaps_kernels_version() != 2:
+            raise KernelBuildError(f"{path} is not a compatible emcaps kernel library")
+        for name in FUNCTIONS:
+            for suffix in ("f32", "f64"):
+                getattr(self._lib, f"emcaps_{name}_{suffix}").restype = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._pool_size = 0
+
+    def threads(self, n_problems: int) -> int:
+        """How many threads `call` splits n_problems across: torch's thread count, at most one per problem."""
+        return max(1, min(torch.get_num_threads(), n_problems))
+
+    def call(self, name: str, dtype: torch.dtype, args: list, n_problems: int, range_at: int) -> None:
+        """Run kernel `name` on problems [0, n_problems), split across `threads(n_problems)` threads.
+
+        `args` are tensors (passed as pointers; None for a null pointer), ints, floats and `PerThread`
+        tensors (thread t gets a pointer to slot t); the pair (m0, m1) is inserted at position `range_at`.
+        """
+        fn = getattr(self._lib, f"emcaps_{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+        threads = self.threads(n_problems)
+        bounds = [n_problems * t // threads for t in range(threads + 1)]
+        calls = [[_c_arg(a, t) for a in args] for t in range(threads)]
+        for t, c in enumerate(calls):
+            c[range_at:range_at] = [ctypes.c_int64(bounds[t]), ctypes.c_int64(bounds[t + 1])]
+        if threads == 1:
+            fn(*calls[0])
+            return
+        if self._pool is None or self._pool_size != threads:
+            if self._pool is not None:
+                self._pool.shutdown()
+            self._pool, self._pool_size = ThreadPoolExecutor(threads, thread_name_prefix="emcaps"), threads
+        # ctypes releases the GIL for the duration of each foreign call, so the ranges run in parallel.
+        for f in [self._pool.submit(fn, *c) for c in calls]:
+            f.result()
+
+
+class PerThread:
+    """A kernel argument with one slot per thread, (threads, ...): each thread writes its own slot."""
+
+    def __init__(self, tensor: torch.Tensor) -> None:
+        self.tensor = tensor
+
+
+def _c_arg(a, thread: int):
+    if a is None:
+        return ctypes.c_void_p(None)
+    if isinstance(a, PerThread):
+        return ctypes.c_void_p(a.tensor[thread].data_ptr())
+    if isinstance(a, torch.Tensor):
+        return ctypes.c_void_p(a.data_ptr())
+    if isinstance(a, bool) or not isinstance(a, (int, float)):
+        raise TypeError(f"unsupported kernel argument {a!r}")
+    return ctypes.c_int64(a) if isinstance(a, int) else ctypes.c_double(a)
+
+
+@functools.cache
+def library() -> Library | None:
+    """The kernels, built if needed; None (with one warning) where they cannot be built or loaded."""
+    if os.environ.get("EMCAPS_NATIVE", "1") == "0":
+        return None
+    try:
+        return Library(build())
+    except (KernelBuildError, OSError, subprocess.SubprocessError) as err:
+        warnings.warn(f"emcaps: native routing kernels unavailable, routing with PyTorch ops instead ({err})",
+                      RuntimeWarning, stacklevel=2)
+        return None

@@ -1,0 +1,320 @@
+// EM routing kernels for capsule convolutions, forward and backward.
+//
+// The votes of a capsule convolution, v[m, j, i] = P[m, i] @ W[i, j] (4x4 @ 4x4, m a routing problem = image
+// position, i a child in its window, j a parent type), are never stored: every pass recomputes them from the
+// child poses P (M, I, 16) and the transforms W (I, J, 16), which is cheaper than streaming a votes tensor of
+// 30 MB per image through memory. Each pass works on one (m, j) block whose votes (I x 16) sit in L1.
+//
+// The glue between passes (costs, activations, the E-step normalisation across positions) is small and stays in
+// PyTorch (emcaps/native_routing.py); these functions do every pass over the votes:
+//   mstep:          weighted mean and variance of the votes of each parent, and the weight sums S;
+//   estep:          squared Mahalanobis distance of every vote to its parent's Gaussian;
+//   estep_backward: the E-step's gradients with respect to the parent means and inverse variances;
+//   mstep_backward: gradients with respect to the child poses and the transforms (through the votes, which it
+//                   recomputes), the assignments and the child activations; it also takes the E-step's share
+//                   of the vote gradients of the same iteration.
+// Every function handles the problems m in [m0, m1), so callers can split work across threads.
+// The same templates serve float (the fast path) and double (what the tests compare against references).
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+typedef int64_t i64;
+
+namespace {
+
+// Child pose P (row-major 4x4) expanded for vote products: A[k][r*4+c] = P[r*4+k].
+template <typename T>
+inline void expand_pose(const T* p, T* a) {
+  for (int k = 0; k < 4; ++k)
+    for (int e = 0; e < 16; ++e) a[k * 16 + e] = p[(e >> 2) * 4 + k];
+}
+
+// v = P @ W for one child and parent type: v[r*4+c] = sum_k P[r*4+k] W[k*4+c] = sum_k A[k][r*4+c] W[k*4+c].
+template <typename T>
+inline void vote(const T* a, const T* w, T* v) {
+  for (int e = 0; e < 16; ++e) {
+    const int c = e & 3;
+    v[e] = a[e] * w[c] + a[16 + e] * w[4 + c] + a[32 + e] * w[8 + c] + a[48 + e] * w[12 + c];
+  }
+}
+
+// v += sum_k A[k] * tile(w[k*4 .. k*4+3]): with B = expand_pose_t(P) and w = g, the transform gradient
+// P^T g of one vote.
+template <typename T>
+inline void vote_add(const T* a, const T* w, T* v) {
+  for (int e = 0; e < 16; ++e) {
+    const int c = e & 3;
+    v[e] += a[e] * w[c] + a[16 + e] * w[4 + c] + a[32 + e] * w[8 + c] + a[48 + e] * w[12 + c];
+  }
+}
+
+// Child pose P expanded for transform gradients: B[r][k*4+c] = P[r*4+k], so sum_r B[r] * tile(g[r*4 ..]) = P^T g.
+template <typename T>
+inline void expand_pose_t(const T* p, T* b) {
+  for (int r = 0; r < 4; ++r)
+    for (int e = 0; e < 16; ++e) b[r * 16 + e] = p[r * 4 + (e >> 2)];
+}
+
+// gp += g @ W^T for one vote, from the transposed transform wt = W^T: gp[r*4+k] = sum_c g[r*4+c] wt[c*4+k].
+template <typename T>
+inline void pose_grad(const T* g, const T* wt, T* gp) {
+  for (int e = 0; e < 16; ++e) {
+    const int r4 = e & ~3, k = e & 3;
+    gp[e] += g[r4] * wt[k] + g[r4 + 1] * wt[4 + k] + g[r4 + 2] * wt[8 + k] + g[r4 + 3] * wt[12 + k];
+  }
+}
+
+#if defined(__AVX512F__)
+template <>
+inline void vote_add<float>(const float* a, const float* w, float* v) {
+  __m512 x = _mm512_fmadd_ps(_mm512_loadu_ps(a), _mm512_broadcast_f32x4(_mm_loadu_ps(w)), _mm512_loadu_ps(v));
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)), x);
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 32), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)), x);
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 48), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12)), x);
+  _mm512_storeu_ps(v, x);
+}
+
+template <>
+inline void pose_grad<float>(const float* g, const float* wt, float* gp) {
+  const __m512 x = _mm512_loadu_ps(g);
+  const __m512i base = _mm512_set_epi32(12, 12, 12, 12, 8, 8, 8, 8, 4, 4, 4, 4, 0, 0, 0, 0);
+  __m512 y = _mm512_loadu_ps(gp);
+  for (int c = 0; c < 4; ++c) {
+    const __m512 gc = _mm512_permutexvar_ps(_mm512_add_epi32(base, _mm512_set1_epi32(c)), x);
+    y = _mm512_fmadd_ps(gc, _mm512_broadcast_f32x4(_mm_loadu_ps(wt + 4 * c)), y);
+  }
+  _mm512_storeu_ps(gp, y);
+}
+
+template <>
+inline void vote<float>(const float* a, const float* w, float* v) {
+  __m512 x = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_broadcast_f32x4(_mm_loadu_ps(w)));
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)), x);
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 32), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)), x);
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 48), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12)), x);
+  _mm512_storeu_ps(v, x);
+}
+#endif
+
+// Per-thread scratch: the expanded poses of one problem (I x 64) and the votes of one (m, j) block (I x 16).
+template <typename T>
+struct Scratch {
+  std::vector<T> a, v, s;
+  explicit Scratch(i64 n_in) : a(n_in * 64), v(n_in * 16), s(n_in) {}
+  void expand(const T* P, i64 m, i64 n_in) {
+    const T* p = P + m * n_in * 16;
+    for (i64 i = 0; i < n_in; ++i) expand_pose(p + i * 16, a.data() + i * 64);
+  }
+  // The votes of problem m (already expanded) for parent j, into v.
+  void votes(const T* W, i64 j, i64 n_in, i64 n_out) {
+    for (i64 i = 0; i < n_in; ++i) vote(a.data() + i * 64, W + (i * n_out + j) * 16, v.data() + i * 16);
+  }
+};
+
+template <typename T>
+void mstep(const T* P, const T* W, const T* r, i64 r_sm, i64 r_sj, const T* act, i64 M, i64 J, i64 I, i64 m0,
+           i64 m1, T eps, T* mean, T* var, T* S) {
+  (void)M;
+  Scratch<T> sc(I);
+  std::vector<T> ra(I);
+  for (i64 m = m0; m < m1; ++m) {
+    sc.expand(P, m, I);
+    const T* am = act + m * I;
+    for (i64 j = 0; j < J; ++j) {
+      const T* rj = r + m * r_sm + j * r_sj;
+      T s = 0;
+      for (i64 i = 0; i < I; ++i) {
+        ra[i] = rj[i] * am[i];
+        s += ra[i];
+      }
+      S[m * J + j] = s;
+      const T inv = T(1) / std::max(s, eps);
+      T mu[16] = {0}, vr[16] = {0};
+      for (i64 i = 0; i < I; ++i) {
+        T* v = sc.v.data() + i * 16;
+        vote(sc.a.data() + i * 64, W + (i * J + j) * 16, v);
+        for (int e = 0; e < 16; ++e) mu[e] += ra[i] * v[e];
+      }
+      for (int e = 0; e < 16; ++e) mu[e] *= inv;
+      for (i64 i = 0; i < I; ++i) {
+        const T* v = sc.v.data() + i * 16;
+        for (int e = 0; e < 16; ++e) {
+          const T d = v[e] - mu[e];
+          vr[e] += ra[i] * d * d;
+        }
+      }
+      T* mo = mean + (m * J + j) * 16;
+      T* vo = var + (m * J + j) * 16;
+      for (int e = 0; e < 16; ++e) {
+        mo[e] = mu[e];
+        vo[e] = vr[e] * inv;
+      }
+    }
+  }
+}
+
+template <typename T>
+void estep(const T* P, const T* W, const T* mean, const T* inv_var, i64 M, i64 J, i64 I, i64 m0, i64 m1,
+           T* maha) {
+  (void)M;
+  Scratch<T> sc(I);
+  for (i64 m = m0; m < m1; ++m) {
+    sc.expand(P, m, I);
+    for (i64 j = 0; j < J; ++j) {
+      const T* mu = mean + (m * J + j) * 16;
+      const T* iv = inv_var + (m * J + j) * 16;
+      T* out = maha + (m * J + j) * I;
+      sc.votes(W, j, I, J);
+      for (i64 i = 0; i < I; ++i) {
+        const T* v = sc.v.data() + i * 16;
+        T acc = 0;
+        for (int e = 0; e < 16; ++e) {
+          const T d = v[e] - mu[e];
+          acc += d * d * iv[e];
+        }
+        out[i] = acc;
+      }
+    }
+  }
+}
+
+// maha[i] = sum_e (v_i - mu)^2 iv: g_mean = -sum_i 2 g_maha_i (v_i - mu) iv, g_inv_var = sum_i g_maha_i (v_i - mu)^2.
+template <typename T>
+void estep_backward(const T* P, const T* W, const T* mean, const T* inv_var, const T* g_maha, i64 M, i64 J, i64 I,
+                    i64 m0, i64 m1, T* g_mean, T* g_inv_var) {
+  (void)M;
+  Scratch<T> sc(I);
+  for (i64 m = m0; m < m1; ++m) {
+    sc.expand(P, m, I);
+    for (i64 j = 0; j < J; ++j) {
+      const T* mu = mean + (m * J + j) * 16;
+      const T* iv = inv_var + (m * J + j) * 16;
+      const T* gm = g_maha + (m * J + j) * I;
+      sc.votes(W, j, I, J);
+      T gd[16] = {0}, gq[16] = {0};
+      for (i64 i = 0; i < I; ++i) {
+        const T* v = sc.v.data() + i * 16;
+        for (int e = 0; e < 16; ++e) {
+          const T d = v[e] - mu[e];
+          gd[e] += gm[i] * d;
+          gq[e] += gm[i] * d * d;
+        }
+      }
+      T* go = g_mean + (m * J + j) * 16;
+      T* gi = g_inv_var + (m * J + j) * 16;
+      for (int e = 0; e < 16; ++e) {
+        go[e] = -2 * gd[e] * iv[e];
+        gi[e] = gq[e];
+      }
+    }
+  }
+}
+
+// Backward of mstep (and of the same iteration's estep, with respect to the votes, when g_maha is given).
+// mean = sum_i w_i v_i, var = sum_i w_i (v_i - mean)^2, w_i = r_i a_i / max(S, eps), S = sum_i r_i a_i.
+// Vote gradients go straight into the pose gradients gP (M, I, 16) and this thread's transform gradients
+// gW (I, J, 16), both accumulated (+=); children are the outer loop so a child's pose gradient stays in registers.
+template <typename T>
+void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act,
+                    const T* mean, const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var,
+                    const T* g_maha, i64 M, i64 J, i64 I, i64 m0, i64 m1, T eps, T* gP, T* gW, T* g_r, T* g_act) {
+  (void)M;
+  Scratch<T> sc(I);
+  std::vector<T> b(I * 64), gw(J * I), inv(J), gm(J * 16), g_sp(J);
+  for (i64 m = m0; m < m1; ++m) {
+    sc.expand(P, m, I);
+    for (i64 i = 0; i < I; ++i) expand_pose_t(P + (m * I + i) * 16, b.data() + i * 64);
+    const T* am = act + m * I;
+    for (i64 j = 0; j < J; ++j) {
+      const i64 mj = m * J + j;
+      const T s = S[mj];
+      inv[j] = T(1) / std::max(s, eps);
+      // d var / d mean = -2 sum_i w_i (v_i - mean) = -2 mean (1 - sum_i w_i): zero unless S < eps.
+      const T rest = T(1) - s * inv[j];
+      for (int e = 0; e < 16; ++e) gm[j * 16 + e] = g_mean[mj * 16 + e] - 2 * g_var[mj * 16 + e] * mean[mj * 16 + e] * rest;
+      g_sp[j] = 0;
+    }
+    for (i64 i = 0; i < I; ++i) {
+      const T* ai = sc.a.data() + i * 64;
+      const T* bi = b.data() + i * 64;
+      alignas(64) T gp[16] = {0};
+      for (i64 j = 0; j < J; ++j) {
+        const i64 mj = m * J + j;
+        const T* mu = mean + mj * 16;
+        const T* gv = g_var + mj * 16;
+        const T* gmj = gm.data() + j * 16;
+        const T w = r[m * r_sm + j * r_sj + i] * am[i] * inv[j];
+        alignas(64) T v[16], g[16];
+        vote(ai, W + (i * J + j) * 16, v);
+        T acc = 0;
+        for (int e = 0; e < 16; ++e) {
+          const T d = v[e] - mu[e];
+          g[e] = w * (gmj[e] + 2 * gv[e] * d);
+          acc += gmj[e] * v[e] + gv[e] * d * d;
+        }
+        if (g_maha) {
+          const T c = 2 * g_maha[mj * I + i];
+          const T* iv = inv_var + mj * 16;
+          for (int e = 0; e < 16; ++e) g[e] += c * (v[e] - mu[e]) * iv[e];
+        }
+        pose_grad(g, WT + (i * J + j) * 16, gp);
+        vote_add(bi, g, gW + (i * J + j) * 16);
+        gw[j * I + i] = acc;
+        g_sp[j] -= acc * w;
+      }
+      T* gpo = gP + (m * I + i) * 16;
+      for (int e = 0; e < 16; ++e) gpo[e] += gp[e];
+    }
+    T* gam = g_act + m * I;
+    for (i64 j = 0; j < J; ++j) {
+      const i64 mj = m * J + j;
+      const T* rj = r + m * r_sm + j * r_sj;
+      const T g_s = g_S[mj] + (S[mj] > eps ? g_sp[j] * inv[j] : T(0));
+      for (i64 i = 0; i < I; ++i) {
+        const T g_ra = gw[j * I + i] * inv[j] + g_s;
+        if (g_r) g_r[mj * I + i] = g_ra * am[i];
+        gam[i] += g_ra * rj[i];
+      }
+    }
+  }
+}
+
+}  // namespace
+
+#define EMCAPS_EXPORT extern "C" __attribute__((visibility("default")))
+
+#define EMCAPS_INSTANTIATE(T, suffix)                                                                           \
+  EMCAPS_EXPORT void emcaps_mstep_##suffix(const T* P, const T* W, const T* r, i64 r_sm, i64 r_sj, const T* act, \
+                                            i64 M, i64 J, i64 I, i64 m0, i64 m1, double eps, T* mean, T* var,   \
+                                            T* S) {                                                            \
+    mstep<T>(P, W, r, r_sm, r_sj, act, M, J, I, m0, m1, T(eps), mean, var, S);                                \
+  }                                                                                                            \
+  EMCAPS_EXPORT void emcaps_estep_##suffix(const T* P, const T* W, const T* mean, const T* inv_var, i64 M,      \
+                                            i64 J, i64 I, i64 m0, i64 m1, T* maha) {                           \
+    estep<T>(P, W, mean, inv_var, M, J, I, m0, m1, maha);                                                      \
+  }                                                                                                            \
+  EMCAPS_EXPORT void emcaps_estep_backward_##suffix(const T* P, const T* W, const T* mean, const T* inv_var,    \
+                                                     const T* g_maha, i64 M, i64 J, i64 I, i64 m0, i64 m1,     \
+                                                     T* g_mean, T* g_inv_var) {                                \
+    estep_backward<T>(P, W, mean, inv_var, g_maha, M, J, I, m0, m1, g_mean, g_inv_var);                        \
+  }                                                                                                            \
+  EMCAPS_EXPORT void emcaps_mstep_backward_##suffix(                                                           \
+      const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act, const T* mean,        \
+      const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var, const T* g_maha, i64 M,     \
+      i64 J, i64 I, i64 m0, i64 m1, double eps, T* gP, T* gW, T* g_r, T* g_act) {                              \
+    mstep_backward<T>(P, W, WT, r, r_sm, r_sj, act, mean, S, g_mean, g_var, g_S, inv_var, g_maha, M, J, I, m0,  \
+                      m1, T(eps), gP, gW, g_r, g_act);                                                         \
+  }
+
+EMCAPS_INSTANTIATE(float, f32)
+EMCAPS_INSTANTIATE(double, f64)
+
+EMCAPS_EXPORT int emcaps_kernels_version() { return 2; }

@@ -1,0 +1,162 @@
+"""EM routing of a capsule convolution with the native CPU kernels, forward and backward written by hand.
+
+Computes what `em_routing_fused` computes for a `ConvCaps` layer, but the votes v[m, j, i] = P[m, i] @ W[i, j]
+are never stored: the kernels (emcaps/kernels/em_kernels.cpp) recompute them in every pass over them. The
+backward pass is written out rather than recorded by autograd, so training keeps only what is small: per EM
+iteration the assignments (M, J, I) and the parents' Gaussians (M, J, 16). Vote gradients from every iteration
+go straight into pose and transform gradients inside the kernel that recomputes them.
+
+Notation, per routing problem m (an image position), child i, parent j, pose entry d (D = 16), iteration t:
+    S_j = sum_i r_ji a_i,   w_ji = r_ji a_i / max(S_j, EPS)
+    mean_jd = sum_i w_ji v_jid,   var_jd = sum_i w_ji (v_jid - mean_jd)^2 + var_floor
+    cost_j = (D beta_u_j + 0.5 sum_d log var_jd) * cost_scale * S_j,   logit_j = lambda_t (beta_a_j - cost_j)
+    log_r_ji = logsigmoid(logit_j) - 0.5 (sum_d log var_jd + D log 2 pi) - 0.5 maha_ji,
+    maha_ji = sum_d (v_jid - mean_jd)^2 / var_jd,   r <- exp(normalise(log_r))
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from emcaps.kernels import Library, PerThread, library
+from emcaps.routing import EPS, PositionCompetition, RoutingConfig
+
+_LOG_2PI = math.log(2 * math.pi)
+D = 16
+
+
+def native_available(device: torch.device) -> bool:
+    """Whether the native kernels can route tensors on `device` (CPU, with a working C++ compiler)."""
+    return device.type == "cpu" and library() is not None
+
+
+def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
+                 config: RoutingConfig, initial: Tensor, competition: PositionCompetition | None,
+                 cost_scale: float = 1.0) -> tuple[Tensor, Tensor]:
+    """EM routing of a capsule convolution from child poses and transforms.
+
+    poses:       (M, I, 16)   pose of child i of problem m (its window's capsules, flattened row-major)
+    weight:      (I, J, 16)   transform from child i to parent type j
+    activations: (M, I)
+    beta_u, beta_a: (J,)
+    initial:     initial assignments, broadcastable to (M, J, I)
+    competition: normalises the E-step over every parent a child feeds (positions too); None: over J
+    returns pose (M, J, 16) and activation (M, J).
+    """
+    lib = library()
+    if lib is None:
+        raise RuntimeError("the native routing kernels are not available (see emcaps.kernels)")
+    m, n_in, _ = poses.shape
+    n_out = weight.shape[1]
+    if tuple(weight.shape) != (n_in, n_out, D) or tuple(activations.shape) != (m, n_in):
+        raise ValueError(f"poses (M, I, 16), weight (I, J, 16) and activations (M, I) do not match: "
+                         f"{tuple(poses.shape)}, {tuple(weight.shape)}, {tuple(activations.shape)}")
+    out_dtype = poses.dtype
+    cd = torch.float64 if out_dtype == torch.float64 else torch.float32
+    mean, act = _ConvRouting.apply(poses.to(cd).contiguous(), weight.to(cd).contiguous(),
+                                   activations.to(cd).contiguous(), beta_u.to(cd), beta_a.to(cd),
+                                   initial.to(cd), config, competition, cost_scale, lib)
+    return mean.to(out_dtype), act.to(out_dtype)
+
+
+def _group_sums(x: Tensor, competition: PositionCompetition | None) -> Tensor:
+    """(M, I) -> (M, I): for each child, the sum of x over every parent position it feeds."""
+    if competition is None:
+        return x
+    return competition.child_sums(x)
+
+
+class _ConvRouting(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, P, W, a, beta_u, beta_a, initial, config: RoutingConfig,
+                competition: PositionCompetition | None, cost_scale: float, lib: Library):
+        m, n_in, _ = P.shape
+        n_out = W.shape[1]
+        lambdas = config.inverse_temperatures
+        r = initial.expand(m, n_out, n_in)
+        if r.stride(2) != 1:
+            r = r.contiguous()
+        steps = []
+        for t, lam in enumerate(lambdas):
+            mean, var, s = P.new_empty(m, n_out, D), P.new_empty(m, n_out, D), P.new_empty(m, n_out)
+            lib.call("mstep", P.dtype,
+                     [P, W, r, r.stride(0), r.stride(1), a, m, n_out, n_in, EPS, mean, var, s], m, range_at=9)
+            var += config.var_floor
+            log_var_sum = torch.log(var).sum(-1)                                     # (M, J)
+            logit = lam * (beta_a - (D * beta_u + 0.5 * log_var_sum) * (cost_scale * s))
+            steps.append((r, mean, var, s, logit))
+            if t == len(lambdas) - 1:
+                break
+            maha = P.new_empty(m, n_out, n_in)
+            lib.call("estep", P.dtype, [P, W, mean, 1.0 / var, m, n_out, n_in, maha], m, range_at=7)
+            const = F.logsigmoid(logit) - 0.5 * (log_var_sum + D * _LOG_2PI)         # (M, J)
+            log_r = maha.mul_(-0.5).add_(const.unsqueeze(-1))                        # (M, J, I)
+            if competition is None:
+                r = torch.softmax(log_r, dim=1)
+            else:
+                r = competition(log_r).exp_()
+        ctx.save_for_backward(P, W, a, beta_u, beta_a)
+        ctx.steps, ctx.lambdas, ctx.config = steps, lambdas, config
+        ctx.competition, ctx.cost_scale, ctx.lib = competition, cost_scale, lib
+        return mean, torch.sigmoid(logit)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_mean_out, g_act_out):
+        P, W, a, beta_u, beta_a = ctx.saved_tensors
+        steps, lambdas, lib, cs = ctx.steps, ctx.lambdas, ctx.lib, ctx.cost_scale
+        m, n_in, _ = P.shape
+        n_out = W.shape[1]
+        g_P = torch.zeros_like(P)
+        threads = lib.threads(m)
+        g_W = W.new_zeros(threads, n_in, n_out, D)                # one slot per thread, summed at the end
+        W_t = W.view(n_in, n_out, 4, 4).transpose(-1, -2).reshape(n_in, n_out, D)
+        g_a = P.new_zeros(m, n_in)
+        g_bu, g_ba = torch.zeros_like(beta_u), torch.zeros_like(beta_a)
+        g_r_next = None
+        last = len(lambdas) - 1
+        for t in range(last, -1, -1):
+            r, mean, var, s, logit = steps[t]
+            lam = lambdas[t]
+            inv_var = 1.0 / var
+            log_var_sum = torch.log(var).sum(-1)
+            if t == last:
+                act = torch.sigmoid(logit)
+                g_logit = (g_act_out if g_act_out is not None else torch.zeros_like(act)) * act * (1 - act)
+                g_mean = g_mean_out if g_mean_out is not None else torch.zeros_like(mean)
+                g_log_var = torch.zeros_like(logit)                   # per (m, j): log var enters as its sum
+                g_var = torch.zeros_like(var)
+                g_maha = None
+            else:
+                # E-step: r_next = exp(log_r - logsumexp over the parents each child feeds)
+                r_next = steps[t + 1][0]
+                q = r_next * g_r_next                                  # gradient wrt normalised log r
+                g_log_r = q - r_next * _group_sums(q.sum(1), ctx.competition).unsqueeze(1)
+                g_const = g_log_r.sum(-1)                              # (M, J)
+                g_logit = g_const * torch.sigmoid(-logit)              # d logsigmoid(x) / dx
+                g_log_var = -0.5 * g_const
+                g_maha = g_log_r.mul_(-0.5)
+                g_mean, g_inv_var = torch.empty_like(mean), torch.empty_like(var)
+                lib.call("estep_backward", P.dtype, [P, W, mean, inv_var, g_maha, m, n_out, n_in,
+                                                     g_mean, g_inv_var], m, range_at=8)
+                g_var = -g_inv_var * inv_var * inv_var
+            # activation and cost
+            g_ba += lam * g_logit.sum(0)
+            g_cost = -lam * g_logit
+            g_bu += D * (g_cost * cs * s).sum(0)
+            g_log_var = g_log_var + 0.5 * cs * g_cost * s
+            g_s = g_cost * cs * (D * beta_u + 0.5 * log_var_sum)
+            g_var += g_log_var.unsqueeze(-1) * inv_var
+            # M-step (and the E-step's share of the vote gradients)
+            g_r = P.new_empty(m, n_out, n_in) if t > 0 else None
+            lib.call("mstep_backward", P.dtype,
+                     [P, W, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean.contiguous(),
+                      g_var.contiguous(), g_s.contiguous(), inv_var if g_maha is not None else None, g_maha,
+                      m, n_out, n_in, EPS, g_P, PerThread(g_W), g_r, g_a], m, range_at=17)
+            g_r_next = g_r
+        return g_P, g_W.sum(0), g_a, g_bu, g_ba, None, None, None, None, None

@@ -1,0 +1,152 @@
+"""The native routing kernels against the PyTorch routing they replace: values and every gradient, with
+and without competition across positions, degenerate inputs, dtypes, threads, and the fallback."""
+
+import pytest
+import torch
+
+import emcaps.layers
+from emcaps.capsules import Capsules
+from emcaps.layers import ConvCaps
+from emcaps.native_routing import conv_routing, native_available
+from emcaps.routing import PositionCompetition, RoutingConfig, em_routing_fused
+
+pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")),
+                                reason="no C++ compiler for the native kernels")
+
+
+def problem(n=2, h=5, k=3, s=1, b=3, c=4, seed=0, dtype=torch.float64, zero_act=False):
+    """Child poses (M, I, 16) of a capsule convolution, transforms (I, J, 16), activations, betas."""
+    g = torch.Generator().manual_seed(seed)
+    oh = (h - k) // s + 1
+    m, n_in = n * oh * oh, k * k * b
+    poses = torch.randn(m, n_in, 16, generator=g, dtype=dtype)
+    weight = 0.5 * torch.randn(n_in, c, 16, generator=g, dtype=dtype)
+    act = torch.zeros(m, n_in, dtype=dtype) if zero_act else torch.rand(m, n_in, generator=g, dtype=dtype)
+    beta_u = torch.randn(c, generator=g, dtype=dtype)
+    beta_a = torch.randn(c, generator=g, dtype=dtype)
+    comp = PositionCompetition(h, h, k, s, b)
+    return poses, weight, act, beta_u, beta_a, comp, n
+
+
+def torch_routing(poses, weight, act, beta_u, beta_a, config, initial, comp, scale):
+    """What ConvCaps computes with PyTorch ops: votes materialised, em_routing_fused."""
+    m, n_in, _ = poses.shape
+    n_out = weight.shape[1]
+    votes = torch.einsum("mirk,ijkc->mjirc", poses.view(m, n_in, 4, 4), weight.view(n_in, n_out, 4, 4))
+    return em_routing_fused(votes.reshape(m, n_out, n_in, 16), act, beta_u, beta_a, config, cost_scale=scale,
+                            initial=initial, normalise=comp)
+
+
+def run_both(inputs, config, compete=True, scale=1.0):
+    """Outputs and gradients (poses, weight, act, beta_u, beta_a) of the native and the torch routing."""
+    poses, weight, act, beta_u, beta_a, comp, n = inputs
+    n_out = weight.shape[1]
+    if compete:
+        initial = comp.initial(n, n_out, poses.dtype)
+    else:
+        comp, initial = None, torch.full((1, 1, 1), 1.0 / n_out, dtype=poses.dtype)
+    results = []
+    for route in (conv_routing, torch_routing):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (poses, weight, act, beta_u, beta_a)]
+        mean, a = route(*leaves, config, initial, comp, scale)
+        g = torch.Generator().manual_seed(7)
+        (mean * torch.randn(mean.shape, generator=g, dtype=mean.dtype)).sum().backward(retain_graph=True)
+        (a * torch.randn(a.shape, generator=g, dtype=a.dtype)).sum().backward()
+        results.append((mean.detach(), a.detach(), [t.grad for t in leaves]))
+    return results
+
+
+def assert_same(results, **tol):
+    (m1, a1, g1), (m2, a2, g2) = results
+    torch.testing.assert_close(m1, m2, **tol)
+    torch.testing.assert_close(a1, a2, **tol)
+    for name, x, y in zip(("poses", "weight", "act", "beta_u", "beta_a"), g1, g2):
+        torch.testing.assert_close(x, y, **tol, msg=lambda m: f"gradient of {name}: {m}")
+
+
+@pytest.mark.parametrize("iterations", [1, 2, 3, 5])
+@pytest.mark.parametrize("compete", [True, False])
+def test_native_matches_torch_values_and_gradients(iterations, compete):
+    config = RoutingConfig(iterations=iterations, final_lambda=1.0)
+    assert_same(run_both(problem(), config, compete), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("k,s,h", [(3, 2, 7), (2, 1, 4), (1, 1, 3)])
+def test_native_matches_torch_other_geometries_and_cost_scale(k, s, h):
+    config = RoutingConfig(final_lambda=0.3, schedule="linear")
+    assert_same(run_both(problem(h=h, k=k, s=s, seed=3), config, True, scale=0.37), atol=1e-10, rtol=1e-9)
+
+
+def test_native_degenerate_inputs_stay_finite_and_agree():
+    """All-zero activations (weight sums below EPS) and identical votes: finite, and as the torch path."""
+    config = RoutingConfig(final_lambda=1.0)
+    results = run_both(problem(zero_act=True), config)
+    assert_same(results, atol=1e-10, rtol=1e-9)
+    poses, weight, act, bu, ba, comp, n = problem(seed=5)
+    poses = poses[:, :1].expand_as(poses).contiguous()                  # every child has the same pose
+    weight = weight[:1].expand_as(weight).contiguous()                  # ... and the same transforms
+    results = run_both((poses, weight, act, bu, ba, comp, n), config)
+    for mean, a, grads in results:
+        assert torch.isfinite(mean).all() and torch.isfinite(a).all()
+        assert all(torch.isfinite(g).all() for g in grads)
+    assert_same(results, atol=1e-8, rtol=1e-7)
+
+
+def test_native_float32_is_close_to_float64_and_half_routes_in_float32():
+    poses, weight, act, bu, ba, comp, n = problem(seed=2)
+    config = RoutingConfig(final_lambda=1.0)
+    initial = comp.initial(n, weight.shape[1], torch.float64)
+    m64, a64 = conv_routing(poses, weight, act, bu, ba, config, initial, comp)
+    m32, a32 = conv_routing(poses.float(), weight.float(), act.float(), bu.float(), ba.float(), config,
+                            initial, comp)
+    assert m32.dtype == torch.float32
+    torch.testing.assert_close(m32.double(), m64, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a32.double(), a64, atol=1e-5, rtol=1e-4)
+    mh, ah = conv_routing(poses.bfloat16(), weight.bfloat16(), act.bfloat16(), bu.bfloat16(), ba.bfloat16(),
+                          config, initial, comp)
+    assert mh.dtype == torch.bfloat16 and torch.isfinite(mh.float()).all()
+    torch.testing.assert_close(ah.double(), a64, atol=0.05, rtol=0.05)
+
+
+def test_native_results_do_not_depend_on_thread_count():
+    inputs = problem(n=3, seed=9)
+    config = RoutingConfig(final_lambda=1.0)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run_both(inputs, config)[0]
+        torch.set_num_threads(2)
+        two = run_both(inputs, config)[0]
+    finally:
+        torch.set_num_threads(before)
+    assert_same([one, two], atol=1e-12, rtol=1e-12)
+
+
+def test_native_rejects_mismatched_shapes():
+    poses, weight, act, bu, ba, comp, n = problem()
+    initial = comp.initial(n, weight.shape[1], poses.dtype)
+    with pytest.raises(ValueError, match=r"weight \(I, J, 16\)"):
+        conv_routing(poses, weight[:-1], act, bu, ba, RoutingConfig(), initial, comp)
+    with pytest.raises(ValueError, match=r"activations \(M, I\)"):
+        conv_routing(poses, weight, act[:, :-1], bu, ba, RoutingConfig(), initial, comp)
+
+
+def test_backend_choice_in_layers(monkeypatch):
+    """'auto' falls back to PyTorch ops where the kernels are unavailable; 'native' says why it cannot run."""
+    caps = Capsules(torch.randn(2, 5, 5, 2, 4, 4, dtype=torch.float64),
+                    torch.rand(2, 5, 5, 2, dtype=torch.float64))
+    torch.manual_seed(0)
+    layer = ConvCaps(2, 3, kernel=3, stride=1, routing=RoutingConfig(backend="auto")).double()
+    assert layer.uses_native(caps.pose)
+    assert not layer.uses_native(caps.pose, trace=[])                    # pictures need every iteration
+    native = layer(caps)
+    monkeypatch.setattr(emcaps.layers, "native_available", lambda device: False)
+    assert not layer.uses_native(caps.pose)
+    fallback = layer(caps)
+    torch.testing.assert_close(native.pose, fallback.pose)
+    torch.testing.assert_close(native.activation, fallback.activation)
+    layer.routing = RoutingConfig(backend="native")
+    with pytest.raises(RuntimeError, match="backend 'native' needs a CPU tensor and the emcaps kernels"):
+        layer(caps)
+    with pytest.raises(ValueError, match="unknown routing backend 'gpu'"):
+        RoutingConfig(backend="gpu")

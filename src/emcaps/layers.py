@@ -158,9 +158,12 @@ class ConvCaps(nn.Module):
         h, w = caps.pose.shape[1:3]
         positions = ((h - self.kernel) // self.stride + 1) * ((w - self.kernel) // self.stride + 1)
         per_image = max(positions, 1) * self.out_types * self.kernel ** 2 * self.in_types * 16
-        # The native backward stores no iteration's votes, so checkpointing would only repeat the forward.
-        recompute = self.routing.recompute and not self.uses_native(caps.pose, trace)
-        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image, recompute))
+        if self.uses_native(caps.pose, trace):
+            # The native kernels never store votes: their largest tensors are the assignments (1/16 of the
+            # votes), and checkpointing would only repeat the forward pass.
+            return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image // 16, False))
+        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image,
+                                          self.routing.recompute))
 
 
 class ClassCaps(nn.Module):

@@ -63,13 +63,15 @@ inline void expand_pose_t(const T* p, T* b) {
     for (int e = 0; e < 16; ++e) b[r * 16 + e] = p[r * 4 + (e >> 2)];
 }
 
-// gp += g @ W^T for one vote, from the transposed transform wt = W^T: gp[r*4+k] = sum_c g[r*4+c] wt[c*4+k].
+// gp += sum_j g_j @ W_j^T over the n votes of one child, from the transposed transforms wt_j = W_j^T:
+// gp[r*4+k] += sum_j sum_c g_j[r*4+c] wt_j[c*4+k]. g and wt hold one row of 16 per parent.
 template <typename T>
-inline void pose_grad(const T* g, const T* wt, T* gp) {
-  for (int e = 0; e < 16; ++e) {
-    const int r4 = e & ~3, k = e & 3;
-    gp[e] += g[r4] * wt[k] + g[r4 + 1] * wt[4 + k] + g[r4 + 2] * wt[8 + k] + g[r4 + 3] * wt[12 + k];
-  }
+inline void pose_grad(const T* g, const T* wt, i64 n, T* gp) {
+  for (i64 j = 0; j < n; ++j, g += 16, wt += 16)
+    for (int e = 0; e < 16; ++e) {
+      const int r4 = e & ~3, k = e & 3;
+      gp[e] += g[r4] * wt[k] + g[r4 + 1] * wt[4 + k] + g[r4 + 2] * wt[8 + k] + g[r4 + 3] * wt[12 + k];
+    }
 }
 
 #if defined(__AVX512F__)
@@ -83,15 +85,20 @@ inline void vote_add<float>(const float* a, const float* w, float* v) {
 }
 
 template <>
-inline void pose_grad<float>(const float* g, const float* wt, float* gp) {
-  const __m512 x = _mm512_loadu_ps(g);
+inline void pose_grad<float>(const float* g, const float* wt, i64 n, float* gp) {
   const __m512i base = _mm512_set_epi32(12, 12, 12, 12, 8, 8, 8, 8, 4, 4, 4, 4, 0, 0, 0, 0);
-  __m512 y = _mm512_loadu_ps(gp);
-  for (int c = 0; c < 4; ++c) {
-    const __m512 gc = _mm512_permutexvar_ps(_mm512_add_epi32(base, _mm512_set1_epi32(c)), x);
-    y = _mm512_fmadd_ps(gc, _mm512_broadcast_f32x4(_mm_loadu_ps(wt + 4 * c)), y);
+  __m512i idx[4];
+  for (int c = 0; c < 4; ++c) idx[c] = _mm512_add_epi32(base, _mm512_set1_epi32(c));
+  // Two accumulators, so that consecutive parents' products do not wait on each other.
+  __m512 acc[2] = {_mm512_loadu_ps(gp), _mm512_setzero_ps()};
+  for (i64 j = 0; j < n; ++j, g += 16, wt += 16) {
+    const __m512 x = _mm512_loadu_ps(g);
+    __m512 y = acc[j & 1];
+    for (int c = 0; c < 4; ++c)
+      y = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx[c], x), _mm512_broadcast_f32x4(_mm_loadu_ps(wt + 4 * c)), y);
+    acc[j & 1] = y;
   }
-  _mm512_storeu_ps(gp, y);
+  _mm512_storeu_ps(gp, _mm512_add_ps(acc[0], acc[1]));
 }
 
 template <>
@@ -103,6 +110,30 @@ inline void vote<float>(const float* a, const float* w, float* v) {
   _mm512_storeu_ps(v, x);
 }
 #endif
+
+// out = sum_i w_i x_i, or (Squared) sum_i w_i (x_i - centre)^2, over rows x_i of 16. Four partial sums: one
+// accumulator would make every child wait for the previous child's fused multiply-add.
+template <typename T, bool Squared>
+inline void weighted_sum(const T* x, const T* w, i64 n, const T* centre, T* out) {
+  T a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {}, c[16] = {};
+  if (Squared)
+    for (int e = 0; e < 16; ++e) c[e] = centre[e];
+  auto term = [&](i64 i, int e) {
+    const T d = x[i * 16 + e] - c[e];
+    return w[i] * (Squared ? d * d : d);
+  };
+  i64 i = 0;
+  for (; i + 4 <= n; i += 4)
+    for (int e = 0; e < 16; ++e) {
+      a0[e] += term(i, e);
+      a1[e] += term(i + 1, e);
+      a2[e] += term(i + 2, e);
+      a3[e] += term(i + 3, e);
+    }
+  for (; i < n; ++i)
+    for (int e = 0; e < 16; ++e) a0[e] += term(i, e);
+  for (int e = 0; e < 16; ++e) out[e] = (a0[e] + a1[e]) + (a2[e] + a3[e]);
+}
 
 // Per-thread scratch: the expanded poses of one problem (I x 64) and the votes of one (m, j) block (I x 16).
 template <typename T>
@@ -137,20 +168,11 @@ void mstep(const T* P, const T* W, const T* r, i64 r_sm, i64 r_sj, const T* act,
       }
       S[m * J + j] = s;
       const T inv = T(1) / std::max(s, eps);
-      T mu[16] = {0}, vr[16] = {0};
-      for (i64 i = 0; i < I; ++i) {
-        T* v = sc.v.data() + i * 16;
-        vote(sc.a.data() + i * 64, W + (i * J + j) * 16, v);
-        for (int e = 0; e < 16; ++e) mu[e] += ra[i] * v[e];
-      }
+      sc.votes(W, j, I, J);
+      T mu[16], vr[16];
+      weighted_sum<T, false>(sc.v.data(), ra.data(), I, nullptr, mu);
       for (int e = 0; e < 16; ++e) mu[e] *= inv;
-      for (i64 i = 0; i < I; ++i) {
-        const T* v = sc.v.data() + i * 16;
-        for (int e = 0; e < 16; ++e) {
-          const T d = v[e] - mu[e];
-          vr[e] += ra[i] * d * d;
-        }
-      }
+      weighted_sum<T, true>(sc.v.data(), ra.data(), I, mu, vr);
       T* mo = mean + (m * J + j) * 16;
       T* vo = var + (m * J + j) * 16;
       for (int e = 0; e < 16; ++e) {
@@ -228,7 +250,7 @@ void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i
                     const T* g_maha, i64 M, i64 J, i64 I, i64 m0, i64 m1, T eps, T* gP, T* gW, T* g_r, T* g_act) {
   (void)M;
   Scratch<T> sc(I);
-  std::vector<T> b(I * 64), gw(J * I), inv(J), gm(J * 16), g_sp(J);
+  std::vector<T> b(I * 64), gw(J * I), inv(J), gm(J * 16), g_sp(J), gbuf(J * 16);
   for (i64 m = m0; m < m1; ++m) {
     sc.expand(P, m, I);
     for (i64 i = 0; i < I; ++i) expand_pose_t(P + (m * I + i) * 16, b.data() + i * 64);
@@ -245,14 +267,14 @@ void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i
     for (i64 i = 0; i < I; ++i) {
       const T* ai = sc.a.data() + i * 64;
       const T* bi = b.data() + i * 64;
-      alignas(64) T gp[16] = {0};
       for (i64 j = 0; j < J; ++j) {
         const i64 mj = m * J + j;
         const T* mu = mean + mj * 16;
         const T* gv = g_var + mj * 16;
         const T* gmj = gm.data() + j * 16;
         const T w = r[m * r_sm + j * r_sj + i] * am[i] * inv[j];
-        alignas(64) T v[16], g[16];
+        alignas(64) T v[16];
+        T* g = gbuf.data() + j * 16;
         vote(ai, W + (i * J + j) * 16, v);
         T acc = 0;
         for (int e = 0; e < 16; ++e) {
@@ -265,13 +287,11 @@ void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i
           const T* iv = inv_var + mj * 16;
           for (int e = 0; e < 16; ++e) g[e] += c * (v[e] - mu[e]) * iv[e];
         }
-        pose_grad(g, WT + (i * J + j) * 16, gp);
         vote_add(bi, g, gW + (i * J + j) * 16);
         gw[j * I + i] = acc;
         g_sp[j] -= acc * w;
       }
-      T* gpo = gP + (m * I + i) * 16;
-      for (int e = 0; e < 16; ++e) gpo[e] += gp[e];
+      pose_grad(gbuf.data(), WT + i * J * 16, J, gP + (m * I + i) * 16);
     }
     T* gam = g_act + m * I;
     for (i64 j = 0; j < J; ++j) {

@@ -2,14 +2,19 @@
 (class-dependent blobs at the tiny SynthNORB subset's viewpoints), so no rendering or download is needed."""
 
 import json
+import math
 import struct
 
 import numpy as np
 import pytest
+import torch
 
-from emcaps import cli
+from emcaps import cli, config, plots, train
 from emcaps.data.norb_format import write_norb
 from emcaps.data.smallnorb import SPLIT_FILES, TEST_INSTANCES, TRAIN_INSTANCES
+from emcaps.data.transforms import center_crop
+from emcaps.experiments import common
+from emcaps.models import create_model
 
 ELEVATIONS = (0, 4, 8)
 AZIMUTHS = (0, 3, 9, 15, 17)        # x 20 degrees: 0, 60, 180, 300, 340
@@ -34,11 +39,21 @@ def norb(tmp_path_factory):
     return root
 
 
-def _png_ok(path):
+def _png_size(path):
     data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    w, h = struct.unpack(">II", data[16:24])
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR" and data.endswith(b"IEND\xaeB`\x82")
+    return struct.unpack(">II", data[16:24])                                # (width, height)
+
+
+def _png_ok(path):
+    w, h = _png_size(path)
     assert w > 50 and h > 50
+
+
+def _fast_test_set(norb):
+    """The test images the fast experiments see: (N, C, 32, 32) centre crops and labels (N,)."""
+    test = common.load(common.data_config("smallnorb", str(norb), fast=True), "test")
+    return center_crop(test.images, 32), test.labels
 
 
 def _run(args, capsys):
@@ -68,6 +83,37 @@ def test_viewpoint_fast(norb, tmp_path, capsys, split):
     assert "![parse map](parse-map.png)" in md
 
 
+def test_viewpoint_pose_perturbation_grid(norb, tmp_path, capsys):
+    """The capsule network of the viewpoint experiment gets a decoder on its frozen class poses and the
+    perturbation grid: 16 rows (pose entries) of 11 steps of 32x32 pictures at scale 2. The decoder must
+    reconstruct the test images better than its untrained self and than predicting zeros (the images
+    are standardised, so zeros score their mean square, about 1); --no-pose-grid skips it all."""
+    out = tmp_path / "grid"
+    _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
+          "--out", str(out)], capsys)
+    results = json.loads((out / "results.json").read_text())
+    d = results["decoder"]
+    assert "pose-perturbation.png" in results["figures"]
+    label_w = max(plots.text_width(f"({k // 4},{k % 4})") for k in range(16)) + 8
+    cell = 32 * 2 + 2
+    assert _png_size(out / "pose-perturbation.png") == (label_w + 11 * cell + 2, 16 * cell + 2)
+    assert d["steps"] == common.FAST["decoder"].steps and d["train_images"] > 0
+    x, y = _fast_test_set(norb)
+    assert int(y[d["image"]]) == d["label"]
+    assert math.isfinite(d["test_mse"]) and d["test_mse"] < d["untrained_test_mse"]
+    assert d["test_mse"] < float((x ** 2).mean())
+    assert len(d["delta"]) == 16 and all(v >= 0 and math.isfinite(v) for v in d["delta"])
+    assert "![pose perturbations](pose-perturbation.png)" in (out / "results.md").read_text()
+
+    skip = tmp_path / "skip"
+    _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
+          "--out", str(skip), "--no-pose-grid"], capsys)
+    results = json.loads((skip / "results.json").read_text())
+    assert results["decoder"] is None and "pose-perturbation.png" not in results["figures"]
+    assert not (skip / "pose-perturbation.png").exists()
+    assert "pose perturbations" not in (skip / "results.md").read_text()
+
+
 def test_adversarial_fast(norb, tmp_path, capsys):
     out = tmp_path / "adv"
     _run(["experiment", "adversarial", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
@@ -90,6 +136,85 @@ def test_adversarial_fast(norb, tmp_path, capsys):
 def test_adversarial_needs_both_checkpoints(capsys):
     assert cli.main(["experiment", "adversarial", "--capsnet", "x.pt"]) == 1
     assert "give both --capsnet" in capsys.readouterr().err
+
+
+def _save(path, name, model, step=7, classes=5):
+    """Save `model` as `emcaps train` does, so that model_from_checkpoint rebuilds it from the config."""
+    train.save_checkpoint(path, {"config": config.load(None, [f"model.name={name}"]).to_dict(),
+                                 "model": model.state_dict(), "step": step, "epoch": 1,
+                                 "data_shape": {"classes": classes, "in_channels": 1}})
+    return path
+
+
+def _rigged(name, answer):
+    """A model that answers class `answer` whatever the image: its scores do not depend on the weights
+    a fresh or briefly trained model would have, so the accuracies tell which weights were used."""
+    torch.manual_seed(0)
+    model = create_model(name)
+    with torch.no_grad():
+        if name == "cnn":
+            model.classifier[-1].weight.zero_()
+            model.classifier[-1].bias.copy_(10.0 * torch.nn.functional.one_hot(torch.tensor(answer), 5))
+        else:
+            model.class_caps.beta_a.copy_(torch.where(torch.arange(5) == answer, 50.0, -50.0))
+    return model
+
+
+def test_adversarial_uses_the_checkpoints(norb, tmp_path, capsys):
+    """--capsnet/--cnn: no training, and every reported number comes from the saved weights. The two
+    models always answer different classes with different frequencies among the attacked images, so
+    the clean accuracies are known in advance (a swap, a fresh model or training would show); they also
+    match the accuracy of the models reloaded here."""
+    x, y = _fast_test_set(norb)
+    x, y = x[:8], y[:8]                                      # the images fast mode attacks
+    counts = torch.bincount(y, minlength=5)
+    cnn_class = int(counts.argmax())
+    caps_class = int((counts != counts[cnn_class]).nonzero()[0])
+    paths = {"cnn": _save(tmp_path / "cnn.pt", "cnn", _rigged("cnn", cnn_class), step=11),
+             "capsules": _save(tmp_path / "caps.pt", "tiny", _rigged("tiny", caps_class), step=13)}
+    out = tmp_path / "adv"
+    _run(["experiment", "adversarial", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
+          "--capsnet", str(paths["capsules"]), "--cnn", str(paths["cnn"]), "--out", str(out)], capsys)
+    results = json.loads((out / "results.json").read_text())
+    expected = {"cnn": float((y == cnn_class).float().mean()),
+                "capsules": float((y == caps_class).float().mean())}
+    assert expected["cnn"] != expected["capsules"]
+    for name, path in paths.items():
+        m = results["models"][name]
+        assert m["source"] == str(path) and m["steps"] == (11 if name == "cnn" else 13)
+        assert "seconds" not in m                            # nothing was trained
+        model = train.model_from_checkpoint(path)[0]
+        assert m["params"] == sum(p.numel() for p in model.parameters())
+        with torch.no_grad():
+            direct = float((model(x).argmax(1) == y).float().mean())
+        for method in ("fgsm", "bim"):
+            assert results["curves"][method]["untargeted_accuracy"][name][0] == direct == expected[name]
+
+
+@pytest.mark.parametrize("problem", ["missing", "garbage", "truncated", "wrong kind", "wrong classes"])
+def test_adversarial_bad_checkpoint_is_one_clear_line(norb, tmp_path, capsys, problem):
+    good_cnn = _save(tmp_path / "cnn.pt", "cnn", create_model("cnn"))
+    caps = tmp_path / "caps.pt"
+    message = {"missing": "no checkpoint or run directory", "garbage": "not a readable emcaps checkpoint",
+               "truncated": "not a readable emcaps checkpoint", "wrong kind": "wrong kind of model",
+               "wrong classes": "trained on 10 classes"}[problem]
+    if problem == "garbage":
+        caps.write_bytes(b"not a checkpoint at all" * 10)
+    elif problem == "truncated":
+        data = _save(caps, "tiny", create_model("tiny")).read_bytes()
+        caps.write_bytes(data[:len(data) // 2])
+    elif problem == "wrong kind":
+        caps = good_cnn
+    elif problem == "wrong classes":
+        _save(caps, "tiny", create_model("tiny", classes=10), classes=10)
+    out = tmp_path / "adv"
+    status = cli.main(["experiment", "adversarial", "--fast", "--quiet", "--data", "smallnorb", "--root",
+                       str(norb), "--capsnet", str(caps), "--cnn", str(good_cnn), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert status == 1
+    assert err.startswith("emcaps: error: ") and err.count("\n") == 1, err
+    assert message in err and str(caps) in err and "--capsnet" in err
+    assert not out.exists()
 
 
 def test_ablation_fast(norb, tmp_path, capsys):

@@ -58,6 +58,27 @@ def test_decoder_and_perturbation_grid(model, tmp_path):
     assert w >= 5 * 64 and h >= 16 * 64
 
 
+def test_fit_decoder_baseline_error_and_per_entry_ranges(model):
+    g = torch.Generator().manual_seed(2)
+    images, labels = torch.randn(12, 1, 32, 32, generator=g), torch.arange(12) % 5
+    poses = viz.class_poses(model, images)                                  # (12, 5, 16)
+    untrained, trained = (viz.fit_decoder(poses, images, labels, steps=s, seed=3) for s in (0, 40))
+    # steps=0 is the trained decoder's starting point: a fair baseline for its reconstruction error.
+    torch.manual_seed(3)
+    fresh = viz.PoseDecoder(5, (1, 32, 32))
+    assert all(torch.equal(a, b) for a, b in zip(untrained.state_dict().values(),
+                                                 fresh.state_dict().values()))
+    errors = [viz.reconstruction_error(d, poses, images, labels) for d in (untrained, trained)]
+    with torch.no_grad():
+        direct = float(((trained(poses, labels) - images) ** 2).mean())
+    assert errors[1] == pytest.approx(direct, rel=1e-6) and errors[1] < errors[0]
+    # One range per entry: an entry given range 0 keeps its row constant.
+    delta = torch.zeros(4, 4)
+    delta[1, 1] = 0.5
+    grid = viz.pose_perturbation_grid(trained, poses[0], int(labels[0]), steps=3, delta=delta)
+    assert [not np.allclose(grid[k, 0], grid[k, 2]) for k in range(16)] == [k == 5 for k in range(16)]
+
+
 def test_parse_map_conserves_credit(model, tmp_path):
     out = viz.parse_map(model, torch.randn(1, 1, 32, 32), tmp_path / "parse.png", scale=3)
     assert 0 <= out["winner"] < 5

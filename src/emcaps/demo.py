@@ -27,11 +27,12 @@ DATA = {
     "quick": ["data.dataset=synthnorb", "data.synth_size=36", "data.synth_subset=tiny", "data.resize=36",
               "data.crop=32", "data.cameras=left", "data.train_limit=256", "data.test_limit=128"],
 }
-# The capsule network costs about 50x the CNN per image on a CPU, so it sees a subset of the training set.
+# With the native routing kernels the small capsule network trains at about 150 images/s on 2 cores (the
+# CNN at about 400), so both see the whole training set within a few minutes.
 MODELS = {
     "full": {
         "capsules": ["model.name=small", "optim.lr=1e-2", "loss.margin_schedule=sigmoid", "train.batch_size=32",
-                     "train.epochs=2", "data.train_limit=1000"],
+                     "train.epochs=4"],
         "cnn": ["model.name=cnn", "optim.lr=1e-3", "train.batch_size=32", "train.epochs=8"],
     },
     "quick": {

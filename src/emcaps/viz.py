@@ -160,10 +160,17 @@ def train_decoder(model: nn.Module, images: Tensor, labels: Tensor, steps: int =
                   batch_size: int = 32, seed: int = 0) -> PoseDecoder:
     """Fit a PoseDecoder to reconstruct images (N, C, H, W) from the frozen model's poses of their true
     class (mean squared error). The capsule network is not changed."""
+    return fit_decoder(class_poses(model, images), images, labels, steps, lr, batch_size, seed)
+
+
+def fit_decoder(poses: Tensor, images: Tensor, labels: Tensor, steps: int = 200, lr: float = 1e-3,
+                batch_size: int = 32, seed: int = 0) -> PoseDecoder:
+    """`train_decoder` on poses (N, E, 16) already taken from the network, so that several decoders (or
+    an untrained one, steps=0, as a baseline) can share one pass of the network; images (N, C, H, W),
+    labels (N,). The same seed gives the same initial decoder whatever `steps` is."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    poses = class_poses(model, images)                                      # (N, E, 16)
-    images, labels = images.cpu(), labels.cpu()
+    poses, images, labels = poses.detach().cpu(), images.cpu(), labels.cpu()
     decoder = PoseDecoder(poses.shape[1], tuple(images.shape[1:]))
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     for _ in range(steps):
@@ -176,15 +183,27 @@ def train_decoder(model: nn.Module, images: Tensor, labels: Tensor, steps: int =
 
 
 @torch.no_grad()
+def reconstruction_error(decoder: PoseDecoder, poses: Tensor, images: Tensor, labels: Tensor) -> float:
+    """Mean squared error per pixel of the decoder's reconstructions of images (N, C, H, W) from poses
+    (N, E, 16) masked to their labels (N,): how much of an image the target class's pose carries."""
+    device = next(decoder.parameters()).device
+    recon = decoder(poses.to(device), labels.to(device)).cpu()
+    return float(F.mse_loss(recon, images.cpu().to(recon.dtype)))
+
+
+@torch.no_grad()
 def pose_perturbation_grid(decoder: PoseDecoder, pose: Tensor, label: int, out_png: str | Path | None = None,
-                           steps: int = 11, delta: float = 0.25) -> np.ndarray:
+                           steps: int = 11, delta: float | Tensor = 0.25) -> np.ndarray:
     """Reconstructions as each of the 16 pose entries of class `label` moves through
     linspace(-delta, delta, steps) around its value in pose (E, 4, 4) or (E, 16).
 
+    delta is one number, or one per entry (16,) or (4, 4): matrix capsule poses are not bounded, so a
+    range matched to how each entry varies over real images says more than one fixed range.
     -> images (16, steps, H, W) (first channel); the PNG has a row per entry, a column per step.
     """
     pose = pose.reshape(decoder.classes, 16).to(next(decoder.parameters()).device)
-    offsets = torch.linspace(-delta, delta, steps, dtype=pose.dtype, device=pose.device)
+    scale = torch.as_tensor(delta, dtype=pose.dtype, device=pose.device).reshape(-1).expand(16)
+    offsets = scale[:, None] * torch.linspace(-1, 1, steps, dtype=pose.dtype, device=pose.device)
     grid = pose.expand(16, steps, -1, -1).clone()                           # (16, steps, E, 16)
     entry = torch.arange(16, device=pose.device)
     grid[entry, :, label, entry] += offsets                                 # entry k moves in row k

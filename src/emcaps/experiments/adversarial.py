@@ -14,27 +14,46 @@ from typing import Any, Sequence
 from emcaps import attacks, plots
 from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
-from emcaps.train import model_from_checkpoint
+from emcaps.train import CheckpointError, model_from_checkpoint
 
 EPS = (0.0, 0.05, 0.1, 0.25, 0.5)
 FAST_EPS = (0.0, 0.5)
 LABELS = {"cnn": "CNN", "capsules": "capsules"}
+FLAGS = {"cnn": "cnn", "capsules": "capsnet"}                  # the command-line option of each checkpoint
 
 
-def _models(train, fast: bool, seed: int, capsnet: str | None, cnn: str | None,
-            device) -> dict[str, dict[str, Any]]:
-    """{'cnn': {...}, 'capsules': {...}} each with the model under 'net', trained here or loaded."""
+def _loaded(capsnet: str, cnn: str, device) -> dict[str, dict[str, Any]]:
+    """{'cnn': {...}, 'capsules': {...}} from checkpoints (of `emcaps train`), each with the model under
+    'net', its training steps and the data shape it was built for; a wrong kind of model is an error."""
+    out = {}
+    for name, path, want in (("cnn", cnn, "logit"), ("capsules", capsnet, "activation")):
+        try:
+            model, _, state = model_from_checkpoint(path, device)
+        except CheckpointError as err:                          # say which of the two files it was
+            raise CheckpointError(f"--{FLAGS[name]}: {err}") from None
+        if getattr(model, "score_kind", "logit") != want:
+            raise ValueError(f"--{FLAGS[name]} {path}: the checkpoint holds the wrong kind of model "
+                             f"({type(model).__name__})")
+        shape = state.get("data_shape", {})
+        out[name] = {**common.describe_model(model, type(model).__name__), "source": str(path),
+                     "steps": state["step"], "classes": shape.get("classes", 5),
+                     "in_channels": shape.get("in_channels", 1), "net": model}
+    return out
+
+
+def _check_fits(models: dict[str, dict[str, Any]], test) -> None:
+    """Loaded models must have been trained on data like the test set (classes, channels)."""
+    want = (test.classes, test.images.shape[1])
+    for name, m in models.items():
+        if (m["classes"], m["in_channels"]) != want:
+            raise ValueError(f"--{FLAGS[name]} {m['source']}: the model was trained on {m['classes']} "
+                             f"classes of {m['in_channels']}-channel images; this test set has {want[0]} "
+                             f"classes of {want[1]}-channel images")
+
+
+def _trained(train, fast: bool, seed: int, device) -> dict[str, dict[str, Any]]:
+    """{'cnn': {...}, 'capsules': {...}} each trained here, with the model under 'net'."""
     cfg = common.settings(fast)
-    if capsnet and cnn:
-        loaded = {"capsules": model_from_checkpoint(capsnet, device)[0],
-                  "cnn": model_from_checkpoint(cnn, device)[0]}
-        for name, want in (("capsules", "activation"), ("cnn", "logit")):
-            if getattr(loaded[name], "score_kind", "logit") != want:
-                flag = "capsnet" if name == "capsules" else "cnn"
-                raise ValueError(f"--{flag} checkpoint holds the wrong kind "
-                                 f"of model ({type(loaded[name]).__name__})")
-        return {name: {**common.describe_model(m, type(m).__name__), "source": path, "net": m}
-                for (name, m), path in zip(loaded.items(), (capsnet, cnn))}
     out = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
         model = common.make_model(arch, train, device=device)
@@ -52,12 +71,17 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     eps = list(eps if eps is not None else (FAST_EPS if fast else EPS))
     images = images or (8 if fast else 500)
     bim_steps = bim_steps or (2 if fast else 10)
+    if bool(capsnet) != bool(cnn):
+        raise ValueError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
+    dev = common.device_of(device)
+    loaded = _loaded(capsnet, cnn, dev) if capsnet and cnn else None     # before the data: fail fast
     data_cfg = common.data_config(dataset, root, fast)
-    train = common.load(data_cfg, "train") if not (capsnet and cnn) else None
     test = common.load(data_cfg, "test")
+    if loaded is not None:
+        _check_fits(loaded, test)
+    models = loaded or _trained(common.load(data_cfg, "train"), fast, seed, dev)
     x, y = center_crop(test.images[:images], 32), test.labels[:images]
     say = (lambda text: None) if quiet else print
-    models = _models(train, fast, seed, capsnet, cnn, common.device_of(device))
     methods = {"fgsm": attacks.fgsm, "bim": functools.partial(attacks.bim, steps=bim_steps)}
     curves: dict[str, dict[str, dict[str, list[float]]]] = {}
     for method, attack in methods.items():

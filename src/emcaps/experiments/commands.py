@@ -34,7 +34,8 @@ def cmd_viewpoint(args: argparse.Namespace) -> int:
     from emcaps.experiments.viewpoint import run_viewpoint
 
     return _finish(run_viewpoint(args.split, args.out, fast=args.fast, dataset=args.data, root=args.root,
-                                 seed=args.seed, quiet=args.quiet, device=args.device))
+                                 seed=args.seed, quiet=args.quiet, device=args.device,
+                                 pose_grid=not args.no_pose_grid))
 
 
 def _floats(text: str) -> list[float]:
@@ -50,8 +51,6 @@ def _floats(text: str) -> list[float]:
 def cmd_adversarial(args: argparse.Namespace) -> int:
     from emcaps.experiments.adversarial import run_adversarial
 
-    if bool(args.capsnet) != bool(args.cnn):
-        raise ValueError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
     eps = _floats(args.eps) if args.eps else None
     return _finish(run_adversarial(args.out, fast=args.fast, dataset=args.data, root=args.root,
                                    seed=args.seed,
@@ -87,10 +86,13 @@ def add_experiment_parser(sub) -> None:
         "Train the CNN and the capsule network on familiar viewpoints only; stop the capsule network "
         "when its "
         "familiar-viewpoint error matches the CNN's; report both models' error on familiar and novel "
-        "viewpoints and per viewpoint."))
+        "viewpoints and per viewpoint. Pictures of the capsule network: routing histograms, a parse map "
+        "and the pose-perturbation grid of a decoder trained on its frozen class poses."))
     q.add_argument("--split", choices=("azimuth", "elevation"), default="azimuth",
                    help="azimuth: train on 300..40 degrees; elevation: train on the 3 lowest "
                         "(default azimuth)")
+    q.add_argument("--no-pose-grid", action="store_true",
+                   help="skip the pose-perturbation picture and the decoder it trains")
     _common(q, "viewpoint")
     q.set_defaults(func=cmd_viewpoint)
 

@@ -38,10 +38,11 @@ class Budget:
 
 
 # Fast mode: tiny SynthNORB at 32 px (no resizing), 'tiny' capsules; full mode: 48 px data, 'small' capsules.
+# 'decoder' trains the PoseDecoder of the pose-perturbation picture on at most 'decoder_images' train images.
 FAST = {"capsnet": "tiny", "capsules": Budget(4, 8, 1e-2), "cnn": Budget(8, 16, 1e-3), "check_every": 2,
-        "test_limit": 64}
+        "test_limit": 64, "decoder": Budget(100, 32, 1e-3), "decoder_images": 256}
 FULL = {"capsnet": "small", "capsules": Budget(3000, 32, 1e-2), "cnn": Budget(3000, 32, 1e-3),
-        "check_every": 200, "test_limit": 2000}
+        "check_every": 200, "test_limit": 2000, "decoder": Budget(3000, 64, 1e-3), "decoder_images": 4000}
 
 
 def settings(fast: bool) -> dict[str, Any]:

@@ -4,6 +4,9 @@ Protocol: train the CNN and the capsule network on the familiar viewpoints only 
 3 lowest elevations). The CNN trains for its budget; the capsule network is stopped as soon as its error
 on the familiar test viewpoints is no worse than the CNN's (or at its own budget). Then both are tested
 on the novel viewpoints, and on every azimuth / elevation of the test set for the figure.
+
+The trained capsule network also gets pictures: routing histograms and a parse map of one novel-viewpoint
+test image, and (unless skipped) the pose-perturbation grid of a decoder trained on its frozen class poses.
 """
 
 from __future__ import annotations
@@ -12,14 +15,18 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
+from torch import nn
 
 from emcaps import plots, viz
 from emcaps.data.smallnorb import ELEVATIONS_DEG, FAMILIAR_AZIMUTHS, FAMILIAR_ELEVATIONS
 from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
+from emcaps.train import ImageSet
 
 SPLITS = ("azimuth", "elevation")
 LABELS = {"cnn": "CNN", "capsules": "capsules"}
+POSE_GRID = "pose-perturbation.png"
 
 
 def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
@@ -31,8 +38,9 @@ def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
 
 def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fast: bool = False,
                   dataset: str = "synthnorb", root: str = "", seed: int = 0, quiet: bool = True,
-                  device: str = "cpu") -> dict[str, Any]:
-    """Run the protocol for one split; writes results.json, results.md and error-per-<split>.png."""
+                  device: str = "cpu", pose_grid: bool = True) -> dict[str, Any]:
+    """Run the protocol for one split; writes results.json, results.md, error-per-<split>.png and the
+    capsule network's pictures (pose_grid=False skips the pose-perturbation grid and its decoder)."""
     if split not in SPLITS:
         raise ValueError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
     cfg = common.settings(fast)
@@ -89,12 +97,54 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     image = center_crop(test.images[novel:novel + 1], 32).to(dev)                # (1, C, 32, 32)
     viz.routing_histograms(caps, image, out / "routing-histograms.png", class_names=test.class_names)
     viz.parse_map(caps, image, out / "parse-map.png")
+    figures = [f"error-per-{split}.png", "routing-histograms.png", "parse-map.png"]
+    decoder = None
+    if pose_grid:
+        decoder = pose_picture(caps, train, test, novel, out / POSE_GRID, cfg["decoder"],
+                               cfg["decoder_images"], seed=seed)
+        figures.append(POSE_GRID)
+        say(f"pose decoder: test reconstruction error {decoder['test_mse']:.3f} "
+            f"(untrained {decoder['untrained_test_mse']:.3f})")
     results = {"experiment": "viewpoint", "split": split, "dataset": dataset, "fast": fast, "seed": seed,
                "train_images": len(train), "test_images": len(test),
                "familiar_test_images": int(familiar.sum()),
-               "models": models, "per_view": per_view,
-               "figures": [f"error-per-{split}.png", "routing-histograms.png", "parse-map.png"]}
+               "models": models, "per_view": per_view, "decoder": decoder, "figures": figures}
     return common.write_results(out, results, _markdown(results))
+
+
+def pose_picture(caps: nn.Module, train: ImageSet, test: ImageSet, index: int, out_png: Path,
+                 budget: common.Budget, images: int, seed: int = 0) -> dict[str, Any]:
+    """Train a PoseDecoder on the frozen capsule network's target-class poses of (at most `images` of) the
+    training images, then draw how the reconstruction of test image `index` changes as each of the 16
+    entries of its true class's pose moves through +-2 standard deviations of that entry (over the
+    decoder's training images of that class) in 11 steps.
+
+    The errors are mean squared per pixel on the centre crops of all test images, which are standardised
+    (predicting zeros scores about 1); an untrained decoder of the same initialisation and the training
+    images' mean image are the baselines a pose that carries the image must beat.
+    -> {'steps', 'train_images', 'test_mse', 'untrained_test_mse', 'mean_image_test_mse', 'image', 'label',
+    'class', 'delta': 16 floats}.
+    """
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:images]
+    x, y = center_crop(train.images[pick], 32), train.labels[pick]                # (N, C, 32, 32), (N,)
+    x_test = center_crop(test.images, 32)                                         # (M, C, 32, 32)
+    poses, test_poses = viz.class_poses(caps, x), viz.class_poses(caps, x_test)   # (N, E, 16), (M, E, 16)
+
+    def fit(steps: int) -> viz.PoseDecoder:
+        return viz.fit_decoder(poses, x, y, steps=steps, lr=budget.lr, batch_size=budget.batch_size,
+                               seed=seed)
+
+    decoder, untrained = fit(budget.steps), fit(0)
+    label = int(test.labels[index])
+    own = poses[torch.arange(len(y)), y]                                          # (N, 16) true-class poses
+    own = own[y == label] if int((y == label).sum()) > 1 else own
+    delta = 2 * own.std(0) if len(own) > 1 else torch.full((16,), 0.25)           # (16,)
+    viz.pose_perturbation_grid(decoder, test_poses[index], label, out_png, steps=11, delta=delta)
+    return {"steps": budget.steps, "train_images": len(y),
+            "test_mse": viz.reconstruction_error(decoder, test_poses, x_test, test.labels),
+            "untrained_test_mse": viz.reconstruction_error(untrained, test_poses, x_test, test.labels),
+            "mean_image_test_mse": float(((x_test - x.mean(0)) ** 2).mean()),
+            "image": index, "label": label, "class": test.class_names[label], "delta": delta.tolist()}
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -118,4 +168,19 @@ def _markdown(r: dict[str, Any]) -> str:
         "each class capsule's mean after each routing iteration, weighted by assignment; and where the "
         "evidence for its winning class comes from.", "",
         "![routing histograms](routing-histograms.png)", "", "![parse map](parse-map.png)",
+        *_decoder_markdown(r["decoder"]),
     ])
+
+
+def _decoder_markdown(d: dict[str, Any] | None) -> list[str]:
+    if d is None:
+        return []
+    return [
+        "", f"A decoder trained for {d['steps']} steps on the frozen network's poses of the true class of "
+        f"{d['train_images']} training images reconstructs the test images with mean squared error "
+        f"{d['test_mse']:.3f} per pixel (untrained decoder {d['untrained_test_mse']:.3f}, the training "
+        f"images' mean image {d['mean_image_test_mse']:.3f}). Each row below moves one of the 16 pose "
+        f"entries (row, column of the 4x4 pose) of the same test image's class capsule ({d['class']}) "
+        "through +-2 standard deviations of that entry in 11 steps; the middle column is the "
+        "unperturbed pose.", "", f"![pose perturbations]({POSE_GRID})",
+    ]

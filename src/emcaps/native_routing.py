@@ -101,7 +101,7 @@ class _ConvRouting(torch.autograd.Function):
             else:
                 r = competition(log_r).exp_()
         ctx.save_for_backward(P, W, a, beta_u, beta_a)
-        ctx.steps, ctx.lambdas, ctx.config = steps, lambdas, config
+        ctx.steps, ctx.lambdas = steps, lambdas
         ctx.competition, ctx.cost_scale, ctx.lib = competition, cost_scale, lib
         return mean, torch.sigmoid(logit)
 

@@ -1,0 +1,77 @@
+"""Time of each native routing kernel per vote and pass, on ConvCaps1-shaped problems of the paper network.
+
+    python benchmarks/bench_kernels.py [--threads 1] [--images 4] [--repeat 5]
+
+Why: a step's throughput mixes the kernels with the PyTorch glue between them; this isolates the kernels
+(best of `--repeat` calls each) and prints how long building the library took, for a fresh kernel cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+
+import torch
+
+from emcaps import kernels
+from emcaps.kernels import PerThread
+
+
+def best_of(fn, repeat: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--images", type=int, default=4, help="images of 6x6 ConvCaps1 positions each")
+    p.add_argument("--repeat", type=int, default=5)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    with tempfile.TemporaryDirectory() as fresh:
+        t0 = time.perf_counter()
+        kernels.build(fresh)
+        print(f"build from a fresh cache: {time.perf_counter() - t0:.1f} s")
+    lib = kernels.library()
+    if lib is None:
+        print("native kernels unavailable", file=sys.stderr)
+        return 1
+
+    m, j, i = 36 * args.images, 32, 288                     # positions, parent types, children (3*3*32)
+    g = torch.Generator().manual_seed(0)
+    P, W = torch.randn(m, i, 16, generator=g), 0.3 * torch.randn(i, j, 16, generator=g)
+    a, r = torch.rand(m, i, generator=g), torch.rand(m, j, i, generator=g)
+    mean, var, s = torch.empty(m, j, 16), torch.empty(m, j, 16), torch.empty(m, j)
+    maha, g_mean, g_iv = torch.empty(m, j, i), torch.empty(m, j, 16), torch.empty(m, j, 16)
+    lib.call("mstep", torch.float32, [P, W, r, r.stride(0), r.stride(1), a, m, j, i, 1e-8, mean, var, s], m, 9)
+    inv_var = 1 / (var + 1e-2)
+    g_maha, g_var, g_s = torch.randn(m, j, i, generator=g), torch.randn(m, j, 16, generator=g), torch.randn(m, j)
+    W_t = W.view(i, j, 4, 4).transpose(-1, -2).reshape(i, j, 16).contiguous()
+    g_P, g_W = torch.zeros(m, i, 16), torch.zeros(lib.threads(m), i, j, 16)
+    g_r, g_a = torch.empty(m, j, i), torch.zeros(m, i)
+    calls = {
+        "mstep": ([P, W, r, r.stride(0), r.stride(1), a, m, j, i, 1e-8, mean, var, s], 9),
+        "estep": ([P, W, mean, inv_var, m, j, i, maha], 7),
+        "estep_backward": ([P, W, mean, inv_var, g_maha, m, j, i, g_mean, g_iv], 8),
+        "mstep_backward": ([P, W, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean, g_var, g_s, inv_var,
+                            g_maha, m, j, i, 1e-8, g_P, PerThread(g_W), g_r, g_a], 17),
+    }
+    votes = m * j * i
+    print(f"{votes:,} votes per call, {lib.threads(m)} thread(s)")
+    for name, (call_args, at) in calls.items():
+        t = best_of(lambda: lib.call(name, torch.float32, call_args, m, at), args.repeat)
+        print(f"{name:15s} {t * 1e3:7.2f} ms  {t / votes * 1e9:5.2f} ns per vote")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

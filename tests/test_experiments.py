@@ -231,6 +231,29 @@ def test_ablation_fast(norb, tmp_path, capsys):
     assert groups == ["coord"] * 2 + ["loss"] * 3 and "cross-entropy" in md
 
 
+def test_steps_replace_the_training_budget(norb, tmp_path, capsys):
+    """--steps N trains every model for N steps and says so in results.json."""
+    out = tmp_path / "abl"
+    _run(["experiment", "ablation", "--fast", "--quiet", "--only", "coord", "--steps", "3", "--data",
+          "smallnorb", "--root", str(norb), "--out", str(out)], capsys)
+    results = json.loads((out / "results.json").read_text())
+    assert results["budget"] == {"steps": 3, "batch_size": common.FAST["capsules"].batch_size,
+                                 "lr": common.FAST["capsules"].lr}
+    assert [run["steps"] for run in results["runs"].values()] == [3, 3]
+    cfg = common.settings(fast=False, steps=40)
+    assert cfg["cnn"].steps == cfg["capsules"].steps == 40 and cfg["check_every"] == 4
+    assert common.settings(fast=False)["capsules"].steps == common.FULL["capsules"].steps   # not mutated
+
+
+@pytest.mark.parametrize("experiment", ["viewpoint", "adversarial", "ablation"])
+def test_steps_must_be_positive(experiment, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["experiment", experiment, "--fast", "--steps", "0", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "--steps must be a positive number of training steps, got 0" in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_ablation_rejects_unknown_groups(capsys):
     assert cli.main(["experiment", "ablation", "--only", "iterations,pose"]) == 1
     assert "unknown ablation group(s) pose" in capsys.readouterr().err

@@ -48,10 +48,11 @@ def variants(only: Sequence[str] | None = None) -> dict[str, list[Variant]]:
 
 def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: str = "synthnorb",
                  root: str = "", seed: int = 0, only: Sequence[str] | None = None,
-                 quiet: bool = True, device: str = "cpu") -> dict[str, Any]:
-    """Train every distinct variant, test it; writes results.json, results.md and test-error.png."""
+                 quiet: bool = True, device: str = "cpu", steps: int | None = None) -> dict[str, Any]:
+    """Train every distinct variant, test it; writes results.json, results.md and test-error.png.
+    `steps` replaces each variant's training budget (see `common.settings`)."""
     groups = variants(only)
-    cfg = common.settings(fast)
+    cfg = common.settings(fast, steps)
     data_cfg = common.data_config(dataset, root, fast)
     train, test = common.load(data_cfg, "train"), common.load(data_cfg, "test")
     say = (lambda text: None) if quiet else print
@@ -60,7 +61,7 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
         routing = RoutingConfig(iterations=v.iterations, chunk=0, recompute=False)
         model = common.make_model(cfg["capsnet"], train, routing=routing, coord_add=v.coord_add,
                                   device=common.device_of(device))
-        fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed)
+        fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed, desc="" if quiet else v.key)
         err = common.error(common.predict(model, test), test.labels)
         paper = PAPER.get(v)
         runs[v.key] = {"iterations": v.iterations, "coord_add": v.coord_add, "loss": v.loss,
@@ -79,7 +80,7 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
                         title="TEST ERROR VS ROUTING ITERATIONS", xlabel="iterations", ylabel="error %")
         figures.append("error-vs-iterations.png")
     results = {"experiment": "ablation", "dataset": dataset, "fast": fast, "seed": seed,
-               "model": cfg["capsnet"],
+               "model": cfg["capsnet"], "budget": common.budgets(cfg)["capsules"],
                "train_images": len(train), "test_images": len(test),
                "groups": {g: [v.key for v in vs] for g, vs in groups.items()}, "runs": runs,
                "figures": figures}

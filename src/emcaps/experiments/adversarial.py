@@ -51,26 +51,27 @@ def _check_fits(models: dict[str, dict[str, Any]], test) -> None:
                              f"classes of {want[1]}-channel images")
 
 
-def _trained(train, fast: bool, seed: int, device) -> dict[str, dict[str, Any]]:
-    """{'cnn': {...}, 'capsules': {...}} each trained here, with the model under 'net'."""
-    cfg = common.settings(fast)
+def _trained(train, cfg: dict[str, Any], seed: int, device, quiet: bool) -> dict[str, dict[str, Any]]:
+    """{'cnn': {...}, 'capsules': {...}} each trained here (budgets from `cfg`), with the model under 'net'."""
     out = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
         model = common.make_model(arch, train, device=device)
-        out[name] = {**common.describe_model(model, arch), **common.fit(model, train, cfg[name], seed=seed),
-                     "source": "trained", "net": model}
+        fitted = common.fit(model, train, cfg[name], seed=seed, desc="" if quiet else LABELS[name])
+        out[name] = {**common.describe_model(model, arch), **fitted, "source": "trained", "net": model}
     return out
 
 
 def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dataset: str = "synthnorb",
                     root: str = "", seed: int = 0, capsnet: str | None = None, cnn: str | None = None,
                     eps: Sequence[float] | None = None, images: int | None = None,
-                    bim_steps: int | None = None,
-                    quiet: bool = True, device: str = "cpu") -> dict[str, Any]:
-    """Train (or load) both models, attack them, write results.json, results.md and four PNGs."""
+                    bim_steps: int | None = None, quiet: bool = True, device: str = "cpu",
+                    steps: int | None = None) -> dict[str, Any]:
+    """Train (or load) both models, attack them, write results.json, results.md and four PNGs.
+    `steps` replaces the training budget of both models (see `common.settings`)."""
     eps = list(eps if eps is not None else (FAST_EPS if fast else EPS))
     images = images or (8 if fast else 500)
     bim_steps = bim_steps or (2 if fast else 10)
+    cfg = common.settings(fast, steps)
     if bool(capsnet) != bool(cnn):
         raise ValueError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
     dev = common.device_of(device)
@@ -79,7 +80,7 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     test = common.load(data_cfg, "test")
     if loaded is not None:
         _check_fits(loaded, test)
-    models = loaded or _trained(common.load(data_cfg, "train"), fast, seed, dev)
+    models = loaded or _trained(common.load(data_cfg, "train"), cfg, seed, dev, quiet)
     x, y = center_crop(test.images[:images], 32), test.labels[:images]
     say = (lambda text: None) if quiet else print
     methods = {"fgsm": attacks.fgsm, "bim": functools.partial(attacks.bim, steps=bim_steps)}
@@ -109,6 +110,7 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
         del m["net"]
     results = {"experiment": "adversarial", "dataset": dataset, "fast": fast, "seed": seed, "eps": eps,
                "attack_images": len(y), "bim_steps": bim_steps, "models": models, "curves": curves,
+               "budgets": None if loaded else common.budgets(cfg),
                "figures": figures,
                "objective": {"cnn": "cross-entropy",
                              "capsules": f"spread loss, margin {attacks.ATTACK_MARGIN}"}}

@@ -20,6 +20,8 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
                    help="synthnorb (rendered once into the data cache; default) or smallnorb "
                         "(files under --root or the data cache)")
     p.add_argument("--root", metavar="DIR", default="", help="data directory (default: the data cache)")
+    p.add_argument("--steps", type=int, metavar="N", help="training steps of every model the experiment trains "
+                   "(default 3000, batch 32; fast: a few)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
@@ -35,7 +37,7 @@ def cmd_viewpoint(args: argparse.Namespace) -> int:
 
     return _finish(run_viewpoint(args.split, args.out, fast=args.fast, dataset=args.data, root=args.root,
                                  seed=args.seed, quiet=args.quiet, device=args.device,
-                                 pose_grid=not args.no_pose_grid))
+                                 pose_grid=not args.no_pose_grid, steps=args.steps))
 
 
 def _floats(text: str) -> list[float]:
@@ -55,7 +57,7 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
     return _finish(run_adversarial(args.out, fast=args.fast, dataset=args.data, root=args.root,
                                    seed=args.seed,
                                    capsnet=args.capsnet, cnn=args.cnn, eps=eps, quiet=args.quiet,
-                                   device=args.device))
+                                   device=args.device, steps=args.steps))
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
@@ -63,7 +65,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     return _finish(run_ablation(args.out, fast=args.fast, dataset=args.data, root=args.root, seed=args.seed,
-                                only=only, quiet=args.quiet, device=args.device))
+                                only=only, quiet=args.quiet, device=args.device, steps=args.steps))
 
 
 def cmd_report(args: argparse.Namespace) -> int:

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -23,7 +24,7 @@ from emcaps.data.transforms import center_crop, train_augment
 from emcaps.losses import linear_margin
 from emcaps.models import count_parameters, create_model
 from emcaps.routing import RoutingConfig
-from emcaps.train import ImageSet, compute_loss, load_split
+from emcaps.train import Bar, ImageSet, compute_loss, load_split
 
 DATASETS = ("synthnorb", "smallnorb")
 
@@ -45,8 +46,22 @@ FULL = {"capsnet": "small", "capsules": Budget(3000, 32, 1e-2), "cnn": Budget(30
         "check_every": 200, "test_limit": 2000, "decoder": Budget(3000, 64, 1e-3), "decoder_images": 4000}
 
 
-def settings(fast: bool) -> dict[str, Any]:
-    return FAST if fast else FULL
+def settings(fast: bool, steps: int | None = None) -> dict[str, Any]:
+    """The fast or full settings; `steps` replaces the training steps of the CNN and the capsule network
+    (the early-stopping check then runs at least 10 times over the budget)."""
+    cfg = dict(FAST if fast else FULL)
+    if steps is not None:
+        if steps < 1:
+            raise ValueError(f"--steps must be a positive number of training steps, got {steps}")
+        for name in ("capsules", "cnn"):
+            cfg[name] = replace(cfg[name], steps=steps)
+        cfg["check_every"] = max(1, min(cfg["check_every"], steps // 10))
+    return cfg
+
+
+def budgets(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """What each model's training was given, for results.json."""
+    return {name: asdict(cfg[name]) for name in ("cnn", "capsules", "decoder")}
 
 
 def device_of(name: str) -> torch.device:
@@ -87,11 +102,12 @@ def default_loss(model: nn.Module) -> str:
 
 def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: str | None = None,
         seed: int = 0, check_every: int = 0,
-        stop: Callable[[nn.Module, int], bool] | None = None) -> dict[str, Any]:
+        stop: Callable[[nn.Module, int], bool] | None = None, desc: str = "") -> dict[str, Any]:
     """Train on random crops (with brightness/contrast jitter) of data.images (N, C, S, S).
 
     The spread loss's margin rises linearly from 0.2 to 0.9 over the budget. Every `check_every` steps
-    `stop(model, step)` may end training early. -> {'steps', 'seconds', 'final_loss', 'stopped_early'}.
+    `stop(model, step)` may end training early. A non-empty `desc` draws a progress line on a terminal.
+    -> {'steps', 'seconds', 'final_loss', 'stopped_early'}.
     """
     loss = loss or default_loss(model)
     device = next(model.parameters()).device
@@ -100,6 +116,7 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
     opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
     model.train()
     start, value, step, early = time.perf_counter(), math.nan, 0, False
+    bar = Bar(budget.steps, desc, enabled=bool(desc) and sys.stderr.isatty())
     while step < budget.steps:
         idx = torch.randint(0, len(data), (min(budget.batch_size, len(data)),), generator=g)
         x = train_augment(data.images[idx], crop, generator=g).to(device)
@@ -112,10 +129,13 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
         value, step = float(out.detach()), step + 1
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at step {step} (loss {value})")
+        acc = float((scores.detach().argmax(1).cpu() == data.labels[idx]).float().mean())
+        bar.update(step, step * len(idx), value, acc)
         due = stop is not None and check_every and step % check_every == 0 and step < budget.steps
         if due and stop(model, step):
             early = True
             break
+    bar.close()
     model.eval()
     return {"steps": step, "seconds": time.perf_counter() - start, "final_loss": value,
             "stopped_early": early}

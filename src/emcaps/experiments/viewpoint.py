@@ -38,12 +38,13 @@ def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
 
 def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fast: bool = False,
                   dataset: str = "synthnorb", root: str = "", seed: int = 0, quiet: bool = True,
-                  device: str = "cpu", pose_grid: bool = True) -> dict[str, Any]:
+                  device: str = "cpu", pose_grid: bool = True, steps: int | None = None) -> dict[str, Any]:
     """Run the protocol for one split; writes results.json, results.md, error-per-<split>.png and the
-    capsule network's pictures (pose_grid=False skips the pose-perturbation grid and its decoder)."""
+    capsule network's pictures (pose_grid=False skips the pose-perturbation grid and its decoder).
+    `steps` replaces the training budget of both models (see `common.settings`)."""
     if split not in SPLITS:
         raise ValueError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
-    cfg = common.settings(fast)
+    cfg = common.settings(fast, steps)
     dev = common.device_of(device)
     key = "train_azimuths" if split == "azimuth" else "train_elevations"
     data_cfg = common.data_config(dataset, root, fast, **{key: "familiar"})
@@ -63,7 +64,7 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     say = (lambda text: None) if quiet else print
     models: dict[str, dict[str, Any]] = {}
     cnn = common.make_model("cnn", train, device=dev)
-    fitted = common.fit(cnn, train, cfg["cnn"], seed=seed)
+    fitted = common.fit(cnn, train, cfg["cnn"], seed=seed, desc="" if quiet else "CNN")
     models["cnn"] = {**common.describe_model(cnn, "cnn"), **fitted, **evaluate(cnn)}
     target = models["cnn"]["familiar_error"]
     say(f"CNN: familiar {common.pct(target)}, novel {common.pct(models['cnn']['novel_error'])}")
@@ -73,7 +74,8 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     def matched(model, step) -> bool:
         return common.error(common.predict(model, test), test.labels, familiar) <= target
 
-    fitted = common.fit(caps, train, cfg["capsules"], seed=seed, check_every=cfg["check_every"], stop=matched)
+    fitted = common.fit(caps, train, cfg["capsules"], seed=seed, check_every=cfg["check_every"], stop=matched,
+                        desc="" if quiet else "capsules")
     models["capsules"] = {**common.describe_model(caps, cfg["capsnet"]), **fitted, **evaluate(caps)}
     models["capsules"]["matched"] = bool(models["capsules"]["familiar_error"] <= target)
     say(f"capsules: familiar {common.pct(models['capsules']['familiar_error'])}, "
@@ -107,7 +109,7 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
             f"(untrained {decoder['untrained_test_mse']:.3f})")
     results = {"experiment": "viewpoint", "split": split, "dataset": dataset, "fast": fast, "seed": seed,
                "train_images": len(train), "test_images": len(test),
-               "familiar_test_images": int(familiar.sum()),
+               "familiar_test_images": int(familiar.sum()), "budgets": common.budgets(cfg),
                "models": models, "per_view": per_view, "decoder": decoder, "figures": figures}
     return common.write_results(out, results, _markdown(results))
 

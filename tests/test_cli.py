@@ -38,10 +38,12 @@ def one_error_line(err: str) -> str:
     (["train", "--resume", "/no/such/run"], 1, "no checkpoint or run directory"),
     (["train", "--set", "data.dataset=smallnorb", "--set", "data.root=/no/such/dir"], 1, "does not exist"),
 ])
-def test_user_errors_are_one_line(capsys, argv, code, text):
+def test_user_errors_are_one_line(capsys, monkeypatch, tmp_path, argv, code, text):
+    monkeypatch.chdir(tmp_path)                  # where a default run folder would go
     status, _, err = run(capsys, *argv)
     assert status == code
     assert text in one_error_line(err)
+    assert not (tmp_path / "runs").exists()     # a run that cannot start leaves no folder behind
 
 
 def test_corrupt_checkpoint_is_an_error(capsys, tmp_path):

@@ -553,8 +553,6 @@ def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | Non
     dd = setup_distributed(config.train.device)
     if dd.main:
         _check_run_dir(run_dir, resuming=state is not None)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.toml", config.to_toml().encode())
     device = resolve_device(config.train.device, dd.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)            # nccl and the default cuda stream follow this process's GPU
@@ -579,6 +577,9 @@ def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | Non
     if loss_kind in ("spread", "margin") and getattr(model, "score_kind", "") != "activation":
         raise ConfigError(f"loss.name {loss_kind!r} needs a capsule model (activations in [0, 1]); "
                           f"model {config.model.name!r} gives logits: use 'cross_entropy'")
+    if dd.main:                                  # only now: a run that cannot start leaves no folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.toml", config.to_toml().encode())
     optimizer = build_optimizer(config.optim, model.parameters())
     batches_per_epoch = math.ceil((len(train_set) // dd.world) / tc.batch_size)
     if batches_per_epoch == 0:

@@ -100,7 +100,10 @@ class _ConvRouting(torch.autograd.Function):
                 r = torch.softmax(log_r, dim=1)
             else:
                 r = competition(log_r).exp_()
-        ctx.save_for_backward(P, W, a, beta_u, beta_a)
+        # `mean` is an output: keeping it on ctx would make a reference cycle (output -> node -> ctx ->
+        # output) that leaks every step's graph, so it goes through save_for_backward.
+        steps[-1] = (r, None, var, s, logit)
+        ctx.save_for_backward(P, W, a, beta_u, beta_a, mean)
         ctx.steps, ctx.lambdas = steps, lambdas
         ctx.competition, ctx.cost_scale, ctx.lib = competition, cost_scale, lib
         return mean, torch.sigmoid(logit)
@@ -108,7 +111,7 @@ class _ConvRouting(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, g_mean_out, g_act_out):
-        P, W, a, beta_u, beta_a = ctx.saved_tensors
+        P, W, a, beta_u, beta_a, mean_out = ctx.saved_tensors
         steps, lambdas, lib, cs = ctx.steps, ctx.lambdas, ctx.lib, ctx.cost_scale
         m, n_in, _ = P.shape
         n_out = W.shape[1]
@@ -122,6 +125,7 @@ class _ConvRouting(torch.autograd.Function):
         last = len(lambdas) - 1
         for t in range(last, -1, -1):
             r, mean, var, s, logit = steps[t]
+            mean = mean_out if mean is None else mean
             lam = lambdas[t]
             inv_var = 1.0 / var
             log_var_sum = torch.log(var).sum(-1)

@@ -73,6 +73,9 @@ def test_viewpoint_fast(norb, tmp_path, capsys, split):
     for m in results["models"].values():
         assert 0 <= m["familiar_error"] <= 1 and 0 <= m["novel_error"] <= 1 and m["params"] > 0
         assert 1 <= m["steps"] <= 8
+    checks = results["models"]["capsules"]["checks"]         # the early-stopping checks on the way
+    assert checks and all(c["step"] % common.FAST["check_every"] == 0 and 0 <= c["familiar_error"] <= 1
+                          for c in checks)
     values = results["per_view"]["values"]
     assert len(values) == (5 if split == "azimuth" else 3)
     assert all(0 <= e <= 1 for e in results["per_view"]["capsules"])

@@ -55,7 +55,7 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
     cfg = common.settings(fast, steps)
     data_cfg = common.data_config(dataset, root, fast)
     train, test = common.load(data_cfg, "train"), common.load(data_cfg, "test")
-    say = (lambda text: None) if quiet else print
+    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     runs: dict[str, dict[str, Any]] = {}
     for v in dict.fromkeys(v for vs in groups.values() for v in vs):
         routing = RoutingConfig(iterations=v.iterations, chunk=0, recompute=False)

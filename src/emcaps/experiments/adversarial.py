@@ -82,7 +82,7 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
         _check_fits(loaded, test)
     models = loaded or _trained(common.load(data_cfg, "train"), cfg, seed, dev, quiet)
     x, y = center_crop(test.images[:images], 32), test.labels[:images]
-    say = (lambda text: None) if quiet else print
+    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     methods = {"fgsm": attacks.fgsm, "bim": functools.partial(attacks.bim, steps=bim_steps)}
     curves: dict[str, dict[str, dict[str, list[float]]]] = {}
     for method, attack in methods.items():

@@ -61,7 +61,7 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
         return {"predicted": predicted, "familiar_error": common.error(predicted, test.labels, familiar),
                 "novel_error": common.error(predicted, test.labels, ~familiar)}
 
-    say = (lambda text: None) if quiet else print
+    say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     models: dict[str, dict[str, Any]] = {}
     cnn = common.make_model("cnn", train, device=dev)
     fitted = common.fit(cnn, train, cfg["cnn"], seed=seed, desc="" if quiet else "CNN")
@@ -71,13 +71,20 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
 
     caps = common.make_model(cfg["capsnet"], train, device=dev)
 
+    checks: list[dict[str, float]] = []                    # the capsule network's familiar error on the way
+
     def matched(model, step) -> bool:
-        return common.error(common.predict(model, test), test.labels, familiar) <= target
+        checks.append({"step": step, "familiar_error": common.error(common.predict(model, test), test.labels,
+                                                                    familiar)})
+        say(f"capsules step {step}: familiar {common.pct(checks[-1]['familiar_error'])} "
+            f"(CNN {common.pct(target)})")
+        return checks[-1]["familiar_error"] <= target
 
     fitted = common.fit(caps, train, cfg["capsules"], seed=seed, check_every=cfg["check_every"], stop=matched,
                         desc="" if quiet else "capsules")
     models["capsules"] = {**common.describe_model(caps, cfg["capsnet"]), **fitted, **evaluate(caps)}
     models["capsules"]["matched"] = bool(models["capsules"]["familiar_error"] <= target)
+    models["capsules"]["checks"] = checks
     say(f"capsules: familiar {common.pct(models['capsules']['familiar_error'])}, "
         f"novel {common.pct(models['capsules']['novel_error'])}")
 
@@ -165,6 +172,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f"The capsule network {stop} (paper, smallNORB {r['split']}: CNN "
         f"{'20% / 3.7%' if r['split'] == 'azimuth' else '17.8% / 4.3%'}, capsules "
         f"{'13.5% / 3.7%' if r['split'] == 'azimuth' else '12.3% / 4.3%'} novel / familiar).", "",
+        *([f"Its familiar-viewpoint error on the way (step: error): " + ", ".join(
+            f"{c['step']}: {common.pct(c['familiar_error'])}" for c in m["capsules"]["checks"]) + ".", ""]
+          if m["capsules"].get("checks") else []),
         f"![error per {r['split']}](error-per-{r['split']}.png)", "",
         "The capsule network on one novel-viewpoint test image: distances from the class layer's votes to "
         "each class capsule's mean after each routing iteration, weighted by assignment; and where the "

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 

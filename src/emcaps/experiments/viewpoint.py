@@ -172,7 +172,7 @@ def _markdown(r: dict[str, Any]) -> str:
         f"The capsule network {stop} (paper, smallNORB {r['split']}: CNN "
         f"{'20% / 3.7%' if r['split'] == 'azimuth' else '17.8% / 4.3%'}, capsules "
         f"{'13.5% / 3.7%' if r['split'] == 'azimuth' else '12.3% / 4.3%'} novel / familiar).", "",
-        *([f"Its familiar-viewpoint error on the way (step: error): " + ", ".join(
+        *(["Its familiar-viewpoint error on the way (step: error): " + ", ".join(
             f"{c['step']}: {common.pct(c['familiar_error'])}" for c in m["capsules"]["checks"]) + ".", ""]
           if m["capsules"].get("checks") else []),
         f"![error per {r['split']}](error-per-{r['split']}.png)", "",

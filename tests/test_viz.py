@@ -66,8 +66,12 @@ def test_fit_decoder_baseline_error_and_per_entry_ranges(model):
     # steps=0 is the trained decoder's starting point: a fair baseline for its reconstruction error.
     torch.manual_seed(3)
     fresh = viz.PoseDecoder(5, (1, 32, 32))
-    assert all(torch.equal(a, b) for a, b in zip(untrained.state_dict().values(),
-                                                 fresh.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(untrained.net.parameters(), fresh.net.parameters()))
+    # Both standardise each pose entry by the training poses of the target classes.
+    own = poses[torch.arange(12), labels]                                   # (12, 16)
+    for d in (untrained, trained):
+        torch.testing.assert_close(d.pose_mean, own.mean(0))
+        torch.testing.assert_close(d.pose_scale, own.std(0))
     errors = [viz.reconstruction_error(d, poses, images, labels) for d in (untrained, trained)]
     with torch.no_grad():
         direct = float(((trained(poses, labels) - images) ** 2).mean())

@@ -130,7 +130,11 @@ def _draw_histograms(path: str | Path, counts: np.ndarray, edges: np.ndarray, ac
 
 class PoseDecoder(nn.Module):
     """MLP from class capsule poses (N, E, 16), all but the target class masked to zero, to an image
-    (N, C, S, S): a window onto what the 16 pose entries of a class capsule encode."""
+    (N, C, S, S): a window onto what the 16 pose entries of a class capsule encode.
+
+    Poses are unbounded (entries of a trained network's class poses can have a spread of 10 or more), so
+    the decoder standardises each entry with `pose_mean` and `pose_scale` (16,), set by `fit_decoder`
+    from its training poses; without that, large entries make the MLP fit noise."""
 
     def __init__(self, classes: int, image_shape: tuple[int, int, int] = (1, 32, 32),
                  hidden: int = 256) -> None:
@@ -138,10 +142,12 @@ class PoseDecoder(nn.Module):
         self.classes, self.image_shape = classes, tuple(image_shape)
         self.net = nn.Sequential(nn.Linear(classes * 16, hidden), nn.ReLU(), nn.Linear(hidden, 2 * hidden),
                                  nn.ReLU(), nn.Linear(2 * hidden, int(np.prod(image_shape))))
+        self.register_buffer("pose_mean", torch.zeros(16))
+        self.register_buffer("pose_scale", torch.ones(16))
 
     def forward(self, pose: Tensor, labels: Tensor) -> Tensor:
         """pose (N, E, 4, 4) or (N, E, 16), labels (N,) -> images (N, C, S, S)."""
-        pose = pose.reshape(pose.shape[0], self.classes, 16)
+        pose = (pose.reshape(pose.shape[0], self.classes, 16) - self.pose_mean) / self.pose_scale
         mask = F.one_hot(labels, self.classes).to(pose.dtype).unsqueeze(-1)     # (N, E, 1)
         return self.net((pose * mask).flatten(1)).view(-1, *self.image_shape)
 
@@ -172,6 +178,10 @@ def fit_decoder(poses: Tensor, images: Tensor, labels: Tensor, steps: int = 200,
     torch.manual_seed(seed)
     poses, images, labels = poses.detach().cpu(), images.cpu(), labels.cpu()
     decoder = PoseDecoder(poses.shape[1], tuple(images.shape[1:]))
+    own = poses[torch.arange(len(labels)), labels]                       # (N, 16) the target classes' poses
+    decoder.pose_mean.copy_(own.mean(0))
+    if len(own) > 1:
+        decoder.pose_scale.copy_(own.std(0).clamp_min(1e-6))
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
     for _ in range(steps):
         idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=g)

@@ -1,0 +1,72 @@
+"""How fast the capsule network learns under different routing settings: a short training run per variant
+on the viewpoint experiment's data (SynthNORB small subset, familiar azimuths), printing the error on the
+familiar-azimuth test images every few steps.
+
+    python benchmarks/learning_sweep.py --steps 450 \
+        --variant '{}' --variant '{"normalize_cost": true, "final_lambda": 1.0}' --variant '{"lr": 3e-3}'
+
+A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'loss' (spread / margin /
+cross_entropy) and 'class_std' (re-initialise the class capsules' transforms with this std).
+Not a timing benchmark: it measures how far each setting gets in a fixed number of steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from emcaps.experiments import common
+from emcaps.experiments.viewpoint import familiar_mask
+from emcaps.routing import RoutingConfig
+
+
+def run(variant: dict, train, test, familiar, steps: int, every: int, model_name: str, seed: int) -> dict:
+    v = dict(variant)
+    lr, loss, class_std = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("class_std", None)
+    torch.manual_seed(seed)
+    model = common.make_model(model_name, train, routing=RoutingConfig(chunk=0, recompute=False, **v))
+    if class_std:
+        with torch.no_grad():
+            torch.nn.init.trunc_normal_(model.class_caps.weight, std=class_std, a=-2 * class_std,
+                                        b=2 * class_std)
+    history = []
+
+    def check(m, step) -> bool:
+        history.append((step, common.error(common.predict(m, test), test.labels, familiar)))
+        return False
+
+    started = time.perf_counter()
+    fitted = common.fit(model, train, common.Budget(steps, 32, lr), loss=loss, seed=seed, check_every=every,
+                        stop=check)
+    check(model, steps)
+    return {"variant": variant, "history": history, "final_loss": fitted["final_loss"],
+            "seconds": time.perf_counter() - started}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--variant", action="append", default=[], help="JSON object (repeatable; default '{}')")
+    p.add_argument("--steps", type=int, default=450)
+    p.add_argument("--every", type=int, default=150, help="test every N steps")
+    p.add_argument("--model", default="small")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="one JSON line per variant")
+    args = p.parse_args()
+    cfg = common.data_config("synthnorb", "", False, train_azimuths="familiar")
+    train, test = common.load(cfg, "train"), common.load(cfg, "test")
+    familiar = familiar_mask("azimuth", test.meta)
+    for text in args.variant or ["{}"]:
+        result = run(json.loads(text), train, test, familiar, args.steps, args.every, args.model, args.seed)
+        if args.json:
+            print(json.dumps(result), flush=True)
+        else:
+            errors = ", ".join(f"{s}: {100 * e:.1f}%" for s, e in result["history"])
+            print(f"{text:60s} familiar-azimuth test error at step {errors}; final loss "
+                  f"{result['final_loss']:.3f}; {result['seconds']:.0f} s", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -102,6 +102,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f"images); one change from the base (3 iterations, spread loss, coordinate addition) per row"
         f"{' (fast mode: a smoke test, not a result)' if r['fast'] else ''}. "
         "The paper's column is smallNORB.", "",
+        *([f"Each variant trained for {r['budget']['steps']} steps of {r['budget']['batch_size']} random "
+           f"crops (Adam, lr {r['budget']['lr']:g}), the same data order and initial seed for all.", ""]
+          if r.get("budget") else []),
         common.markdown_table(["group", "routing iterations", "loss", "coordinate addition", "test error",
                                "paper"], rows)]
     parts += [f"\n![{name}]({name})" for name in r["figures"]]

@@ -169,6 +169,9 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{r['test_images']} test images, {r['familiar_test_images']} of them at familiar viewpoints"
         f"{' (fast mode: a smoke test, not a result)' if r['fast'] else ''}.", "",
         common.markdown_table(["model", "familiar error", "novel error", "steps"], rows), "",
+        *([f"Budgets: CNN {r['budgets']['cnn']['steps']} steps, capsules at most "
+           f"{r['budgets']['capsules']['steps']} steps, batch {r['budgets']['capsules']['batch_size']}.", ""]
+          if r.get("budgets") else []),
         f"The capsule network {stop} (paper, smallNORB {r['split']}: CNN "
         f"{'20% / 3.7%' if r['split'] == 'azimuth' else '17.8% / 4.3%'}, capsules "
         f"{'13.5% / 3.7%' if r['split'] == 'azimuth' else '12.3% / 4.3%'} novel / familiar).", "",

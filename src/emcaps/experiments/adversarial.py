@@ -123,6 +123,12 @@ def _markdown(r: dict[str, Any]) -> str:
              f"standardised pixel units{' (fast mode: a smoke test, not a result)' if r['fast'] else ''}. "
              f"Paper (smallNORB, eps 0.5 untargeted accuracy): FGSM CNN ~3% / capsules ~69%, BIM CNN ~5% / "
              f"capsules ~55%.", ""]
+    m = r["models"]
+    parts += ["Models: " + "; ".join(
+        f"{LABELS[k]} ({m[k]['model']}, {m[k]['params']:,} params, "
+        + (f"trained here for {m[k]['steps']} steps of batch {r['budgets'][k]['batch_size']})"
+           if m[k].get("source") == "trained" and r.get("budgets") else f"from {m[k]['source']})")
+        for k in ("cnn", "capsules")) + ".", ""]
     for method, c in r["curves"].items():
         header = ["model"] + [f"eps {e:g}" for e in r["eps"]]
         for kind, title in (("untargeted_accuracy", "untargeted accuracy"),

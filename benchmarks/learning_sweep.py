@@ -23,6 +23,23 @@ from emcaps.experiments.viewpoint import familiar_mask
 from emcaps.routing import RoutingConfig
 
 
+@torch.no_grad()
+def activation_stats(model, images) -> dict[str, tuple[float, float]]:
+    """Mean and standard deviation of each capsule layer's activations on images (N, C, 32, 32): how far
+    from 'half active, half inactive' (Hinton's advice for the initialisation) a network starts."""
+    seen, hooks = {}, []
+    for name in ("primary", "conv_caps1", "conv_caps2", "class_caps"):
+        hooks.append(getattr(model, name).register_forward_hook(
+            lambda module, inputs, out, name=name: seen.__setitem__(name, out.activation)))
+    was_training = model.training
+    model.eval()
+    model(images)
+    model.train(was_training)
+    for h in hooks:
+        h.remove()
+    return {name: (float(a.mean()), float(a.std())) for name, a in seen.items()}
+
+
 def run(variant: dict, train, test, familiar, steps: int, every: int, model_name: str, seed: int) -> dict:
     v = dict(variant)
     lr, loss, class_std = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("class_std", None)
@@ -32,6 +49,7 @@ def run(variant: dict, train, test, familiar, steps: int, every: int, model_name
         with torch.no_grad():
             torch.nn.init.trunc_normal_(model.class_caps.weight, std=class_std, a=-2 * class_std,
                                         b=2 * class_std)
+    initial = activation_stats(model, test.images[:32, :, 8:40, 8:40])
     history = []
 
     def check(m, step) -> bool:
@@ -42,7 +60,8 @@ def run(variant: dict, train, test, familiar, steps: int, every: int, model_name
     fitted = common.fit(model, train, common.Budget(steps, 32, lr), loss=loss, seed=seed, check_every=every,
                         stop=check)
     check(model, steps)
-    return {"variant": variant, "history": history, "final_loss": fitted["final_loss"],
+    return {"variant": variant, "initial_activations": initial, "history": history,
+            "final_loss": fitted["final_loss"],
             "seconds": time.perf_counter() - started}
 
 
@@ -64,6 +83,9 @@ def main() -> None:
             print(json.dumps(result), flush=True)
         else:
             errors = ", ".join(f"{s}: {100 * e:.1f}%" for s, e in result["history"])
+            start = ", ".join(f"{k} {m:.3f} +- {sd:.3f}"
+                              for k, (m, sd) in result["initial_activations"].items())
+            print(f"{text}: activations at initialisation (mean +- sd): {start}")
             print(f"{text:60s} familiar-azimuth test error at step {errors}; final loss "
                   f"{result['final_loss']:.3f}; {result['seconds']:.0f} s", flush=True)
 

@@ -274,6 +274,7 @@ def test_report_gathers_tables_and_figures(tmp_path, capsys):
     _run(["report", str(a), str(b), "--out", str(out)], capsys)
     md = out.read_text()
     assert "## viewpoint" in md and "### Novel viewpoints" in md and "| CNN | 5.0% |" in md
+    assert "`../runs/viewpoint`" in md                 # where each section comes from, relative to the page
     assert "](../runs/viewpoint/error.png)" in md and "](../runs/demo/eval/confusion.png)" in md
     page = out.with_suffix(".html").read_text()
     assert "<table>" in page and "<th>model</th>" in page

@@ -36,7 +36,7 @@ def _section(run: Path, page_dir: Path) -> str:
     extra = [p for p in pngs if p.resolve() not in shown]
     if not body and not extra:
         raise ValueError(f"{run} holds no results.md, report.md or PNG figures")
-    parts = [f"## {run.name}", "", f"`{run}`", ""]
+    parts = [f"## {run.name}", "", f"`{Path(os.path.relpath(run, page_dir)).as_posix()}`", ""]
     if body:
         parts += [body, ""]
     parts += [f"![{p.stem}]({Path(os.path.relpath(p, page_dir)).as_posix()})\n" for p in extra]

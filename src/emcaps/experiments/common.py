@@ -129,8 +129,9 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
         value, step = float(out.detach()), step + 1
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at step {step} (loss {value})")
-        acc = float((scores.detach().argmax(1).cpu() == data.labels[idx]).float().mean())
-        bar.update(step, step * len(idx), value, acc)
+        if bar.enabled:
+            acc = float((scores.detach().argmax(1).cpu() == data.labels[idx]).float().mean())
+            bar.update(step, step * len(idx), value, acc)
         due = stop is not None and check_every and step % check_every == 0 and step < budget.steps
         if due and stop(model, step):
             early = True

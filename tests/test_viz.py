@@ -83,6 +83,20 @@ def test_fit_decoder_baseline_error_and_per_entry_ranges(model):
     assert [not np.allclose(grid[k, 0], grid[k, 2]) for k in range(16)] == [k == 5 for k in range(16)]
 
 
+def test_fit_decoder_keeps_its_best_state_on_held_out_images(model):
+    g = torch.Generator().manual_seed(5)
+    images, labels = torch.randn(40, 1, 32, 32, generator=g), torch.arange(40) % 5
+    poses = viz.class_poses(model, images)                                  # (40, 5, 16)
+    untrained = viz.fit_decoder(poses, images, labels, steps=0, seed=1, holdout=0.25)
+    kept = viz.fit_decoder(poses, images, labels, steps=60, seed=1, holdout=0.25, check_every=20)
+    assert untrained.best_step == 0 and kept.best_step in (0, 20, 40, 60)
+    val = torch.randperm(40, generator=torch.Generator().manual_seed(2))[:10]   # the held-out images
+    errors = [viz.reconstruction_error(d, poses[val], images[val], labels[val]) for d in (untrained, kept)]
+    assert errors[1] <= errors[0]
+    # Noise images: nothing carries over to held-out ones, so the state kept is an early one.
+    assert kept.best_step < 60
+
+
 def test_parse_map_conserves_credit(model, tmp_path):
     out = viz.parse_map(model, torch.randn(1, 1, 32, 32), tmp_path / "parse.png", scale=3)
     assert 0 <= out["winner"] < 5

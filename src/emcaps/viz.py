@@ -6,6 +6,7 @@ so tests and reports can use the numbers without reading pictures.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -170,25 +171,47 @@ def train_decoder(model: nn.Module, images: Tensor, labels: Tensor, steps: int =
 
 
 def fit_decoder(poses: Tensor, images: Tensor, labels: Tensor, steps: int = 200, lr: float = 1e-3,
-                batch_size: int = 32, seed: int = 0) -> PoseDecoder:
+                batch_size: int = 32, seed: int = 0, holdout: float = 0.0,
+                check_every: int = 100) -> PoseDecoder:
     """`train_decoder` on poses (N, E, 16) already taken from the network, so that several decoders (or
     an untrained one, steps=0, as a baseline) can share one pass of the network; images (N, C, H, W),
-    labels (N,). The same seed gives the same initial decoder whatever `steps` is."""
+    labels (N,). The same seed gives the same initial decoder whatever `steps` is.
+
+    holdout > 0 keeps that fraction of the images out of training and returns the state with the lowest
+    error on them (checked every `check_every` steps): a few thousand images are soon memorised.
+    The decoder's `best_step` says which step it kept.
+    """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     poses, images, labels = poses.detach().cpu(), images.cpu(), labels.cpu()
     decoder = PoseDecoder(poses.shape[1], tuple(images.shape[1:]))
-    own = poses[torch.arange(len(labels)), labels]                       # (N, 16) the target classes' poses
+    n_val = int(holdout * len(images))
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))
+    val, fit = order[:n_val], order[n_val:]                              # held-out and training indices
+    own = poses[fit, labels[fit]]                                        # (N, 16) the target classes' poses
     decoder.pose_mean.copy_(own.mean(0))
     if len(own) > 1:
         decoder.pose_scale.copy_(own.std(0).clamp_min(1e-6))
     opt = torch.optim.Adam(decoder.parameters(), lr=lr)
-    for _ in range(steps):
-        idx = torch.randint(0, len(images), (min(batch_size, len(images)),), generator=g)
+
+    def val_error() -> float:
+        return reconstruction_error(decoder, poses[val], images[val], labels[val])
+
+    best = (val_error(), 0, copy.deepcopy(decoder.state_dict())) if n_val else None
+    for step in range(1, steps + 1):
+        idx = fit[torch.randint(0, len(fit), (min(batch_size, len(fit)),), generator=g)]
         loss = F.mse_loss(decoder(poses[idx], labels[idx]), images[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if best is not None and (step % check_every == 0 or step == steps):
+            error = val_error()
+            if error < best[0]:
+                best = (error, step, copy.deepcopy(decoder.state_dict()))
+    decoder.best_step = steps
+    if best is not None:
+        decoder.load_state_dict(best[2])
+        decoder.best_step = best[1]
     return decoder.eval()
 
 

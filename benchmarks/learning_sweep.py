@@ -18,6 +18,7 @@ import time
 
 import torch
 
+from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
 from emcaps.routing import RoutingConfig
@@ -49,7 +50,7 @@ def run(variant: dict, train, test, familiar, steps: int, every: int, model_name
         with torch.no_grad():
             torch.nn.init.trunc_normal_(model.class_caps.weight, std=class_std, a=-2 * class_std,
                                         b=2 * class_std)
-    initial = activation_stats(model, test.images[:32, :, 8:40, 8:40])
+    initial = activation_stats(model, center_crop(test.images[:32], 32))
     history = []
 
     def check(m, step) -> bool:

@@ -61,7 +61,8 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
         routing = RoutingConfig(iterations=v.iterations, chunk=0, recompute=False)
         model = common.make_model(cfg["capsnet"], train, routing=routing, coord_add=v.coord_add,
                                   device=common.device_of(device))
-        fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed, desc="" if quiet else v.key)
+        fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed,
+                            desc="" if quiet else v.key)
         err = common.error(common.predict(model, test), test.labels)
         paper = PAPER.get(v)
         runs[v.key] = {"iterations": v.iterations, "coord_add": v.coord_add, "loss": v.loss,

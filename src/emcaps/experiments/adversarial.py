@@ -52,7 +52,7 @@ def _check_fits(models: dict[str, dict[str, Any]], test) -> None:
 
 
 def _trained(train, cfg: dict[str, Any], seed: int, device, quiet: bool) -> dict[str, dict[str, Any]]:
-    """{'cnn': {...}, 'capsules': {...}} each trained here (budgets from `cfg`), with the model under 'net'."""
+    """{'cnn': {...}, 'capsules': {...}} each trained here (budgets from `cfg`), the model under 'net'."""
     out = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
         model = common.make_model(arch, train, device=device)

@@ -20,8 +20,8 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
                    help="synthnorb (rendered once into the data cache; default) or smallnorb "
                         "(files under --root or the data cache)")
     p.add_argument("--root", metavar="DIR", default="", help="data directory (default: the data cache)")
-    p.add_argument("--steps", type=int, metavar="N", help="training steps of every model the experiment trains "
-                   "(default 3000, batch 32; fast: a few)")
+    p.add_argument("--steps", type=int, metavar="N", help="training steps of every model the experiment "
+                   "trains (default 3000, batch 32; fast: a few)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -193,8 +193,9 @@ def _decoder_markdown(d: dict[str, Any] | None) -> list[str]:
         return []
     return [
         "", f"A decoder trained for up to {d['steps']} steps on the frozen network's poses of the true class "
-        f"of {d['train_images']} training images (keeping the state of step {d.get('kept_step', d['steps'])}, "
-        f"best on {100 * d.get('holdout', 0):.0f}% of them held out) reconstructs the test images with mean squared error "
+        f"of {d['train_images']} training images (keeping the state of step "
+        f"{d.get('kept_step', d['steps'])}, best on {100 * d.get('holdout', 0):.0f}% of them held out) "
+        f"reconstructs the test images with mean squared error "
         f"{d['test_mse']:.3f} per pixel (untrained decoder {d['untrained_test_mse']:.3f}, the training "
         f"images' mean image {d['mean_image_test_mse']:.3f}). Each row below moves one of the 16 pose "
         f"entries (row, column of the 4x4 pose) of the same test image's class capsule ({d['class']}) "

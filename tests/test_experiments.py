@@ -257,6 +257,35 @@ def test_steps_must_be_positive(experiment, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_path, capsys, monkeypatch):
+    """--capsnet-lr and --routing-iterations change the capsule network only, and the results say so."""
+    made = []
+    make_model = common.make_model
+    monkeypatch.setattr(common, "make_model", lambda name, *a, **k: made.append((name, k.get("routing")))
+                        or make_model(name, *a, **k))
+    out = tmp_path / "vp"
+    _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb", "--root",
+          str(norb), "--out", str(out), "--routing-iterations", "2", "--capsnet-lr", "0.005"], capsys)
+    assert [(name, None if r is None else r.iterations) for name, r in made] == [("cnn", None), ("tiny", 2)]
+    budgets = json.loads((out / "results.json").read_text())["budgets"]
+    assert budgets["capsules"]["lr"] == 0.005 and budgets["capsules"]["routing_iterations"] == 2
+    assert budgets["cnn"]["lr"] == common.FAST["cnn"].lr
+    assert "(Adam, lr 0.005, 2 routing iterations)" in (out / "results.md").read_text()
+    assert common.settings(fast=False)["routing"].iterations == 3                # the paper's, by default
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--routing-iterations", "0", "--routing-iterations must be a positive integer, got 0"),
+    ("--capsnet-lr", "-1", "--capsnet-lr must be a positive learning rate, got -1.0"),
+    ("--capsnet-lr", "nan", "--capsnet-lr must be a positive learning rate, got nan")])
+def test_bad_capsnet_options_are_one_clear_line(option, value, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["experiment", "viewpoint", "--fast", option, value, "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_ablation_rejects_unknown_groups(capsys):
     assert cli.main(["experiment", "ablation", "--only", "iterations,pose"]) == 1
     assert "unknown ablation group(s) pose" in capsys.readouterr().err

@@ -6,7 +6,7 @@ trained once and shared by the groups. All variants get the same data, budget an
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -48,11 +48,12 @@ def variants(only: Sequence[str] | None = None) -> dict[str, list[Variant]]:
 
 def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: str = "synthnorb",
                  root: str = "", seed: int = 0, only: Sequence[str] | None = None,
-                 quiet: bool = True, device: str = "cpu", steps: int | None = None) -> dict[str, Any]:
+                 quiet: bool = True, device: str = "cpu", steps: int | None = None,
+                 capsnet_lr: float | None = None) -> dict[str, Any]:
     """Train every distinct variant, test it; writes results.json, results.md and test-error.png.
-    `steps` replaces each variant's training budget (see `common.settings`)."""
+    `steps` and `capsnet_lr` replace each variant's training budget (see `common.settings`)."""
     groups = variants(only)
-    cfg = common.settings(fast, steps)
+    cfg = common.settings(fast, steps, capsnet_lr)
     data_cfg = common.data_config(dataset, root, fast)
     train, test = common.load(data_cfg, "train"), common.load(data_cfg, "test")
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
@@ -81,7 +82,7 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
                         title="TEST ERROR VS ROUTING ITERATIONS", xlabel="iterations", ylabel="error %")
         figures.append("error-vs-iterations.png")
     results = {"experiment": "ablation", "dataset": dataset, "fast": fast, "seed": seed,
-               "model": cfg["capsnet"], "budget": common.budgets(cfg)["capsules"],
+               "model": cfg["capsnet"], "budget": asdict(cfg["capsules"]),
                "train_images": len(train), "test_images": len(test),
                "groups": {g: [v.key for v in vs] for g, vs in groups.items()}, "runs": runs,
                "figures": figures}

@@ -55,7 +55,8 @@ def _trained(train, cfg: dict[str, Any], seed: int, device, quiet: bool) -> dict
     """{'cnn': {...}, 'capsules': {...}} each trained here (budgets from `cfg`), the model under 'net'."""
     out = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
-        model = common.make_model(arch, train, device=device)
+        model = common.make_model(arch, train, routing=cfg["routing"] if name == "capsules" else None,
+                                  device=device)
         fitted = common.fit(model, train, cfg[name], seed=seed, desc="" if quiet else LABELS[name])
         out[name] = {**common.describe_model(model, arch), **fitted, "source": "trained", "net": model}
     return out
@@ -65,13 +66,14 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
                     root: str = "", seed: int = 0, capsnet: str | None = None, cnn: str | None = None,
                     eps: Sequence[float] | None = None, images: int | None = None,
                     bim_steps: int | None = None, quiet: bool = True, device: str = "cpu",
-                    steps: int | None = None) -> dict[str, Any]:
+                    steps: int | None = None, capsnet_lr: float | None = None,
+                    iterations: int | None = None) -> dict[str, Any]:
     """Train (or load) both models, attack them, write results.json, results.md and four PNGs.
-    `steps` replaces the training budget of both models (see `common.settings`)."""
+    `steps`, `capsnet_lr` and `iterations` replace the defaults of `common.settings`."""
     eps = list(eps if eps is not None else (FAST_EPS if fast else EPS))
     images = images or (8 if fast else 500)
     bim_steps = bim_steps or (2 if fast else 10)
-    cfg = common.settings(fast, steps)
+    cfg = common.settings(fast, steps, capsnet_lr, iterations)
     if bool(capsnet) != bool(cnn):
         raise ValueError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
     dev = common.device_of(device)

@@ -22,9 +22,16 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--root", metavar="DIR", default="", help="data directory (default: the data cache)")
     p.add_argument("--steps", type=int, metavar="N", help="training steps of every model the experiment "
                    "trains (default 3000, batch 32; fast: a few)")
+    p.add_argument("--capsnet-lr", type=float, metavar="LR",
+                   help="the capsule network's Adam learning rate (default 0.01)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+
+
+def _iterations(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--routing-iterations", type=int, metavar="N",
+                   help="the capsule network's EM routing iterations (default 3, the paper's)")
 
 
 def _finish(result: dict) -> int:
@@ -37,7 +44,8 @@ def cmd_viewpoint(args: argparse.Namespace) -> int:
 
     return _finish(run_viewpoint(args.split, args.out, fast=args.fast, dataset=args.data, root=args.root,
                                  seed=args.seed, quiet=args.quiet, device=args.device,
-                                 pose_grid=not args.no_pose_grid, steps=args.steps))
+                                 pose_grid=not args.no_pose_grid, steps=args.steps,
+                                 capsnet_lr=args.capsnet_lr, iterations=args.routing_iterations))
 
 
 def _floats(text: str) -> list[float]:
@@ -57,7 +65,8 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
     return _finish(run_adversarial(args.out, fast=args.fast, dataset=args.data, root=args.root,
                                    seed=args.seed,
                                    capsnet=args.capsnet, cnn=args.cnn, eps=eps, quiet=args.quiet,
-                                   device=args.device, steps=args.steps))
+                                   device=args.device, steps=args.steps, capsnet_lr=args.capsnet_lr,
+                                   iterations=args.routing_iterations))
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
@@ -65,7 +74,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     return _finish(run_ablation(args.out, fast=args.fast, dataset=args.data, root=args.root, seed=args.seed,
-                                only=only, quiet=args.quiet, device=args.device, steps=args.steps))
+                                only=only, quiet=args.quiet, device=args.device, steps=args.steps,
+                                capsnet_lr=args.capsnet_lr))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -96,6 +106,7 @@ def add_experiment_parser(sub) -> None:
     q.add_argument("--no-pose-grid", action="store_true",
                    help="skip the pose-perturbation picture and the decoder it trains")
     _common(q, "viewpoint")
+    _iterations(q)
     q.set_defaults(func=cmd_viewpoint)
 
     q = exp.add_parser("adversarial", help="FGSM and BIM attacks on both models (section 5)", description=(
@@ -106,6 +117,7 @@ def add_experiment_parser(sub) -> None:
     q.add_argument("--eps", metavar="E1,E2,...", help="perturbation sizes, in units of the standardised "
                    "pixels (default 0,0.05,0.1,0.25,0.5; fast: 0,0.1,0.5)")
     _common(q, "adversarial")
+    _iterations(q)
     q.set_defaults(func=cmd_adversarial)
 
     q = exp.add_parser("ablation", help="routing iterations, coordinate addition, loss (Table 1)",

@@ -46,9 +46,11 @@ FULL = {"capsnet": "small", "capsules": Budget(3000, 32, 1e-2), "cnn": Budget(30
         "check_every": 200, "test_limit": 2000, "decoder": Budget(3000, 64, 1e-3), "decoder_images": 4000}
 
 
-def settings(fast: bool, steps: int | None = None) -> dict[str, Any]:
-    """The fast or full settings; `steps` replaces the training steps of the CNN and the capsule network
-    (the early-stopping check then runs at least 10 times over the budget)."""
+def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = None,
+             iterations: int | None = None) -> dict[str, Any]:
+    """The fast or full settings. `steps` replaces the training steps of the CNN and the capsule network
+    (the early-stopping check then runs at least 10 times over the budget), `capsnet_lr` the capsule
+    network's Adam learning rate, `iterations` its routing iterations (default 3, the paper's)."""
     cfg = dict(FAST if fast else FULL)
     if steps is not None:
         if steps < 1:
@@ -56,12 +58,21 @@ def settings(fast: bool, steps: int | None = None) -> dict[str, Any]:
         for name in ("capsules", "cnn"):
             cfg[name] = replace(cfg[name], steps=steps)
         cfg["check_every"] = max(1, min(cfg["check_every"], steps // 10))
+    if capsnet_lr is not None:
+        if not (math.isfinite(capsnet_lr) and capsnet_lr > 0):
+            raise ValueError(f"--capsnet-lr must be a positive learning rate, got {capsnet_lr}")
+        cfg["capsules"] = replace(cfg["capsules"], lr=capsnet_lr)
+    if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
+        raise ValueError(f"--routing-iterations must be a positive integer, got {iterations}")
+    cfg["routing"] = RoutingConfig(iterations=iterations or 3, chunk=0, recompute=False)
     return cfg
 
 
 def budgets(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What each model's training was given, for results.json."""
-    return {name: asdict(cfg[name]) for name in ("cnn", "capsules", "decoder")}
+    out = {name: asdict(cfg[name]) for name in ("cnn", "capsules", "decoder")}
+    out["capsules"]["routing_iterations"] = cfg["routing"].iterations
+    return out
 
 
 def device_of(name: str) -> torch.device:

@@ -39,13 +39,14 @@ def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
 
 def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fast: bool = False,
                   dataset: str = "synthnorb", root: str = "", seed: int = 0, quiet: bool = True,
-                  device: str = "cpu", pose_grid: bool = True, steps: int | None = None) -> dict[str, Any]:
+                  device: str = "cpu", pose_grid: bool = True, steps: int | None = None,
+                  capsnet_lr: float | None = None, iterations: int | None = None) -> dict[str, Any]:
     """Run the protocol for one split; writes results.json, results.md, error-per-<split>.png and the
     capsule network's pictures (pose_grid=False skips the pose-perturbation grid and its decoder).
-    `steps` replaces the training budget of both models (see `common.settings`)."""
+    `steps`, `capsnet_lr` and `iterations` replace the defaults of `common.settings`."""
     if split not in SPLITS:
         raise ValueError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
-    cfg = common.settings(fast, steps)
+    cfg = common.settings(fast, steps, capsnet_lr, iterations)
     dev = common.device_of(device)
     key = "train_azimuths" if split == "azimuth" else "train_elevations"
     data_cfg = common.data_config(dataset, root, fast, **{key: "familiar"})
@@ -70,7 +71,7 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     target = models["cnn"]["familiar_error"]
     say(f"CNN: familiar {common.pct(target)}, novel {common.pct(models['cnn']['novel_error'])}")
 
-    caps = common.make_model(cfg["capsnet"], train, device=dev)
+    caps = common.make_model(cfg["capsnet"], train, routing=cfg["routing"], device=dev)
 
     checks: list[dict[str, float]] = []                    # the capsule network's familiar error on the way
 
@@ -170,8 +171,10 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{r['test_images']} test images, {r['familiar_test_images']} of them at familiar viewpoints"
         f"{' (fast mode: a smoke test, not a result)' if r['fast'] else ''}.", "",
         common.markdown_table(["model", "familiar error", "novel error", "steps"], rows), "",
-        *([f"Budgets: CNN {r['budgets']['cnn']['steps']} steps, capsules at most "
-           f"{r['budgets']['capsules']['steps']} steps, batch {r['budgets']['capsules']['batch_size']}.", ""]
+        *([f"Budgets: CNN {r['budgets']['cnn']['steps']} steps (Adam, lr {r['budgets']['cnn']['lr']:g}), "
+           f"capsules at most {r['budgets']['capsules']['steps']} steps (Adam, lr "
+           f"{r['budgets']['capsules']['lr']:g}, {r['budgets']['capsules'].get('routing_iterations', 3)} "
+           f"routing iterations), batch {r['budgets']['capsules']['batch_size']}.", ""]
           if r.get("budgets") else []),
         f"The capsule network {stop} (paper, smallNORB {r['split']}: CNN "
         f"{'20% / 3.7%' if r['split'] == 'azimuth' else '17.8% / 4.3%'}, capsules "

@@ -7,7 +7,8 @@ familiar-azimuth test images every few steps.
 
 A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'loss' (spread / margin /
 cross_entropy) and 'class_std' (re-initialise the class capsules' transforms with this std).
-Not a timing benchmark: it measures how far each setting gets in a fixed number of steps.
+Not a timing benchmark: it measures how far each setting gets in a fixed number of steps. It also prints
+each layer's activations and gradient norms at initialisation (`--steps 0`: those and the untrained network's error).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
+from emcaps.losses import spread_loss
 from emcaps.routing import RoutingConfig
 
 
@@ -41,6 +43,17 @@ def activation_stats(model, images) -> dict[str, tuple[float, float]]:
     return {name: (float(a.mean()), float(a.std())) for name, a in seen.items()}
 
 
+def gradient_norms(model, images, labels, margin: float = 0.2) -> dict[str, float]:
+    """Norm of the spread loss's gradient wrt each layer's weights for one batch (N, C, 32, 32): how much of
+    the training signal reaches the lower layers through the routing iterations."""
+    model.zero_grad(set_to_none=True)
+    spread_loss(model(images), labels, margin).backward()
+    names = ("conv1", "primary.pose", "conv_caps1", "conv_caps2", "class_caps")
+    norms = {name: float(model.get_submodule(name).weight.grad.norm()) for name in names}
+    model.zero_grad(set_to_none=True)
+    return norms
+
+
 def run(variant: dict, train, test, familiar, steps: int, every: int, model_name: str, seed: int) -> dict:
     v = dict(variant)
     lr, loss, class_std = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("class_std", None)
@@ -51,6 +64,8 @@ def run(variant: dict, train, test, familiar, steps: int, every: int, model_name
             torch.nn.init.trunc_normal_(model.class_caps.weight, std=class_std, a=-2 * class_std,
                                         b=2 * class_std)
     initial = activation_stats(model, center_crop(test.images[:32], 32))
+    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:32]
+    gradients = gradient_norms(model, center_crop(train.images[pick], 32), train.labels[pick])
     history = []
 
     def check(m, step) -> bool:
@@ -61,7 +76,8 @@ def run(variant: dict, train, test, familiar, steps: int, every: int, model_name
     fitted = common.fit(model, train, common.Budget(steps, 32, lr), loss=loss, seed=seed, check_every=every,
                         stop=check)
     check(model, steps)
-    return {"variant": variant, "initial_activations": initial, "history": history,
+    return {"variant": variant, "initial_activations": initial, "initial_gradients": gradients,
+            "history": history,
             "final_loss": fitted["final_loss"],
             "seconds": time.perf_counter() - started}
 
@@ -86,7 +102,9 @@ def main() -> None:
             errors = ", ".join(f"{s}: {100 * e:.1f}%" for s, e in result["history"])
             start = ", ".join(f"{k} {m:.3f} +- {sd:.3f}"
                               for k, (m, sd) in result["initial_activations"].items())
+            grads = ", ".join(f"{k} {g:.2e}" for k, g in result["initial_gradients"].items())
             print(f"{text}: activations at initialisation (mean +- sd): {start}")
+            print(f"{text}: gradient norms at initialisation: {grads}")
             print(f"{text:60s} familiar-azimuth test error at step {errors}; final loss "
                   f"{result['final_loss']:.3f}; {result['seconds']:.0f} s", flush=True)
 

@@ -95,3 +95,17 @@ def test_parameter_counts_agree():
     model = create_model("paper", routing=MATCHING)
     ref = reference.load_from_emcaps(model)
     assert sum(p.numel() for p in ref.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_learning_sweep_gradient_norms_reach_every_layer():
+    sweep = _load("learning_sweep")
+    torch.manual_seed(0)
+    model = create_model("tiny", routing=RoutingConfig(iterations=2))
+    images, labels = torch.randn(4, 1, 32, 32), torch.tensor([0, 1, 2, 3])
+    norms = sweep.gradient_norms(model, images, labels)
+    assert set(norms) == {"conv1", "primary.pose", "conv_caps1", "conv_caps2", "class_caps"}
+    assert all(0 < g < float("inf") for g in norms.values())
+    assert all(p.grad is None for p in model.parameters())          # leaves the model as it found it
+    stats = sweep.activation_stats(model, images)
+    assert set(stats) == {"primary", "conv_caps1", "conv_caps2", "class_caps"}
+    assert all(0 <= m <= 1 and sd >= 0 for m, sd in stats.values())

@@ -212,10 +212,27 @@ def setup_distributed(device: str) -> Distributed:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Distributed()
+    global _OWN_GROUP
     if not dist.is_initialized():
         use_cuda = device != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        _OWN_GROUP = True
     return Distributed(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+
+
+# The default process group is process-wide; this records whether emcaps created it (and so ends it), so a
+# caller's own group is left alone.
+_OWN_GROUP = False
+
+
+def end_distributed() -> None:
+    """Destroy the process group `setup_distributed` created. Left to the interpreter's exit, gloo's
+    threads can be torn down while still joinable, and a rank dies with SIGABRT ('terminate called
+    without an active exception') after its work is done."""
+    global _OWN_GROUP
+    if _OWN_GROUP and dist.is_initialized():
+        dist.destroy_process_group()
+    _OWN_GROUP = False
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -551,6 +568,14 @@ def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | Non
     """
     run_dir = Path(run_dir)
     dd = setup_distributed(config.train.device)
+    try:
+        return _train(config, run_dir, dd, state, quiet, stop_at_step, callback)
+    finally:
+        end_distributed()
+
+
+def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, Any] | None, quiet: bool,
+           stop_at_step: int | None, callback: Callable[[int, nn.Module], None] | None) -> dict[str, Any]:
     if dd.main:
         _check_run_dir(run_dir, resuming=state is not None)
     device = resolve_device(config.train.device, dd.local_rank)

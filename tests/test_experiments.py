@@ -134,6 +134,7 @@ def test_adversarial_fast(norb, tmp_path, capsys):
     for name in results["figures"]:
         _png_ok(out / name)
     assert "FGSM: untargeted accuracy" in (out / "results.md").read_text()
+    assert ", Adam lr 0.01, 3 routing iterations)" in (out / "results.md").read_text()     # the capsule net
 
 
 def test_adversarial_needs_both_checkpoints(capsys):

@@ -55,8 +55,7 @@ def _trained(train, cfg: dict[str, Any], seed: int, device, quiet: bool) -> dict
     """{'cnn': {...}, 'capsules': {...}} each trained here (budgets from `cfg`), the model under 'net'."""
     out = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
-        model = common.make_model(arch, train, routing=cfg["routing"] if name == "capsules" else None,
-                                  device=device)
+        model = common.make_model(arch, train, routing=cfg["routing"], device=device)
         fitted = common.fit(model, train, cfg[name], seed=seed, desc="" if quiet else LABELS[name])
         out[name] = {**common.describe_model(model, arch), **fitted, "source": "trained", "net": model}
     return out
@@ -119,6 +118,10 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     return common.write_results(out, results, _markdown(results))
 
 
+def _iterations_text(budget: dict[str, Any]) -> str:
+    return f", {budget['routing_iterations']} routing iterations" if "routing_iterations" in budget else ""
+
+
 def _markdown(r: dict[str, Any]) -> str:
     parts = ["# Adversarial robustness", "",
              f"{r['attack_images']} test images of {r['dataset']}; BIM takes {r['bim_steps']} steps; eps in "
@@ -128,7 +131,8 @@ def _markdown(r: dict[str, Any]) -> str:
     m = r["models"]
     parts += ["Models: " + "; ".join(
         f"{LABELS[k]} ({m[k]['model']}, {m[k]['params']:,} params, "
-        + (f"trained here for {m[k]['steps']} steps of batch {r['budgets'][k]['batch_size']})"
+        + (f"trained here for {m[k]['steps']} steps of batch {r['budgets'][k]['batch_size']}, Adam lr "
+           f"{r['budgets'][k]['lr']:g}{_iterations_text(r['budgets'][k])})"
            if m[k].get("source") == "trained" and r.get("budgets") else f"from {m[k]['source']})")
         for k in ("cnn", "capsules")) + ".", ""]
     for method, c in r["curves"].items():

@@ -23,7 +23,6 @@ from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
 from emcaps.losses import spread_loss
-from emcaps.routing import RoutingConfig
 
 
 @torch.no_grad()
@@ -58,7 +57,7 @@ def run(variant: dict, train, test, familiar, steps: int, every: int, model_name
     v = dict(variant)
     lr, loss, class_std = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("class_std", None)
     torch.manual_seed(seed)
-    model = common.make_model(model_name, train, routing=RoutingConfig(chunk=0, recompute=False, **v))
+    model = common.make_model(model_name, train, routing=common.whole_batch_routing(**v))
     if class_std:
         with torch.no_grad():
             torch.nn.init.trunc_normal_(model.class_caps.weight, std=class_std, a=-2 * class_std,

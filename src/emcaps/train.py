@@ -226,9 +226,8 @@ _OWN_GROUP = False
 
 
 def end_distributed() -> None:
-    """Destroy the process group `setup_distributed` created. Left to the interpreter's exit, gloo's
-    threads can be torn down while still joinable, and a rank dies with SIGABRT ('terminate called
-    without an active exception') after its work is done."""
+    """Destroy the process group `setup_distributed` created, as PyTorch asks of every process before it
+    exits (gloo's worker threads otherwise meet the interpreter's teardown)."""
     global _OWN_GROUP
     if _OWN_GROUP and dist.is_initialized():
         dist.destroy_process_group()
@@ -568,10 +567,9 @@ def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | Non
     """
     run_dir = Path(run_dir)
     dd = setup_distributed(config.train.device)
-    try:
-        return _train(config, run_dir, dd, state, quiet, stop_at_step, callback)
-    finally:
-        end_distributed()
+    summary = _train(config, run_dir, dd, state, quiet, stop_at_step, callback)
+    end_distributed()        # only on success: after one rank's error the others may still be in a collective
+    return summary
 
 
 def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, Any] | None, quiet: bool,

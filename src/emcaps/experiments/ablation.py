@@ -12,7 +12,6 @@ from typing import Any, Sequence
 
 from emcaps import plots
 from emcaps.experiments import common
-from emcaps.routing import RoutingConfig
 
 GROUPS = ("iterations", "coord", "loss")
 
@@ -59,7 +58,7 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     runs: dict[str, dict[str, Any]] = {}
     for v in dict.fromkeys(v for vs in groups.values() for v in vs):
-        routing = RoutingConfig(iterations=v.iterations, chunk=0, recompute=False)
+        routing = common.whole_batch_routing(iterations=v.iterations)
         model = common.make_model(cfg["capsnet"], train, routing=routing, coord_add=v.coord_add,
                                   device=common.device_of(device))
         fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed,

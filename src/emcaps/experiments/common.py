@@ -64,7 +64,7 @@ def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = No
         cfg["capsules"] = replace(cfg["capsules"], lr=capsnet_lr)
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
         raise ValueError(f"--routing-iterations must be a positive integer, got {iterations}")
-    cfg["routing"] = RoutingConfig(iterations=iterations or 3, chunk=0, recompute=False)
+    cfg["routing"] = whole_batch_routing(**({} if iterations is None else {"iterations": iterations}))
     return cfg
 
 
@@ -96,11 +96,16 @@ def load(cfg: DataConfig, split: str) -> ImageSet:
     return load_split(cfg, split)
 
 
+def whole_batch_routing(**fields: Any) -> RoutingConfig:
+    """RoutingConfig(**fields) that routes the whole batch at once and keeps its tensors for the backward
+    pass: on a CPU several times faster than the chunked default, and the experiments' batches are small."""
+    return RoutingConfig(**{"chunk": 0, "recompute": False, **fields})
+
+
 def make_model(name: str, data: ImageSet, routing: RoutingConfig | None = None, coord_add: bool | None = None,
                device: torch.device | str = "cpu") -> nn.Module:
-    """A model sized for `data` (classes, input channels). On a CPU, routing the whole batch at once and
-    keeping its tensors for the backward pass is several times faster than the chunked default."""
-    routing = routing or RoutingConfig(chunk=0, recompute=False)
+    """A model sized for `data` (classes, input channels); routing defaults to `whole_batch_routing()`."""
+    routing = routing or whole_batch_routing()
     model = create_model(name, classes=data.classes, in_channels=data.images.shape[1],
                          routing=routing if name != "cnn" else None,
                          coord_add=coord_add if name != "cnn" else None)

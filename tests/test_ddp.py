@@ -21,6 +21,7 @@ def torchrun(*args: str, cwd=None) -> subprocess.CompletedProcess:
 def test_two_ranks_hold_identical_weights(tmp_path):
     script = tmp_path / "ddp_run.py"
     script.write_text(textwrap.dedent(f"""
+        import os
         import sys
         import torch
         import torch.distributed as dist
@@ -32,7 +33,9 @@ def test_two_ranks_hold_identical_weights(tmp_path):
 
         cfg = config.load(None, {SETS!r})
         train.train(cfg, sys.argv[2], quiet=True, callback=dump)
-        assert not dist.is_initialized()      # ended by train: no gloo threads left for the exit to abort
+        assert not dist.is_initialized()      # ended by train, and its gloo threads joined: left running,
+        threads = [open(f"/proc/self/task/{{t}}/comm").read() for t in os.listdir("/proc/self/task")]
+        assert not any("gloo" in t for t in threads), threads     # they could abort the exit
     """))
     done = torchrun(str(script), str(tmp_path), str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]

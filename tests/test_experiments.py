@@ -134,7 +134,7 @@ def test_adversarial_fast(norb, tmp_path, capsys):
     for name in results["figures"]:
         _png_ok(out / name)
     assert "FGSM: untargeted accuracy" in (out / "results.md").read_text()
-    assert ", Adam lr 0.01, 3 routing iterations)" in (out / "results.md").read_text()     # the capsule net
+    assert ", Adam lr 0.01, 2 routing iterations)" in (out / "results.md").read_text()     # the capsule net
 
 
 def test_adversarial_needs_both_checkpoints(capsys):
@@ -266,13 +266,14 @@ def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_p
                         or make_model(name, *a, **k))
     out = tmp_path / "vp"
     _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb", "--root",
-          str(norb), "--out", str(out), "--routing-iterations", "2", "--capsnet-lr", "0.005"], capsys)
-    assert [(name, None if r is None else r.iterations) for name, r in made] == [("cnn", None), ("tiny", 2)]
+          str(norb), "--out", str(out), "--routing-iterations", "3", "--capsnet-lr", "0.005"], capsys)
+    assert [(name, None if r is None else r.iterations) for name, r in made] == [("cnn", None), ("tiny", 3)]
     budgets = json.loads((out / "results.json").read_text())["budgets"]
-    assert budgets["capsules"]["lr"] == 0.005 and budgets["capsules"]["routing_iterations"] == 2
+    assert budgets["capsules"]["lr"] == 0.005 and budgets["capsules"]["routing_iterations"] == 3
     assert budgets["cnn"]["lr"] == common.FAST["cnn"].lr
-    assert "(Adam, lr 0.005, 2 routing iterations)" in (out / "results.md").read_text()
-    assert common.settings(fast=False)["routing"].iterations == 3                # the paper's, by default
+    assert "(Adam, lr 0.005, 3 routing iterations)" in (out / "results.md").read_text()
+    full = common.settings(fast=False)                         # by default 2 iterations, lr 3e-3 (README)
+    assert full["routing"].iterations == common.ITERATIONS == 2 and full["capsules"].lr == 3e-3
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -105,3 +105,33 @@ def test_parse_map_conserves_credit(model, tmp_path):
     np.testing.assert_allclose(out["primary"].sum(), 1.0, rtol=1e-5)
     np.testing.assert_allclose(out["heat"].sum(), 1.0, rtol=1e-5)
     assert _png_size(tmp_path / "parse.png") == (96, 96)
+
+
+def test_fit_decoder_holds_out_whole_groups():
+    groups = torch.tensor([3, 3, 5, 5, 5, 7, 7, 9, 9, 9])
+    val, fit = viz._holdout_split(10, 0.25, groups, seed=0)
+    assert sorted(torch.cat([val, fit]).tolist()) == list(range(10))
+    held = set(groups[val].tolist())
+    assert len(held) == 1 and held.isdisjoint(groups[fit].tolist())       # round(0.25 * 4 groups) = 1
+    assert len(viz._holdout_split(10, 0.9, groups, seed=0)[1]) > 0          # one group always trains
+    with pytest.raises(ValueError, match="one entry per image"):
+        viz._holdout_split(10, 0.25, groups[:9], seed=0)
+    with pytest.raises(ValueError, match="two groups"):
+        viz._holdout_split(10, 0.25, torch.zeros(10), seed=0)
+    with pytest.raises(ValueError, match=r"\[0, 1\)"):
+        viz._holdout_split(10, 1.0, None, seed=0)
+
+
+def test_pose_decoder_bounds_far_out_poses():
+    torch.manual_seed(0)
+    labels = torch.tensor([1])
+    far, farther = torch.full((1, 5, 16), 1e4), torch.full((1, 5, 16), 1e6)
+    bounded, free = viz.PoseDecoder(5, bound=1.5), viz.PoseDecoder(5, bound=0)
+    free.load_state_dict(bounded.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(bounded(far, labels), bounded(farther, labels))   # saturated at +-1.5
+        assert bounded(farther, labels).abs().max() < 1e3 < free(farther, labels).abs().max()
+        small = torch.full((1, 5, 16), 1e-3)
+        torch.testing.assert_close(bounded(small, labels), free(small, labels), atol=1e-6, rtol=1e-4)
+    with pytest.raises(ValueError, match="bound"):
+        viz.PoseDecoder(5, bound=-1.0)

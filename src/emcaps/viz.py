@@ -7,6 +7,7 @@ so tests and reports can use the numbers without reading pictures.
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -135,12 +136,17 @@ class PoseDecoder(nn.Module):
 
     Poses are unbounded (entries of a trained network's class poses can have a spread of 10 or more), so
     the decoder standardises each entry with `pose_mean` and `pose_scale` (16,), set by `fit_decoder`
-    from its training poses; without that, large entries make the MLP fit noise."""
+    from its training poses; without that, large entries make the MLP fit noise. The standardised entries
+    then pass through bound * tanh(z / bound) (identity near 0, never beyond +-bound; bound=0 turns it
+    off): a test image of an unseen object instance can put an entry tens of training standard deviations
+    out, and an MLP fed that extrapolates to images far worse than its mean image."""
 
     def __init__(self, classes: int, image_shape: tuple[int, int, int] = (1, 32, 32),
-                 hidden: int = 256) -> None:
+                 hidden: int = 256, bound: float = 3.0) -> None:
         super().__init__()
-        self.classes, self.image_shape = classes, tuple(image_shape)
+        if not (math.isfinite(bound) and bound >= 0):
+            raise ValueError(f"bound must be a finite number >= 0, got {bound}")
+        self.classes, self.image_shape, self.bound = classes, tuple(image_shape), float(bound)
         self.net = nn.Sequential(nn.Linear(classes * 16, hidden), nn.ReLU(), nn.Linear(hidden, 2 * hidden),
                                  nn.ReLU(), nn.Linear(2 * hidden, int(np.prod(image_shape))))
         self.register_buffer("pose_mean", torch.zeros(16))
@@ -149,6 +155,8 @@ class PoseDecoder(nn.Module):
     def forward(self, pose: Tensor, labels: Tensor) -> Tensor:
         """pose (N, E, 4, 4) or (N, E, 16), labels (N,) -> images (N, C, S, S)."""
         pose = (pose.reshape(pose.shape[0], self.classes, 16) - self.pose_mean) / self.pose_scale
+        if self.bound:
+            pose = self.bound * torch.tanh(pose / self.bound)
         mask = F.one_hot(labels, self.classes).to(pose.dtype).unsqueeze(-1)     # (N, E, 1)
         return self.net((pose * mask).flatten(1)).view(-1, *self.image_shape)
 
@@ -172,22 +180,24 @@ def train_decoder(model: nn.Module, images: Tensor, labels: Tensor, steps: int =
 
 def fit_decoder(poses: Tensor, images: Tensor, labels: Tensor, steps: int = 200, lr: float = 1e-3,
                 batch_size: int = 32, seed: int = 0, holdout: float = 0.0,
-                check_every: int = 100) -> PoseDecoder:
+                check_every: int = 100, groups: Tensor | None = None, bound: float = 3.0) -> PoseDecoder:
     """`train_decoder` on poses (N, E, 16) already taken from the network, so that several decoders (or
     an untrained one, steps=0, as a baseline) can share one pass of the network; images (N, C, H, W),
     labels (N,). The same seed gives the same initial decoder whatever `steps` is.
 
     holdout > 0 keeps that fraction of the images out of training and returns the state with the lowest
     error on them (checked every `check_every` steps): a few thousand images are soon memorised.
-    The decoder's `best_step` says which step it kept.
+    With groups (N,) (e.g. the object instance of each image) whole groups are held out, about that
+    fraction of them and at least one, so the state kept is the one that does best on unseen objects,
+    as the test images are. The decoder's `best_step` says which step it kept.
+    bound: the decoder's squashing of standardised pose entries (see PoseDecoder).
     """
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     poses, images, labels = poses.detach().cpu(), images.cpu(), labels.cpu()
-    decoder = PoseDecoder(poses.shape[1], tuple(images.shape[1:]))
-    n_val = int(holdout * len(images))
-    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed + 1))
-    val, fit = order[:n_val], order[n_val:]                              # held-out and training indices
+    decoder = PoseDecoder(poses.shape[1], tuple(images.shape[1:]), bound=bound)
+    val, fit = _holdout_split(len(images), holdout, groups, seed)           # held-out and training indices
+    n_val = len(val)
     own = poses[fit, labels[fit]]                                        # (N, 16) the target classes' poses
     decoder.pose_mean.copy_(own.mean(0))
     if len(own) > 1:
@@ -213,6 +223,25 @@ def fit_decoder(poses: Tensor, images: Tensor, labels: Tensor, steps: int = 200,
         decoder.load_state_dict(best[2])
         decoder.best_step = best[1]
     return decoder.eval()
+
+
+def _holdout_split(n: int, fraction: float, groups: Tensor | None, seed: int) -> tuple[Tensor, Tensor]:
+    """Indices (held out, kept) of n items: a random `fraction` of them, or of their groups (N,)."""
+    if not 0 <= fraction < 1:
+        raise ValueError(f"holdout must be a fraction in [0, 1), got {fraction}")
+    order = torch.Generator().manual_seed(seed + 1)
+    if groups is None or fraction == 0:
+        perm = torch.randperm(n, generator=order)
+        return perm[:int(fraction * n)], perm[int(fraction * n):]
+    groups = torch.as_tensor(groups).cpu()
+    if groups.shape != (n,):
+        raise ValueError(f"groups must have one entry per image, shape ({n},), got {tuple(groups.shape)}")
+    names = groups.unique()
+    if len(names) < 2:
+        raise ValueError("holding out whole groups needs at least two groups")
+    names = names[torch.randperm(len(names), generator=order)]
+    held = torch.isin(groups, names[:min(len(names) - 1, max(1, round(fraction * len(names))))])
+    return held.nonzero().squeeze(1), (~held).nonzero().squeeze(1)
 
 
 @torch.no_grad()

@@ -31,7 +31,8 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
 
 def _iterations(p: argparse.ArgumentParser) -> None:
     p.add_argument("--routing-iterations", type=int, metavar="N",
-                   help="the capsule network's EM routing iterations (default 3, the paper's)")
+                   help="the capsule network's EM routing iterations (default 2; the paper's 3 do not "
+                   "learn at this scale, see README)")
 
 
 def _finish(result: dict) -> int:

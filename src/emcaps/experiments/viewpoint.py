@@ -27,7 +27,8 @@ from emcaps.train import ImageSet
 SPLITS = ("azimuth", "elevation")
 LABELS = {"cnn": "CNN", "capsules": "capsules"}
 POSE_GRID = "pose-perturbation.png"
-HOLDOUT = 0.1                      # of the pose decoder's images, to keep its best state (it overfits)
+HOLDOUT = 0.2          # of the pose decoder's training instances, to keep its best state (it overfits them)
+DECODER_BOUND = 1.5    # squashing of the standardised poses (PoseDecoder); measured best of 0 / 1.5 / 3
 
 
 def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
@@ -132,8 +133,9 @@ def pose_picture(caps: nn.Module, train: ImageSet, test: ImageSet, index: int, o
 
     The errors are mean squared per pixel on the centre crops of all test images, which are standardised
     (predicting zeros scores about 1); an untrained decoder of the same initialisation and the training
-    images' mean image are the baselines a pose that carries the image must beat.
-    -> {'steps', 'train_images', 'test_mse', 'untrained_test_mse', 'mean_image_test_mse', 'image', 'label',
+    images' mean image are the baselines a pose that carries the image must beat. The state kept is the
+    one best on held-out object instances (test images show other instances than training images).
+    -> {'steps', 'kept_step', 'holdout', 'holdout_by', 'bound', 'train_images', 'test_mse', 'untrained_test_mse', 'mean_image_test_mse', 'image', 'label',
     'class', 'delta': 16 floats}.
     """
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:images]
@@ -141,9 +143,14 @@ def pose_picture(caps: nn.Module, train: ImageSet, test: ImageSet, index: int, o
     x_test = center_crop(test.images, 32)                                         # (M, C, 32, 32)
     poses, test_poses = viz.class_poses(caps, x), viz.class_poses(caps, x_test)   # (N, E, 16), (M, E, 16)
 
+    instances = train.meta.get("instance") if train.meta else None
+    groups = torch.as_tensor(np.asarray(instances))[pick] if instances is not None else None
+    if groups is not None and len(groups.unique()) < 2:
+        groups = None                          # one instance only: hold out images instead
+
     def fit(steps: int) -> viz.PoseDecoder:
         return viz.fit_decoder(poses, x, y, steps=steps, lr=budget.lr, batch_size=budget.batch_size,
-                               seed=seed, holdout=HOLDOUT)
+                               seed=seed, holdout=HOLDOUT, groups=groups, bound=DECODER_BOUND)
 
     decoder, untrained = fit(budget.steps), fit(0)
     label = int(test.labels[index])
@@ -151,7 +158,9 @@ def pose_picture(caps: nn.Module, train: ImageSet, test: ImageSet, index: int, o
     own = own[y == label] if int((y == label).sum()) > 1 else own
     delta = 2 * own.std(0) if len(own) > 1 else torch.full((16,), 0.25)           # (16,)
     viz.pose_perturbation_grid(decoder, test_poses[index], label, out_png, steps=11, delta=delta)
-    return {"steps": budget.steps, "kept_step": decoder.best_step, "holdout": HOLDOUT, "train_images": len(y),
+    return {"steps": budget.steps, "kept_step": decoder.best_step, "holdout": HOLDOUT,
+            "holdout_by": "instance" if groups is not None else "image", "bound": DECODER_BOUND,
+            "train_images": len(y),
             "test_mse": viz.reconstruction_error(decoder, test_poses, x_test, test.labels),
             "untrained_test_mse": viz.reconstruction_error(untrained, test_poses, x_test, test.labels),
             "mean_image_test_mse": float(((x_test - x.mean(0)) ** 2).mean()),
@@ -197,10 +206,15 @@ def _decoder_markdown(d: dict[str, Any] | None) -> list[str]:
     return [
         "", f"A decoder trained for up to {d['steps']} steps on the frozen network's poses of the true class "
         f"of {d['train_images']} training images (keeping the state of step "
-        f"{d.get('kept_step', d['steps'])}, best on {100 * d.get('holdout', 0):.0f}% of them held out) "
+        f"{d.get('kept_step', d['steps'])}, best on {100 * d.get('holdout', 0):.0f}% of their "
+        f"{d.get('holdout_by', 'image')}s held out) "
         f"reconstructs the test images with mean squared error "
         f"{d['test_mse']:.3f} per pixel (untrained decoder {d['untrained_test_mse']:.3f}, the training "
-        f"images' mean image {d['mean_image_test_mse']:.3f}). Each row below moves one of the 16 pose "
+        f"images' mean image {d['mean_image_test_mse']:.3f})"
+        + ("; no better than the mean image, so these poses carry little of an unseen object's image and "
+           "the rows show what the decoder learned from the training instances" if
+           d["test_mse"] >= d["mean_image_test_mse"] else "")
+        + f". Each row below moves one of the 16 pose "
         f"entries (row, column of the 4x4 pose) of the same test image's class capsule ({d['class']}) "
         "through +-2 standard deviations of that entry in 11 steps; the middle column is the "
         "unperturbed pose.", "", f"![pose perturbations]({POSE_GRID})",

@@ -77,14 +77,14 @@ class EMRouting(nn.Module):
 
     def forward(self, v: Tensor, a_in: Tensor, beta_u: Tensor, beta_a: Tensor) -> tuple[Tensor, Tensor]:
         """v (N, L, I, J, 16), a_in (N, L, I) -> pose (N, L, J, 16), activation (N, L, J)."""
-        n, l, i, j, _ = v.shape
-        a_in = a_in.view(n, l, i, 1, 1)
-        r = torch.full((n, l, i, j, 1), 1.0 / j, dtype=v.dtype, device=v.device)
+        n, positions, i, j, _ = v.shape
+        a_in = a_in.view(n, positions, i, 1, 1)
+        r = torch.full((n, positions, i, j, 1), 1.0 / j, dtype=v.dtype, device=v.device)
         for it, lam in enumerate(self.lambdas):
             mu, sigma_sq, a_out, logit = self.m_step(a_in, r, v, beta_u, beta_a, lam)
             if it < len(self.lambdas) - 1:
                 r = self.e_step(mu, sigma_sq, logit, v)
-        return mu.view(n, l, j, POSE), a_out.view(n, l, j)
+        return mu.view(n, positions, j, POSE), a_out.view(n, positions, j)
 
 
 class RefPrimaryCaps(nn.Module):

@@ -127,7 +127,9 @@ def test_class_caps_without_coordinates_is_invariant_to_position_permutation():
     layer = ClassCaps(3, 4, coord_add=False, routing=R).double()
     caps = random_caps(h=3, w=3, types=3)
     perm = torch.randperm(9)
-    flat = lambda t: t.reshape(2, 9, *t.shape[3:])
+    def flat(t):
+        return t.reshape(2, 9, *t.shape[3:])
+
     permuted = Capsules(flat(caps.pose)[:, perm].view(caps.pose.shape),
                         flat(caps.activation)[:, perm].view(caps.activation.shape))
     torch.testing.assert_close(layer(permuted).pose, layer(caps).pose)

@@ -86,6 +86,25 @@ def test_viewpoint_fast(norb, tmp_path, capsys, split):
     assert "![parse map](parse-map.png)" in md
 
 
+def test_models_start_from_the_seed_whatever_drew_random_numbers_before(norb, tmp_path, capsys):
+    """Both models of a run are initialised from --seed: a second run in the same process, after other
+    code has drawn random numbers, gives the same results."""
+    results = []
+    for run in range(2):
+        torch.rand(run * 7 + 1)
+        out = tmp_path / f"run{run}"
+        _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb",
+              "--root", str(norb), "--out", str(out)], capsys)
+        models = json.loads((out / "results.json").read_text())["models"]
+        results.append({name: (m["final_loss"], m["familiar_error"]) for name, m in models.items()})
+    assert results[0] == results[1]
+    train = common.load(common.data_config("smallnorb", str(norb), True), "train")
+    a = common.make_model("tiny", train, seed=3).state_dict()
+    torch.rand(5)
+    b = common.make_model("tiny", train, seed=3).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_viewpoint_pose_perturbation_grid(norb, tmp_path, capsys):
     """The capsule network of the viewpoint experiment gets a decoder on its frozen class poses and the
     perturbation grid: 16 rows (pose entries) of 11 steps of 32x32 pictures at scale 2. The decoder must

@@ -60,7 +60,7 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
     for v in dict.fromkeys(v for vs in groups.values() for v in vs):
         routing = common.whole_batch_routing(iterations=v.iterations)
         model = common.make_model(cfg["capsnet"], train, routing=routing, coord_add=v.coord_add,
-                                  device=common.device_of(device))
+                                  device=common.device_of(device), seed=seed)
         fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed,
                             desc="" if quiet else v.key)
         err = common.error(common.predict(model, test), test.labels)

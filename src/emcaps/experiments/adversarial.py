@@ -55,7 +55,7 @@ def _trained(train, cfg: dict[str, Any], seed: int, device, quiet: bool) -> dict
     """{'cnn': {...}, 'capsules': {...}} each trained here (budgets from `cfg`), the model under 'net'."""
     out = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
-        model = common.make_model(arch, train, routing=cfg["routing"], device=device)
+        model = common.make_model(arch, train, routing=cfg["routing"], device=device, seed=seed)
         fitted = common.fit(model, train, cfg[name], seed=seed, desc="" if quiet else LABELS[name])
         out[name] = {**common.describe_model(model, arch), **fitted, "source": "trained", "net": model}
     return out

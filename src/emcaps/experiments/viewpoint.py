@@ -66,13 +66,13 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
 
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     models: dict[str, dict[str, Any]] = {}
-    cnn = common.make_model("cnn", train, device=dev)
+    cnn = common.make_model("cnn", train, device=dev, seed=seed)
     fitted = common.fit(cnn, train, cfg["cnn"], seed=seed, desc="" if quiet else "CNN")
     models["cnn"] = {**common.describe_model(cnn, "cnn"), **fitted, **evaluate(cnn)}
     target = models["cnn"]["familiar_error"]
     say(f"CNN: familiar {common.pct(target)}, novel {common.pct(models['cnn']['novel_error'])}")
 
-    caps = common.make_model(cfg["capsnet"], train, routing=cfg["routing"], device=dev)
+    caps = common.make_model(cfg["capsnet"], train, routing=cfg["routing"], device=dev, seed=seed)
 
     checks: list[dict[str, float]] = []                    # the capsule network's familiar error on the way
 

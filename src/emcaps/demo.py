@@ -27,7 +27,7 @@ DATA = {
     "quick": ["data.dataset=synthnorb", "data.synth_size=36", "data.synth_subset=tiny", "data.resize=36",
               "data.crop=32", "data.cameras=left", "data.train_limit=256", "data.test_limit=128"],
 }
-# With the native routing kernels the small capsule network trains at about 150 images/s on 2 cores (the
+# With the native routing kernels the small capsule network trains at about 240 images/s on 2 cores (the
 # CNN at about 400), so both see the whole training set within a few minutes. The capsule network routes
 # with 2 EM iterations at lr 3e-3, as in the experiments: in a budget this short it does not learn with the
 # paper's 3 (README, "The paper's experiments").

@@ -30,7 +30,7 @@ DATA = {
 # With the native routing kernels the small capsule network trains at about 240 images/s on 2 cores (the
 # CNN at about 400), so both see the whole training set within a few minutes. The capsule network routes
 # with 2 EM iterations at lr 3e-3, as in the experiments: in a budget this short it does not learn with the
-# paper's 3 (README, "The paper's experiments").
+# paper's 3 (README, "Two routing iterations, not the paper's three").
 CAPSULES = ["routing.iterations=2", "optim.lr=3e-3", "loss.margin_schedule=sigmoid", "train.batch_size=32"]
 MODELS = {
     "full": {

@@ -135,8 +135,8 @@ def pose_picture(caps: nn.Module, train: ImageSet, test: ImageSet, index: int, o
     (predicting zeros scores about 1); an untrained decoder of the same initialisation and the training
     images' mean image are the baselines a pose that carries the image must beat. The state kept is the
     one best on held-out object instances (test images show other instances than training images).
-    -> {'steps', 'kept_step', 'holdout', 'holdout_by', 'bound', 'train_images', 'test_mse', 'untrained_test_mse', 'mean_image_test_mse', 'image', 'label',
-    'class', 'delta': 16 floats}.
+    -> {'steps', 'kept_step', 'holdout', 'holdout_by', 'bound', 'train_images', 'test_mse',
+    'untrained_test_mse', 'mean_image_test_mse', 'image', 'label', 'class', 'delta': 16 floats}.
     """
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:images]
     x, y = center_crop(train.images[pick], 32), train.labels[pick]                # (N, C, 32, 32), (N,)

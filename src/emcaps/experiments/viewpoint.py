@@ -180,11 +180,10 @@ def _markdown(r: dict[str, Any]) -> str:
         f"{r['test_images']} test images, {r['familiar_test_images']} of them at familiar viewpoints"
         f"{' (fast mode: a smoke test, not a result)' if r['fast'] else ''}.", "",
         common.markdown_table(["model", "familiar error", "novel error", "steps"], rows), "",
-        *([f"Budgets: CNN {r['budgets']['cnn']['steps']} steps (Adam, lr {r['budgets']['cnn']['lr']:g}), "
-           f"capsules at most {r['budgets']['capsules']['steps']} steps (Adam, lr "
-           f"{r['budgets']['capsules']['lr']:g}, {r['budgets']['capsules'].get('routing_iterations', 3)} "
-           f"routing iterations), batch {r['budgets']['capsules']['batch_size']}.", ""]
-          if r.get("budgets") else []),
+        f"Budgets: CNN {r['budgets']['cnn']['steps']} steps (Adam, lr {r['budgets']['cnn']['lr']:g}), "
+        f"capsules at most {r['budgets']['capsules']['steps']} steps (Adam, lr "
+        f"{r['budgets']['capsules']['lr']:g}, {r['budgets']['capsules']['routing_iterations']} "
+        f"routing iterations), batch {r['budgets']['capsules']['batch_size']}.", "",
         f"The capsule network {stop} (paper, smallNORB {r['split']}: CNN "
         f"{'20% / 3.7%' if r['split'] == 'azimuth' else '17.8% / 4.3%'}, capsules "
         f"{'13.5% / 3.7%' if r['split'] == 'azimuth' else '12.3% / 4.3%'} novel / familiar).", "",
@@ -206,8 +205,7 @@ def _decoder_markdown(d: dict[str, Any] | None) -> list[str]:
     return [
         "", f"A decoder trained for up to {d['steps']} steps on the frozen network's poses of the true class "
         f"of {d['train_images']} training images (keeping the state of step "
-        f"{d.get('kept_step', d['steps'])}, best on {100 * d.get('holdout', 0):.0f}% of their "
-        f"{d.get('holdout_by', 'image')}s held out) "
+        f"{d['kept_step']}, best on {100 * d['holdout']:.0f}% of their {d['holdout_by']}s held out) "
         f"reconstructs the test images with mean squared error "
         f"{d['test_mse']:.3f} per pixel (untrained decoder {d['untrained_test_mse']:.3f}, the training "
         f"images' mean image {d['mean_image_test_mse']:.3f})"

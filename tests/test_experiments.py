@@ -13,7 +13,7 @@ from emcaps import cli, config, plots, train
 from emcaps.data.norb_format import write_norb
 from emcaps.data.smallnorb import SPLIT_FILES, TEST_INSTANCES, TRAIN_INSTANCES
 from emcaps.data.transforms import center_crop
-from emcaps.experiments import common
+from emcaps.experiments import common, viewpoint
 from emcaps.models import create_model
 
 ELEVATIONS = (0, 4, 8)
@@ -69,21 +69,78 @@ def test_viewpoint_fast(norb, tmp_path, capsys, split):
     _run(["experiment", "viewpoint", "--split", split, "--fast", "--quiet", "--data", "smallnorb",
           "--root", str(norb), "--out", str(out)], capsys)
     results = json.loads((out / "results.json").read_text())
-    assert results["split"] == split and set(results["models"]) == {"cnn", "capsules"}
-    for m in results["models"].values():
+    models = results["models"]
+    matched = models["capsules"]["matched"]
+    expected = {"cnn", "capsules"} if matched else {"cnn", "capsules", "cnn_matched"}
+    assert results["split"] == split and set(models) == expected
+    for m in models.values():
         assert 0 <= m["familiar_error"] <= 1 and 0 <= m["novel_error"] <= 1 and m["params"] > 0
         assert 1 <= m["steps"] <= 8
-    checks = results["models"]["capsules"]["checks"]         # the early-stopping checks on the way
+    checks = models["capsules"]["checks"]                    # the early-stopping checks on the way
     assert checks and all(c["step"] % common.FAST["check_every"] == 0 and 0 <= c["familiar_error"] <= 1
                           for c in checks)
+    assert [c["step"] for c in models["cnn"]["checks"]] == list(range(1, 8))    # every step of its 8
     values = results["per_view"]["values"]
     assert len(values) == (5 if split == "azimuth" else 3)
     assert all(0 <= e <= 1 for e in results["per_view"]["capsules"])
     md = (out / "results.md").read_text()
     assert "familiar error" in md and "| CNN" in md and "| capsules" in md
+    assert ("| CNN, stopped to match" in md) == (not matched)
     for name in results["figures"]:
         _png_ok(out / name)
     assert "![parse map](parse-map.png)" in md
+
+
+def test_first_match_is_where_the_protocol_stops():
+    checks = [{"step": s, "familiar_error": e} for s, e in ((2, 0.5), (4, 0.3), (6, 0.35), (8, 0.1))]
+    assert [viewpoint.first_match(checks, t)["step"] for t in (0.5, 0.35, 0.3, 0.29, 0.1)] == [2, 4, 4, 8, 8]
+    assert viewpoint.first_match(checks, 0.05)["step"] == 8            # none is as good: the last
+    with pytest.raises(ValueError, match="no checks"):
+        viewpoint.first_match([], 0.1)
+
+
+def test_the_page_gives_the_spread_of_cnn_checks_near_the_capsules_familiar_error():
+    def check(step, familiar, novel):
+        return {"step": step, "familiar_error": familiar, "novel_error": novel}
+
+    models = {"capsules": check(600, 0.20, 0.30),
+              "cnn": {**check(300, 0.05, 0.2), "checks": [check(100, 0.5, 0.6), check(200, 0.21, 0.41),
+                                                          check(250, 0.18, 0.35), check(280, 0.17, 0.3)]}}
+    assert viewpoint._near(models) == "2 checks within 2 points of that familiar error had novel error " \
+                                      "35.0% to 41.0%"
+    models["capsules"]["familiar_error"] = 0.4
+    assert viewpoint._near(models) == "checks all missed that familiar error by more than 2 points"
+
+
+def test_unmatched_capsules_are_compared_with_the_cnn_stopped_to_match(norb, tmp_path, capsys):
+    """A capsule network trained for 1 step cannot match the CNN: the page then adds the CNN as it was at its
+    first check no worse than the capsule network. A check's numbers are those of a CNN trained for just
+    that many steps (checking only looks)."""
+    out = tmp_path / "vp"
+    _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb", "--root",
+          str(norb), "--out", str(out), "--capsnet-steps", "1"], capsys)
+    r = json.loads((out / "results.json").read_text())
+    models = r["models"]
+    caps, cnn, match = models["capsules"], models["cnn"], models["cnn_matched"]
+    assert caps["steps"] == 1 and not caps["matched"] and cnn["familiar_error"] < caps["familiar_error"]
+    history = cnn["checks"] + [{"step": cnn["steps"], "familiar_error": cnn["familiar_error"]}]
+    before = [c for c in history if c["step"] < match["steps"]]
+    assert all(c["familiar_error"] > caps["familiar_error"] for c in before)
+    assert match["familiar_error"] <= caps["familiar_error"] and set(r["per_view"]) >= set(models)
+    md = (out / "results.md").read_text()
+    assert f"the CNN as it was at step {match['steps']}, the first of its checks (every 1 steps)" in md
+    assert f"One check's error is noisy: the CNN's {viewpoint._near(models)}." in md
+    assert f"| CNN, stopped to match (cnn, {match['params']:,} params) | {common.pct(match['familiar_error'])} |" in md
+
+    mid = cnn["checks"][2]                                    # step 3 of 8: what 3 steps alone give
+    assert mid["step"] == 3 and match["familiar_error"] == {c["step"]: c["familiar_error"]
+                                                            for c in history}[match["steps"]]
+    again = tmp_path / "again"
+    _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb", "--root",
+          str(norb), "--out", str(again), "--steps", "3", "--capsnet-steps", "1"], capsys)
+    short = json.loads((again / "results.json").read_text())["models"]["cnn"]
+    assert (short["steps"], short["familiar_error"], short["novel_error"]) == (3, mid["familiar_error"],
+                                                                                mid["novel_error"])
 
 
 def test_models_start_from_the_seed_whatever_drew_random_numbers_before(norb, tmp_path, capsys):
@@ -96,7 +153,7 @@ def test_models_start_from_the_seed_whatever_drew_random_numbers_before(norb, tm
         _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb",
               "--root", str(norb), "--out", str(out)], capsys)
         models = json.loads((out / "results.json").read_text())["models"]
-        results.append({name: (m["final_loss"], m["familiar_error"]) for name, m in models.items()})
+        results.append({name: (models[name]["final_loss"], models[name]["familiar_error"]) for name in ("cnn", "capsules")})
     assert results[0] == results[1]
     train = common.load(common.data_config("smallnorb", str(norb), True), "train")
     a = common.make_model("tiny", train, seed=3).state_dict()
@@ -266,6 +323,11 @@ def test_steps_replace_the_training_budget(norb, tmp_path, capsys):
     cfg = common.settings(fast=False, steps=40)
     assert cfg["cnn"].steps == cfg["capsules"].steps == 40 and cfg["check_every"] == 4
     assert common.settings(fast=False)["capsules"].steps == common.FULL["capsules"].steps   # not mutated
+    cfg = common.settings(fast=False, steps=40, capsnet_steps=1000)          # the capsule network's alone
+    assert (cfg["cnn"].steps, cfg["capsules"].steps, cfg["check_every"]) == (40, 1000, 4)
+    with pytest.raises(SystemExit):
+        cli.main(["experiment", "viewpoint", "--help"])
+    assert f"(default {viewpoint.CAPSNET_STEPS}," in " ".join(capsys.readouterr().out.split())
 
 
 @pytest.mark.parametrize("experiment", ["viewpoint", "adversarial", "ablation"])
@@ -298,7 +360,8 @@ def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_p
 @pytest.mark.parametrize("option, value, message", [
     ("--routing-iterations", "0", "--routing-iterations must be a positive integer, got 0"),
     ("--capsnet-lr", "-1", "--capsnet-lr must be a positive learning rate, got -1.0"),
-    ("--capsnet-lr", "nan", "--capsnet-lr must be a positive learning rate, got nan")])
+    ("--capsnet-lr", "nan", "--capsnet-lr must be a positive learning rate, got nan"),
+    ("--capsnet-steps", "0", "--capsnet-steps must be a positive number of training steps, got 0")])
 def test_bad_capsnet_options_are_one_clear_line(option, value, message, tmp_path, capsys):
     out = tmp_path / "out"
     assert cli.main(["experiment", "viewpoint", "--fast", option, value, "--out", str(out)]) == 1

@@ -66,13 +66,13 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
                     eps: Sequence[float] | None = None, images: int | None = None,
                     bim_steps: int | None = None, quiet: bool = True, device: str = "cpu",
                     steps: int | None = None, capsnet_lr: float | None = None,
-                    iterations: int | None = None) -> dict[str, Any]:
+                    iterations: int | None = None, capsnet_steps: int | None = None) -> dict[str, Any]:
     """Train (or load) both models, attack them, write results.json, results.md and four PNGs.
-    `steps`, `capsnet_lr` and `iterations` replace the defaults of `common.settings`."""
+    `steps`, `capsnet_lr`, `iterations` and `capsnet_steps` replace the defaults of `common.settings`."""
     eps = list(eps if eps is not None else (FAST_EPS if fast else EPS))
     images = images or (8 if fast else 500)
     bim_steps = bim_steps or (2 if fast else 10)
-    cfg = common.settings(fast, steps, capsnet_lr, iterations)
+    cfg = common.settings(fast, steps, capsnet_lr, iterations, capsnet_steps)
     if bool(capsnet) != bool(cnn):
         raise ValueError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
     dev = common.device_of(device)

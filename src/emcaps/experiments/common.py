@@ -53,17 +53,21 @@ FULL = {"capsnet": "small", "capsules": Budget(3000, 32, 3e-3), "cnn": Budget(30
 
 
 def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = None,
-             iterations: int | None = None) -> dict[str, Any]:
-    """The fast or full settings. `steps` replaces the training steps of the CNN and the capsule network
-    (the early-stopping check then runs at least 10 times over the budget), `capsnet_lr` the capsule
-    network's Adam learning rate, `iterations` its routing iterations (default ITERATIONS)."""
+             iterations: int | None = None, capsnet_steps: int | None = None) -> dict[str, Any]:
+    """The fast or full settings. `steps` replaces the training steps of the CNN and the capsule network,
+    `capsnet_steps` then those of the capsule network alone (the early-stopping check runs at least 10
+    times over the shorter budget), `capsnet_lr` the capsule network's Adam learning rate, `iterations`
+    its routing iterations (default ITERATIONS)."""
     cfg = dict(FAST if fast else FULL)
-    if steps is not None:
-        if steps < 1:
-            raise ValueError(f"--steps must be a positive number of training steps, got {steps}")
-        for name in ("capsules", "cnn"):
-            cfg[name] = replace(cfg[name], steps=steps)
-        cfg["check_every"] = max(1, min(cfg["check_every"], steps // 10))
+    for option, value, names in (("--steps", steps, ("capsules", "cnn")),
+                                 ("--capsnet-steps", capsnet_steps, ("capsules",))):
+        if value is None:
+            continue
+        if not isinstance(value, int) or value < 1:
+            raise ValueError(f"{option} must be a positive number of training steps, got {value}")
+        for name in names:
+            cfg[name] = replace(cfg[name], steps=value)
+        cfg["check_every"] = max(1, min(cfg["check_every"], value // 10))
     if capsnet_lr is not None:
         if not (math.isfinite(capsnet_lr) and capsnet_lr > 0):
             raise ValueError(f"--capsnet-lr must be a positive learning rate, got {capsnet_lr}")

@@ -21,7 +21,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
                         "(files under --root or the data cache)")
     p.add_argument("--root", metavar="DIR", default="", help="data directory (default: the data cache)")
     p.add_argument("--steps", type=int, metavar="N", help="training steps of every model the experiment "
-                   "trains (default 3000, batch 32; fast: a few)")
+                   "trains (default 3000, batch 32, unless --capsnet-steps says otherwise; fast: a few)")
     p.add_argument("--capsnet-lr", type=float, metavar="LR",
                    help="the capsule network's Adam learning rate (default 3e-3; fast: 1e-2)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")

@@ -130,7 +130,8 @@ def test_unmatched_capsules_are_compared_with_the_cnn_stopped_to_match(norb, tmp
     md = (out / "results.md").read_text()
     assert f"the CNN as it was at step {match['steps']}, the first of its checks (every 1 steps)" in md
     assert f"One check's error is noisy: the CNN's {viewpoint._near(models)}." in md
-    assert f"| CNN, stopped to match (cnn, {match['params']:,} params) | {common.pct(match['familiar_error'])} |" in md
+    row = f"| CNN, stopped to match (cnn, {match['params']:,} params) | {common.pct(match['familiar_error'])} |"
+    assert row in md
 
     mid = cnn["checks"][2]                                    # step 3 of 8: what 3 steps alone give
     assert mid["step"] == 3 and match["familiar_error"] == {c["step"]: c["familiar_error"]
@@ -153,7 +154,8 @@ def test_models_start_from_the_seed_whatever_drew_random_numbers_before(norb, tm
         _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb",
               "--root", str(norb), "--out", str(out)], capsys)
         models = json.loads((out / "results.json").read_text())["models"]
-        results.append({name: (models[name]["final_loss"], models[name]["familiar_error"]) for name in ("cnn", "capsules")})
+        results.append({name: (models[name]["final_loss"], models[name]["familiar_error"])
+                        for name in ("cnn", "capsules")})
     assert results[0] == results[1]
     train = common.load(common.data_config("smallnorb", str(norb), True), "train")
     a = common.make_model("tiny", train, seed=3).state_dict()

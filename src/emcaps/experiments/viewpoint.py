@@ -38,7 +38,7 @@ DECODER_BOUND = 1.5    # squashing of the standardised poses (PoseDecoder); meas
 # The capsule network's budget here is a ceiling (it stops when matched); at 3,000 steps it stayed near
 # 20% familiar error, still falling at 6,000 (README, "Novel viewpoints").
 CAPSNET_STEPS = 6000
-NEAR = 0.02            # the CNN checks "near" the capsule network's familiar error, to show the match's spread
+NEAR = 0.02            # CNN checks this near the capsule network's familiar error show the match's spread
 
 
 def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
@@ -56,7 +56,7 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     """Run the protocol for one split; writes results.json, results.md, error-per-<split>.png and the
     capsule network's pictures (pose_grid=False skips the pose-perturbation grid and its decoder).
     `steps`, `capsnet_lr`, `iterations` and `capsnet_steps` replace the defaults of `common.settings`
-    (the capsule network's budget is CAPSNET_STEPS unless one of the step counts is given, or in fast mode)."""
+    (the capsule network's budget is CAPSNET_STEPS unless a step count is given, or in fast mode)."""
     if split not in SPLITS:
         raise ValueError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
     if capsnet_steps is None and steps is None and not fast:
@@ -121,7 +121,8 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
                                  **{k: match[k] for k in ("predicted", "familiar_error", "novel_error")}}
         say(f"CNN at step {match['step']}: familiar {common.pct(match['familiar_error'])}, "
             f"novel {common.pct(match['novel_error'])}")
-    models["cnn"]["checks"] = [{k: c[k] for k in ("step", "familiar_error", "novel_error")} for c in cnn_checks]
+    models["cnn"]["checks"] = [{k: c[k] for k in ("step", "familiar_error", "novel_error")}
+                               for c in cnn_checks]
 
     values = np.unique(test.meta[split])
     per_view = {"values": values.tolist(), "familiar": [bool(familiar_mask(split, {split: np.array([v])})[0])

@@ -52,9 +52,10 @@ def run_both(inputs, config, compete=True, scale=1.0):
     for route in (conv_routing, torch_routing):
         leaves = [t.detach().clone().requires_grad_(True) for t in (poses, weight, act, beta_u, beta_a)]
         mean, a = route(*leaves, config, initial, comp, scale)
-        g = torch.Generator().manual_seed(7)
-        (mean * torch.randn(mean.shape, generator=g, dtype=mean.dtype)).sum().backward(retain_graph=True)
-        (a * torch.randn(a.shape, generator=g, dtype=a.dtype)).sum().backward()
+        g = torch.Generator().manual_seed(7)        # the same upstream gradients in every dtype
+        (mean * torch.randn(mean.shape, generator=g, dtype=torch.float64).to(mean.dtype)).sum().backward(
+            retain_graph=True)
+        (a * torch.randn(a.shape, generator=g, dtype=torch.float64).to(a.dtype)).sum().backward()
         results.append((mean.detach(), a.detach(), [t.grad for t in leaves]))
     return results
 
@@ -72,6 +73,29 @@ def assert_same(results, **tol):
 def test_native_matches_torch_values_and_gradients(iterations, compete):
     config = RoutingConfig(iterations=iterations, final_lambda=1.0)
     assert_same(run_both(problem(), config, compete), atol=1e-10, rtol=1e-9)
+
+
+@pytest.mark.parametrize("fields", [{"activation": "standardised"}, {"estep_temperature": 0.4},
+                                    {"activation": "standardised", "estep_temperature": 0.6}])
+@pytest.mark.parametrize("compete", [True, False])
+def test_native_matches_torch_for_each_parameterisation(fields, compete):
+    config = RoutingConfig(final_lambda=2.0, **fields)
+    assert_same(run_both(problem(seed=11), config, compete, scale=0.5), atol=1e-10, rtol=1e-9)
+
+
+def test_native_float32_gradients_are_close_to_float64():
+    """The float32 kernels that training runs (AVX2 / AVX-512 where the CPU has them), backward included."""
+    poses, weight, act, bu, ba, comp, n = problem(seed=12, n=3)
+    exact = [t.float().double() for t in (poses, weight, act, bu, ba)]     # inputs float32 can hold
+    config = RoutingConfig(final_lambda=2.0, activation="standardised", estep_temperature=0.5)
+    (m64, a64, g64), _ = run_both((*exact, comp, n), config)
+    (m32, a32, g32), _ = run_both((*[t.float() for t in exact], comp, n), config)
+    torch.testing.assert_close(m32.double(), m64, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a32.double(), a64, atol=1e-4, rtol=1e-4)
+    for name, x, y in zip(("poses", "weight", "act", "beta_u", "beta_a"), g32, g64):
+        scale = float(y.abs().max())
+        torch.testing.assert_close(x.double(), y, atol=2e-4 * scale, rtol=1e-3,
+                                   msg=lambda m: f"float32 gradient of {name}: {m}")
 
 
 @pytest.mark.parametrize("k,s,h", [(3, 2, 7), (2, 1, 4), (1, 1, 3)])

@@ -17,8 +17,10 @@ from emcaps.routing import (
 FLOOR = 5e-4
 
 
-def numpy_em(votes, act, beta_u, beta_a, iterations, final_lambda=0.01, floor=FLOOR, scale=1.0):
-    """The paper's Procedure 1, one sample at a time, float64. votes (N, I, J, D), act (N, I)."""
+def numpy_em(votes, act, beta_u, beta_a, iterations, final_lambda=0.01, floor=FLOOR, scale=1.0,
+             activation="paper", tau=1.0):
+    """The paper's Procedure 1, one sample at a time, float64. votes (N, I, J, D), act (N, I).
+    activation='standardised' standardises the costs over the parents; tau multiplies the E-step's log-posterior."""
     n, n_in, n_out, d = votes.shape
     poses, acts = np.zeros((n, n_out, d)), np.zeros((n, n_out))
     for s in range(n):
@@ -32,11 +34,13 @@ def numpy_em(votes, act, beta_u, beta_a, iterations, final_lambda=0.01, floor=FL
             mu = np.einsum("ij,ijh->jh", Ra, V) / np.maximum(Rsum[:, None], EPS)
             sigma2 = np.einsum("ij,ijh->jh", Ra, (V - mu[None]) ** 2) / np.maximum(Rsum[:, None], EPS) + floor
             cost = ((beta_u[:, None] + np.log(np.sqrt(sigma2))) * Rsum[:, None] * scale).sum(axis=1)
+            if activation == "standardised":
+                cost = (cost - cost.mean()) / np.sqrt(cost.var() + 1e-6)
             a_out = 1 / (1 + np.exp(-lam * (beta_a - cost)))
             if t < iterations - 1:
                 # E-step: p_ij = prod_h N(V_ijh; mu_jh, sigma2_jh), R_ij = a_j p_ij / sum_k a_k p_ik
                 log_p = (-(V - mu[None]) ** 2 / (2 * sigma2[None]) - 0.5 * np.log(2 * np.pi * sigma2[None])).sum(-1)
-                z = np.log(a_out)[None] + log_p
+                z = tau * (np.log(a_out)[None] + log_p)
                 z -= z.max(axis=1, keepdims=True)
                 R = np.exp(z) / np.exp(z).sum(axis=1, keepdims=True)
         poses[s], acts[s] = mu, a_out
@@ -301,3 +305,63 @@ def test_images_per_chunk():
     assert RoutingConfig(chunk=5).images_per_chunk(32, 5_000_000) == 5
     with pytest.raises(ValueError, match="chunk"):
         RoutingConfig(chunk=-1)
+
+
+PARAMETERISATIONS = [{"activation": "standardised"}, {"estep_temperature": 0.3},
+                     {"activation": "standardised", "estep_temperature": 0.5, "normalize_cost": True}]
+
+
+@pytest.mark.parametrize("fields", PARAMETERISATIONS)
+def test_dense_matches_numpy_for_each_parameterisation(fields):
+    votes, act, bu, ba = random_problem(n=3, n_in=9, n_out=5, seed=21)
+    ref_pose, ref_a = numpy_em(votes.numpy(), act.numpy(), bu.numpy(), ba.numpy(), 3, final_lambda=2.0,
+                               scale=5 / 9 if fields.get("normalize_cost") else 1.0,
+                               activation=fields.get("activation", "paper"), tau=fields.get("estep_temperature", 1.0))
+    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0, **fields)
+    np.testing.assert_allclose(pose.numpy(), ref_pose, atol=1e-10, rtol=1e-9)
+    np.testing.assert_allclose(a.numpy(), ref_a, atol=1e-10, rtol=1e-9)
+    plain_pose, plain_a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0)
+    assert (plain_a - a).abs().max() > 1e-3, "the parameterisation changed nothing"
+
+
+@pytest.mark.parametrize("backend", ["torch", "compile"])
+@pytest.mark.parametrize("fields", PARAMETERISATIONS)
+def test_fused_and_compiled_match_dense_values_and_gradients(fields, backend):
+    votes, act, bu, ba = random_problem(n=3, n_in=10, n_out=4, seed=22)
+    leaves = [t.requires_grad_(True) for t in (votes, act, bu, ba)]
+    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0, **fields)
+    cfg = RoutingConfig(final_lambda=2.0, backend=backend, **fields)
+    scale = 4 / 10 if fields.get("normalize_cost") else 1.0
+    fpose, fa = em_routing_fused(dense_to_fused(votes), act, bu, ba, cfg, cost_scale=scale)
+    torch.testing.assert_close(fpose, pose, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(fa, a, atol=1e-9, rtol=1e-9)
+    g = torch.Generator().manual_seed(3)
+    wp, wa = torch.randn(pose.shape, generator=g, dtype=pose.dtype), torch.randn(a.shape, generator=g, dtype=a.dtype)
+    grads = torch.autograd.grad((pose * wp).sum() + (a * wa).sum(), leaves)
+    fgrads = torch.autograd.grad((fpose * wp).sum() + (fa * wa).sum(), leaves)
+    for name, x, y in zip(("votes", "act", "beta_u", "beta_a"), fgrads, grads):
+        torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-7, msg=lambda m: f"gradient of {name}: {m}")
+
+
+def test_parameterisation_fields_are_checked():
+    with pytest.raises(ValueError, match="activation"):
+        RoutingConfig(activation="softmax")
+    with pytest.raises(ValueError, match="estep_temperature"):
+        RoutingConfig(estep_temperature=0.0)
+
+
+def test_standardised_logits_have_zero_mean_and_lambda_spread_over_the_parents():
+    """Whatever the scale of votes and fan-in, the standardised costs put each problem's logits (beta_a = 0)
+    at mean 0 and standard deviation lambda across its parents; the paper's are lambda * cost, tiny here."""
+    votes, act, bu, ba = random_problem(n=2, n_in=12, n_out=6, seed=23)
+    for scale in (1.0, 1e-2):
+        trace = []
+        em_routing(votes * scale, act, bu, ba * 0, 3, final_lambda=2.0, activation="standardised", trace=trace)
+        for step in trace:
+            torch.testing.assert_close(step.logit.mean(-1), torch.zeros(2, dtype=votes.dtype), atol=1e-9, rtol=0)
+            torch.testing.assert_close(step.logit.std(-1, unbiased=False),
+                                       torch.full((2,), step.inverse_temperature, dtype=votes.dtype),
+                                       atol=1e-6, rtol=1e-5)
+    trace = []
+    em_routing(votes * 1e-2, act, bu, ba * 0, 3, trace=trace)
+    assert float(trace[-1].logit.std(-1).max()) < 0.1

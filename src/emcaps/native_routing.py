@@ -24,7 +24,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from emcaps.kernels import Library, PerThread, library
-from emcaps.routing import EPS, PositionCompetition, RoutingConfig
+from emcaps.routing import EPS, PositionCompetition, RoutingConfig, parent_logit
 
 _LOG_2PI = math.log(2 * math.pi)
 D = 16
@@ -88,7 +88,7 @@ class _ConvRouting(torch.autograd.Function):
                      [P, W, r, r.stride(0), r.stride(1), a, m, n_out, n_in, EPS, mean, var, s], m, range_at=9)
             var += config.var_floor
             log_var_sum = torch.log(var).sum(-1)                                     # (M, J)
-            logit = lam * (beta_a - (D * beta_u + 0.5 * log_var_sum) * (cost_scale * s))
+            logit = parent_logit(beta_u, beta_a, log_var_sum, s, lam, cost_scale, D, config.activation)
             steps.append((r, mean, var, s, logit))
             if t == len(lambdas) - 1:
                 break
@@ -96,6 +96,8 @@ class _ConvRouting(torch.autograd.Function):
             lib.call("estep", P.dtype, [P, W, mean, 1.0 / var, m, n_out, n_in, maha], m, range_at=7)
             const = F.logsigmoid(logit) - 0.5 * (log_var_sum + D * _LOG_2PI)         # (M, J)
             log_r = maha.mul_(-0.5).add_(const.unsqueeze(-1))                        # (M, J, I)
+            if config.estep_temperature != 1.0:
+                log_r.mul_(config.estep_temperature)
             if competition is None:
                 r = torch.softmax(log_r, dim=1)
             else:
@@ -104,7 +106,7 @@ class _ConvRouting(torch.autograd.Function):
         # output) that leaks every step's graph, so it goes through save_for_backward.
         steps[-1] = (r, None, var, s, logit)
         ctx.save_for_backward(P, W, a, beta_u, beta_a, mean)
-        ctx.steps, ctx.lambdas = steps, lambdas
+        ctx.steps, ctx.lambdas, ctx.config = steps, lambdas, config
         ctx.competition, ctx.cost_scale, ctx.lib = competition, cost_scale, lib
         return mean, torch.sigmoid(logit)
 
@@ -112,7 +114,7 @@ class _ConvRouting(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, g_mean_out, g_act_out):
         P, W, a, beta_u, beta_a, mean_out = ctx.saved_tensors
-        steps, lambdas, lib, cs = ctx.steps, ctx.lambdas, ctx.lib, ctx.cost_scale
+        steps, lambdas, lib, cs, config = ctx.steps, ctx.lambdas, ctx.lib, ctx.cost_scale, ctx.config
         m, n_in, _ = P.shape
         n_out = W.shape[1]
         g_P = torch.zeros_like(P)
@@ -137,10 +139,12 @@ class _ConvRouting(torch.autograd.Function):
                 g_var = torch.zeros_like(var)
                 g_maha = None
             else:
-                # E-step: r_next = exp(log_r - logsumexp over the parents each child feeds)
+                # E-step: r_next = exp(tau * log_r - logsumexp over the parents each child feeds)
                 r_next = steps[t + 1][0]
                 q = r_next * g_r_next                                  # gradient wrt normalised log r
                 g_log_r = q - r_next * _group_sums(q.sum(1), ctx.competition).unsqueeze(1)
+                if config.estep_temperature != 1.0:
+                    g_log_r.mul_(config.estep_temperature)
                 g_const = g_log_r.sum(-1)                              # (M, J)
                 g_logit = g_const * torch.sigmoid(-logit)              # d logsigmoid(x) / dx
                 g_log_var = -0.5 * g_const
@@ -149,13 +153,14 @@ class _ConvRouting(torch.autograd.Function):
                 lib.call("estep_backward", P.dtype, [P, W, mean, inv_var, g_maha, m, n_out, n_in,
                                                      g_mean, g_inv_var], m, range_at=8)
                 g_var = -g_inv_var * inv_var * inv_var
-            # activation and cost
-            g_ba += lam * g_logit.sum(0)
-            g_cost = -lam * g_logit
-            g_bu += D * (g_cost * cs * s).sum(0)
-            g_log_var = g_log_var + 0.5 * cs * g_cost * s
-            g_s = g_cost * cs * (D * beta_u + 0.5 * log_var_sum)
-            g_var += g_log_var.unsqueeze(-1) * inv_var
+            # activation and cost: the logit is small, (M, J), so autograd differentiates the shared formula
+            with torch.enable_grad():
+                inputs = [x.detach().requires_grad_() for x in (beta_u, beta_a, log_var_sum, s)]
+                out = parent_logit(*inputs, lam, cs, D, config.activation)
+                g_bu_t, g_ba_t, g_lvs, g_s = torch.autograd.grad(out, inputs, g_logit)
+            g_bu += g_bu_t
+            g_ba += g_ba_t
+            g_var += (g_log_var + g_lvs).unsqueeze(-1) * inv_var
             # M-step (and the E-step's share of the vote gradients)
             g_r = P.new_empty(m, n_out, n_in) if t > 0 else None
             lib.call("mstep_backward", P.dtype,

@@ -30,9 +30,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 EPS = 1e-8
+STD_FLOOR = 1e-6        # added to the variance of the costs before standardising them
 DEFAULT_VAR_FLOOR = 5e-4
 DEFAULT_FINAL_LAMBDA = 0.01
 SCHEDULES = ("authors", "linear", "constant")
+ACTIVATIONS = ("paper", "standardised")
 BACKENDS = ("auto", "native", "torch", "compile")
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -50,6 +52,13 @@ class RoutingConfig:
                       so the cost has the same size in layers with very different fan-in.
     compete_positions: in convolutional layers, a child's assignments are normalised over every parent
                       it feeds (all positions and types), not over the types at each position.
+    activation:       how a parent's activation follows from its cost (see `parent_logit`): 'paper',
+                      lambda * (beta_a - cost); 'standardised', lambda * (beta_a - z) with z the cost
+                      standardised over the parent types of one routing problem, so activations spread
+                      whatever the scale of poses and fan-in.
+    estep_temperature: the E-step's log-posterior is multiplied by this before normalising (deterministic
+                      annealing EM): 1 is plain EM, below 1 softer assignments, so a parent whose variance
+                      sits near the floor does not take a child outright.
 
     How it runs (the result does not depend on these):
     chunk:            route this many images at a time; 0 (default) picks as many as keep one chunk's
@@ -74,6 +83,8 @@ class RoutingConfig:
     var_floor: float = DEFAULT_VAR_FLOOR
     normalize_cost: bool = False
     compete_positions: bool = True
+    activation: str = "paper"
+    estep_temperature: float = 1.0
     chunk: int = 0
     chunk_mb: float = 12.0
     recompute: bool = True
@@ -92,6 +103,10 @@ class RoutingConfig:
             raise ValueError(f"final_lambda must be > 0, got {self.final_lambda}")
         if not self.var_floor > 0:
             raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        if not self.estep_temperature > 0:
+            raise ValueError(f"estep_temperature must be > 0, got {self.estep_temperature}")
 
     def images_per_chunk(self, batch: int, votes_bytes_per_image: int) -> int:
         """How many images of a batch to route at once."""
@@ -118,13 +133,28 @@ def inverse_temperatures(iterations: int, final_lambda: float = DEFAULT_FINAL_LA
     raise ValueError(f"unknown inverse-temperature schedule {schedule!r}; expected one of {SCHEDULES}")
 
 
+def parent_logit(beta_u: Tensor, beta_a: Tensor, log_var_sum: Tensor, r_sum: Tensor, lam: float,
+                 cost_scale: float, d: int, activation: str = "paper") -> Tensor:
+    """The logit of each parent's activation; every routing form calls this one function.
+
+    log_var_sum: (.., J)  sum over the D pose entries of log(variance)
+    r_sum:       (.., J)  the data assigned to each parent, sum_i r_ij a_i
+    -> (.., J). The cost of explaining the data is (D beta_u + 0.5 log_var_sum) * cost_scale * r_sum.
+    """
+    cost = (d * beta_u + 0.5 * log_var_sum) * (cost_scale * r_sum)
+    if activation == "standardised":
+        centred = cost - cost.mean(-1, keepdim=True)
+        cost = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + STD_FLOOR)
+    return lam * (beta_a - cost)
+
+
 @dataclass
 class RoutingStep:
     """What one EM iteration computed, kept when a caller passes `trace=[]` (for pictures and tests).
 
     assignments: the assignments the M-step used, in the caller's layout ((N, I, J) dense, (M, J, I) fused)
     mean, var:   the parents' Gaussians, (.., J, D)
-    activation:  the parents' activations, (.., J)
+    activation:  the parents' activations, (.., J), and their logits
     """
 
     assignments: Tensor
@@ -132,6 +162,7 @@ class RoutingStep:
     var: Tensor
     activation: Tensor
     inverse_temperature: float
+    logit: Tensor | None = None
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -148,6 +179,7 @@ def _check_betas(beta_u: Tensor, beta_a: Tensor, n_out: int) -> None:
 def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int = 3, *,
                final_lambda: float = DEFAULT_FINAL_LAMBDA, schedule: str = "authors",
                var_floor: float = DEFAULT_VAR_FLOOR, normalize_cost: bool = False,
+               activation: str = "paper", estep_temperature: float = 1.0,
                connectivity: Tensor | None = None,
                trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
     """EM routing, dense reference form.
@@ -190,16 +222,16 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         mean = (w.unsqueeze(-1) * v).sum(1)                             # (N, J, D)
         sq = (v - mean.unsqueeze(1)) ** 2                               # (N, I, J, D)
         var = (w.unsqueeze(-1) * sq).sum(1) + var_floor                 # (N, J, D)
-        cost = ((bu.unsqueeze(-1) + 0.5 * torch.log(var)) * (scale * r_sum).unsqueeze(-1)).sum(-1)  # (N, J)
-        logit = lam * (ba - cost)
+        d = v.shape[-1]
+        logit = parent_logit(bu, ba, torch.log(var).sum(-1), r_sum, lam, scale, d, activation)  # (N, J)
         act = torch.sigmoid(logit)                                      # (N, J)
         if trace is not None:
-            trace.append(RoutingStep(r.expand(n, -1, -1), mean, var, act, lam))
+            trace.append(RoutingStep(r.expand(n, -1, -1), mean, var, act, lam, logit))
         if it == len(lambdas) - 1:
             break
         # E-step: log-likelihood of each vote under each parent, weighted by the parent's activation.
         log_p = -0.5 * (sq / var.unsqueeze(1) + torch.log(var).unsqueeze(1) + _LOG_2PI).sum(-1)  # (N, I, J)
-        log_r = F.logsigmoid(logit).unsqueeze(1) + log_p
+        log_r = estep_temperature * (F.logsigmoid(logit).unsqueeze(1) + log_p)
         if connectivity is not None:
             log_r = log_r.masked_fill(~connectivity, float("-inf"))
         r = torch.softmax(log_r, dim=2)
@@ -235,7 +267,7 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     if config.backend == "compile" and trace is None:
         mean, act = _compiled_kernel()(votes.to(cd), activations.to(cd), beta_u.to(cd), beta_a.to(cd),
                                        tuple(config.inverse_temperatures), config.var_floor, cost_scale,
-                                       r, normalise)
+                                       r, normalise, config.activation, config.estep_temperature)
         return mean.to(out_dtype), act.to(out_dtype)
     v = votes.to(cd)
     a = activations.to(cd).unsqueeze(1)                                 # (M, 1, I)
@@ -258,11 +290,10 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
         mean = m1 + centre * (w_sum - 1)
         var = (ex2 - 2 * mean * m1 + mean * mean * w_sum).clamp_min(0) + config.var_floor
         log_var = torch.log(var)
-        cost = (d * bu + 0.5 * log_var.sum(-1)) * (cost_scale * r_sum)  # (M, J)
-        logit = lam * (ba - cost)
+        logit = parent_logit(bu, ba, log_var.sum(-1), r_sum, lam, cost_scale, d, config.activation)  # (M, J)
         act = torch.sigmoid(logit)
         if trace is not None:
-            trace.append(RoutingStep(r.expand(m, n_out, n_in), mean + centre, var, act, lam))
+            trace.append(RoutingStep(r.expand(m, n_out, n_in), mean + centre, var, act, lam, logit))
         if it == len(lambdas) - 1:
             break
         # sum_d (v - mean)^2 / var  =  sum_d v^2/var - 2 v mean/var + mean^2/var, as one product.
@@ -270,7 +301,7 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
         coef = torch.cat((-2 * mean * inv, inv), dim=-1).view(m * n_out, 2 * d, 1)
         maha = torch.bmm(moments, coef).view(m, n_out, n_in) + (mean * mean * inv).sum(-1, keepdim=True)
         log_p = -0.5 * (maha.clamp_min(0) + (log_var.sum(-1, keepdim=True) + d * _LOG_2PI))
-        log_r = F.logsigmoid(logit).unsqueeze(-1) + log_p               # (M, J, I)
+        log_r = config.estep_temperature * (F.logsigmoid(logit).unsqueeze(-1) + log_p)   # (M, J, I)
         log_r = normalise(log_r) if normalise is not None else torch.log_softmax(log_r, dim=1)
         r = log_r.exp()
     return (mean + centre).to(out_dtype), act.to(out_dtype)
@@ -327,8 +358,8 @@ class PositionCompetition:
 
 
 def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, lambdas: tuple[float, ...],
-               var_floor: float, cost_scale: float, initial: Tensor,
-               normalise: Normaliser | None) -> tuple[Tensor, Tensor]:
+               var_floor: float, cost_scale: float, initial: Tensor, normalise: Normaliser | None,
+               activation: str = "paper", estep_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
     """EM routing written as plain broadcasts over (M, J, I, D), for torch.compile to fuse into loops.
 
     Eager, each line would allocate a votes-sized temporary; compiled, none does, and (v - mean)^2 is
@@ -345,13 +376,12 @@ def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         sq = (votes - mean.unsqueeze(2)) ** 2                           # (M, J, I, D), fused away
         var = (w * sq).sum(2) + var_floor
         log_var = torch.log(var)
-        cost = (d * beta_u + 0.5 * log_var.sum(-1)) * (cost_scale * r_sum)
-        logit = lam * (beta_a - cost)
+        logit = parent_logit(beta_u, beta_a, log_var.sum(-1), r_sum, lam, cost_scale, d, activation)
         act = torch.sigmoid(logit)
         if it == len(lambdas) - 1:
             break
         log_p = -0.5 * ((sq / var.unsqueeze(2)).sum(-1) + (log_var.sum(-1, keepdim=True) + d * _LOG_2PI))
-        log_r = F.logsigmoid(logit).unsqueeze(-1) + log_p
+        log_r = estep_temperature * (F.logsigmoid(logit).unsqueeze(-1) + log_p)
         log_r = normalise(log_r) if normalise is not None else torch.log_softmax(log_r, dim=1)
         r = log_r.exp()
     return mean, act

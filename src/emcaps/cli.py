@@ -90,6 +90,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_diagnose(args: argparse.Namespace) -> int:
+    from emcaps import config as cfgmod
+    from emcaps.diagnostics import diagnose, format_report
+
+    if (args.path is None) == (args.config is None):
+        raise UsageError("emcaps diagnose: give a CHECKPOINT_OR_RUN_DIR or --config NAME (a fresh network)")
+    config = cfgmod.load(_config_path(args.config), args.set) if args.config else None
+    result = diagnose(args.path, config, images=args.images)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    where = f"step {result['step']}" if args.path else "initialisation"
+    print(f"{result['name']} at {where}, {args.images} test images\n")
+    print(format_report(result["layers"]))
+    grads = ", ".join(f"{k} {v:.2e}" for k, v in result["gradients"].items())
+    print(f"\ngradient norms of the spread loss (margin 0.2): {grads}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from emcaps.demo import run_demo
 
@@ -146,6 +165,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="change the test data, e.g. --set data.test_azimuths=novel (repeatable)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("diagnose", help="how a capsule network routes, layer by layer", description=(
+        "Per capsule layer: activation mean and spread across types, pose and vote scale; per EM iteration: "
+        "inverse temperature, logit range, fraction of variances at the floor and assignment entropy; and "
+        "the gradient norm reaching each layer. For a checkpoint, or a fresh network from a config."))
+    p.add_argument("path", nargs="?", metavar="CHECKPOINT_OR_RUN_DIR")
+    p.add_argument("--config", metavar="FILE", help="diagnose a freshly initialised network of this config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value (with --config; repeatable)")
+    p.add_argument("--images", type=int, default=32, metavar="N", help="test images to route (default 32)")
+    p.add_argument("--json", action="store_true", help="print the report as one JSON object")
+    p.set_defaults(func=cmd_diagnose)
 
     p = sub.add_parser("demo", help="train capsules and a CNN on SynthNORB and write a report", description=(
         "Render SynthNORB (once, into the user cache), train the small capsule network and the baseline CNN "

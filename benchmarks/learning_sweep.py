@@ -6,7 +6,7 @@ familiar-azimuth test images every few steps.
         --variant '{}' --variant '{"normalize_cost": true, "final_lambda": 1.0}' --variant '{"lr": 3e-3}'
 
 A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'loss' (spread / margin /
-cross_entropy) and 'class_std' (re-initialise the class capsules' transforms with this std).
+cross_entropy), 'conv_std' and 'class_std' (initial std of the ConvCaps and class capsule transforms).
 Not a timing benchmark: it measures how far each setting gets in a fixed number of steps. It also prints
 each layer's activations and gradient norms at initialisation (`--steps 0`: those and the untrained network's error).
 """
@@ -55,13 +55,11 @@ def gradient_norms(model, images, labels, margin: float = 0.2) -> dict[str, floa
 
 def run(variant: dict, train, test, familiar, steps: int, every: int, model_name: str, seed: int) -> dict:
     v = dict(variant)
-    lr, loss, class_std = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("class_std", None)
+    lr, loss = v.pop("lr", 1e-2), v.pop("loss", None)
+    stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None)}
     torch.manual_seed(seed)
-    model = common.make_model(model_name, train, routing=common.whole_batch_routing(**v))
-    if class_std:
-        with torch.no_grad():
-            torch.nn.init.trunc_normal_(model.class_caps.weight, std=class_std, a=-2 * class_std,
-                                        b=2 * class_std)
+    model = common.make_model(model_name, train, routing=common.whole_batch_routing(**v),
+                              **{k: x for k, x in stds.items() if x is not None})
     initial = activation_stats(model, center_crop(test.images[:32], 32))
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:32]
     gradients = gradient_norms(model, center_crop(train.images[pick], 32), train.labels[pick])
@@ -89,7 +87,10 @@ def main() -> None:
     p.add_argument("--model", default="small")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON line per variant")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     cfg = common.data_config("synthnorb", "", False, train_azimuths="familiar")
     train, test = common.load(cfg, "train"), common.load(cfg, "test")
     familiar = familiar_mask("azimuth", test.meta)

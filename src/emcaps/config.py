@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from emcaps.models import MODEL_NAMES, CapsNetConfig
 from emcaps.routing import RoutingConfig
 
 
@@ -73,15 +74,23 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """name: a capsule preset of emcaps.models ('paper', 'small', 'tiny') or 'cnn' (the baseline)."""
+    """name: a capsule preset of emcaps.models ('paper', 'small', 'tiny') or 'cnn' (the baseline);
+    conv_transform_std, class_transform_std: initial std of the capsule transforms (capsule models only)."""
 
     name: str = "small"
     coord_add: bool = True
+    conv_transform_std: float = CapsNetConfig.conv_transform_std
+    class_transform_std: float = CapsNetConfig.class_transform_std
 
     def __post_init__(self) -> None:
-        from emcaps.models import MODEL_NAMES
-
         _choice("model.name", self.name, MODEL_NAMES)
+        _positive("model.conv_transform_std", self.conv_transform_std)
+        _positive("model.class_transform_std", self.class_transform_std)
+
+    def capsule_fields(self) -> dict[str, Any]:
+        """What create_model takes for a capsule network."""
+        return {"coord_add": self.coord_add, "conv_transform_std": self.conv_transform_std,
+                "class_transform_std": self.class_transform_std}
 
 
 @dataclass(frozen=True)
@@ -141,7 +150,8 @@ class TrainConfig:
     """The loop. device: 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1'...; threads: torch
     intra-op threads (0 = torch's default). Checkpoints are written every epoch, every `checkpoint_minutes`
     and every `checkpoint_steps` steps (0 = off). eval_every: test the model every this many epochs
-    (0 = only at the end)."""
+    (0 = only at the end); eval_steps: also every this many steps (0 = off), logged as 'eval' events in
+    log.jsonl: a learning curve."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -151,12 +161,14 @@ class TrainConfig:
     checkpoint_minutes: float = 10.0
     checkpoint_steps: int = 0
     eval_every: int = 1
+    eval_steps: int = 0
     eval_batch_size: int = 64
     log_every: int = 10
 
     def __post_init__(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
         _at_least("train.batch_size", self.batch_size, 1)
+        _at_least("train.eval_steps", self.eval_steps, 0)
         _at_least("train.eval_batch_size", self.eval_batch_size, 1)
         _at_least("train.threads", self.threads, 0)
         _at_least("train.checkpoint_steps", self.checkpoint_steps, 0)

@@ -90,14 +90,14 @@ class ConvCaps(nn.Module):
     """
 
     def __init__(self, in_types: int, out_types: int, kernel: int, stride: int,
-                 routing: RoutingConfig = RoutingConfig()) -> None:
+                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3) -> None:
         super().__init__()
         if kernel < 1 or stride < 1:
             raise ValueError(f"kernel and stride must be >= 1, got kernel={kernel}, stride={stride}")
         self.in_types, self.out_types = in_types, out_types
         self.kernel, self.stride = kernel, stride
         self.routing = routing
-        self.weight = _trunc_normal((kernel * kernel * in_types, out_types, 4, 4), std=0.3)  # (K*K*B, C, 4, 4)
+        self.weight = _trunc_normal((kernel * kernel * in_types, out_types, 4, 4), std=std)  # (K*K*B, C, 4, 4)
         self.beta_u = nn.Parameter(torch.zeros(out_types))
         self.beta_a = nn.Parameter(torch.zeros(out_types))
 
@@ -174,12 +174,12 @@ class ClassCaps(nn.Module):
     """
 
     def __init__(self, in_types: int, classes: int, coord_add: bool = True,
-                 routing: RoutingConfig = RoutingConfig()) -> None:
+                 routing: RoutingConfig = RoutingConfig(), std: float = 0.01) -> None:
         super().__init__()
         self.in_types, self.classes = in_types, classes
         self.coord_add = coord_add
         self.routing = routing
-        self.weight = _trunc_normal((in_types, classes, 4, 4), std=0.01)
+        self.weight = _trunc_normal((in_types, classes, 4, 4), std=std)
         self.beta_u = nn.Parameter(torch.zeros(classes))
         self.beta_a = nn.Parameter(torch.zeros(classes))
 

@@ -28,6 +28,8 @@ class CapsNetConfig:
     in_channels: int = 1
     coord_add: bool = True
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    conv_transform_std: float = 0.3       # initial std of the ConvCaps transforms (truncated at 2 std)
+    class_transform_std: float = 0.01     # and of the class capsules' shared transforms
 
 
 class MatrixCapsNet(nn.Module):
@@ -46,9 +48,10 @@ class MatrixCapsNet(nn.Module):
         nn.init.trunc_normal_(self.conv1.weight, std=0.05, a=-0.1, b=0.1)
         nn.init.zeros_(self.conv1.bias)
         self.primary = PrimaryCaps(c.A, c.B)
-        self.conv_caps1 = ConvCaps(c.B, c.C, kernel=3, stride=2, routing=c.routing)
-        self.conv_caps2 = ConvCaps(c.C, c.D, kernel=3, stride=1, routing=c.routing)
-        self.class_caps = ClassCaps(c.D, c.classes, coord_add=c.coord_add, routing=c.routing)
+        self.conv_caps1 = ConvCaps(c.B, c.C, kernel=3, stride=2, routing=c.routing, std=c.conv_transform_std)
+        self.conv_caps2 = ConvCaps(c.C, c.D, kernel=3, stride=1, routing=c.routing, std=c.conv_transform_std)
+        self.class_caps = ClassCaps(c.D, c.classes, coord_add=c.coord_add, routing=c.routing,
+                                    std=c.class_transform_std)
 
     def capsules(self, x: Tensor, trace: list[RoutingStep] | None = None) -> Capsules:
         """Class capsules for images (N, C, H, W): pose (N, E, 4, 4), activation (N, E).
@@ -100,9 +103,12 @@ MODEL_NAMES = (*PRESETS, "cnn")
 
 
 def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,
-                 coord_add: bool | None = None) -> nn.Module:
-    """A model by name: a capsule preset ('paper', 'small', 'tiny') or 'cnn' (the baseline)."""
+                 coord_add: bool | None = None, **fields) -> nn.Module:
+    """A model by name: a capsule preset ('paper', 'small', 'tiny') or 'cnn' (the baseline). Other
+    CapsNetConfig `fields` (e.g. class_transform_std) override the preset's."""
     if name == "cnn":
+        if fields:
+            raise ValueError(f"the baseline CNN takes no capsule settings, got {sorted(fields)}")
         return BaselineCNN(classes=classes, in_channels=in_channels)
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
@@ -111,7 +117,7 @@ def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: Rou
         config = replace(config, routing=routing)
     if coord_add is not None:
         config = replace(config, coord_add=coord_add)
-    return MatrixCapsNet(config)
+    return MatrixCapsNet(replace(config, **fields))
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -291,8 +291,10 @@ def compute_loss(name: str, scores: Tensor, target: Tensor, margin: float) -> Te
 
 
 def build_model(config: RunConfig, classes: int, in_channels: int) -> nn.Module:
+    if config.model.name == "cnn":
+        return create_model("cnn", classes=classes, in_channels=in_channels)
     return create_model(config.model.name, classes=classes, in_channels=in_channels, routing=config.routing,
-                        coord_add=config.model.coord_add)
+                        **config.model.capsule_fields())
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
@@ -720,6 +722,12 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                 epoch_images += int(stats[2].item())
                 if callback is not None:
                     callback(prog.step, model)
+                if tc.eval_steps and prog.step % tc.eval_steps == 0 and b + 1 < len(batches):
+                    # A learning curve between epochs; the epoch's own test (below) covers its last step.
+                    curve = evaluate_split(model, test_set, config, device, dd, loss_kind, margin)
+                    logger.log("eval", step=prog.step, epoch=epoch + 1,
+                               elapsed=prog.seconds + time.monotonic() - started, **curve)
+                    net.train()
                 run_loss, run_acc = prog.totals[0] / prog.totals[2], prog.totals[1] / prog.totals[2]
                 bar.update(b + 1, epoch_images, run_loss, run_acc)
                 if prog.step % tc.log_every == 0:
@@ -739,7 +747,8 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
             prog.epoch, prog.position, prog.totals, prog.order_state = epoch + 1, 0, [0.0, 0.0, 0.0], None
             record = {"step": prog.step, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
                       "lr": scheduler.get_last_lr()[0], "seconds": seconds,
-                      "img_per_s": epoch_images / max(seconds, 1e-9)}
+                      "img_per_s": epoch_images / max(seconds, 1e-9),
+                      "elapsed": prog.seconds + time.monotonic() - started}
             if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or prog.epoch == tc.epochs:
                 last_test = evaluate_split(model, test_set, config, device, dd, loss_kind,
                                            margin_at(config.loss, prog.step, total_steps))

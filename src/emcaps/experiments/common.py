@@ -113,7 +113,7 @@ def whole_batch_routing(**fields: Any) -> RoutingConfig:
 
 
 def make_model(name: str, data: ImageSet, routing: RoutingConfig | None = None, coord_add: bool | None = None,
-               device: torch.device | str = "cpu", seed: int | None = None) -> nn.Module:
+               device: torch.device | str = "cpu", seed: int | None = None, **fields: Any) -> nn.Module:
     """A model sized for `data` (classes, input channels); routing defaults to `whole_batch_routing()`.
     With `seed`, its initial weights depend on the seed alone, not on what drew random numbers before."""
     routing = routing or whole_batch_routing()
@@ -121,7 +121,7 @@ def make_model(name: str, data: ImageSet, routing: RoutingConfig | None = None, 
         torch.manual_seed(seed)
     model = create_model(name, classes=data.classes, in_channels=data.images.shape[1],
                          routing=routing if name != "cnn" else None,
-                         coord_add=coord_add if name != "cnn" else None)
+                         coord_add=coord_add if name != "cnn" else None, **fields)
     return model.to(device)
 
 

@@ -1,0 +1,93 @@
+"""Learning curves: train named configs (default: the capsule network's `converge` and the baseline CNN's
+`converge-cnn`) and write their test error on unseen object instances against steps and minutes.
+
+    python benchmarks/convergence.py --out runs/convergence [--minutes 60] [--set routing.iterations=2]
+
+Each config trains in OUT/NAME with `emcaps train` (checkpoints, log.jsonl); a run that is there already
+resumes, so a killed benchmark continues where it stopped. `--minutes` stops each run after that much training
+time (the checkpoint stays, resumable). The curves come from the runs' 'eval' events (every
+`train.eval_steps`) and 'epoch' events: OUT/curves.json and OUT/curves.png. `--set` applies to every config
+(routing settings included, which the CNN ignores). Not a timing benchmark: the minutes are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from emcaps import config as cfgmod
+from emcaps import train
+from emcaps.plots import line_plot
+
+
+class _Stop(Exception):
+    """Raised by the time-limit callback; the run's last interval checkpoint stays resumable."""
+
+
+def curve(run_dir: Path) -> list[dict]:
+    """[{'step', 'elapsed', 'test_error'}] from a run's log.jsonl, in step order (the last record of a step wins)."""
+    points = {}
+    log = run_dir / "log.jsonl"
+    if not log.exists():
+        return []
+    for line in log.read_text().splitlines():
+        event = json.loads(line)
+        if event.get("event") in ("eval", "epoch") and "test_error" in event:
+            points[event["step"]] = {k: event.get(k) for k in ("step", "elapsed", "test_error")}
+    return [points[s] for s in sorted(points)]
+
+
+def run(name: str, overrides: list[str], out: Path, minutes: float | None) -> dict:
+    run_dir = out / name
+    started = time.monotonic()
+
+    def limit(step: int, model) -> None:
+        if minutes is not None and time.monotonic() - started > 60 * minutes:
+            raise _Stop(step)
+
+    if (run_dir / "checkpoint.pt").exists():
+        runner = lambda: train.resume(run_dir, overrides, quiet=True, callback=limit)   # noqa: E731
+    else:
+        config = cfgmod.load(cfgmod.named_config_path(name) or name, overrides)
+        runner = lambda: train.train(config, run_dir, quiet=True, callback=limit)        # noqa: E731
+    try:
+        summary = runner()
+    except _Stop:
+        summary = {"stopped": f"after {minutes} minutes"}
+    points = curve(run_dir)
+    best = min((p["test_error"] for p in points), default=None)
+    return {"config": name, "run_dir": str(run_dir), "summary": summary, "curve": points, "best_error": best}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--configs", nargs="+", default=["converge", "converge-cnn"], help="named configs or TOML files")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config")
+    p.add_argument("--out", default="runs/convergence")
+    p.add_argument("--minutes", type=float, help="training minutes per run at most (default: the configs' epochs)")
+    args = p.parse_args()
+    out = Path(args.out)
+    results = []
+    for name in args.configs:
+        result = run(name, args.set, out, args.minutes)
+        results.append(result)
+        points = ", ".join(f"{p['step']}: {100 * p['test_error']:.1f}%" for p in result["curve"])
+        print(f"{name}: test error at step {points}", flush=True)
+        if result["best_error"] is not None:
+            last = result["curve"][-1]
+            print(f"{name}: best {100 * result['best_error']:.2f}%, last {100 * last['test_error']:.2f}% after "
+                  f"{last['step']} steps, {last['elapsed'] / 60:.1f} min", flush=True)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "curves.json").write_text(json.dumps(results, indent=2) + "\n")
+    series = {r["config"]: ([p["elapsed"] / 60 for p in r["curve"]], [100 * p["test_error"] for p in r["curve"]])
+              for r in results if r["curve"]}
+    if series:
+        line_plot(out / "curves.png", series, title="TEST ERROR ON UNSEEN INSTANCES", xlabel="MINUTES",
+                  ylabel="ERROR %")
+    print(f"curves in {out / 'curves.json'} and {out / 'curves.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -59,7 +59,10 @@ def routing_config(match_reference: bool, impl: str = "emcaps"):
     backend of `impl` (see IMPLS)."""
     from emcaps.routing import RoutingConfig
 
-    return RoutingConfig(compete_positions=not match_reference, backend=BACKEND.get(impl, "auto"))
+    backend = BACKEND.get(impl, "auto")
+    if match_reference:
+        return RoutingConfig.named("paper", compete_positions=False, backend=backend)
+    return RoutingConfig(backend=backend)
 
 
 def build_step(spec: Spec) -> tuple[Callable[[], None], list]:

@@ -20,9 +20,9 @@ import time
 import torch
 
 from emcaps.data.transforms import center_crop
+from emcaps.diagnostics import gradient_norms
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
-from emcaps.losses import spread_loss
 
 
 @torch.no_grad()
@@ -40,17 +40,6 @@ def activation_stats(model, images) -> dict[str, tuple[float, float]]:
     for h in hooks:
         h.remove()
     return {name: (float(a.mean()), float(a.std())) for name, a in seen.items()}
-
-
-def gradient_norms(model, images, labels, margin: float = 0.2) -> dict[str, float]:
-    """Norm of the spread loss's gradient wrt each layer's weights for one batch (N, C, 32, 32): how much of
-    the training signal reaches the lower layers through the routing iterations."""
-    model.zero_grad(set_to_none=True)
-    spread_loss(model(images), labels, margin).backward()
-    names = ("conv1", "primary.pose", "conv_caps1", "conv_caps2", "class_caps")
-    norms = {name: float(model.get_submodule(name).weight.grad.norm()) for name in names}
-    model.zero_grad(set_to_none=True)
-    return norms
 
 
 def run(variant: dict, train, test, familiar, steps: int, every: int, model_name: str, seed: int) -> dict:

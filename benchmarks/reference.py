@@ -12,8 +12,8 @@ speed-up is measured against something people actually run. The style is deliber
   positions), as public code does.
 
 Unlike most public code it computes exactly what emcaps computes when emcaps is configured to match
-(`RoutingConfig(compete_positions=False)`): the same variance floor, inverse-temperature schedule, cost,
-log-space E-step and coordinate addition. `load_from_emcaps` copies an emcaps `MatrixCapsNet`'s weights
+(`RoutingConfig.named('paper', compete_positions=False)`): the same variance floor, inverse-temperature
+schedule, cost, log-space E-step and coordinate addition. `load_from_emcaps` copies an emcaps `MatrixCapsNet`'s weights
 in, so the two can be compared number for number (see tests/test_benchmarks.py).
 
 Layout between layers, as in public code: one tensor (N, H, W, B*16 + B) holding every pose (types
@@ -223,8 +223,13 @@ def routing_kwargs(routing, strict: bool = True) -> dict:
                          "RoutingConfig(compete_positions=False) for an emcaps model it should match")
     if strict and routing.normalize_cost:
         raise ValueError("the reference has no cost normalisation: use RoutingConfig(normalize_cost=False)")
-    return dict(iterations=routing.iterations, final_lambda=routing.final_lambda, var_floor=routing.var_floor,
-                schedule=routing.schedule)
+    paper = routing.activation == "paper" and routing.estep_temperature == 1.0
+    if strict and not paper:
+        raise ValueError("the reference computes the paper's activation and E-step: use "
+                         "RoutingConfig.named('paper', compete_positions=False)")
+    # Not strict: the reference keeps the paper's formula, with the paper's inverse temperature.
+    return dict(iterations=routing.iterations, final_lambda=routing.final_lambda if paper else 0.01,
+                var_floor=routing.var_floor, schedule=routing.schedule)
 
 
 @torch.no_grad()

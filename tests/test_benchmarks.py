@@ -30,7 +30,7 @@ def _load(name: str):
 
 reference = _load("reference")
 
-MATCHING = RoutingConfig(compete_positions=False)
+MATCHING = RoutingConfig.named("paper", compete_positions=False)
 
 
 def _matched_pair(preset: str, seed: int = 0):
@@ -89,6 +89,8 @@ def test_reference_refuses_a_config_it_cannot_match():
     with pytest.raises(ValueError, match="normalize_cost"):
         reference.load_from_emcaps(create_model("tiny", routing=RoutingConfig(compete_positions=False,
                                                                             normalize_cost=True)))
+    with pytest.raises(ValueError, match="paper's activation"):        # the library default is not the paper's
+        reference.load_from_emcaps(create_model("tiny", routing=RoutingConfig(compete_positions=False)))
 
 
 def test_parameter_counts_agree():

@@ -29,7 +29,7 @@ def test_entropy_is_one_for_uniform_and_zero_for_one_hot_assignments():
 
 def test_report_has_a_row_per_layer_and_per_iteration():
     torch.manual_seed(0)
-    model = create_model("tiny", routing=RoutingConfig(iterations=3))
+    model = create_model("tiny", routing=RoutingConfig.named("paper"))
     rows = routing_report(model, torch.randn(4, 1, 32, 32))
     assert [r["layer"] for r in rows] == ["primary", "conv_caps1", "conv_caps2", "class_caps"]
     for row in rows[1:]:
@@ -41,10 +41,8 @@ def test_report_has_a_row_per_layer_and_per_iteration():
         assert all(it["logit_min"] <= it["logit_max"] for it in its)
     # The paper's tiny logits: every class activation of a fresh network alike.
     assert rows[-1]["act_spread"] < 0.01
-    spread = routing_report(create_model("tiny", routing=RoutingConfig(activation="standardised",
-                                                                        final_lambda=10.0)),
-                            torch.randn(4, 1, 32, 32))[-1]["act_spread"]
-    assert spread > 0.1
+    spread = routing_report(create_model("tiny"), torch.randn(4, 1, 32, 32))[-1]["act_spread"]
+    assert spread > 0.1                                                  # the default's standardised costs
     text = format_report(rows)
     assert "class_caps" in text and "entropy" in text
 

@@ -212,7 +212,7 @@ def test_adversarial_fast(norb, tmp_path, capsys):
     for name in results["figures"]:
         _png_ok(out / name)
     assert "FGSM: untargeted accuracy" in (out / "results.md").read_text()
-    assert ", Adam lr 0.01, 2 routing iterations)" in (out / "results.md").read_text()     # the capsule net
+    assert ", Adam lr 0.01, 3 routing iterations)" in (out / "results.md").read_text()     # the capsule net
 
 
 def test_adversarial_needs_both_checkpoints(capsys):
@@ -355,8 +355,8 @@ def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_p
     assert budgets["capsules"]["lr"] == 0.005 and budgets["capsules"]["routing_iterations"] == 3
     assert budgets["cnn"]["lr"] == common.FAST["cnn"].lr
     assert "(Adam, lr 0.005, 3 routing iterations)" in (out / "results.md").read_text()
-    full = common.settings(fast=False)                         # by default 2 iterations, lr 3e-3 (README)
-    assert full["routing"].iterations == common.ITERATIONS == 2 and full["capsules"].lr == 3e-3
+    full = common.settings(fast=False)                         # by default the library's 3 iterations, lr 3e-3
+    assert full["routing"].iterations == common.ITERATIONS == 3 and full["capsules"].lr == 3e-3
 
 
 @pytest.mark.parametrize("option, value, message", [

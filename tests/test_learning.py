@@ -26,12 +26,12 @@ def shapes_task(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_small_capsule_net_learns_a_generated_task():
-    """The default routing (authors' inverse temperature schedule) on the tiny preset: ~45 s on 2 cores."""
+    """The default routing on the tiny preset (at lr 3e-3 it needs more than these 150 steps to leave chance)."""
     torch.manual_seed(0)
     x, y = shapes_task(1024, seed=1)
     xt, yt = shapes_task(256, seed=2)
     model = create_model("tiny", classes=4)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
 
     def held_out() -> tuple[float, float]:
         with torch.no_grad():

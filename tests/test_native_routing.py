@@ -95,7 +95,7 @@ def test_native_float32_gradients_are_close_to_float64():
     for name, x, y in zip(("poses", "weight", "act", "beta_u", "beta_a"), g32, g64):
         scale = float(y.abs().max())
         torch.testing.assert_close(x.double(), y, atol=2e-4 * scale, rtol=1e-3,
-                                   msg=lambda m: f"float32 gradient of {name}: {m}")
+                                   msg=lambda m, name=name: f"float32 gradient of {name}: {m}")
 
 
 @pytest.mark.parametrize("k,s,h", [(3, 2, 7), (2, 1, 4), (1, 1, 3)])

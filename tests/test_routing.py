@@ -15,6 +15,7 @@ from emcaps.routing import (
 )
 
 FLOOR = 5e-4
+PAPER = {"activation": "paper", "estep_temperature": 1.0}     # the paper's formula, as numpy_em transcribes it
 
 
 def numpy_em(votes, act, beta_u, beta_a, iterations, final_lambda=0.01, floor=FLOOR, scale=1.0,
@@ -65,7 +66,7 @@ def dense_to_fused(votes):
 @pytest.mark.parametrize("final_lambda", [0.01, 1.0])
 def test_dense_matches_independent_numpy(iterations, final_lambda):
     votes, act, bu, ba = random_problem(seed=iterations)
-    pose, a = em_routing(votes, act, bu, ba, iterations, final_lambda=final_lambda)
+    pose, a = em_routing(votes, act, bu, ba, iterations, final_lambda=final_lambda, **PAPER)
     np_pose, np_a = numpy_em(votes.numpy(), act.numpy(), bu.numpy(), ba.numpy(), iterations, final_lambda)
     np.testing.assert_allclose(pose.numpy(), np_pose, atol=1e-6, rtol=0)
     np.testing.assert_allclose(a.numpy(), np_a, atol=1e-6, rtol=0)
@@ -73,7 +74,7 @@ def test_dense_matches_independent_numpy(iterations, final_lambda):
 
 def test_dense_matches_numpy_with_cost_normalisation():
     votes, act, bu, ba = random_problem(n_in=9, n_out=3, seed=5)
-    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0, normalize_cost=True)
+    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0, normalize_cost=True, **PAPER)
     np_pose, np_a = numpy_em(votes.numpy(), act.numpy(), bu.numpy(), ba.numpy(), 3, 1.0, scale=3 / 9)
     np.testing.assert_allclose(pose.numpy(), np_pose, atol=1e-6, rtol=0)
     np.testing.assert_allclose(a.numpy(), np_a, atol=1e-6, rtol=0)
@@ -131,7 +132,8 @@ def test_child_permutation_invariance_and_assignments_sum_to_one():
         torch.testing.assert_close(step.assignments.sum(-1), torch.ones(2, 9, dtype=torch.float64))
 
 
-def test_agreeing_parent_is_more_active_than_scattered_one():
+@pytest.mark.parametrize("fields", [dict(final_lambda=1.0, **PAPER), {}])
+def test_agreeing_parent_is_more_active_than_scattered_one(fields):
     g = torch.Generator().manual_seed(0)
     n_in, d = 10, 16
     centre = torch.randn(d, generator=g, dtype=torch.float64)
@@ -141,13 +143,14 @@ def test_agreeing_parent_is_more_active_than_scattered_one():
     act = torch.ones(1, n_in, dtype=torch.float64)
     zeros = torch.zeros(2, dtype=torch.float64)
     for iterations in (1, 3):
-        _, a = em_routing(votes, act, zeros, zeros, iterations, final_lambda=1.0)
+        _, a = em_routing(votes, act, zeros, zeros, iterations, **fields)
         assert a[0, 0] > a[0, 1] + 0.1
 
 
 def test_inverse_temperature_schedules():
-    lam = inverse_temperatures(3)
+    lam = inverse_temperatures(3, 0.01)
     assert lam == pytest.approx([0.01 * (1 - 0.95 ** k) for k in (1, 2, 3)])
+    assert inverse_temperatures(3) == pytest.approx([10 * (1 - 0.95 ** k) for k in (1, 2, 3)])
     assert all(b > a for a, b in zip(lam, lam[1:]))
     assert inverse_temperatures(4, 2.0, "linear") == pytest.approx([0.5, 1.0, 1.5, 2.0])
     assert inverse_temperatures(2, 0.3, "constant") == [0.3, 0.3]
@@ -249,7 +252,7 @@ def test_position_competition_matches_dense_masked(h, k, s):
 
     comp = PositionCompetition(h, h, k, s, b)
     fpose, fa = em_routing_fused(fv.reshape(n * oh * oh, c, k * k * b, d), a_edges.reshape(n * oh * oh, -1),
-                                 bu, ba, RoutingConfig(final_lambda=1.0),
+                                 bu, ba, RoutingConfig(final_lambda=1.0, activation="paper"),
                                  initial=comp.initial(n, c, torch.float64), normalise=comp)
 
     # dense: children (H, W, B), parents (H', W', C)
@@ -263,7 +266,7 @@ def test_position_competition_matches_dense_masked(h, k, s):
     dense = dense.reshape(n, h * h * b, oh * oh * c, d)
     covered = conn.any(1)
     pose, a = em_routing(dense[:, covered], act.reshape(n, -1)[:, covered], bu.repeat(oh * oh),
-                         ba.repeat(oh * oh), 3, final_lambda=1.0, connectivity=conn[covered])
+                         ba.repeat(oh * oh), 3, final_lambda=1.0, connectivity=conn[covered], activation="paper")
     torch.testing.assert_close(fpose.reshape(n, -1, d), pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(fa.reshape(n, -1), a, atol=1e-9, rtol=1e-9)
 
@@ -307,7 +310,8 @@ def test_images_per_chunk():
         RoutingConfig(chunk=-1)
 
 
-PARAMETERISATIONS = [{"activation": "standardised"}, {"estep_temperature": 0.3},
+PARAMETERISATIONS = [{"activation": "standardised", "estep_temperature": 1.0},
+                     {"activation": "paper", "estep_temperature": 0.3},
                      {"activation": "standardised", "estep_temperature": 0.5, "normalize_cost": True}]
 
 
@@ -316,11 +320,11 @@ def test_dense_matches_numpy_for_each_parameterisation(fields):
     votes, act, bu, ba = random_problem(n=3, n_in=9, n_out=5, seed=21)
     ref_pose, ref_a = numpy_em(votes.numpy(), act.numpy(), bu.numpy(), ba.numpy(), 3, final_lambda=2.0,
                                scale=5 / 9 if fields.get("normalize_cost") else 1.0,
-                               activation=fields.get("activation", "paper"), tau=fields.get("estep_temperature", 1.0))
+                               activation=fields["activation"], tau=fields["estep_temperature"])
     pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0, **fields)
     np.testing.assert_allclose(pose.numpy(), ref_pose, atol=1e-10, rtol=1e-9)
     np.testing.assert_allclose(a.numpy(), ref_a, atol=1e-10, rtol=1e-9)
-    plain_pose, plain_a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0)
+    _, plain_a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0, **PAPER)
     assert (plain_a - a).abs().max() > 1e-3, "the parameterisation changed nothing"
 
 
@@ -340,7 +344,7 @@ def test_fused_and_compiled_match_dense_values_and_gradients(fields, backend):
     grads = torch.autograd.grad((pose * wp).sum() + (a * wa).sum(), leaves)
     fgrads = torch.autograd.grad((fpose * wp).sum() + (fa * wa).sum(), leaves)
     for name, x, y in zip(("votes", "act", "beta_u", "beta_a"), fgrads, grads):
-        torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-7, msg=lambda m: f"gradient of {name}: {m}")
+        torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-7, msg=lambda m, name=name: f"gradient of {name}: {m}")
 
 
 def test_parameterisation_fields_are_checked():
@@ -363,5 +367,5 @@ def test_standardised_logits_have_zero_mean_and_lambda_spread_over_the_parents()
                                        torch.full((2,), step.inverse_temperature, dtype=votes.dtype),
                                        atol=1e-6, rtol=1e-5)
     trace = []
-    em_routing(votes * 1e-2, act, bu, ba * 0, 3, trace=trace)
+    em_routing(votes * 1e-2, act, bu, ba * 0, 3, final_lambda=0.01, trace=trace, **PAPER)
     assert float(trace[-1].logit.std(-1).max()) < 0.1

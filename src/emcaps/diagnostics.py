@@ -104,8 +104,8 @@ def format_report(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         lines.append(f"{r['layer']:12s} {r['act_mean']:9.3f} {r['act_std']:9.4f} {r['act_spread']:9.4f} "
                      f"{r['pose_std']:9.4f} {r['vote_std']:9.4f}")
-    lines += ["", f"{'layer':12s} {'iter':>4s} {'lambda':>8s} {'logit min':>10s} {'logit max':>10s} "
-              f"{'act mean':>9s} {'spread':>8s} {'var@floor':>9s} {'entropy':>8s}"]
+    lines += ["", (f"{'layer':12s} {'iter':>4s} {'lambda':>8s} {'logit min':>10s} {'logit max':>10s} "
+                   f"{'act mean':>9s} {'spread':>8s} {'var@floor':>9s} {'entropy':>8s}")]
     for r in rows:
         for i, it in enumerate(r["iterations"]):
             lines.append(f"{r['layer']:12s} {i + 1:4d} {it['lambda']:8.4f} {it['logit_min']:10.3f} "

@@ -23,7 +23,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,11 @@ from torch import Tensor
 EPS = 1e-8
 STD_FLOOR = 1e-6        # added to the variance of the costs before standardising them
 DEFAULT_VAR_FLOOR = 5e-4
-DEFAULT_FINAL_LAMBDA = 0.01
+# The default parameterisation (README, "Three routing iterations that learn"): costs standardised over the
+# parent types, inverse temperature 10 * (1 - 0.95**(i+1)), and an E-step at a tenth of its log-posterior.
+DEFAULT_ACTIVATION = "standardised"
+DEFAULT_FINAL_LAMBDA = 10.0
+DEFAULT_ESTEP_TEMPERATURE = 0.1
 SCHEDULES = ("authors", "linear", "constant")
 ACTIVATIONS = ("paper", "standardised")
 BACKENDS = ("auto", "native", "torch", "compile")
@@ -83,8 +87,8 @@ class RoutingConfig:
     var_floor: float = DEFAULT_VAR_FLOOR
     normalize_cost: bool = False
     compete_positions: bool = True
-    activation: str = "paper"
-    estep_temperature: float = 1.0
+    activation: str = DEFAULT_ACTIVATION
+    estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE
     chunk: int = 0
     chunk_mb: float = 12.0
     recompute: bool = True
@@ -108,6 +112,14 @@ class RoutingConfig:
         if not self.estep_temperature > 0:
             raise ValueError(f"estep_temperature must be > 0, got {self.estep_temperature}")
 
+    @classmethod
+    def named(cls, name: str, **fields: Any) -> RoutingConfig:
+        """A named parameterisation (see PARAMETERISATIONS), with `fields` overriding any of its settings."""
+        if name not in PARAMETERISATIONS:
+            raise ValueError(f"unknown routing parameterisation {name!r}; expected one of "
+                             f"{', '.join(PARAMETERISATIONS)}")
+        return cls(**{**PARAMETERISATIONS[name], **fields})
+
     def images_per_chunk(self, batch: int, votes_bytes_per_image: int) -> int:
         """How many images of a batch to route at once."""
         if self.chunk > 0:
@@ -117,6 +129,13 @@ class RoutingConfig:
     @property
     def inverse_temperatures(self) -> list[float]:
         return inverse_temperatures(self.iterations, self.final_lambda, self.schedule)
+
+
+# Named parameterisations: how the activation follows from the cost and how sharp the E-step is.
+PARAMETERISATIONS: dict[str, dict[str, Any]] = {
+    # The paper's formula as written, with the authors' inverse temperature 0.01 * (1 - 0.95**(i+1)).
+    "paper": {"activation": "paper", "final_lambda": 0.01, "schedule": "authors", "estep_temperature": 1.0},
+}
 
 
 def inverse_temperatures(iterations: int, final_lambda: float = DEFAULT_FINAL_LAMBDA,
@@ -179,7 +198,7 @@ def _check_betas(beta_u: Tensor, beta_a: Tensor, n_out: int) -> None:
 def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int = 3, *,
                final_lambda: float = DEFAULT_FINAL_LAMBDA, schedule: str = "authors",
                var_floor: float = DEFAULT_VAR_FLOOR, normalize_cost: bool = False,
-               activation: str = "paper", estep_temperature: float = 1.0,
+               activation: str = DEFAULT_ACTIVATION, estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE,
                connectivity: Tensor | None = None,
                trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
     """EM routing, dense reference form.

@@ -38,11 +38,9 @@ class Budget:
     lr: float
 
 
-# The capsule network routes with 2 EM iterations (Adam lr 3e-3), not the paper's 3: at this scale it
-# does not learn with 3 (familiar-azimuth error 55-60% after 900 steps, 26% with 2; README, "Two routing
-# iterations, not the paper's three").
-# 2 is the paper's own second best (Table 1: 2.2% vs 1.8% error); --routing-iterations 3 runs the paper's.
-ITERATIONS = 2
+# The capsule network routes as the library's default RoutingConfig does: the paper's 3 EM iterations with
+# emcaps' parameterisation (README, "Three routing iterations that learn").
+ITERATIONS = RoutingConfig().iterations
 
 # Fast mode: tiny SynthNORB at 32 px (no resizing), 'tiny' capsules; full mode: 48 px data, 'small' capsules.
 # 'decoder' trains the PoseDecoder of the pose-perturbation picture on at most 'decoder_images' train images.

@@ -111,3 +111,20 @@ def test_learning_sweep_gradient_norms_reach_every_layer():
     stats = sweep.activation_stats(model, images)
     assert set(stats) == {"primary", "conv_caps1", "conv_caps2", "class_caps"}
     assert all(0 <= m <= 1 and sd >= 0 for m, sd in stats.values())
+
+
+def test_convergence_curve_comes_from_eval_and_epoch_events(tmp_path):
+    """train.eval_steps logs a test between epochs; the convergence benchmark reads those and the epochs'."""
+    from emcaps import config, train
+
+    convergence = _load("convergence")
+    overrides = ["data.dataset=toy", "data.resize=36", "data.crop=32", "data.train_limit=64", "data.test_limit=16",
+                 "model.name=tiny", "train.epochs=2", "train.batch_size=16", "train.threads=1",
+                 "train.eval_steps=3"]
+    train.train(config.load(None, overrides), tmp_path / "run", quiet=True)
+    points = convergence.curve(tmp_path / "run")
+    # 4 steps an epoch: tests at step 3 (eval), 4 (epoch), 6 (eval), 8 (epoch; step 8 ends the run)
+    assert [p["step"] for p in points] == [3, 4, 6, 8]
+    assert all(0 <= p["test_error"] <= 1 and p["elapsed"] > 0 for p in points)
+    assert [p["elapsed"] for p in points] == sorted(p["elapsed"] for p in points)
+    assert convergence.curve(tmp_path / "missing") == []

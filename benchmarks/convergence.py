@@ -2,6 +2,7 @@
 `converge-cnn`) and write their test error on unseen object instances against steps and minutes.
 
     python benchmarks/convergence.py --out runs/convergence [--minutes 60] [--set routing.iterations=2]
+    python benchmarks/convergence.py --out runs/convergence --plot-only     # curves of runs already there
 
 Each config trains in OUT/NAME with `emcaps train` (checkpoints, log.jsonl); a run that is there already
 resumes, so a killed benchmark continues where it stopped. `--minutes` stops each run after that much training
@@ -67,11 +68,17 @@ def main() -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config")
     p.add_argument("--out", default="runs/convergence")
     p.add_argument("--minutes", type=float, help="training minutes per run at most (default: the configs' epochs)")
+    p.add_argument("--plot-only", action="store_true", help="train nothing: curves of the runs already in OUT")
     args = p.parse_args()
     out = Path(args.out)
     results = []
     for name in args.configs:
-        result = run(name, args.set, out, args.minutes)
+        if args.plot_only:
+            points = curve(out / name)
+            result = {"config": name, "run_dir": str(out / name), "curve": points,
+                      "best_error": min((p["test_error"] for p in points), default=None)}
+        else:
+            result = run(name, args.set, out, args.minutes)
         results.append(result)
         points = ", ".join(f"{p['step']}: {100 * p['test_error']:.1f}%" for p in result["curve"])
         print(f"{name}: test error at step {points}", flush=True)

@@ -48,13 +48,12 @@ def run(name: str, overrides: list[str], out: Path, minutes: float | None) -> di
         if minutes is not None and time.monotonic() - started > 60 * minutes:
             raise _Stop(step)
 
-    if (run_dir / "checkpoint.pt").exists():
-        runner = lambda: train.resume(run_dir, overrides, quiet=True, callback=limit)   # noqa: E731
-    else:
-        config = cfgmod.load(cfgmod.named_config_path(name) or name, overrides)
-        runner = lambda: train.train(config, run_dir, quiet=True, callback=limit)        # noqa: E731
     try:
-        summary = runner()
+        if (run_dir / "checkpoint.pt").exists():
+            summary = train.resume(run_dir, overrides, quiet=True, callback=limit)
+        else:
+            config = cfgmod.load(cfgmod.named_config_path(name) or name, overrides)
+            summary = train.train(config, run_dir, quiet=True, callback=limit)
     except _Stop:
         summary = {"stopped": f"after {minutes} minutes"}
     points = curve(run_dir)

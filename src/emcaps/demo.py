@@ -27,10 +27,8 @@ DATA = {
     "quick": ["data.dataset=synthnorb", "data.synth_size=36", "data.synth_subset=tiny", "data.resize=36",
               "data.crop=32", "data.cameras=left", "data.train_limit=256", "data.test_limit=128"],
 }
-# Both models see the whole training set within a few minutes on 2 cores. The capsule network routes with
-# the library's default RoutingConfig (the paper's 3 EM iterations, emcaps' parameterisation).
-# Both models train with the library's defaults for the loss and the learning-rate schedule (the spread
-# loss's margin rises linearly; the lr decays exponentially, barely over a run this short).
+# Both models see the whole training set within a few minutes on 2 cores, with the library's defaults for
+# routing (3 EM iterations, emcaps' parameterisation), loss and learning-rate schedule.
 CAPSULES = ["optim.lr=3e-3", "train.batch_size=32"]
 MODELS = {
     "full": {

@@ -241,8 +241,7 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         mean = (w.unsqueeze(-1) * v).sum(1)                             # (N, J, D)
         sq = (v - mean.unsqueeze(1)) ** 2                               # (N, I, J, D)
         var = (w.unsqueeze(-1) * sq).sum(1) + var_floor                 # (N, J, D)
-        d = v.shape[-1]
-        logit = parent_logit(bu, ba, torch.log(var).sum(-1), r_sum, lam, scale, d, activation)  # (N, J)
+        logit = parent_logit(bu, ba, torch.log(var).sum(-1), r_sum, lam, scale, v.shape[-1], activation)
         act = torch.sigmoid(logit)                                      # (N, J)
         if trace is not None:
             trace.append(RoutingStep(r.expand(n, -1, -1), mean, var, act, lam, logit))
@@ -378,7 +377,7 @@ class PositionCompetition:
 
 def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, lambdas: tuple[float, ...],
                var_floor: float, cost_scale: float, initial: Tensor, normalise: Normaliser | None,
-               activation: str = "paper", estep_temperature: float = 1.0) -> tuple[Tensor, Tensor]:
+               activation: str, estep_temperature: float) -> tuple[Tensor, Tensor]:
     """EM routing written as plain broadcasts over (M, J, I, D), for torch.compile to fuse into loops.
 
     Eager, each line would allocate a votes-sized temporary; compiled, none does, and (v - mean)^2 is

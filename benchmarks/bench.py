@@ -253,9 +253,21 @@ def add_ratios(records: list[dict]) -> None:
             r["ratio_peak_basis"] = "total" if same else "per image"
 
 
+SMALLNORB_TRAIN = 24300      # training pairs of smallNORB (and of the full SynthNORB)
+
+
+def epoch_time(record: dict) -> str:
+    """How long one smallNORB training epoch takes at a train row's speed, as h:mm:ss ('-' otherwise)."""
+    ips = record.get("images_per_s")
+    if record.get("mode") != "train" or record.get("preset") == "routing" or not ips:
+        return "-"
+    seconds = round(SMALLNORB_TRAIN / ips)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 def format_table(records: list[dict], requested_batch: int) -> str:
     """A plain-text table for people."""
-    head = ["preset", "mode", "impl", "alloc", "batch", "thr", "img/s", "step s", "peak MB",
+    head = ["preset", "mode", "impl", "alloc", "batch", "thr", "img/s", "step s", "epoch", "peak MB",
             "user s", "sys s", "faults", "x ref img/s", "x ref mem"]
     rows, notes = [], []
     for r in records:
@@ -269,7 +281,7 @@ def format_table(records: list[dict], requested_batch: int) -> str:
         if r.get("ratio_peak_basis") == "per image":
             mem += "/img"
         rows.append([r["preset"], r["mode"], r["impl"], r["allocator"], batch, str(r.get("threads") or "-"),
-                     f("images_per_s", ".2f"), f("median_step_s", ".3f"), f("peak_mb", ".0f"),
+                     f("images_per_s", ".2f"), f("median_step_s", ".3f"), epoch_time(r), f("peak_mb", ".0f"),
                      f("user_s", ".1f"), f("sys_s", ".1f"), f("minor_faults", ",d"),
                      f("ratio_images_per_s", ".2f"), mem])
         if r["status"] != "ok":
@@ -286,7 +298,8 @@ def format_table(records: list[dict], requested_batch: int) -> str:
                      "its img/s is per image at that batch, its memory ratio is per image (/img).")
     lines.append("img/s and step s: median of the timed steps (warm-up excluded). peak MB: peak RSS of the "
                  "child minus its RSS after building model and inputs. user/sys s, faults: CPU time and "
-                 "minor page faults of the timed steps. x ref: emcaps / reference.")
+                 "minor page faults of the timed steps. x ref: emcaps / reference. epoch (train rows): "
+                 f"one pass over smallNORB's {SMALLNORB_TRAIN:,} training pairs at that speed.")
     return "\n".join(lines + notes)
 
 

@@ -128,3 +128,12 @@ def test_convergence_curve_comes_from_eval_and_epoch_events(tmp_path):
     assert all(0 <= p["test_error"] <= 1 and p["elapsed"] > 0 for p in points)
     assert [p["elapsed"] for p in points] == sorted(p["elapsed"] for p in points)
     assert convergence.curve(tmp_path / "missing") == []
+
+
+def test_bench_table_gives_smallnorb_epoch_time_for_training_rows():
+    """What a user plans by: 24,300 pairs at the measured training speed, only where that means an epoch."""
+    bench = _load("bench")
+    assert bench.epoch_time({"mode": "train", "preset": "small", "images_per_s": 24300 / 3723}) == "1:02:03"
+    assert bench.epoch_time({"mode": "infer", "preset": "small", "images_per_s": 100.0}) == "-"
+    assert bench.epoch_time({"mode": "train", "preset": "routing", "images_per_s": 100.0}) == "-"
+    assert bench.epoch_time({"mode": "train", "preset": "paper", "images_per_s": None}) == "-"

@@ -5,7 +5,8 @@ familiar-azimuth test images every few steps.
     python benchmarks/learning_sweep.py --steps 450 \
         --variant '{}' --variant '{"normalize_cost": true, "final_lambda": 1.0}' --variant '{"lr": 3e-3}'
 
-A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'loss' (spread / margin /
+A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'schedule' ('constant' or
+'cosine'), 'loss' (spread / margin /
 cross_entropy), 'conv_std' and 'class_std' (initial std of the ConvCaps and class capsule transforms).
 Not a timing benchmark: it measures how far each setting gets in a fixed number of steps. It also prints
 each layer's activations and gradient norms at initialisation (`--steps 0`: those and the untrained network's error).
@@ -44,7 +45,7 @@ def activation_stats(model, images) -> dict[str, tuple[float, float]]:
 
 def run(variant: dict, train, test, familiar, steps: int, every: int, model_name: str, seed: int) -> dict:
     v = dict(variant)
-    lr, loss = v.pop("lr", 1e-2), v.pop("loss", None)
+    lr, loss, schedule = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("schedule", "constant")
     stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None)}
     torch.manual_seed(seed)
     model = common.make_model(model_name, train, routing=common.whole_batch_routing(**v),
@@ -59,7 +60,7 @@ def run(variant: dict, train, test, familiar, steps: int, every: int, model_name
         return False
 
     started = time.perf_counter()
-    fitted = common.fit(model, train, common.Budget(steps, 32, lr), loss=loss, seed=seed, check_every=every,
+    fitted = common.fit(model, train, common.Budget(steps, 32, lr, schedule), loss=loss, seed=seed, check_every=every,
                         stop=check)
     check(model, steps)
     return {"variant": variant, "initial_activations": initial, "initial_gradients": gradients,

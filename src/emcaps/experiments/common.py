@@ -19,23 +19,25 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from emcaps.config import DataConfig
+from emcaps.config import DataConfig, OptimConfig
 from emcaps.data.transforms import center_crop, train_augment
 from emcaps.losses import linear_margin
 from emcaps.models import count_parameters, create_model
 from emcaps.routing import RoutingConfig
-from emcaps.train import Bar, ImageSet, compute_loss, load_split
+from emcaps.train import Bar, ImageSet, compute_loss, load_split, lr_factor
 
 DATASETS = ("synthnorb", "smallnorb")
 
 
 @dataclass(frozen=True)
 class Budget:
-    """How long and how one model trains: `steps` Adam steps of `batch_size` random crops."""
+    """How long and how one model trains: `steps` Adam steps of `batch_size` random crops, the learning
+    rate following `schedule` ('constant' or 'cosine', as `emcaps train`'s optim.lr_schedule)."""
 
     steps: int
     batch_size: int
     lr: float
+    schedule: str = "constant"
 
 
 # The capsule network routes as the library's default RoutingConfig does: the paper's 3 EM iterations with
@@ -141,12 +143,15 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
+    factor = lr_factor(OptimConfig(lr=budget.lr, lr_schedule=budget.schedule), budget.steps)
     model.train()
     start, value, step, early = time.perf_counter(), math.nan, 0, False
     bar = Bar(budget.steps, desc, enabled=bool(desc) and sys.stderr.isatty())
     while step < budget.steps:
         idx = torch.randint(0, len(data), (min(budget.batch_size, len(data)),), generator=g)
         x = train_augment(data.images[idx], crop, generator=g).to(device)
+        for group in opt.param_groups:
+            group["lr"] = budget.lr * factor(step)
         scores = model(x)                                                   # (B, E)
         margin = linear_margin(step, budget.steps)
         out = compute_loss(loss, scores, data.labels[idx].to(device), margin)

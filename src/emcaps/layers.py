@@ -174,7 +174,7 @@ class ClassCaps(nn.Module):
     """
 
     def __init__(self, in_types: int, classes: int, coord_add: bool = True,
-                 routing: RoutingConfig = RoutingConfig(), std: float = 0.01) -> None:
+                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3) -> None:
         super().__init__()
         self.in_types, self.classes = in_types, classes
         self.coord_add = coord_add

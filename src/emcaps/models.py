@@ -29,7 +29,8 @@ class CapsNetConfig:
     coord_add: bool = True
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     conv_transform_std: float = 0.3       # initial std of the ConvCaps transforms (truncated at 2 std)
-    class_transform_std: float = 0.01     # and of the class capsules' shared transforms
+    class_transform_std: float = 0.3      # and of the class capsules' shared transforms (the authors' 0.01
+                                          # leaves votes that are mostly coordinate offsets: README)
 
 
 class MatrixCapsNet(nn.Module):

@@ -216,7 +216,7 @@ def test_adversarial_fast(norb, tmp_path, capsys):
 
 
 def test_adversarial_needs_both_checkpoints(capsys):
-    assert cli.main(["experiment", "adversarial", "--capsnet", "x.pt"]) == 1
+    assert cli.main(["experiment", "adversarial", "--capsnet", "x.pt"]) == 2          # a usage error
     assert "give both --capsnet" in capsys.readouterr().err
 
 

@@ -1,6 +1,8 @@
 """The `emcaps` command: argument parsing only; every subcommand is a thin wrapper over a library function.
 
-Errors a user can cause print one line, `emcaps: error: ...`, and exit non-zero (2 for usage errors).
+Errors a user can cause print one line, `emcaps: error: ...`, and exit non-zero (2 for usage and config
+errors). Only the project's user-error types count (see `_user_errors`): any other exception is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -204,11 +206,12 @@ def _version() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from emcaps.config import ConfigError
+    """What a user can cause: missing or unreadable files and data, a bad checkpoint, no network."""
+    from emcaps.data import DownloadError, IdxFormatError, NorbFormatError
     from emcaps.train import CheckpointError, TrainingDiverged
 
-    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError,
-            NotADirectoryError, PermissionError, ValueError)
+    return (CheckpointError, TrainingDiverged, DownloadError, IdxFormatError, NorbFormatError,
+            FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

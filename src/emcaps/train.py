@@ -141,7 +141,7 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
         norb = SmallNORB(_norb_root(cfg, progress), split=split, cameras=cfg.cameras, azimuths=azimuths,
                          elevations=elevations)
         if len(norb) == 0:
-            raise ValueError(f"{cfg.dataset} {split} split is empty after the viewpoint filters")
+            raise ConfigError(f"{cfg.dataset} {split} split is empty after the viewpoint filters")
         keep = None
         if limit and limit < len(norb):
             g = torch.Generator().manual_seed(seed * 7919 + (split == "test"))
@@ -618,7 +618,7 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
     optimizer = build_optimizer(config.optim, model.parameters())
     batches_per_epoch = math.ceil((len(train_set) // dd.world) / tc.batch_size)
     if batches_per_epoch == 0:
-        raise ValueError(f"training split has {len(train_set)} images: too few for {dd.world} processes")
+        raise ConfigError(f"training split has {len(train_set)} images: too few for {dd.world} processes")
     total_steps = batches_per_epoch * tc.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.optim, total_steps))
 

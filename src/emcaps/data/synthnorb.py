@@ -26,7 +26,7 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from emcaps.data.norb_format import create_norb_memmap
+from emcaps.data.norb_format import NorbFormatError, create_norb_memmap
 from emcaps.data.progress import Progress
 from emcaps.data.raycast import Scene, intersect, surface_normals
 from emcaps.data.smallnorb import SPLIT_FILES, TEST_INSTANCES, TRAIN_INSTANCES
@@ -306,7 +306,7 @@ def show(data_dir: str | os.PathLike, out_png: str | os.PathLike, split: str = "
     for category in range(len(CATEGORY_NAMES)):
         mine = data.labels == category
         if not mine.any():
-            raise ValueError(f"{data_dir}: split {split} has no images of category {category}")
+            raise NorbFormatError(data_dir, f"split {split} has no images of category {category}")
         first = ((data.instance == data.instance[mine].min()) & (data.elevation == data.elevation[mine].min())
                  & (data.lighting == data.lighting[mine].min()) & mine)
         picked = np.flatnonzero(first)

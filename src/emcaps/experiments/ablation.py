@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from emcaps import plots
+from emcaps.config import ConfigError
 from emcaps.experiments import common
 
 GROUPS = ("iterations", "coord", "loss")
@@ -37,7 +38,7 @@ def variants(only: Sequence[str] | None = None) -> dict[str, list[Variant]]:
     chosen = list(only) if only else list(GROUPS)
     unknown = [g for g in chosen if g not in GROUPS]
     if unknown or not chosen:
-        raise ValueError(f"unknown ablation group(s) {', '.join(unknown) or '(none)'}; "
+        raise ConfigError(f"unknown ablation group(s) {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(GROUPS)}")
     table = {"iterations": [Variant(i) for i in (1, 2, 3, 5)],
              "coord": [Variant(), Variant(coord_add=False)],

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from emcaps.config import DataConfig
+from emcaps.config import ConfigError, DataConfig
 from emcaps.data.transforms import center_crop, train_augment
 from emcaps.losses import linear_margin
 from emcaps.models import count_parameters, create_model
@@ -62,16 +62,16 @@ def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = No
         if value is None:
             continue
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{option} must be a positive number of training steps, got {value}")
+            raise ConfigError(f"{option} must be a positive number of training steps, got {value}")
         for name in names:
             cfg[name] = replace(cfg[name], steps=value)
         cfg["check_every"] = max(1, min(cfg["check_every"], value // 10))
     if capsnet_lr is not None:
         if not (math.isfinite(capsnet_lr) and capsnet_lr > 0):
-            raise ValueError(f"--capsnet-lr must be a positive learning rate, got {capsnet_lr}")
+            raise ConfigError(f"--capsnet-lr must be a positive learning rate, got {capsnet_lr}")
         cfg["capsules"] = replace(cfg["capsules"], lr=capsnet_lr)
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
-        raise ValueError(f"--routing-iterations must be a positive integer, got {iterations}")
+        raise ConfigError(f"--routing-iterations must be a positive integer, got {iterations}")
     cfg["routing"] = whole_batch_routing(iterations=ITERATIONS if iterations is None else iterations)
     return cfg
 
@@ -94,7 +94,7 @@ def data_config(dataset: str = "synthnorb", root: str = "", fast: bool = False, 
     """The data of an experiment: fast = the tiny SynthNORB subset at 32x32, else 48x48 with 32x32 crops.
     `views` are DataConfig viewpoint filters, e.g. train_azimuths='familiar'."""
     if dataset not in DATASETS:
-        raise ValueError(f"unknown data set {dataset!r}; expected one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown data set {dataset!r}; expected one of {', '.join(DATASETS)}")
     size = 32 if fast else 48
     return DataConfig(dataset=dataset, root=root, synth_size=size, synth_subset="tiny" if fast else "small",
                       resize=size, crop=32, cameras="left", test_limit=settings(fast)["test_limit"], **views)

@@ -38,7 +38,6 @@ def one_error_line(err: str) -> str:
     (["train", "--resume", "/no/such/run"], 1, "no checkpoint or run directory"),
     (["train", "--set", "data.dataset=smallnorb", "--set", "data.root=/no/such/dir"], 1, "does not exist"),
     (["train", "--config", "quik"], 2, "named configs: converge, converge-cnn, mnist, paper, quick, small"),
-    (["diagnose", "--config", "small", "--images", "1"], 2, "at least 2 images"),
     (["experiment", "adversarial", "--eps", "0.1,x"], 2, "--eps takes comma-separated numbers"),
     (["report", "/no/such/results"], 1, "is not a directory of results"),
 ])

@@ -335,7 +335,7 @@ def test_steps_replace_the_training_budget(norb, tmp_path, capsys):
 @pytest.mark.parametrize("experiment", ["viewpoint", "adversarial", "ablation"])
 def test_steps_must_be_positive(experiment, tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["experiment", experiment, "--fast", "--steps", "0", "--out", str(out)]) == 1
+    assert cli.main(["experiment", experiment, "--fast", "--steps", "0", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--steps must be a positive number of training steps, got 0" in err and err.count("\n") == 1
     assert not out.exists()
@@ -366,14 +366,14 @@ def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_p
     ("--capsnet-steps", "0", "--capsnet-steps must be a positive number of training steps, got 0")])
 def test_bad_capsnet_options_are_one_clear_line(option, value, message, tmp_path, capsys):
     out = tmp_path / "out"
-    assert cli.main(["experiment", "viewpoint", "--fast", option, value, "--out", str(out)]) == 1
+    assert cli.main(["experiment", "viewpoint", "--fast", option, value, "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
     assert not out.exists()
 
 
 def test_ablation_rejects_unknown_groups(capsys):
-    assert cli.main(["experiment", "ablation", "--only", "iterations,pose"]) == 1
+    assert cli.main(["experiment", "ablation", "--only", "iterations,pose"]) == 2
     assert "unknown ablation group(s) pose" in capsys.readouterr().err
 
 

@@ -79,7 +79,8 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
         plots.line_plot(out / "error-vs-iterations.png",
                         {"this run": ([r["iterations"] for r in its], [100 * r["test_error"] for r in its]),
                          "paper": ([r["iterations"] for r in its], [100 * r["paper_error"] for r in its])},
-                        title="TEST ERROR VS ROUTING ITERATIONS", xlabel="iterations", ylabel="error %")
+                        title="test error against routing iterations", xlabel="EM routing iterations",
+                        ylabel="test error (%)")
         figures.append("error-vs-iterations.png")
     results = {"experiment": "ablation", "dataset": dataset, "fast": fast, "seed": seed,
                "model": cfg["capsnet"], "budget": asdict(cfg["capsules"]),

@@ -101,12 +101,13 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     for method in methods:
-        for kind, ylabel in (("untargeted_accuracy", "accuracy %"), ("targeted_success", "success rate %")):
+        for kind, ylabel in (("untargeted_accuracy", "accuracy (%)"), ("targeted_success", "success rate (%)")):
             name = f"{method}-{kind.split('_')[0]}.png"
             plots.line_plot(out / name, {LABELS[k]: (eps, [100 * v for v in vals])
                                          for k, vals in curves[method][kind].items()},
-                            title=f"{method.upper()} {kind.replace('_', ' ').upper()}", xlabel="eps",
-                            ylabel=ylabel, ylim=(0, 100))
+                            title=f"{method.upper()}: {kind.replace('_', ' ')}",
+                            xlabel="perturbation eps (max-norm, standardised pixel units)", ylabel=ylabel,
+                            ylim=(0, 100))
             figures.append(name)
     for m in models.values():
         del m["net"]

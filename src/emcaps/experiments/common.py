@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -23,8 +22,9 @@ from emcaps.config import ConfigError, DataConfig
 from emcaps.data.transforms import center_crop, train_augment
 from emcaps.losses import linear_margin
 from emcaps.models import count_parameters, create_model
+from emcaps.progress import progress_bar
 from emcaps.routing import RoutingConfig
-from emcaps.train import Bar, ImageSet, compute_loss, load_split
+from emcaps.train import ImageSet, compute_loss, load_split
 
 DATASETS = ("synthnorb", "smallnorb")
 
@@ -143,7 +143,7 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
     opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
     model.train()
     start, value, step, early = time.perf_counter(), math.nan, 0, False
-    bar = Bar(budget.steps, desc, enabled=bool(desc) and sys.stderr.isatty())
+    bar = progress_bar(budget.steps, desc, enabled=bool(desc), unit="step")
     while step < budget.steps:
         idx = torch.randint(0, len(data), (min(budget.batch_size, len(data)),), generator=g)
         x = train_augment(data.images[idx], crop, generator=g).to(device)
@@ -156,9 +156,10 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
         value, step = float(out.detach()), step + 1
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at step {step} (loss {value})")
-        if bar.enabled:
+        if not bar.disable:
             acc = float((scores.detach().argmax(1).cpu() == data.labels[idx]).float().mean())
-            bar.update(step, step * len(idx), value, acc)
+            bar.set_postfix(loss=f"{value:.4f}", acc=f"{100 * acc:.1f}%", refresh=False)
+            bar.update()
         due = stop is not None and check_every and step % check_every == 0 and step < budget.steps
         if due and stop(model, step):
             early = True

@@ -136,8 +136,8 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     x = values if split == "azimuth" else np.array([ELEVATIONS_DEG[v] for v in values])
     plots.line_plot(out / f"error-per-{split}.png",
                     {LABELS[name]: (x, [100 * e for e in per_view[name]]) for name in models},
-                    title=f"TEST ERROR PER {split.upper()} (TRAINED ON FAMILIAR)",
-                    xlabel=f"{split} (degrees)", ylabel="error %", ylim=(0, 100))
+                    title=f"test error per {split} (trained on the familiar {split}s)",
+                    xlabel=f"{split} (degrees)", ylabel="test error (%)", ylim=(0, 100))
     # What the capsule network does with one novel-viewpoint test image.
     novel = int(np.flatnonzero(~familiar)[0])
     image = center_crop(test.images[novel:novel + 1], 32).to(dev)                # (1, C, 32, 32)

@@ -34,7 +34,7 @@ SOURCE = Path(__file__).with_name("em_kernels.cpp")
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-math-errno",
          "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
 # Tuned for the machine that builds it: the library lives in a per-user cache, never in a wheel. Each is
-# used only where the compiler accepts it (some ARM toolchains lack -march=native, clang lacks the second).
+# used only where the compiler accepts it (some ARM toolchains lack -march=native; the second is x86 only).
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
 # The C signature of every exported kernel, in order: P a pointer, i an int64, d a double. (m0, m1), the
 # range of problems, are the two i's at the `range_at` position of `Library.call`. em_kernels.cpp's

@@ -3,11 +3,13 @@
 
     python benchmarks/convergence.py --out runs/convergence [--minutes 60] [--set routing.iterations=2]
     python benchmarks/convergence.py --out runs/convergence --plot-only     # curves of runs already there
+    python benchmarks/convergence.py --out docs/results/convergence --plot-only   # redraw from curves.json
 
 Each config trains in OUT/NAME with `emcaps train` (checkpoints, log.jsonl); a run that is there already
 resumes, so a killed benchmark continues where it stopped. `--minutes` stops each run after that much training
 time (the checkpoint stays, resumable). The curves come from the runs' 'eval' events (every
-`train.eval_steps`) and 'epoch' events: OUT/curves.json and OUT/curves.png. `--set` applies to every config
+`train.eval_steps`) and 'epoch' events: OUT/curves.json and OUT/curves.png (with --plot-only, a config
+whose run folder is not in OUT keeps its curve from OUT/curves.json). `--set` applies to every config
 (routing settings included, which the CNN ignores). Not a timing benchmark: the minutes are this machine's.
 """
 
@@ -70,9 +72,14 @@ def main() -> None:
     p.add_argument("--plot-only", action="store_true", help="train nothing: curves of the runs already in OUT")
     args = p.parse_args()
     out = Path(args.out)
+    saved = out / "curves.json"
+    stored = ({r["config"]: r for r in json.loads(saved.read_text())}
+              if args.plot_only and saved.is_file() else {})
     results = []
     for name in args.configs:
-        if args.plot_only:
+        if args.plot_only and not (out / name / "log.jsonl").exists() and name in stored:
+            result = stored[name]
+        elif args.plot_only:
             points = curve(out / name)
             result = {"config": name, "run_dir": str(out / name), "curve": points,
                       "best_error": min((p["test_error"] for p in points), default=None)}
@@ -90,8 +97,8 @@ def main() -> None:
     series = {r["config"]: ([p["elapsed"] / 60 for p in r["curve"]], [100 * p["test_error"] for p in r["curve"]])
               for r in results if r["curve"]}
     if series:
-        line_plot(out / "curves.png", series, title="TEST ERROR ON UNSEEN INSTANCES", xlabel="MINUTES",
-                  ylabel="ERROR %")
+        line_plot(out / "curves.png", series, title="test error on unseen object instances",
+                  xlabel="training time (minutes, this machine)", ylabel="test error (%)", ylim=(0, 100))
     print(f"curves in {out / 'curves.json'} and {out / 'curves.png'}")
 
 

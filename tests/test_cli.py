@@ -37,6 +37,9 @@ def one_error_line(err: str) -> str:
     (["eval", "/no/such/run"], 1, "no checkpoint or run directory"),
     (["train", "--resume", "/no/such/run"], 1, "no checkpoint or run directory"),
     (["train", "--set", "data.dataset=smallnorb", "--set", "data.root=/no/such/dir"], 1, "does not exist"),
+    (["train", "--config", "quik"], 2, "named configs: converge, converge-cnn, mnist, paper, quick, small"),
+    (["experiment", "adversarial", "--eps", "0.1,x"], 2, "--eps takes comma-separated numbers"),
+    (["report", "/no/such/results"], 1, "is not a directory of results"),
 ])
 def test_user_errors_are_one_line(capsys, monkeypatch, tmp_path, argv, code, text):
     monkeypatch.chdir(tmp_path)                  # where a default run folder would go
@@ -44,6 +47,31 @@ def test_user_errors_are_one_line(capsys, monkeypatch, tmp_path, argv, code, tex
     assert status == code
     assert text in one_error_line(err)
     assert not (tmp_path / "runs").exists()     # a run that cannot start leaves no folder behind
+
+
+def test_bad_toml_is_one_line(capsys, tmp_path):
+    (tmp_path / "bad.toml").write_text("[train]\nepochs = = 3\n")
+    status, _, err = run(capsys, "train", "--config", str(tmp_path / "bad.toml"))
+    assert status == 2 and "bad.toml: not valid TOML" in one_error_line(err)
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch):
+    """Only the project's user-error types become one line; any other exception is a bug to report."""
+    from emcaps import train
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal shape mismatch")
+
+    monkeypatch.setattr(train, "train", broken)
+    with pytest.raises(ValueError, match="internal shape mismatch"):
+        cli.main(["train", "--config", "quick"])
+
+
+def test_train_help_lists_the_named_configs(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "converge, converge-cnn, mnist, paper, quick, small" in help_text
 
 
 def test_corrupt_checkpoint_is_an_error(capsys, tmp_path):

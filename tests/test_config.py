@@ -7,7 +7,7 @@ import pytest
 from emcaps import config
 from emcaps.config import ConfigError, RunConfig
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(config.__file__).with_name("configs")
 
 
 def test_defaults_and_round_trip_through_toml(tmp_path):
@@ -23,6 +23,12 @@ def test_named_configs_load(name):
     c = config.load(CONFIGS / f"{name}.toml")
     assert isinstance(c, RunConfig) and c.name == name
     assert config.named_config_path(name) == CONFIGS / f"{name}.toml"
+
+
+def test_named_configs_ship_inside_the_package():
+    names = config.named_configs()
+    assert {"paper", "small", "mnist", "quick", "converge", "converge-cnn"} <= set(names)
+    assert config.named_config_path("no-such-config") is None
 
 
 @pytest.mark.parametrize("text, key, value", [

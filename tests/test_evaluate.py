@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from emcaps import config, evaluate, plots, train
+from emcaps import config, evaluate, train
 from emcaps.data.transforms import MULTI_CROP_OFFSETS
 
 
@@ -86,11 +86,3 @@ def test_evaluate_run_writes_json_and_png(tmp_path):
     assert multi["crops"] == 13 and (tmp_path / "mc" / "results-multicrop.json").is_file()
     with pytest.raises(config.ConfigError, match="only change data"):
         evaluate.evaluate_run(tmp_path / "run", overrides=["train.epochs=3"], quiet=True)
-
-
-def test_plots_write_valid_pngs(tmp_path):
-    w, h = _png_size(plots.line_plot(tmp_path / "l.png", {"a": ([1, 2, 3], [3.0, 1.0, 2.0]), "b": ([1], [float("nan")])},
-                                     title="t", xlabel="x", ylabel="y"))
-    assert (w, h) == (640, 420)
-    assert _png_size(plots.heatmap(tmp_path / "h.png", np.eye(3), list("abc"), list("abc")))[0] > 0
-    assert _png_size(plots.image_grid(tmp_path / "g.png", np.random.rand(7, 8, 8), columns=3))[0] > 0

@@ -1,27 +1,39 @@
 """Building and loading the native kernels: the cache, a broken compiler, and switching them off."""
 
+import ctypes
 import os
+import platform
+import re
+import shutil
 
 import pytest
+import torch
 
 import emcaps.kernels as kernels
 
 needs_compiler = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler")
 
 
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One fresh build for the module (a compile takes a while)."""
+    return kernels.build(tmp_path_factory.mktemp("kernels"))
+
+
 @needs_compiler
-def test_build_caches_the_library(tmp_path):
-    path = kernels.build(tmp_path)
-    assert path.parent == tmp_path and path.suffix == ".so"
+def test_build_caches_the_library(built):
+    path, directory = built, built.parent
+    assert path.suffix == ".so"
     stamp = path.stat().st_mtime_ns
-    assert kernels.build(tmp_path) == path and path.stat().st_mtime_ns == stamp     # reused, not rebuilt
-    assert [p.name for p in tmp_path.iterdir()] == [path.name]                      # no temporary left over
+    assert kernels.build(directory) == path and path.stat().st_mtime_ns == stamp    # reused, not rebuilt
+    assert [p.name for p in directory.iterdir()] == [path.name]                     # no temporary left over
     assert kernels.Library(path).path == path
 
 
 def test_broken_compiler_gives_a_clear_error(tmp_path):
     fake = tmp_path / "fake-c++"
-    fake.write_text("#!/bin/sh\necho 'fatal error: simulated compiler failure' >&2\nexit 1\n")
+    fake.write_text('#!/bin/sh\nfor a in "$@"; do [ "$a" = -dM ] && exit 0; done\n'   # lists no macros, then
+                    "echo 'fatal error: simulated compiler failure' >&2\nexit 1\n")       # fails to compile
     fake.chmod(0o755)
     with pytest.raises(kernels.KernelBuildError, match="(?s)failed to build em_kernels.cpp.*simulated"):
         kernels.build(tmp_path / "out", cxx=str(fake))
@@ -52,3 +64,65 @@ def test_kernel_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("EMCAPS_DATA_DIR", str(tmp_path / "d"))
     assert kernels.kernel_dir() == tmp_path / "d" / "kernels"
     assert os.fspath(kernels.SOURCE).endswith("em_kernels.cpp") and kernels.SOURCE.exists()
+
+
+@needs_compiler
+def test_a_build_for_another_cpu_is_not_loaded(tmp_path, monkeypatch, built):
+    """A home directory shared with an AVX-512 machine: its cache entry must not be the one we load."""
+    cxx = kernels.compiler()
+    flags = kernels._flags(cxx)
+    shutil.copy(built, tmp_path / built.name)                  # our own entry, as a previous run left it
+    here = kernels.isa_key(cxx, flags)
+    monkeypatch.setattr(kernels, "isa_key", lambda cxx, flags: here + "\n#define __AVX512F__ 1")
+    theirs = kernels.cache_path(tmp_path, cxx, flags)
+    theirs.write_bytes(b"a library built for the other CPU")
+    monkeypatch.undo()
+    ours = kernels.build(tmp_path)
+    assert ours != theirs and ours == kernels.cache_path(tmp_path, cxx, flags) == tmp_path / built.name
+    assert kernels.Library(ours).path == ours
+
+
+@needs_compiler
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 instruction-set names")
+def test_isa_key_tells_instruction_sets_apart():
+    cxx = kernels.compiler()
+    base, avx2 = kernels.isa_key(cxx, ("-march=x86-64",)), kernels.isa_key(cxx, ("-march=haswell",))
+    assert "__AVX2__" not in base and "#define __AVX2__ 1" in avx2
+    assert kernels.isa_key(cxx, ("-march=x86-64",)) == base                       # and it is stable
+
+
+@needs_compiler
+def test_each_flag_is_probed_on_its_own(tmp_path, monkeypatch):
+    """A compiler that refuses one optional flag still gets the others."""
+    real = kernels.compiler()
+    fake = tmp_path / "picky-c++"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "{kernels.NATIVE_FLAGS[-1]}" ] && exit 1; done\n'
+                    f'exec {real} "$@"\n')
+    fake.chmod(0o755)
+    flags = kernels._flags(str(fake))
+    assert kernels.NATIVE_FLAGS[-1] not in flags and set(kernels.NATIVE_FLAGS[:-1]) <= set(flags)
+
+
+def test_signatures_match_the_cpp_source():
+    """SIGNATURES (the ctypes argtypes) against the exported prototypes of em_kernels.cpp."""
+    source = kernels.SOURCE.read_text()
+    found = {}
+    for name, params in re.findall(r"EMCAPS_EXPORT void emcaps_(\w+)_##suffix\(([^)]*)\)", source):
+        params = params.replace("\\", " ")
+        codes = ["P" if "*" in p else "i" if "i64" in p else "d" if "double" in p else "?" for p in params.split(",")]
+        found[name] = "".join(codes)
+    assert found == kernels.SIGNATURES
+
+
+@needs_compiler
+def test_every_kernel_has_argtypes_and_a_wrong_call_raises(built):
+    lib = kernels.Library(built)
+    for name, signature in kernels.SIGNATURES.items():
+        for suffix in ("f32", "f64"):
+            fn = getattr(lib._lib, f"emcaps_{name}_{suffix}")
+            assert len(fn.argtypes) == len(signature) and fn.restype is None
+    with pytest.raises(TypeError, match="estep takes 8 arguments besides"):
+        lib.call("estep", torch.float32, [None] * 7, 1, range_at=7)
+    fn = lib._lib.emcaps_estep_f32
+    with pytest.raises(ctypes.ArgumentError):                                    # a double where an int64 goes
+        fn(*[None] * 4, 1.5, *[0] * 4, None)

@@ -33,6 +33,10 @@ def test_routing_histograms(model, tmp_path):
     w, h = _png_size(tmp_path / "hist.png")
     assert w > 5 * 150 and h > 3 * 90
     assert model.training
+    fig = viz.histograms_figure(out, ["a", "b", "c", "d", "e"])
+    assert len(fig.axes) == 3 * 5
+    assert [ax.get_title() for ax in fig.axes[:5]] == ["a", "b", "c", "d", "e"]
+    assert fig.axes[5].get_ylabel() == "iteration 2\nassignment mass" and fig.axes[-1].get_xlabel() == "distance"
 
 
 def test_histograms_need_a_capsule_net():
@@ -56,6 +60,9 @@ def test_decoder_and_perturbation_grid(model, tmp_path):
     assert not np.allclose(grid[:, 0], grid[:, 4])
     w, h = _png_size(tmp_path / "grid.png")
     assert w >= 5 * 64 and h >= 16 * 64
+    (ax,) = viz.pose_grid_figure(grid).axes
+    assert [t.get_text() for t in ax.get_yticklabels()][:2] == ["(0,0)", "(0,1)"] and ax.get_ylabel() == "pose entry"
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["-1.0", "-0.5", "0", "+0.5", "+1.0"]
 
 
 def test_fit_decoder_baseline_error_and_per_entry_ranges(model):
@@ -104,7 +111,10 @@ def test_parse_map_conserves_credit(model, tmp_path):
     assert (out["heat"] >= 0).all()
     np.testing.assert_allclose(out["primary"].sum(), 1.0, rtol=1e-5)
     np.testing.assert_allclose(out["heat"].sum(), 1.0, rtol=1e-5)
-    assert _png_size(tmp_path / "parse.png") == (96, 96)
+    w, h = _png_size(tmp_path / "parse.png")
+    assert w > 96 and h > 96                                                # 32 pixels at scale 3, with axes
+    ax = viz.parse_map_figure(np.zeros((32, 32)), out["heat"], out["winner"]).axes[0]
+    assert ax.get_xlabel() == "x (pixels)" and len(ax.images) == 2          # the image and its heat overlay
 
 
 def test_fit_decoder_holds_out_whole_groups():

@@ -1,6 +1,8 @@
 """The `emcaps` command: argument parsing only; every subcommand is a thin wrapper over a library function.
 
-Errors a user can cause print one line, `emcaps: error: ...`, and exit non-zero (2 for usage errors).
+Errors a user can cause print one line, `emcaps: error: ...`, and exit non-zero (2 for usage and config
+errors). Only the project's user-error types count (see `_user_errors`): any other exception is a bug and
+keeps its traceback.
 """
 
 from __future__ import annotations
@@ -50,17 +52,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _config_path(name: str | None) -> Path | None:
-    """A TOML file, or the name of one in configs/ (e.g. 'quick')."""
+    """A TOML file, or the name of a config shipped with emcaps (e.g. 'quick')."""
     if name is None:
         return None
     path = Path(name)
     if path.is_file():
         return path
-    from emcaps.config import ConfigError, named_config_path
+    from emcaps.config import ConfigError, named_config_path, named_configs
 
     named = named_config_path(name) if path.suffix == "" and len(path.parts) == 1 else None
     if named is None:
-        raise ConfigError(f"config file {name!r} does not exist")
+        raise ConfigError(f"config file {name!r} does not exist (named configs: {', '.join(named_configs())})")
     return named
 
 
@@ -144,8 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train a model from a TOML config", description=(
         "Train a model. A run directory gets config.toml, checkpoint.pt (atomic, every epoch and every "
         "train.checkpoint_minutes) and log.jsonl. Under torchrun, every process trains on a shard."))
-    p.add_argument("--config", metavar="FILE", help="TOML config file, or the name of one in configs/ "
-                   "(paper, small, mnist, quick); defaults for anything left out")
+    p.add_argument("--config", metavar="FILE|NAME", help=f"TOML config file, or the name of one shipped with "
+                   f"emcaps ({_named_configs_text()}); defaults for anything left out")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=1e-3 (repeatable)")
     p.add_argument("--run-dir", metavar="DIR", help="where to write the run (default runs/NAME-TIMESTAMP)")
@@ -171,7 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
         "inverse temperature, logit range, fraction of variances at the floor and assignment entropy; and "
         "the gradient norm reaching each layer. For a checkpoint, or a fresh network from a config."))
     p.add_argument("path", nargs="?", metavar="CHECKPOINT_OR_RUN_DIR")
-    p.add_argument("--config", metavar="FILE", help="diagnose a freshly initialised network of this config")
+    p.add_argument("--config", metavar="FILE|NAME", help="diagnose a freshly initialised network of this config "
+                   f"(a TOML file or {_named_configs_text()})")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (with --config; repeatable)")
     p.add_argument("--images", type=int, default=32, metavar="N", help="test images to route (default 32)")
@@ -190,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _named_configs_text() -> str:
+    from emcaps.config import named_configs
+
+    return ", ".join(named_configs())
+
+
 def _version() -> str:
     from emcaps import __version__
 
@@ -197,11 +206,12 @@ def _version() -> str:
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
-    from emcaps.config import ConfigError
+    """What a user can cause: missing or unreadable files and data, a bad checkpoint, no network."""
+    from emcaps.data import DownloadError, IdxFormatError, NorbFormatError
     from emcaps.train import CheckpointError, TrainingDiverged
 
-    return (ConfigError, CheckpointError, TrainingDiverged, FileNotFoundError, FileExistsError,
-            NotADirectoryError, PermissionError, ValueError)
+    return (CheckpointError, TrainingDiverged, DownloadError, IdxFormatError, NorbFormatError,
+            FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

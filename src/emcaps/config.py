@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.resources
 import math
-import tomllib
+import sys
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
@@ -18,6 +19,11 @@ from typing import Any
 
 from emcaps.models import MODEL_NAMES, CapsNetConfig
 from emcaps.routing import RoutingConfig
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:                                            # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 
 class ConfigError(ValueError):
@@ -315,9 +321,19 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
     return from_dict(data, overrides)
 
 
+def _named_config_dir() -> Path:
+    """emcaps/configs/, installed with the package (setuptools installs packages as plain directories)."""
+    return Path(str(importlib.resources.files("emcaps") / "configs"))
+
+
+def named_configs() -> list[str]:
+    """The names `--config NAME` accepts: the TOML files shipped in emcaps/configs/."""
+    return sorted(path.stem for path in _named_config_dir().glob("*.toml"))
+
+
 def named_config_path(name: str) -> Path | None:
-    """configs/NAME.toml of the source tree, if it exists (lets `--config quick` work from the repo)."""
-    candidate = Path(__file__).resolve().parents[2] / "configs" / f"{name}.toml"
+    """emcaps/configs/NAME.toml if the package ships it (lets `--config quick` work from any install)."""
+    candidate = _named_config_dir() / f"{name}.toml"
     return candidate if candidate.is_file() else None
 
 

@@ -68,7 +68,8 @@ def _montage(cfg: RunConfig, out: Path) -> Path:
             rows.append(test.images[idx, 0].numpy())
             names.append(name)
     images = np.concatenate(rows)
-    return plots.image_grid(out / "data.png", images, columns=10, scale=2, labels=names)
+    return plots.image_grid(out / "data.png", images, columns=10, scale=2, labels=names,
+                            title="test images of unseen object instances, before cropping")
 
 
 def run_demo(out_dir: str | Path = "demo-report", quick: bool = False, quiet: bool = False) -> dict[str, Any]:
@@ -108,7 +109,7 @@ def run_demo(out_dir: str | Path = "demo-report", quick: bool = False, quiet: bo
         names = [n[:8] for n in test.class_names]
         plots.heatmap(out / f"confusion-{name}.png", np.array(summary["confusion"]), names, names,
                       title=f"{LABELS[name]}: test error {100 * summary['test_error']:.1f}%",
-                      xlabel="predicted", ylabel="true")
+                      xlabel="predicted class", ylabel="true class", unit="test images")
         results[name] = {"model": cfg.model.name, "params": state["params"], "test_error": summary["test_error"],
                          "test_images": summary["images"], "train_seconds": round(seconds, 1),
                          "batch_size": cfg.train.batch_size, "epochs": _events(runs / name, "epoch"),
@@ -130,7 +131,7 @@ def _curves(results: dict[str, Any], out: Path) -> None:
     test = {LABELS[n]: ([e["epoch"] for e in r["epochs"] if "test_error" in e],
                         [100 * e["test_error"] for e in r["epochs"] if "test_error" in e]) for n, r in results.items()}
     plots.line_plot(out / "test-error.png", test, title="test error on unseen instances", xlabel="epoch",
-                    ylabel="error %", ylim=(0, 100))
+                    ylabel="test error (%)", ylim=(0, 100))
     train = {}
     for name, r in results.items():
         steps = r["steps"]
@@ -139,7 +140,7 @@ def _curves(results: dict[str, Any], out: Path) -> None:
         seen = np.array([s["step"] * r["batch_size"] for s in steps])[len(err) - len(smooth):]
         train[LABELS[name]] = (seen, smooth)
     plots.line_plot(out / "train-error.png", train, title="training error (augmented crops, smoothed)",
-                    xlabel="images seen", ylabel="error %", ylim=(0, 100))
+                    xlabel="training images seen", ylabel="training error (%)", ylim=(0, 100))
 
 
 def _table(results: dict[str, Any]) -> str:

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from emcaps.capsules import Capsules
+from emcaps.config import ConfigError
 from emcaps.layers import ConvCaps
 from emcaps.models import MatrixCapsNet
 from emcaps.routing import PositionCompetition, RoutingStep
@@ -142,7 +143,7 @@ def diagnose(checkpoint: str | None = None, config: Any = None, images: int = 32
     if (checkpoint is None) == (config is None):
         raise ValueError("give a checkpoint or a config to diagnose, not both")
     if images < 2:
-        raise ValueError(f"diagnostics need at least 2 images, got {images}")
+        raise ConfigError(f"diagnostics need at least 2 images, got {images}")
     step = 0
     if checkpoint is not None:
         model, config, state = model_from_checkpoint(checkpoint)
@@ -152,7 +153,7 @@ def diagnose(checkpoint: str | None = None, config: Any = None, images: int = 32
         torch.manual_seed(config.train.seed)
         model = build_model(config, data.classes, data.images.shape[1])
     if not isinstance(model, MatrixCapsNet):
-        raise ValueError(f"routing diagnostics need a capsule network; model.name is {config.model.name!r}")
+        raise ConfigError(f"routing diagnostics need a capsule network; model.name is {config.model.name!r}")
     x, labels = center_crop(data.images, config.data.crop), data.labels
     return {"name": config.name, "step": step, "layers": routing_report(model, x),
             "gradients": gradient_norms(model, x, labels)}

@@ -144,13 +144,13 @@ def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path
     (out / f"results{suffix}.json").write_text(json.dumps(result, indent=1) + "\n")
     names = [n[:8] for n in data.class_names]
     plots.heatmap(out / f"confusion{suffix}.png", np.array(result["confusion"]), names, names,
-                  title=f"{config.name}: test error {100 * result['test_error']:.2f}%", xlabel="predicted",
-                  ylabel="true")
+                  title=f"{config.name}: test error {100 * result['test_error']:.2f}%",
+                  xlabel="predicted class", ylabel="true class", unit="test images")
     if "per_viewpoint" in result:
         pv = result["per_viewpoint"]
         grid = np.array([[np.nan if v is None else 100 * v for v in row] for row in pv["error"]])
         plots.heatmap(out / f"viewpoint-error{suffix}.png", grid, [str(30 + 5 * e) for e in pv["elevations"]],
-                      [str(a) for a in pv["azimuths"]], title="error % by viewpoint", xlabel="azimuth",
-                      ylabel="elevation", vmax=100.0)
+                      [str(a) for a in pv["azimuths"]], title="test error by viewpoint",
+                      xlabel="azimuth (degrees)", ylabel="elevation (degrees)", vmax=100.0, unit="test error (%)")
     result["out_dir"] = str(out)
     return result

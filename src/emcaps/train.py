@@ -36,6 +36,7 @@ from emcaps.data.download import fsync_dir
 from emcaps.data.transforms import center_crop, preprocess, train_augment
 from emcaps.losses import LOSSES, linear_margin, sigmoid_margin
 from emcaps.models import count_parameters, create_model
+from emcaps.progress import progress_bar
 
 CHECKPOINT_FORMAT = "emcaps-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -141,7 +142,7 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
         norb = SmallNORB(_norb_root(cfg, progress), split=split, cameras=cfg.cameras, azimuths=azimuths,
                          elevations=elevations)
         if len(norb) == 0:
-            raise ValueError(f"{cfg.dataset} {split} split is empty after the viewpoint filters")
+            raise ConfigError(f"{cfg.dataset} {split} split is empty after the viewpoint filters")
         keep = None
         if limit and limit < len(norb):
             g = torch.Generator().manual_seed(seed * 7919 + (split == "test"))
@@ -496,31 +497,6 @@ class Logger:
             self.tb.close()
 
 
-class Bar:
-    """One redrawn stderr line per epoch: progress, running loss and accuracy, images/s."""
-
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
-        self.total, self.desc, self.enabled = total, desc, enabled
-        self.started = time.monotonic()
-        self.last = 0.0
-
-    def update(self, done: int, images: int, loss: float, acc: float) -> None:
-        now = time.monotonic()
-        if not self.enabled or (now - self.last < 0.2 and done < self.total):
-            return
-        self.last = now
-        rate = images / max(now - self.started, 1e-9)
-        filled = int(24 * done / max(self.total, 1))
-        sys.stderr.write(f"\r{self.desc} [{'#' * filled}{'.' * (24 - filled)}] {done}/{self.total} "
-                         f"loss {loss:.4f} acc {100 * acc:5.1f}% {rate:6.1f} img/s")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
-            sys.stderr.flush()
-
-
 def say(enabled: bool, text: str) -> None:
     if enabled:
         print(text, file=sys.stderr, flush=True)
@@ -618,7 +594,7 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
     optimizer = build_optimizer(config.optim, model.parameters())
     batches_per_epoch = math.ceil((len(train_set) // dd.world) / tc.batch_size)
     if batches_per_epoch == 0:
-        raise ValueError(f"training split has {len(train_set)} images: too few for {dd.world} processes")
+        raise ConfigError(f"training split has {len(train_set)} images: too few for {dd.world} processes")
     total_steps = batches_per_epoch * tc.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.optim, total_steps))
 
@@ -690,7 +666,8 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                 order.manual_seed(tc.seed * 1_000_003 + epoch)
                 prog.order_state = order.get_state()
             batches = epoch_order(len(train_set), order, dd.rank, dd.world, tc.batch_size)
-            bar = Bar(len(batches), f"epoch {epoch + 1}/{tc.epochs}", show and sys.stderr.isatty())
+            bar = progress_bar(len(batches), f"epoch {epoch + 1}/{tc.epochs}", show, unit="batch",
+                               initial=prog.position)
             epoch_start, epoch_images = time.monotonic(), 0
             net.train()
             for b in range(prog.position, len(batches)):
@@ -729,7 +706,8 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                                elapsed=prog.seconds + time.monotonic() - started, **curve)
                     net.train()
                 run_loss, run_acc = prog.totals[0] / prog.totals[2], prog.totals[1] / prog.totals[2]
-                bar.update(b + 1, epoch_images, run_loss, run_acc)
+                bar.set_postfix(loss=f"{run_loss:.4f}", acc=f"{100 * run_acc:.1f}%", refresh=False)
+                bar.update()
                 if prog.step % tc.log_every == 0:
                     batch_loss, batch_acc = stats[0].item() / stats[2].item(), stats[1].item() / stats[2].item()
                     logger.log("step", step=prog.step, epoch=epoch + 1, loss=batch_loss, acc=batch_acc,

@@ -1,7 +1,8 @@
 """Pictures of what a trained capsule network does: routing histograms, pose perturbations, parse maps.
 
-All figures are PNGs drawn with `emcaps.plots` (numpy only); every function also returns its raw arrays
-so tests and reports can use the numbers without reading pictures.
+Figures are PNGs drawn with matplotlib (see `emcaps.plots`); every function also returns its raw arrays
+so tests and reports can use the numbers without reading pictures, and each picture has a `*_figure`
+function that returns the matplotlib Figure.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
+from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from emcaps import plots
@@ -93,38 +95,30 @@ def routing_histograms(model: nn.Module, x: Tensor, out_png: str | Path | None =
     act = torch.stack([s.activation.reshape(-1) for s in steps]).double().cpu().numpy()
     result = {"counts": counts, "edges": edges, "mass": w.sum(-1), "activation": act}
     if out_png is not None:
-        names = list(class_names) if class_names is not None else [f"class {e}" for e in range(d.shape[1])]
-        _draw_histograms(out_png, counts, edges, act, names)
+        plots.save(histograms_figure(result, class_names), out_png)
     return result
 
 
-def _draw_histograms(path: str | Path, counts: np.ndarray, edges: np.ndarray, act: np.ndarray,
-                     names: Sequence[str]) -> Path:
-    """Panels of bars: rows = iterations (T), columns = classes (E); counts (T, E, bins)."""
-    t_n, e_n, n_bins = counts.shape
-    pw, ph, gap, left, top = 150, 90, 12, 70, 50
-    img = plots.canvas(top + t_n * (ph + gap) + 30, left + e_n * (pw + gap) + 10)
-    plots.draw_text(img, img.shape[1] // 2, 6, "VOTE-TO-MEAN DISTANCE, WEIGHTED BY ASSIGNMENT",
-                    anchor="centre")
-    bar = pw / n_bins
+def histograms_figure(result: dict[str, np.ndarray], class_names: Sequence[str] | None = None) -> Figure:
+    """Panels of `routing_histograms(...)`'s result: a row per EM iteration (T), a column per class (E),
+    each the assignment mass (y) against the vote-to-mean distance (x), with the class's activation."""
+    counts, edges, act = result["counts"], result["edges"], result["activation"]
+    t_n, e_n, _ = counts.shape
+    names = list(class_names) if class_names is not None else [f"class {e}" for e in range(e_n)]
+    fig = Figure(figsize=(1.9 * e_n + 1.0, 1.5 * t_n + 1.0), dpi=plots.DPI, layout="constrained")
+    axes = fig.subplots(t_n, e_n, sharex=True, sharey="row", squeeze=False)
     for t in range(t_n):
-        y0 = top + t * (ph + gap)
-        plots.draw_text(img, 4, y0 + ph // 2 - 5, f"iter {t + 1}")
-        peak = max(float(counts[t].max()), 1e-12)
         for e in range(e_n):
-            x0 = left + e * (pw + gap)
-            img[y0:y0 + ph, x0:x0 + pw] = (245, 245, 245)
-            colour = plots.PALETTE[e % len(plots.PALETTE)]
-            for b in range(n_bins):
-                h = int(round(counts[t, e, b] / peak * (ph - 14)))
-                if h:
-                    c0 = int(x0 + b * bar)
-                    img[y0 + ph - h:y0 + ph, c0:max(int(x0 + (b + 1) * bar) - 1, c0 + 1)] = colour
-            plots.draw_text(img, x0 + pw - 2, y0 + 2, f"a={act[t, e]:.2f}", scale=1, anchor="right")
-    for e, name in enumerate(names):
-        plots.draw_text(img, left + e * (pw + gap) + pw // 2, top - 18, str(name), anchor="centre")
-    plots.draw_text(img, left, img.shape[0] - 20, f"distance 0 to {edges[-1]:.3g}")
-    return plots.write_png(path, img)
+            ax = axes[t, e]
+            ax.stairs(counts[t, e], edges, fill=True, color=f"C{e % 10}")
+            ax.text(0.97, 0.93, f"a = {act[t, e]:.2f}", transform=ax.transAxes, ha="right", va="top", fontsize=8)
+            if t == 0:
+                ax.set_title(str(names[e]), fontsize=10)
+            if t == t_n - 1:
+                ax.set_xlabel("distance")
+        axes[t, 0].set_ylabel(f"iteration {t + 1}\nassignment mass")
+    fig.suptitle("class-layer votes: distance to the class capsule's mean, weighted by assignment")
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -273,9 +267,20 @@ def pose_perturbation_grid(decoder: PoseDecoder, pose: Tensor, label: int, out_p
     images = decoder(grid.reshape(16 * steps, decoder.classes, 16), labels)[:, 0]
     images = images.reshape(16, steps, *images.shape[-2:]).cpu().numpy()
     if out_png is not None:
-        plots.image_grid(out_png, images.reshape(16 * steps, *images.shape[-2:]), columns=steps, scale=2,
-                         labels=[f"({k // 4},{k % 4})" for k in range(16)])
+        plots.save(pose_grid_figure(images), out_png)
     return images
+
+
+def pose_grid_figure(images: np.ndarray) -> Figure:
+    """`pose_perturbation_grid`'s images (16, steps, H, W): a row per pose entry (row, column of the
+    4x4 pose), a column per step from -delta to +delta."""
+    entries, steps = images.shape[:2]
+    offsets = np.linspace(-1, 1, steps)
+    return plots.image_grid_figure(images.reshape(entries * steps, *images.shape[-2:]), columns=steps, scale=2,
+                                   labels=[f"({k // 4},{k % 4})" for k in range(entries)],
+                                   col_labels=[f"{v:+.1f}".replace("+0.0", "0") for v in offsets],
+                                   title="decoded image as one pose entry moves", ylabel="pose entry",
+                                   xlabel="offset from the pose (multiples of the entry's range)")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -342,15 +347,26 @@ def parse_map(model: nn.Module, x: Tensor, out_png: str | Path | None = None, sc
     result = {"winner": winner, "primary": primary.double().cpu().numpy(),
               "heat": heat.double().cpu().numpy()}
     if out_png is not None:
-        _draw_overlay(out_png, x[0, 0].double().cpu().numpy(), result["heat"], scale)
+        plots.save(parse_map_figure(x[0, 0].double().cpu().numpy(), result["heat"], winner, scale), out_png)
     return result
 
 
-def _draw_overlay(path: str | Path, image: np.ndarray, heat: np.ndarray, scale: int) -> Path:
-    """Grey image (H, W) with heat (H, W) blended in red, both enlarged `scale` times."""
-    grey = (image - image.min()) / max(float(image.max() - image.min()), 1e-12)
-    h = heat / max(float(heat.max()), 1e-12)
-    rgb = np.repeat(grey[..., None], 3, axis=2) * (1 - 0.7 * h[..., None])
-    rgb[..., 0] += 0.7 * h
-    rgb = np.kron(np.clip(rgb, 0, 1), np.ones((scale, scale, 1)))
-    return plots.write_png(path, (rgb * 255).round().astype(np.uint8))
+def parse_map_figure(image: np.ndarray, heat: np.ndarray, winner: int, scale: int = 6) -> Figure:
+    """Grey image (H, W) with the parse map's heat (H, W) over it in red (opacity rising with the heat),
+    `scale` screen pixels per image pixel, and a colour bar of the share of the evidence per pixel."""
+    from matplotlib import colormaps
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import Normalize
+
+    h, w = image.shape
+    fig = Figure(figsize=(w * scale / plots.DPI + 1.9, h * scale / plots.DPI + 0.9), dpi=plots.DPI,
+                 layout="constrained")
+    ax = fig.add_subplot()
+    ax.imshow(image, cmap="gray", interpolation="nearest")
+    norm = Normalize(0.0, max(float(heat.max()), 1e-12))
+    overlay = colormaps["Reds"](norm(heat))
+    overlay[..., 3] = 0.75 * norm(heat)
+    ax.imshow(overlay, interpolation="nearest")
+    ax.set(title=f"evidence for class {winner}", xlabel="x (pixels)", ylabel="y (pixels)")
+    fig.colorbar(ScalarMappable(norm, "Reds"), ax=ax, label="share of the evidence per pixel")
+    return fig

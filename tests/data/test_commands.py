@@ -8,7 +8,7 @@ import pytest
 
 from emcaps.data.cache import default_data_dir
 from emcaps.data.commands import add_data_parser
-from emcaps.data.smallnorb import SMALLNORB_FILES, SmallNORB
+from emcaps.data.smallnorb import SMALLNORB_FILES, SPLIT_FILES, SmallNORB
 
 
 def parse(argv):
@@ -75,3 +75,41 @@ def test_download_command_against_local_server(tmp_path, monkeypatch):
     got = SmallNORB(tmp_path / "norb", "test")
     assert np.array_equal(got.images(), SmallNORB(source, "test").images())
     assert sorted(p.suffix for p in (tmp_path / "norb").iterdir()) == [".mat"] * 6
+
+
+def _cli(capsys, *argv) -> tuple[int, str]:
+    """Run the whole `emcaps` command; its exit status and the one stderr line a user error must give."""
+    from emcaps import cli
+
+    status = cli.main(list(argv))
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("emcaps: error: "), lines
+    return status, lines[0]
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "smallnorb"])
+def test_offline_download_is_one_line(tmp_path, capsys, dataset):
+    from .http_server import closed_port_url
+
+    base = closed_port_url().removesuffix("file.bin")
+    status, line = _cli(capsys, "data", "download", dataset, "--data-dir", str(tmp_path / dataset),
+                        "--base-url", base, "--quiet")
+    assert status == 1 and "could not connect" in line and "are you offline?" in line
+
+
+def test_missing_and_corrupt_data_are_one_line(tmp_path, capsys):
+    toy = ["--set", "data.dataset=mnist", "--set", f"data.root={tmp_path}", "--run-dir", str(tmp_path / "run")]
+    status, line = _cli(capsys, "train", *toy)
+    assert status == 1 and "missing train-images-idx3-ubyte" in line
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):
+        (tmp_path / name).write_bytes(b"\x08\x00\x00\x01 not an idx file")
+    status, line = _cli(capsys, "train", *toy)
+    assert status == 1 and "not a valid idx file: bad magic number" in line
+    norb = tmp_path / "norb"
+    norb.mkdir()
+    status, line = _cli(capsys, "data", "show", str(norb))
+    assert status == 1 and "fetch smallNORB with `emcaps data download smallnorb`" in line
+    for name in SPLIT_FILES["train"].values():
+        (norb / name).write_bytes(b"\x00" * 64)
+    status, line = _cli(capsys, "data", "show", str(norb))
+    assert status == 1 and "not a valid NORB matrix file" in line

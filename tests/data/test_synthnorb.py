@@ -1,6 +1,6 @@
 import json
-import zlib
 
+import matplotlib.image
 import numpy as np
 import pytest
 import torch
@@ -129,10 +129,9 @@ def test_show_writes_png(tiny_dir, tmp_path):
     raw = out.read_bytes()
     assert raw[:8] == b"\x89PNG\r\n\x1a\n"
     width, height = int.from_bytes(raw[16:20], "big"), int.from_bytes(raw[20:24], "big")
-    gap = 2
-    assert (width, height) == (len(TINY.azimuths) * (SIZE + gap) + gap, 5 * (SIZE + gap) + gap)
-    idat = raw[raw.index(b"IDAT") + 4:raw.index(b"IEND") - 8]
-    assert len(zlib.decompress(idat)) == height * (width + 1)
+    scale = max(1, 96 // SIZE)                                  # screen pixels per image pixel
+    assert width > len(TINY.azimuths) * SIZE * scale and height > 5 * SIZE * scale
+    assert matplotlib.image.imread(out).shape[:2] == (height, width)           # decodes as a whole image
 
 
 def test_stereo_rig_left_then_right():

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from emcaps.data.progress import Progress
+from emcaps.progress import progress_bar
 
 
 class DownloadError(RuntimeError):
@@ -75,10 +75,9 @@ def _receive(url: str, part: Path, timeout: float, chunk_size: int, progress: bo
         length = response.headers.get("Content-Length")
         expected = int(length) if length is not None else None
         received = 0
-        with open(part, "ab" if resumed else "wb") as handle, Progress(
-            total, desc=part.name.removesuffix(".part"), enabled=progress, unit="B"
+        with open(part, "ab" if resumed else "wb") as handle, progress_bar(
+            total, desc=part.name.removesuffix(".part"), enabled=progress, unit="B", initial=have
         ) as bar:
-            bar.done = have
             while block := response.read(chunk_size):
                 handle.write(block)
                 received += len(block)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from emcaps.data.cache import default_data_dir
 from emcaps.data.download import RemoteFile, fetch
-from emcaps.data.idx_format import read_idx
+from emcaps.data.idx_format import IdxFormatError, read_idx
 
 MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -58,11 +58,11 @@ class MNIST(Dataset):
         image_file, label_file = (_find(self.root, name) for name in MNIST_FILES[split])
         images, labels = read_idx(image_file), read_idx(label_file)
         if images.ndim != 3 or images.dtype != np.uint8:
-            raise ValueError(f"{image_file}: expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
+            raise IdxFormatError(image_file, f"expected uint8 images (N, H, W), got {images.dtype} {images.shape}")
         if labels.shape != (len(images),) or labels.dtype != np.uint8:
-            raise ValueError(f"{label_file}: expected {len(images)} uint8 labels, got {labels.dtype} {labels.shape}")
+            raise IdxFormatError(label_file, f"expected {len(images)} uint8 labels, got {labels.dtype} {labels.shape}")
         if labels.size and labels.max() > 9:
-            raise ValueError(f"{label_file}: labels must be digits 0..9, found {int(labels.max())}")
+            raise IdxFormatError(label_file, f"labels must be digits 0..9, found {int(labels.max())}")
         self._images = images
         self.labels = labels.astype(np.int64)
 

@@ -17,7 +17,7 @@ from torch.utils.data import Dataset
 
 from emcaps.data.cache import default_data_dir
 from emcaps.data.download import RemoteFile, fetch
-from emcaps.data.norb_format import gunzip_norb, read_norb, validate_norb
+from emcaps.data.norb_format import NorbFormatError, gunzip_norb, read_norb, validate_norb
 
 CATEGORIES = ("animal", "human", "airplane", "truck", "car")
 TRAIN_INSTANCES = (4, 6, 7, 8, 9)
@@ -110,12 +110,12 @@ class SmallNORB(Dataset):
         info = np.asarray(read_norb(files["info"]))
         n = len(labels)
         if self._images.ndim != 4 or self._images.shape[:2] != (n, 2) or self._images.dtype != np.uint8:
-            raise ValueError(f"{files['dat']}: expected uint8 images (N={n}, 2, H, W), got "
-                             f"{self._images.dtype} {self._images.shape}")
+            raise NorbFormatError(files["dat"], f"expected uint8 images (N={n}, 2, H, W), got "
+                                                f"{self._images.dtype} {self._images.shape}")
         if labels.shape != (n,) or labels.dtype.kind != "i":
-            raise ValueError(f"{files['cat']}: expected int labels of shape ({n},), got {labels.dtype} {labels.shape}")
+            raise NorbFormatError(files["cat"], f"expected int labels of shape ({n},), got {labels.dtype} {labels.shape}")
         if info.shape != (n, 4) or info.dtype.kind != "i":
-            raise ValueError(f"{files['info']}: expected int info of shape ({n}, 4), got {info.dtype} {info.shape}")
+            raise NorbFormatError(files["info"], f"expected int info of shape ({n}, 4), got {info.dtype} {info.shape}")
         keep = np.ones(n, dtype=bool)
         azimuth_deg = info[:, 2].astype(np.int64) * 10
         for column, chosen in (

@@ -26,11 +26,11 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from emcaps.data.norb_format import create_norb_memmap
-from emcaps.data.progress import Progress
+from emcaps.data.norb_format import NorbFormatError, create_norb_memmap
 from emcaps.data.raycast import Scene, intersect, surface_normals
 from emcaps.data.smallnorb import SPLIT_FILES, TEST_INSTANCES, TRAIN_INSTANCES
 from emcaps.data.synth_objects import CATEGORY_NAMES, make_object, object_height
+from emcaps.progress import progress_bar
 
 FORMAT_VERSION = 1
 MANIFEST = "synthnorb.json"
@@ -214,8 +214,8 @@ def render_split(out_dir: Path, split: str, size: int, seed: int, subset: Subset
     lights = light_directions(azimuths, subset.lightings)
     n_az, n_light = len(subset.azimuths), len(subset.lightings)
     row = 0
-    with torch.inference_mode(), Progress(len(category), f"SynthNORB {split}", enabled=progress,
-                                          unit=" pairs") as bar:
+    with torch.inference_mode(), progress_bar(len(category), f"SynthNORB {split}", enabled=progress,
+                                              unit="pair") as bar:
         for cat in range(len(CATEGORY_NAMES)):
             objects = [make_object(cat, seed, i) for i in instances]
             scene = Scene.stack(objects)
@@ -298,23 +298,25 @@ def show(data_dir: str | os.PathLike, out_png: str | os.PathLike, split: str = "
 
     Each row shows the first instance of the split at the lowest elevation and first lighting present.
     """
-    from emcaps.data.png import montage, write_png
+    from emcaps import plots
     from emcaps.data.smallnorb import SmallNORB
 
     data = SmallNORB(data_dir, split=split, cameras=(camera,))
-    rows = []
+    rows, azimuths = [], []
     for category in range(len(CATEGORY_NAMES)):
         mine = data.labels == category
         if not mine.any():
-            raise ValueError(f"{data_dir}: split {split} has no images of category {category}")
+            raise NorbFormatError(data_dir, f"split {split} has no images of category {category}")
         first = ((data.instance == data.instance[mine].min()) & (data.elevation == data.elevation[mine].min())
                  & (data.lighting == data.lighting[mine].min()) & mine)
         picked = np.flatnonzero(first)
         picked = picked[np.argsort(data.azimuth[picked], kind="stable")]
         rows.append(np.stack([data[i][0][0].numpy() for i in picked]))
-    width = max(len(r) for r in rows)
-    size = data.image_size
-    tiles = np.full((len(rows), width, size, size), 255, np.uint8)
+        azimuths = max(azimuths, data.azimuth[picked].tolist(), key=len)
+    width, size = max(len(r) for r in rows), data.image_size
+    tiles = np.full((len(rows), width, size, size), 255, np.uint8)              # (rows, columns, H, W)
     for r, row in enumerate(rows):
         tiles[r, :len(row)] = row
-    return write_png(out_png, montage(tiles))
+    return plots.image_grid(out_png, tiles.reshape(-1, size, size), columns=width, scale=max(1, 96 // size),
+                            labels=CATEGORY_NAMES, col_labels=[str(a) for a in azimuths], value_range=(0, 255),
+                            xlabel="azimuth (degrees)", title=f"{Path(data_dir).name}: {split} split, camera {camera}")

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from emcaps import plots
+from emcaps.config import ConfigError
 from emcaps.experiments import common
 
 GROUPS = ("iterations", "coord", "loss")
@@ -37,7 +38,7 @@ def variants(only: Sequence[str] | None = None) -> dict[str, list[Variant]]:
     chosen = list(only) if only else list(GROUPS)
     unknown = [g for g in chosen if g not in GROUPS]
     if unknown or not chosen:
-        raise ValueError(f"unknown ablation group(s) {', '.join(unknown) or '(none)'}; "
+        raise ConfigError(f"unknown ablation group(s) {', '.join(unknown) or '(none)'}; "
                          f"choose from {', '.join(GROUPS)}")
     table = {"iterations": [Variant(i) for i in (1, 2, 3, 5)],
              "coord": [Variant(), Variant(coord_add=False)],
@@ -78,7 +79,8 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
         plots.line_plot(out / "error-vs-iterations.png",
                         {"this run": ([r["iterations"] for r in its], [100 * r["test_error"] for r in its]),
                          "paper": ([r["iterations"] for r in its], [100 * r["paper_error"] for r in its])},
-                        title="TEST ERROR VS ROUTING ITERATIONS", xlabel="iterations", ylabel="error %")
+                        title="test error against routing iterations", xlabel="EM routing iterations",
+                        ylabel="test error (%)")
         figures.append("error-vs-iterations.png")
     results = {"experiment": "ablation", "dataset": dataset, "fast": fast, "seed": seed,
                "model": cfg["capsnet"], "budget": asdict(cfg["capsules"]),

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from emcaps import attacks, plots
+from emcaps.config import ConfigError
 from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
 from emcaps.train import CheckpointError, model_from_checkpoint
@@ -32,7 +33,7 @@ def _loaded(capsnet: str, cnn: str, device) -> dict[str, dict[str, Any]]:
         except CheckpointError as err:                          # say which of the two files it was
             raise CheckpointError(f"--{FLAGS[name]}: {err}") from None
         if getattr(model, "score_kind", "logit") != want:
-            raise ValueError(f"--{FLAGS[name]} {path}: the checkpoint holds the wrong kind of model "
+            raise CheckpointError(f"--{FLAGS[name]} {path}: the checkpoint holds the wrong kind of model "
                              f"({type(model).__name__})")
         shape = state.get("data_shape", {})
         out[name] = {**common.describe_model(model, type(model).__name__), "source": str(path),
@@ -46,7 +47,7 @@ def _check_fits(models: dict[str, dict[str, Any]], test) -> None:
     want = (test.classes, test.images.shape[1])
     for name, m in models.items():
         if (m["classes"], m["in_channels"]) != want:
-            raise ValueError(f"--{FLAGS[name]} {m['source']}: the model was trained on {m['classes']} "
+            raise CheckpointError(f"--{FLAGS[name]} {m['source']}: the model was trained on {m['classes']} "
                              f"classes of {m['in_channels']}-channel images; this test set has {want[0]} "
                              f"classes of {want[1]}-channel images")
 
@@ -74,7 +75,7 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     bim_steps = bim_steps or (2 if fast else 10)
     cfg = common.settings(fast, steps, capsnet_lr, iterations, capsnet_steps)
     if bool(capsnet) != bool(cnn):
-        raise ValueError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
+        raise ConfigError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
     dev = common.device_of(device)
     loaded = _loaded(capsnet, cnn, dev) if capsnet and cnn else None     # before the data: fail fast
     data_cfg = common.data_config(dataset, root, fast)
@@ -100,12 +101,13 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     for method in methods:
-        for kind, ylabel in (("untargeted_accuracy", "accuracy %"), ("targeted_success", "success rate %")):
+        for kind, ylabel in (("untargeted_accuracy", "accuracy (%)"), ("targeted_success", "success rate (%)")):
             name = f"{method}-{kind.split('_')[0]}.png"
             plots.line_plot(out / name, {LABELS[k]: (eps, [100 * v for v in vals])
                                          for k, vals in curves[method][kind].items()},
-                            title=f"{method.upper()} {kind.replace('_', ' ').upper()}", xlabel="eps",
-                            ylabel=ylabel, ylim=(0, 100))
+                            title=f"{method.upper()}: {kind.replace('_', ' ')}",
+                            xlabel="perturbation eps (max-norm, standardised pixel units)", ylabel=ylabel,
+                            ylim=(0, 100))
             figures.append(name)
     for m in models.values():
         del m["net"]

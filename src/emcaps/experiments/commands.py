@@ -1,13 +1,15 @@
 """`emcaps experiment viewpoint|adversarial|ablation` and `emcaps report`: argument parsing only.
 
 `emcaps.cli` adds these through `add_experiment_parser` and `add_report_parser`. Mistakes a user can
-make raise ValueError with a message the CLI prints on one line.
+make raise ConfigError (bad options), CheckpointError or FileNotFoundError, which the CLI prints on one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from emcaps.config import ConfigError
 
 
 def _common(p: argparse.ArgumentParser, name: str) -> None:
@@ -57,9 +59,9 @@ def _floats(text: str) -> list[float]:
     try:
         values = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise ValueError(f"--eps takes comma-separated numbers, got {text!r}") from None
+        raise ConfigError(f"--eps takes comma-separated numbers, got {text!r}") from None
     if not values or any(v < 0 for v in values):
-        raise ValueError(f"--eps takes non-negative numbers, got {text!r}")
+        raise ConfigError(f"--eps takes non-negative numbers, got {text!r}")
     return values
 
 

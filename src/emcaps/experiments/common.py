@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -19,12 +18,13 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from emcaps.config import DataConfig, OptimConfig
+from emcaps.config import ConfigError, DataConfig, OptimConfig
 from emcaps.data.transforms import center_crop, train_augment
 from emcaps.losses import linear_margin
 from emcaps.models import count_parameters, create_model
+from emcaps.progress import progress_bar
 from emcaps.routing import RoutingConfig
-from emcaps.train import Bar, ImageSet, compute_loss, load_split, lr_factor
+from emcaps.train import ImageSet, compute_loss, load_split, lr_factor
 
 DATASETS = ("synthnorb", "smallnorb")
 
@@ -64,16 +64,16 @@ def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = No
         if value is None:
             continue
         if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{option} must be a positive number of training steps, got {value}")
+            raise ConfigError(f"{option} must be a positive number of training steps, got {value}")
         for name in names:
             cfg[name] = replace(cfg[name], steps=value)
         cfg["check_every"] = max(1, min(cfg["check_every"], value // 10))
     if capsnet_lr is not None:
         if not (math.isfinite(capsnet_lr) and capsnet_lr > 0):
-            raise ValueError(f"--capsnet-lr must be a positive learning rate, got {capsnet_lr}")
+            raise ConfigError(f"--capsnet-lr must be a positive learning rate, got {capsnet_lr}")
         cfg["capsules"] = replace(cfg["capsules"], lr=capsnet_lr)
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
-        raise ValueError(f"--routing-iterations must be a positive integer, got {iterations}")
+        raise ConfigError(f"--routing-iterations must be a positive integer, got {iterations}")
     cfg["routing"] = whole_batch_routing(iterations=ITERATIONS if iterations is None else iterations)
     return cfg
 
@@ -96,7 +96,7 @@ def data_config(dataset: str = "synthnorb", root: str = "", fast: bool = False, 
     """The data of an experiment: fast = the tiny SynthNORB subset at 32x32, else 48x48 with 32x32 crops.
     `views` are DataConfig viewpoint filters, e.g. train_azimuths='familiar'."""
     if dataset not in DATASETS:
-        raise ValueError(f"unknown data set {dataset!r}; expected one of {', '.join(DATASETS)}")
+        raise ConfigError(f"unknown data set {dataset!r}; expected one of {', '.join(DATASETS)}")
     size = 32 if fast else 48
     return DataConfig(dataset=dataset, root=root, synth_size=size, synth_subset="tiny" if fast else "small",
                       resize=size, crop=32, cameras="left", test_limit=settings(fast)["test_limit"], **views)
@@ -146,7 +146,7 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
     factor = lr_factor(OptimConfig(lr=budget.lr, lr_schedule=budget.schedule), budget.steps)
     model.train()
     start, value, step, early = time.perf_counter(), math.nan, 0, False
-    bar = Bar(budget.steps, desc, enabled=bool(desc) and sys.stderr.isatty())
+    bar = progress_bar(budget.steps, desc, enabled=bool(desc), unit="step")
     while step < budget.steps:
         idx = torch.randint(0, len(data), (min(budget.batch_size, len(data)),), generator=g)
         x = train_augment(data.images[idx], crop, generator=g).to(device)
@@ -161,9 +161,10 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
         value, step = float(out.detach()), step + 1
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at step {step} (loss {value})")
-        if bar.enabled:
+        if not bar.disable:
             acc = float((scores.detach().argmax(1).cpu() == data.labels[idx]).float().mean())
-            bar.update(step, step * len(idx), value, acc)
+            bar.set_postfix(loss=f"{value:.4f}", acc=f"{100 * acc:.1f}%", refresh=False)
+            bar.update()
         due = stop is not None and check_every and step % check_every == 0 and step < budget.steps
         if due and stop(model, step):
             early = True

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Sequence
 
+from emcaps.config import ConfigError
+
 PAGES = ("results.md", "report.md")
 _IMAGE = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
 
@@ -17,7 +19,7 @@ def _section(run: Path, page_dir: Path) -> str:
     """One directory's Markdown: its results page (headings two levels down, image links rebased) and any
     PNG in it or its eval/ folder that the page does not show."""
     if not run.is_dir():
-        raise ValueError(f"{run} is not a directory of results")
+        raise NotADirectoryError(f"{run} is not a directory of results")
     text, shown = "", set()
     for name in PAGES:
         if (run / name).is_file():
@@ -35,7 +37,7 @@ def _section(run: Path, page_dir: Path) -> str:
     pngs = sorted(run.glob("*.png")) + sorted(run.glob("eval/*.png"))
     extra = [p for p in pngs if p.resolve() not in shown]
     if not body and not extra:
-        raise ValueError(f"{run} holds no results.md, report.md or PNG figures")
+        raise FileNotFoundError(f"{run} holds no results.md, report.md or PNG figures")
     parts = [f"## {run.name}", "", f"`{Path(os.path.relpath(run, page_dir)).as_posix()}`", ""]
     if body:
         parts += [body, ""]
@@ -82,10 +84,10 @@ def to_html(markdown: str, title: str = "emcaps report") -> str:
 def write_report(run_dirs: Sequence[str | Path], out: str | Path = "report.md") -> dict[str, Path]:
     """Write the Markdown page `out` and its HTML twin (same name, .html); returns both paths."""
     if not run_dirs:
-        raise ValueError("give at least one run directory")
+        raise ConfigError("give at least one run directory")
     out = Path(out)
     if out.suffix != ".md":
-        raise ValueError(f"the report must be a .md file, got {str(out)!r}")
+        raise ConfigError(f"the report must be a .md file, got {str(out)!r}")
     page_dir = out.resolve().parent
     sections = [_section(Path(d).resolve(), page_dir) for d in run_dirs]
     markdown = "\n".join(["# emcaps report", "", *sections])

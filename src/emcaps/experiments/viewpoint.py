@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from emcaps import plots, viz
+from emcaps.config import ConfigError
 from emcaps.data.smallnorb import ELEVATIONS_DEG, FAMILIAR_AZIMUTHS, FAMILIAR_ELEVATIONS
 from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
@@ -58,7 +59,7 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     `steps`, `capsnet_lr`, `iterations` and `capsnet_steps` replace the defaults of `common.settings`
     (the capsule network's budget is CAPSNET_STEPS unless a step count is given, or in fast mode)."""
     if split not in SPLITS:
-        raise ValueError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
+        raise ConfigError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
     if capsnet_steps is None and steps is None and not fast:
         capsnet_steps = CAPSNET_STEPS
     cfg = common.settings(fast, steps, capsnet_lr, iterations, capsnet_steps)
@@ -68,10 +69,10 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     train = common.load(data_cfg, "train")
     test = common.load(data_cfg, "test")                                     # every viewpoint
     if "azimuth" not in test.meta:
-        raise ValueError(f"data set {dataset!r} has no viewpoint labels")
+        raise ConfigError(f"data set {dataset!r} has no viewpoint labels")
     familiar = familiar_mask(split, test.meta)
     if familiar.all() or not familiar.any():
-        raise ValueError(f"the {dataset} test set needs both familiar and novel {split}s for this experiment")
+        raise ConfigError(f"the {dataset} test set needs both familiar and novel {split}s for this experiment")
 
     def evaluate(model) -> dict[str, Any]:
         predicted = common.predict(model, test)
@@ -135,8 +136,8 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     x = values if split == "azimuth" else np.array([ELEVATIONS_DEG[v] for v in values])
     plots.line_plot(out / f"error-per-{split}.png",
                     {LABELS[name]: (x, [100 * e for e in per_view[name]]) for name in models},
-                    title=f"TEST ERROR PER {split.upper()} (TRAINED ON FAMILIAR)",
-                    xlabel=f"{split} (degrees)", ylabel="error %", ylim=(0, 100))
+                    title=f"test error per {split} (trained on the familiar {split}s)",
+                    xlabel=f"{split} (degrees)", ylabel="test error (%)", ylim=(0, 100))
     # What the capsule network does with one novel-viewpoint test image.
     novel = int(np.flatnonzero(~familiar)[0])
     image = center_crop(test.images[novel:novel + 1], 32).to(dev)                # (1, C, 32, 32)

@@ -5,8 +5,11 @@ Why native code: every pass of EM routing reads the votes, and a capsule convolu
 registers, so no votes tensor is ever written or read; PyTorch cannot express that without materialising it.
 
 The shared library is cached under the user's cache (`$EMCAPS_KERNEL_DIR`, else `<data cache>/kernels`),
-one file per (source, compiler, flags, machine), built atomically, so a second process reuses it. Without a
-compiler, or with `EMCAPS_NATIVE=0`, `library()` returns None and emcaps routes with PyTorch ops instead.
+one file per (source, compiler, flags, instruction set), built atomically, so a second process reuses it.
+The instruction set is what `-march=native` resolves to on this CPU (the compiler's predefined target
+macros: __AVX2__, __AVX512F__, ...), so a cache in a home directory shared by machines with different CPUs
+never hands one machine a build with instructions it lacks. Without a compiler, or with `EMCAPS_NATIVE=0`,
+`library()` returns None and emcaps routes with PyTorch ops instead.
 """
 
 from __future__ import annotations
@@ -30,9 +33,20 @@ SOURCE = Path(__file__).with_name("em_kernels.cpp")
 # infinities and NaNs (no -ffinite-math-only).
 FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-math-errno",
          "-fno-trapping-math", "-fassociative-math", "-fno-signed-zeros")
-# Tuned for the machine that builds it: the library lives in a per-user cache, never in a wheel.
+# Tuned for the machine that builds it: the library lives in a per-user cache, never in a wheel. Each is
+# used only where the compiler accepts it (some ARM toolchains lack -march=native; the second is x86 only).
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
-FUNCTIONS = ("mstep", "estep", "estep_backward", "mstep_backward")
+# The C signature of every exported kernel, in order: P a pointer, i an int64, d a double. (m0, m1), the
+# range of problems, are the two i's at the `range_at` position of `Library.call`. em_kernels.cpp's
+# EMCAPS_INSTANTIATE must match; tests/test_kernels.py parses it to check.
+SIGNATURES = {
+    "mstep": "PPPiiPiii" "ii" "dPPP",
+    "estep": "PPPPiii" "ii" "P",
+    "estep_backward": "PPPPPiii" "ii" "PP",
+    "mstep_backward": "PPPPiiPPPPPPPPiii" "ii" "dPPPP",
+}
+_C_TYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
+VERSION = 2
 
 
 class KernelBuildError(RuntimeError):
@@ -56,11 +70,37 @@ def compiler() -> str | None:
     return None
 
 
-def _flags(cxx: str) -> tuple[str, ...]:
-    # -march=native is what makes the kernels fast; a compiler without it (some ARM toolchains) builds generic.
-    probe = subprocess.run([cxx, *NATIVE_FLAGS, "-x", "c++", "-E", "-", "-o", os.devnull], input=b"",
+def _accepts(cxx: str, flag: str) -> bool:
+    """Whether the compiler builds a one-line translation unit with `flag` (warnings count as refusal)."""
+    probe = subprocess.run([cxx, flag, "-Werror", "-x", "c++", "-c", "-", "-o", os.devnull], input=b"int x;\n",
                            capture_output=True)
-    return FLAGS + (NATIVE_FLAGS if probe.returncode == 0 else ())
+    return probe.returncode == 0
+
+
+def _flags(cxx: str) -> tuple[str, ...]:
+    return FLAGS + tuple(flag for flag in NATIVE_FLAGS if _accepts(cxx, flag))
+
+
+def isa_key(cxx: str, flags: tuple[str, ...]) -> str:
+    """What the build may assume of the CPU: the compiler's predefined macros under `flags`.
+
+    `-march=native` resolves to this CPU's extensions, and the macros (__AVX2__, __AVX512F__, __znver3__,
+    ...) spell out exactly what the compiler was told it may use; two CPUs that differ in any extension get
+    different cache entries. (platform.processor() is empty on Linux and says nothing about extensions.)
+    """
+    done = subprocess.run([cxx, *flags, "-dM", "-E", "-x", "c++", "-", "-o", "-"], input="",
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise KernelBuildError(f"{cxx} could not list its target macros:\n{done.stderr[-2000:]}")
+    return "\n".join(sorted(done.stdout.splitlines()))
+
+
+def cache_path(directory: Path, cxx: str, flags: tuple[str, ...]) -> Path:
+    """Where the build of em_kernels.cpp by `cxx` with `flags` for this CPU's instruction set lives."""
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, *flags, platform.machine(),
+                                    isa_key(cxx, flags)]).encode()).hexdigest()[:16]
+    return Path(directory) / f"em_kernels-{key}.so"
 
 
 def build(directory: Path | None = None, cxx: str | None = None) -> Path:
@@ -69,11 +109,8 @@ def build(directory: Path | None = None, cxx: str | None = None) -> Path:
     if cxx is None:
         raise KernelBuildError("no C++ compiler found (set CXX, or install g++ or clang++)")
     flags = _flags(cxx)
-    version = subprocess.run([cxx, "--version"], capture_output=True, text=True).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), cxx, version, *flags, platform.machine(),
-                                    platform.processor()]).encode()).hexdigest()[:16]
     directory = Path(directory) if directory is not None else kernel_dir()
-    target = directory / f"em_kernels-{key}.so"
+    target = cache_path(directory, cxx, flags)
     if target.exists():
         return target
     directory.mkdir(parents=True, exist_ok=True)
@@ -96,11 +133,15 @@ class Library:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._lib = ctypes.CDLL(str(path))
-        if self._lib.emcaps_kernels_version() != 2:
+        self._lib.emcaps_kernels_version.argtypes = []
+        self._lib.emcaps_kernels_version.restype = ctypes.c_int
+        if self._lib.emcaps_kernels_version() != VERSION:
             raise KernelBuildError(f"{path} is not a compatible emcaps kernel library")
-        for name in FUNCTIONS:
+        for name, signature in SIGNATURES.items():
             for suffix in ("f32", "f64"):
-                getattr(self._lib, f"emcaps_{name}_{suffix}").restype = None
+                fn = getattr(self._lib, f"emcaps_{name}_{suffix}")
+                fn.argtypes = [_C_TYPES[code] for code in signature]
+                fn.restype = None
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
 
@@ -115,6 +156,9 @@ class Library:
         tensors (thread t gets a pointer to slot t); the pair (m0, m1) is inserted at position `range_at`.
         """
         fn = getattr(self._lib, f"emcaps_{name}_{'f64' if dtype == torch.float64 else 'f32'}")
+        if len(args) + 2 != len(fn.argtypes):          # ctypes would pass surplus arguments on as varargs
+            raise TypeError(f"kernel {name} takes {len(fn.argtypes) - 2} arguments besides (m0, m1), "
+                            f"got {len(args)}")
         threads = self.threads(n_problems)
         bounds = [n_problems * t // threads for t in range(threads + 1)]
         calls = [[_c_arg(a, t) for a in args] for t in range(threads)]

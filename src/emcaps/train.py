@@ -36,7 +36,7 @@ from emcaps.config import ConfigError, DataConfig, LossConfig, OptimConfig, RunC
 from emcaps.data.download import fsync_dir
 from emcaps.data.transforms import center_crop, preprocess, train_augment
 from emcaps.losses import LOSSES, linear_margin, sigmoid_margin
-from emcaps.models import count_parameters, create_model
+from emcaps.models import Reconstructing, count_parameters, create_model
 
 CHECKPOINT_FORMAT = "emcaps-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -301,7 +301,7 @@ def build_model(config: RunConfig, classes: int, in_channels: int) -> nn.Module:
     if config.model.name == "cnn":
         return create_model("cnn", classes=classes, in_channels=in_channels)
     return create_model(config.model.name, classes=classes, in_channels=in_channels, routing=config.routing,
-                        **config.model.capsule_fields())
+                        image_size=config.data.crop, **config.model.capsule_fields())
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
@@ -538,18 +538,29 @@ def say(enabled: bool, text: str) -> None:
 
 def evaluate_split(model: nn.Module, data: ImageSet, config: RunConfig, device: torch.device,
                    dd: Distributed, loss: str, margin: float) -> dict[str, float]:
-    """Test loss and error on the centre crops, each rank taking every world-th image, summed over ranks."""
-    from emcaps.evaluate import predict
+    """Test loss and error on the centre crops, each rank taking every world-th image, summed over ranks;
+    with a decoder also the reconstruction error (from the predicted class's pose) per pixel."""
+    from emcaps.evaluate import predict, predict_reconstructing
 
-    scores, labels = predict(model, eval_batches(data, config.train.eval_batch_size, config.data.crop,
-                                                 rank=dd.rank, world=dd.world), device)
+    batches = eval_batches(data, config.train.eval_batch_size, config.data.crop, rank=dd.rank, world=dd.world)
+    decoder = getattr(model, "decoder", None) is not None
+    if decoder:
+        scores, labels, errors = predict_reconstructing(model, batches, device)
+    else:
+        scores, labels = predict(model, batches, device)
+        errors = torch.zeros(0)
     total = torch.tensor([
         compute_loss(loss, scores, labels, margin).item() * len(labels) if len(labels) else 0.0,
-        float((scores.argmax(1) == labels).sum()), float(len(labels))], dtype=torch.float64)
+        float((scores.argmax(1) == labels).sum()), float(len(labels)), float(errors.sum())],
+        dtype=torch.float64)
     if dd.world > 1:
         dist.all_reduce(total)
     n = max(total[2].item(), 1.0)
-    return {"test_loss": total[0].item() / n, "test_error": 1.0 - total[1].item() / n, "test_images": int(n)}
+    result = {"test_loss": total[0].item() / n, "test_error": 1.0 - total[1].item() / n,
+              "test_images": int(n)}
+    if decoder:
+        result["test_reconstruction_mse"] = total[3].item() / n
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -639,17 +650,23 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                         seconds=state["seconds"], best_error=state.get("best_error"))
         rng = state["rng"]
         _set_rng_state(rng[dd.rank % len(rng)])
-    net = model
+    decoder = getattr(model, "decoder", None) is not None
+    net = Reconstructing(model) if decoder else model
     if dd.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                  else None)
 
     logger = Logger(run_dir, dd.main, state.get("log_offset") if state else None, prog.step)
-    data_shape = {"classes": train_set.classes, "in_channels": in_channels, "class_names": list(train_set.class_names)}
+    data_shape = {"classes": train_set.classes, "in_channels": in_channels,
+                  "class_names": list(train_set.class_names), "source": train_set.source}
     if state is None:
+        source = f" of {train_set.source}" if train_set.source else ""
         say(show, f"{config.name}: {config.model.name} model, {count_parameters(model):,} parameters, "
-                  f"{len(train_set)} train / {len(test_set)} test images, {dd.world} process(es) on {device}")
+                  f"{len(train_set)} train / {len(test_set)} test images{source}, {dd.world} process(es) on "
+                  f"{device}")
         logger.log("start", step=0, params=count_parameters(model), train_images=len(train_set),
-                   test_images=len(test_set), world=dd.world, device=str(device), steps=total_steps)
+                   test_images=len(test_set), world=dd.world, device=str(device), steps=total_steps,
+                   source=train_set.source)
     else:
         say(show, f"{config.name}: resuming at step {prog.step} (epoch {prog.epoch + 1}, batch {prog.position})")
         logger.log("resume", step=prog.step, epoch=prog.epoch, position=prog.position)
@@ -707,8 +724,13 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                      if config.data.augment else center_crop(images, config.data.crop))
                 x, y = x.to(device), train_set.labels[index].to(device)       # (B, C, crop, crop), (B,)
                 margin = margin_at(config.loss, prog.step, total_steps)
-                scores = net(x)                                                  # (B, E)
-                loss = compute_loss(loss_kind, scores, y, margin)
+                if decoder:
+                    scores, _, redrawn = net(x, y)                       # (B, E), _, (B, C, crop, crop)
+                    loss = (compute_loss(loss_kind, scores, y, margin)
+                            + config.loss.reconstruction_weight * F.mse_loss(redrawn, x))
+                else:
+                    scores = net(x)                                              # (B, E)
+                    loss = compute_loss(loss_kind, scores, y, margin)
                 stats = torch.stack([loss.detach() * len(y), (scores.argmax(1) == y).sum().to(loss.dtype),
                                      torch.tensor(float(len(y)), device=device)]).double()
                 if dd.world > 1:

@@ -134,8 +134,9 @@ def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path
 
     overrides change the data section of the run's config (e.g. data.test_azimuths=novel).
     out_dir defaults to RUN_DIR/eval. Returns the results dict that results.json holds; for a capsule
-    network with a decoder it includes reconstruction_mse, the mean squared error per (standardised) pixel
-    of the test images redrawn from their predicted class's pose (a blank image scores about 1).
+    network with a decoder, tested on centre crops, it includes reconstruction_mse: the mean squared error
+    per (standardised) pixel of the test images redrawn from their predicted class's pose (a blank image
+    scores about 1).
     """
     from emcaps import config as cfgmod
     from emcaps import plots

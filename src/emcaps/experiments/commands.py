@@ -88,7 +88,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
 
     return _finish(run_reconstruct(args.out, runs=args.runs, fast=args.fast, source=args.source,
                                    root=args.root, epochs=args.epochs, seed=args.seed, device=args.device,
-                                   threads=args.threads, digits=args.digits, spread=args.spread,
+                                   threads=args.threads, reconstruction_weight=args.reconstruction_weight,
+                                   digits=args.digits, spread=args.spread,
                                    quiet=args.quiet))
 
 
@@ -158,6 +159,9 @@ def add_experiment_parser(sub) -> None:
                    help="directory of the MNIST files (default: the data cache)")
     q.add_argument("--epochs", type=int, metavar="N",
                    help="training epochs of both models (default 5; fast 1)")
+    q.add_argument("--reconstruction-weight", type=float, metavar="W",
+                   help="weight of the reconstruction error in the capsule network's loss "
+                        "(default: loss.reconstruction_weight's)")
     q.add_argument("--digits", type=int, default=4, metavar="N",
                    help="test digits in the pose-perturbation picture (default 4)")
     q.add_argument("--spread", type=float, default=2.0, metavar="STD",

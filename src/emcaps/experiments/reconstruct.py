@@ -46,8 +46,10 @@ SCALE_IMAGES = 1000                      # training digits whose poses set each 
 
 
 def experiment_configs(source: str = "sample", root: str = "", epochs: int | None = None, seed: int = 0,
-                       device: str = "auto", fast: bool = False, threads: int = 0) -> dict[str, RunConfig]:
-    """The runs of the experiment: {'capsules': capsule network with decoder, 'cnn': the baseline}."""
+                       device: str = "auto", fast: bool = False, threads: int = 0,
+                       reconstruction_weight: float | None = None) -> dict[str, RunConfig]:
+    """The runs of the experiment: {'capsules': capsule network with decoder, 'cnn': the baseline}.
+    reconstruction_weight: the capsule network's loss.reconstruction_weight (None: the config default)."""
     s = FAST if fast else FULL
     epochs = s["epochs"] if epochs is None else epochs
     data = {**MNIST_DATA, "mnist_source": source, "root": root, "train_limit": s["train_limit"],
@@ -55,19 +57,26 @@ def experiment_configs(source: str = "sample", root: str = "", epochs: int | Non
     run = {"batch_size": s["batch_size"], "epochs": epochs, "seed": seed, "device": device,
            "threads": threads}
 
-    def config(name: str, model: dict[str, Any], lr: float) -> RunConfig:
+    def config(name: str, model: dict[str, Any], lr: float, loss: dict[str, float]) -> RunConfig:
         return cfgmod.from_dict({"name": f"reconstruct-{name}", "data": data, "model": model,
-                                 "optim": {"lr": lr}, "train": run})
+                                 "optim": {"lr": lr}, "loss": loss, "train": run})
 
-    return {"capsules": config("capsules", {"name": s["capsnet"], "decoder": True}, CAPSNET_LR),
-            "cnn": config("cnn", {"name": "cnn"}, CNN_LR)}
+    weight = {} if reconstruction_weight is None else {"reconstruction_weight": reconstruction_weight}
+    return {"capsules": config("capsules", {"name": s["capsnet"], "decoder": True}, CAPSNET_LR, weight),
+            "cnn": config("cnn", {"name": "cnn"}, CNN_LR, {})}
+
+
+def _what_decides(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the settings that only say how a run executes (device, threads)."""
+    train_section = {k: v for k, v in config["train"].items() if k not in ("device", "threads")}
+    return {**config, "train": train_section}
 
 
 def train_or_reuse(config: RunConfig, run_dir: Path, quiet: bool) -> dict[str, Any]:
     """Train `config` into run_dir; a run of the same config already there is finished (or reused)."""
     if (run_dir / CHECKPOINT_NAME).is_file():
         saved = load_checkpoint(run_dir)["config"]
-        if saved != config.to_dict():
+        if _what_decides(saved) != _what_decides(config.to_dict()):
             raise ValueError(f"{run_dir} holds a run of another config; remove it or choose another --runs")
         return resume(run_dir, quiet=quiet)
     return train(config, run_dir, quiet=quiet)
@@ -188,8 +197,8 @@ def draw_perturbations(path: Path, originals: np.ndarray, grids: np.ndarray, off
 
 def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast: bool = False,
                     source: str = "sample", root: str = "", epochs: int | None = None, seed: int = 0,
-                    device: str = "auto", threads: int = 0, digits: int = 4, spread: float = 2.0,
-                    quiet: bool = False) -> dict[str, Any]:
+                    device: str = "auto", threads: int = 0, reconstruction_weight: float | None = None,
+                    digits: int = 4, spread: float = 2.0, quiet: bool = False) -> dict[str, Any]:
     """Train (or reuse, under `runs`) the capsule network with decoder and the CNN, then write
     results.json, results.md, reconstructions.png and pose-perturbation.png to `out`.
 
@@ -201,7 +210,7 @@ def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast
     if not 1 <= digits <= 10:
         raise ValueError(f"--digits must be 1..10 (one digit per class), got {digits}")
     out, runs = Path(out), Path(runs)
-    configs = experiment_configs(source, root, epochs, seed, device, fast, threads)
+    configs = experiment_configs(source, root, epochs, seed, device, fast, threads, reconstruction_weight)
     summaries = {name: train_or_reuse(config, runs / name, quiet) for name, config in configs.items()}
     seconds = {name: load_checkpoint(runs / name).get("seconds") for name in configs}
 

@@ -271,7 +271,7 @@ def _markdown(r: dict[str, Any], configs: dict[str, RunConfig]) -> str:
     data = configs["capsules"].data
     return "\n".join([
         "# Reconstructing digits from a class capsule's pose", "",
-        (f"Data: {r['data']}; {r['train_images']} training and {r['test_images']} test digits, padded by "
+        (f"Data: {r['data']}; {r['train_images']:,} training and {r['test_images']:,} test digits, padded by "
          f"{data.pad} pixels to 36x36, random {data.crop}x{data.crop} crops in training, centre crops for "
          f"testing."), "",
         markdown_table(["model", "test error", "steps", "optimiser"], rows), "",
@@ -287,8 +287,9 @@ def _markdown(r: dict[str, Any], configs: dict[str, RunConfig]) -> str:
         "![reconstructions](reconstructions.png)", "",
         (f"Each panel below is one correctly classified test digit (shown on top). Row (r,c) redraws it as "
          f"entry (r,c) of its class capsule's 4x4 pose moves through +-{r['perturbation']['spread_std']:g} "
-         f"standard deviations of that entry over {r['perturbation']['scale_images']} training digits of the "
-         f"class, in {r['perturbation']['steps']} steps; the middle column is the unperturbed pose."), "",
+         f"standard deviations of that entry over the digits of its class among "
+         f"{r['perturbation']['scale_images']:,} training digits, in {r['perturbation']['steps']} steps; the "
+         f"middle column is the unperturbed pose."), "",
         "![pose perturbations](pose-perturbation.png)", "",
         f"Training time: capsules {_minutes(caps['train_seconds'])}, CNN {_minutes(cnn['train_seconds'])}.",
     ])

@@ -87,8 +87,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     result = evaluate_run(args.path, multi_crop=args.multi_crop, out_dir=args.out, device=args.device,
                           overrides=args.set, batch_size=args.batch_size, quiet=args.quiet)
     crops = f" ({result['crops']} crops)" if args.multi_crop else ""
-    print(f"{result['name']}: test error {100 * result['test_error']:.2f}%{crops} on {result['images']} images; "
-          f"results in {result['out_dir']}")
+    recon = (f", reconstruction error {result['reconstruction_mse']:.3f} per pixel"
+             if "reconstruction_mse" in result else "")
+    print(f"{result['name']}: test error {100 * result['test_error']:.2f}%{crops}{recon} on "
+          f"{result['images']} images; results in {result['out_dir']}")
     return 0
 
 

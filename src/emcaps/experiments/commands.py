@@ -1,4 +1,4 @@
-"""`emcaps experiment viewpoint|adversarial|ablation` and `emcaps report`: argument parsing only.
+"""`emcaps experiment viewpoint|adversarial|ablation|reconstruct` and `emcaps report`: argument parsing only.
 
 `emcaps.cli` adds these through `add_experiment_parser` and `add_report_parser`. Mistakes a user can
 make raise ConfigError (bad options), CheckpointError or FileNotFoundError, which the CLI prints on one line.
@@ -85,6 +85,16 @@ def cmd_ablation(args: argparse.Namespace) -> int:
                                 capsnet_lr=args.capsnet_lr))
 
 
+def cmd_reconstruct(args: argparse.Namespace) -> int:
+    from emcaps.experiments.reconstruct import run_reconstruct
+
+    return _finish(run_reconstruct(args.out, runs=args.runs, fast=args.fast, source=args.source,
+                                   root=args.root, epochs=args.epochs, seed=args.seed, device=args.device,
+                                   threads=args.threads, reconstruction_weight=args.reconstruction_weight,
+                                   digits=args.digits, spread=args.spread,
+                                   quiet=args.quiet))
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from emcaps.experiments.report import write_report
 
@@ -95,7 +105,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 def add_experiment_parser(sub) -> None:
     p = sub.add_parser("experiment",
-                       help="reproduce the paper's experiments (viewpoint, adversarial, ablation)",
+                       help="reproduce the paper's experiments (viewpoint, adversarial, ablation, "
+                            "reconstruct)",
                        description="Reproduce the paper's experiments. Each writes results.json, results.md "
                                    "(tables in the paper's form) and PNG figures to --out.")
     exp = p.add_subparsers(dest="experiment", metavar="EXPERIMENT")
@@ -135,6 +146,40 @@ def add_experiment_parser(sub) -> None:
     q.add_argument("--only", metavar="GROUPS", help="comma-separated subset of iterations,coord,loss")
     _common(q, "ablation")
     q.set_defaults(func=cmd_ablation)
+
+    q = exp.add_parser("reconstruct", help="MNIST digits redrawn from class capsule poses, one entry moved "
+                       "at a time", description=(
+        "Train a capsule network with a reconstruction decoder and the CNN on MNIST (the real 5,000-digit "
+        "sample by default, offline); report both test errors and the reconstruction error against the mean "
+        "image, and draw, for a few test digits, the reconstructions as each of the 16 pose entries of the "
+        "digit's class capsule moves. Finished runs under --runs are reused."))
+    q.add_argument("--source", choices=("sample", "full", "auto"), default="sample",
+                   help="sample: the 5,000 real digits of `pip install 'emcaps[mnist-sample]'` (4,000 "
+                        "train / 1,000 test; default); full: the MNIST idx files (`emcaps data download "
+                        "mnist`); auto: full where present, else the sample")
+    q.add_argument("--root", metavar="DIR", default="",
+                   help="directory of the MNIST files (default: the data cache)")
+    q.add_argument("--epochs", type=int, metavar="N",
+                   help="training epochs of both models (default 5; fast 1)")
+    q.add_argument("--reconstruction-weight", type=float, metavar="W",
+                   help="weight of the reconstruction error in the capsule network's loss "
+                        "(default: loss.reconstruction_weight's)")
+    q.add_argument("--digits", type=int, default=4, metavar="N",
+                   help="test digits in the pose-perturbation picture (default 4)")
+    q.add_argument("--spread", type=float, default=2.0, metavar="STD",
+                   help="each pose entry moves through +-STD standard deviations of its values (default 2)")
+    q.add_argument("--fast", action="store_true",
+                   help="256 training digits, 'tiny' capsules, one epoch: a smoke test")
+    q.add_argument("--out", metavar="DIR", default="experiments/reconstruct",
+                   help="output directory (default experiments/reconstruct)")
+    q.add_argument("--runs", metavar="DIR", default="runs/reconstruct",
+                   help="where the two training runs go (default runs/reconstruct)")
+    q.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
+    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    q.add_argument("--threads", type=int, default=0, metavar="N",
+                   help="torch threads (default: torch's choice); 1 is much faster on a CPU other jobs share")
+    q.add_argument("--quiet", action="store_true", help="no progress lines")
+    q.set_defaults(func=cmd_reconstruct)
 
 
 def add_report_parser(sub) -> None:

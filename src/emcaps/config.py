@@ -121,7 +121,8 @@ class OptimConfig:
     """Optimiser and a per-step learning-rate schedule.
 
     lr_schedule: 'constant'; 'exponential' (lr * lr_decay ** (step / decay_steps), the authors' form);
-                 'cosine' (from lr down to lr * min_lr_ratio over the run). warmup_steps ramp linearly.
+                 'cosine' (from lr down to lr * min_lr_ratio over the run; the default: in runs of hours,
+                 not the authors' days, the exponential form barely decays). warmup_steps ramp linearly.
     grad_clip:   clip the global gradient norm to this (0 = off).
     """
 
@@ -129,7 +130,7 @@ class OptimConfig:
     lr: float = 3e-3
     weight_decay: float = 0.0
     momentum: float = 0.9
-    lr_schedule: str = "exponential"
+    lr_schedule: str = "cosine"
     lr_decay: float = 0.96
     decay_steps: int = 2000
     min_lr_ratio: float = 0.01

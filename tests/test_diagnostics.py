@@ -29,7 +29,7 @@ def test_entropy_is_one_for_uniform_and_zero_for_one_hot_assignments():
 
 def test_report_has_a_row_per_layer_and_per_iteration():
     torch.manual_seed(0)
-    model = create_model("tiny", routing=RoutingConfig.named("paper"))
+    model = create_model("tiny", routing=RoutingConfig.named("paper"), class_transform_std=0.01)
     rows = routing_report(model, torch.randn(4, 1, 32, 32))
     assert [r["layer"] for r in rows] == ["primary", "conv_caps1", "conv_caps2", "class_caps"]
     for row in rows[1:]:
@@ -39,7 +39,8 @@ def test_report_has_a_row_per_layer_and_per_iteration():
         assert its[-1]["entropy"] < 1.0
         assert all(0.0 <= it["var_at_floor"] <= 1.0 for it in its)
         assert all(it["logit_min"] <= it["logit_max"] for it in its)
-    # The paper's tiny logits: every class activation of a fresh network alike.
+    # The paper's tiny logits (with the authors' class transforms): every class activation of a fresh
+    # network alike.
     assert rows[-1]["act_spread"] < 0.01
     spread = routing_report(create_model("tiny"), torch.randn(4, 1, 32, 32))[-1]["act_spread"]
     assert spread > 0.1                                                  # the default's standardised costs

@@ -319,7 +319,7 @@ def test_steps_replace_the_training_budget(norb, tmp_path, capsys):
           "smallnorb", "--root", str(norb), "--out", str(out)], capsys)
     results = json.loads((out / "results.json").read_text())
     assert results["budget"] == {"steps": 3, "batch_size": common.FAST["capsules"].batch_size,
-                                 "lr": common.FAST["capsules"].lr}
+                                 "lr": common.FAST["capsules"].lr, "schedule": "constant"}
     assert [run["steps"] for run in results["runs"].values()] == [3, 3]
     cfg = common.settings(fast=False, steps=40)
     assert cfg["cnn"].steps == cfg["capsules"].steps == 40 and cfg["check_every"] == 4

@@ -122,7 +122,7 @@ def test_experiment_reconstruct_writes_its_page_and_reuses_its_runs(digits, tmp_
     written = checkpoint.stat().st_mtime_ns
     assert cli.main(args + ["--threads", "1"]) == 0     # finished runs are reused, however they ran
     assert checkpoint.stat().st_mtime_ns == written
-    assert cli.main(args + ["--epochs", "2"]) == 1
+    assert cli.main(args + ["--epochs", "2"]) == 2                  # a usage error, in one line
     assert "another config" in capsys.readouterr().err
     assert cli.main(["report", str(tmp_path / "out"), "--out", str(tmp_path / "report.md")]) == 0
     assert "Reconstructing digits" in (tmp_path / "report.md").read_text()

@@ -98,7 +98,8 @@ def test_offline_download_is_one_line(tmp_path, capsys, dataset):
 
 
 def test_missing_and_corrupt_data_are_one_line(tmp_path, capsys):
-    toy = ["--set", "data.dataset=mnist", "--set", f"data.root={tmp_path}", "--run-dir", str(tmp_path / "run")]
+    toy = ["--set", "data.dataset=mnist", "--set", "data.mnist_source=full", "--set", f"data.root={tmp_path}",
+           "--run-dir", str(tmp_path / "run")]
     status, line = _cli(capsys, "train", *toy)
     assert status == 1 and "missing train-images-idx3-ubyte" in line
     for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from emcaps import config as cfgmod
-from emcaps.config import RunConfig
+from emcaps.config import ConfigError, RunConfig
 from emcaps.data.transforms import center_crop
 from emcaps.evaluate import predict_reconstructing
 from emcaps.experiments.common import markdown_table, pct, write_results
@@ -77,7 +77,7 @@ def train_or_reuse(config: RunConfig, run_dir: Path, quiet: bool) -> dict[str, A
     if (run_dir / CHECKPOINT_NAME).is_file():
         saved = load_checkpoint(run_dir)["config"]
         if _what_decides(saved) != _what_decides(config.to_dict()):
-            raise ValueError(f"{run_dir} holds a run of another config; remove it or choose another --runs")
+            raise ConfigError(f"{run_dir} holds a run of another config; remove it or choose another --runs")
         return resume(run_dir, quiet=quiet)
     return train(config, run_dir, quiet=quiet)
 
@@ -206,9 +206,9 @@ def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast
     digits of the class) in STEPS steps. digits: how many test digits get a panel.
     """
     if not (math.isfinite(spread) and spread > 0):
-        raise ValueError(f"--spread must be a positive number of standard deviations, got {spread}")
+        raise ConfigError(f"--spread must be a positive number of standard deviations, got {spread}")
     if not 1 <= digits <= 10:
-        raise ValueError(f"--digits must be 1..10 (one digit per class), got {digits}")
+        raise ConfigError(f"--digits must be 1..10 (one digit per class), got {digits}")
     out, runs = Path(out), Path(runs)
     configs = experiment_configs(source, root, epochs, seed, device, fast, threads, reconstruction_weight)
     summaries = {name: train_or_reuse(config, runs / name, quiet) for name, config in configs.items()}

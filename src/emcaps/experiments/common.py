@@ -143,21 +143,21 @@ def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: 
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
-    factor = lr_factor(OptimConfig(lr=budget.lr, lr_schedule=budget.schedule), budget.steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_factor(OptimConfig(lr=budget.lr, lr_schedule=budget.schedule), budget.steps))
     model.train()
     start, value, step, early = time.perf_counter(), math.nan, 0, False
     bar = progress_bar(budget.steps, desc, enabled=bool(desc), unit="step")
     while step < budget.steps:
         idx = torch.randint(0, len(data), (min(budget.batch_size, len(data)),), generator=g)
         x = train_augment(data.images[idx], crop, generator=g).to(device)
-        for group in opt.param_groups:
-            group["lr"] = budget.lr * factor(step)
         scores = model(x)                                                   # (B, E)
         margin = linear_margin(step, budget.steps)
         out = compute_loss(loss, scores, data.labels[idx].to(device), margin)
         opt.zero_grad(set_to_none=True)
         out.backward()
         opt.step()
+        schedule.step()
         value, step = float(out.detach()), step + 1
         if not math.isfinite(value):
             raise FloatingPointError(f"training diverged at step {step} (loss {value})")

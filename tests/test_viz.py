@@ -48,7 +48,7 @@ def test_decoder_and_perturbation_grid(model, tmp_path):
     g = torch.Generator().manual_seed(1)
     images, labels = torch.randn(12, 1, 32, 32, generator=g), torch.arange(12) % 5
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    decoder = viz.train_decoder(model, images, labels, steps=30)
+    decoder = viz.fit_decoder(viz.class_poses(model, images), images, labels, steps=30)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     recon = decoder(viz.class_poses(model, images), labels)
     assert recon.shape == images.shape

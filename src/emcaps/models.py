@@ -7,7 +7,7 @@ what the scores are: "activation" (capsule activations in [0, 1]) or "logit".
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
 import torch.nn.functional as F
@@ -181,8 +181,3 @@ def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: Rou
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
-
-
-def describe(config: CapsNetConfig) -> dict:
-    """The config as plain data (for saving beside a checkpoint)."""
-    return asdict(config)

@@ -165,19 +165,13 @@ def class_poses(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tenso
                           for i in range(0, len(images), batch_size)])
 
 
-def train_decoder(model: nn.Module, images: Tensor, labels: Tensor, steps: int = 200, lr: float = 1e-3,
-                  batch_size: int = 32, seed: int = 0) -> PoseDecoder:
-    """Fit a PoseDecoder to reconstruct images (N, C, H, W) from the frozen model's poses of their true
-    class (mean squared error). The capsule network is not changed."""
-    return fit_decoder(class_poses(model, images), images, labels, steps, lr, batch_size, seed)
-
-
 def fit_decoder(poses: Tensor, images: Tensor, labels: Tensor, steps: int = 200, lr: float = 1e-3,
                 batch_size: int = 32, seed: int = 0, holdout: float = 0.0,
                 check_every: int = 100, groups: Tensor | None = None, bound: float = 3.0) -> PoseDecoder:
-    """`train_decoder` on poses (N, E, 16) already taken from the network, so that several decoders (or
-    an untrained one, steps=0, as a baseline) can share one pass of the network; images (N, C, H, W),
-    labels (N,). The same seed gives the same initial decoder whatever `steps` is.
+    """Fit a PoseDecoder to reconstruct images (N, C, H, W) from poses (N, E, 16) of their true classes
+    (labels (N,)), taken once from the frozen network (`class_poses`), so that several decoders (or an
+    untrained one, steps=0, as a baseline) share one pass of it; mean squared error, Adam. The same seed
+    gives the same initial decoder whatever `steps` is.
 
     holdout > 0 keeps that fraction of the images out of training and returns the state with the lowest
     error on them (checked every `check_every` steps): a few thousand images are soon memorised.

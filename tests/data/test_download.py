@@ -2,7 +2,7 @@ import hashlib
 
 import pytest
 
-from emcaps.data.download import ChecksumError, DownloadError, RemoteFile, fetch, fetch_all
+from emcaps.data.download import ChecksumError, DownloadError, fetch
 
 from .http_server import FileServer, closed_port_url
 
@@ -80,11 +80,3 @@ def test_offline_names_the_url(tmp_path):
 def test_http_404(tmp_path):
     with FileServer({}) as server, pytest.raises(DownloadError, match="HTTP error 404"):
         fetch(server.base_url + "missing.bin", tmp_path / "missing.bin", progress=False)
-
-
-def test_fetch_all(tmp_path):
-    files = {"a.bin": b"aaa", "b.bin": b"bbbb"}
-    table = [RemoteFile(name, len(data), hashlib.sha256(data).hexdigest()) for name, data in files.items()]
-    with FileServer(files) as server:
-        paths = fetch_all(server.base_url.rstrip("/"), table, tmp_path, progress=False)
-    assert [p.read_bytes() for p in paths] == [b"aaa", b"bbbb"]

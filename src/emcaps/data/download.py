@@ -13,7 +13,7 @@ import os
 import socket
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -153,14 +153,3 @@ def fetch(url: str, dest: str | os.PathLike, *, size: int | None = None, sha256:
     os.replace(part, dest)
     fsync_dir(dest.parent)
     return dest
-
-
-def fetch_all(base_url: str, files: Sequence[RemoteFile], dest_dir: str | os.PathLike,
-              verify: Callable[[Path], None] | None = None, **kwargs) -> list[Path]:
-    """Fetch every file of ``files`` from ``base_url`` (a directory URL) into ``dest_dir``."""
-    base = base_url if base_url.endswith("/") else base_url + "/"
-    return [
-        fetch(base + item.name, Path(dest_dir) / item.name, size=item.size, sha256=item.sha256,
-              verify=verify, **kwargs)
-        for item in files
-    ]

@@ -261,12 +261,6 @@ def render_dataset(out_dir: str | os.PathLike, size: int = 96, seed: int = 0, su
     return out
 
 
-def read_manifest(data_dir: str | os.PathLike) -> dict | None:
-    """The recorded settings of a SynthNORB directory, or None if it is not one."""
-    path = Path(data_dir) / MANIFEST
-    return json.loads(path.read_text()) if path.is_file() else None
-
-
 def ensure_synthnorb(size: int = 96, seed: int = 0, subset: str | Subset | None = None,
                      data_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
     """Render SynthNORB once into the cache and return its directory (atomic: temp dir, then rename)."""

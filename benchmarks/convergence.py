@@ -21,8 +21,8 @@ import time
 from pathlib import Path
 
 from emcaps import config as cfgmod
-from emcaps import train
 from emcaps.plots import line_plot
+from emcaps.training import loop
 
 
 class _Stop(Exception):
@@ -52,10 +52,10 @@ def run(name: str, overrides: list[str], out: Path, minutes: float | None) -> di
 
     try:
         if (run_dir / "checkpoint.pt").exists():
-            summary = train.resume(run_dir, overrides, quiet=True, callback=limit)
+            summary = loop.resume(run_dir, overrides, quiet=True, callback=limit)
         else:
             config = cfgmod.load(cfgmod.named_config_path(name) or name, overrides)
-            summary = train.train(config, run_dir, quiet=True, callback=limit)
+            summary = loop.train(config, run_dir, quiet=True, callback=limit)
     except _Stop:
         summary = {"stopped": f"after {minutes} minutes"}
     points = curve(run_dir)

@@ -10,6 +10,7 @@ A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'schedu
 cross_entropy), 'conv_std' and 'class_std' (initial std of the ConvCaps and class capsule transforms).
 Not a timing benchmark: it measures how far each setting gets in a fixed number of steps. It also prints
 each layer's activations and gradient norms at initialisation (`--steps 0`: those and the untrained network's error).
+Each variant trains with the loop of `emcaps train` in OUT/runs/variantK, its RunConfig in OUT/variantK.toml.
 """
 
 from __future__ import annotations
@@ -17,13 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 
+from emcaps import config as cfgmod
+from emcaps.data.splits import eval_batches
 from emcaps.data.transforms import center_crop
 from emcaps.diagnostics import gradient_norms
+from emcaps.evaluate import error_rate, predict
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
+from emcaps.training.build import build_model
 
 
 @torch.no_grad()
@@ -43,30 +49,34 @@ def activation_stats(model, images) -> dict[str, tuple[float, float]]:
     return {name: (float(a.mean()), float(a.std())) for name, a in seen.items()}
 
 
-def run(variant: dict, train, test, familiar, steps: int, every: int, model_name: str, seed: int) -> dict:
+def run(variant: dict, data, train, test, familiar, steps: int, every: int, model_name: str, seed: int,
+        out: Path, role: str) -> dict:
     v = dict(variant)
     lr, loss, schedule = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("schedule", "constant")
     stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None)}
-    torch.manual_seed(seed)
-    model = common.make_model(model_name, train, routing=common.whole_batch_routing(**v),
-                              **{k: x for k, x in stds.items() if x is not None})
+    config = common.run_config("sweep", role, data, model_name, common.Budget(steps, 32, lr, schedule), seed,
+                               routing=common.whole_batch_routing(**v), loss=loss or "auto")
+    config = cfgmod.with_updates(config, model={k: x for k, x in stds.items() if x is not None})
+    torch.manual_seed(seed)                          # the loop's initial weights
+    model = build_model(config, train.classes, train.images.shape[1])
     initial = activation_stats(model, center_crop(test.images[:32], 32))
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:32]
     gradients = gradient_norms(model, center_crop(train.images[pick], 32), train.labels[pick])
     history = []
 
     def check(m, step) -> bool:
-        history.append((step, common.error(common.predict(m, test), test.labels, familiar)))
+        predicted = predict(m, eval_batches(test, 64, 32))[0].argmax(1)
+        history.append((step, error_rate(predicted, test.labels, familiar)))
         return False
 
     started = time.perf_counter()
-    fitted = common.fit(model, train, common.Budget(steps, 32, lr, schedule), loss=loss, seed=seed, check_every=every,
-                        stop=check)
+    final_loss = float("nan")
+    if steps:
+        model, fitted = common.fit(config, out, role, check_every=every, check=check)
+        final_loss = fitted["final_loss"]
     check(model, steps)
     return {"variant": variant, "initial_activations": initial, "initial_gradients": gradients,
-            "history": history,
-            "final_loss": fitted["final_loss"],
-            "seconds": time.perf_counter() - started}
+            "history": history, "final_loss": final_loss, "seconds": time.perf_counter() - started}
 
 
 def main() -> None:
@@ -78,14 +88,16 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="one JSON line per variant")
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--out", default="runs/learning-sweep", help="where the runs and their configs go")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     cfg = common.data_config("synthnorb", "", False, train_azimuths="familiar")
     train, test = common.load(cfg, "train"), common.load(cfg, "test")
     familiar = familiar_mask("azimuth", test.meta)
-    for text in args.variant or ["{}"]:
-        result = run(json.loads(text), train, test, familiar, args.steps, args.every, args.model, args.seed)
+    for k, text in enumerate(args.variant or ["{}"]):
+        result = run(json.loads(text), cfg, train, test, familiar, args.steps, args.every, args.model,
+                     args.seed, Path(args.out), f"variant{k}")
         if args.json:
             print(json.dumps(result), flush=True)
         else:

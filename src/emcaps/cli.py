@@ -8,7 +8,6 @@ keeps its traceback.
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import os
 import sys
@@ -35,18 +34,18 @@ class Parser(argparse.ArgumentParser):
 
 def cmd_train(args: argparse.Namespace) -> int:
     from emcaps import config as cfgmod
-    from emcaps import train
+    from emcaps.training import loop
 
     if args.resume:
         if args.config:
             raise UsageError("emcaps train: give either --config (a new run) or --resume RUN_DIR, not both")
         if args.run_dir:
             raise UsageError("emcaps train: --resume continues in its own directory; drop --run-dir")
-        summary = train.resume(args.resume, args.set, quiet=args.quiet)
+        summary = loop.resume(args.resume, args.set, quiet=args.quiet)
     else:
         config = cfgmod.load(_config_path(args.config), args.set)
         run_dir = Path(args.run_dir) if args.run_dir else _shared_run_dir(config)
-        summary = train.train(config, run_dir, quiet=args.quiet)
+        summary = loop.train(config, run_dir, quiet=args.quiet)
     print(json.dumps(summary))
     return 0
 
@@ -68,13 +67,14 @@ def _config_path(name: str | None) -> Path | None:
 
 def _shared_run_dir(config) -> Path:
     """runs/NAME-TIMESTAMP; under torchrun, rank 0's choice is broadcast so all ranks agree."""
-    from emcaps import train
+    from emcaps.training.distributed import setup_distributed
+    from emcaps.training.loop import default_run_dir
 
-    run_dir = train.default_run_dir(config)
+    run_dir = default_run_dir(config)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         import torch.distributed as dist
 
-        train.setup_distributed(config.train.device)
+        setup_distributed(config.train.device)
         box = [str(run_dir)]
         dist.broadcast_object_list(box, src=0)
         run_dir = Path(box[0])
@@ -122,22 +122,6 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------------------
 # The parser
-
-def _optional_commands(sub) -> None:
-    """Subcommands other modules provide (data, experiment, report), added only where they exist."""
-    for module, function in (("emcaps.data.commands", "add_data_parser"),
-                             ("emcaps.experiments.commands", "add_experiment_parser"),
-                             ("emcaps.experiments.commands", "add_report_parser")):
-        try:
-            mod = importlib.import_module(module)
-        except ModuleNotFoundError as err:
-            if err.name and module.startswith(err.name):
-                continue
-            raise
-        add = getattr(mod, function, None)
-        if add is not None:
-            add(sub)
-
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="emcaps", description="Matrix capsule networks with EM routing.")
@@ -191,7 +175,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 
-    _optional_commands(sub)
+    from emcaps.data.commands import add_data_parser
+    from emcaps.experiments.commands import add_experiment_parser, add_report_parser
+
+    add_data_parser(sub)
+    add_experiment_parser(sub)
+    add_report_parser(sub)
     return parser
 
 
@@ -210,7 +199,8 @@ def _version() -> str:
 def _user_errors() -> tuple[type[BaseException], ...]:
     """What a user can cause: missing or unreadable files and data, a bad checkpoint, no network."""
     from emcaps.data import DownloadError, IdxFormatError, NorbFormatError
-    from emcaps.train import CheckpointError, TrainingDiverged
+    from emcaps.training.checkpoint import CheckpointError
+    from emcaps.training.divergence import TrainingDiverged
 
     return (CheckpointError, TrainingDiverged, DownloadError, IdxFormatError, NorbFormatError,
             FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError)

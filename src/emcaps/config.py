@@ -175,13 +175,16 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The loop. device: 'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1'...; threads: torch
-    intra-op threads (0 = torch's default). Checkpoints are written every epoch, every `checkpoint_minutes`
+    """The loop. It trains for `epochs`, or for `max_steps` optimiser steps when that is set (0 = off;
+    the last epoch then ends early, and the lr and margin schedules span the steps). device: 'auto' (cuda
+    if present, else cpu), 'cpu', 'cuda', 'cuda:1'...; threads: torch intra-op threads (0 = torch's
+    default). Checkpoints are written every epoch, every `checkpoint_minutes`
     and every `checkpoint_steps` steps (0 = off). eval_every: test the model every this many epochs
     (0 = only at the end); eval_steps: also every this many steps (0 = off), logged as 'eval' events in
     log.jsonl: a learning curve."""
 
     epochs: int = 10
+    max_steps: int = 0
     batch_size: int = 32
     seed: int = 0
     device: str = "auto"
@@ -195,6 +198,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
+        _at_least("train.max_steps", self.max_steps, 0)
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.eval_steps", self.eval_steps, 0)
         _at_least("train.eval_batch_size", self.eval_batch_size, 1)

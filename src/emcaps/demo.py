@@ -19,6 +19,10 @@ import numpy as np
 from emcaps import config as cfgmod
 from emcaps import plots
 from emcaps.config import RunConfig
+from emcaps.data.splits import eval_batches, load_split
+from emcaps.evaluate import predict, summarise
+from emcaps.training.checkpoint import model_from_checkpoint
+from emcaps.training.loop import train
 
 # The demo's settings, as config overrides (the same keys `emcaps train --set` takes).
 DATA = {
@@ -60,8 +64,6 @@ def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
 
 def _montage(cfg: RunConfig, out: Path) -> Path:
     """Ten test images of each class (unseen instances), as the models see them before cropping."""
-    from emcaps.train import load_split
-
     test = load_split(cfg.data, "test", seed=cfg.train.seed)
     rows, names = [], []
     for k, name in enumerate(test.class_names):
@@ -76,9 +78,6 @@ def _montage(cfg: RunConfig, out: Path) -> Path:
 
 def run_demo(out_dir: str | Path = "demo-report", quick: bool = False, quiet: bool = False) -> dict[str, Any]:
     """Train and test both models, write the report into out_dir; returns the results."""
-    from emcaps.evaluate import predict, summarise
-    from emcaps.train import eval_batches, load_split, model_from_checkpoint, train
-
     t0 = time.monotonic()
     out = Path(out_dir)
     runs = out / "runs"

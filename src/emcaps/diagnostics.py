@@ -137,8 +137,10 @@ def diagnose(checkpoint: str | None = None, config: Any = None, images: int = 32
     -> {'name', 'step', 'layers': routing_report(...), 'gradients': gradient_norms(...)}."""
     from dataclasses import replace
 
+    from emcaps.data.splits import load_split
     from emcaps.data.transforms import center_crop
-    from emcaps.train import build_model, load_split, model_from_checkpoint
+    from emcaps.training.build import build_model
+    from emcaps.training.checkpoint import model_from_checkpoint
 
     if (checkpoint is None) == (config is None):
         raise ValueError("give a checkpoint or a config to diagnose, not both")

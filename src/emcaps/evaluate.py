@@ -15,7 +15,11 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from emcaps.data.splits import eval_batches, load_split
 from emcaps.data.transforms import MULTI_CROP_OFFSETS, multi_crop
+from emcaps.training.checkpoint import checkpoint_path, model_from_checkpoint
+from emcaps.training.distributed import resolve_device
+
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable[tuple[Tensor, Tensor]],
@@ -79,9 +83,14 @@ def multi_crop_predict(model: nn.Module, images: Tensor, labels: Tensor, crop: i
     return scores.view(len(labels), k, -1).mean(1), labels.long()
 
 
-def error_rate(predicted: Tensor | np.ndarray, labels: Tensor | np.ndarray) -> float:
-    predicted, labels = np.asarray(predicted), np.asarray(labels)
-    return float((predicted != labels).mean()) if len(labels) else float("nan")
+def error_rate(predicted: Tensor | np.ndarray, labels: Tensor | np.ndarray,
+               mask: Tensor | np.ndarray | None = None) -> float:
+    """Fraction wrong among predicted (N,) vs labels (N,), only where mask (N,) is True if given; nan
+    when no image counts."""
+    wrong = np.asarray(predicted) != np.asarray(labels)
+    if mask is not None:
+        wrong = wrong[np.asarray(mask)]
+    return float(wrong.mean()) if wrong.size else float("nan")
 
 
 def confusion(predicted: Tensor | np.ndarray, labels: Tensor | np.ndarray, classes: int) -> np.ndarray:
@@ -140,7 +149,6 @@ def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path
     """
     from emcaps import config as cfgmod
     from emcaps import plots
-    from emcaps.train import checkpoint_path, eval_batches, load_split, model_from_checkpoint, resolve_device
 
     ckpt = checkpoint_path(path)
     for text in overrides:

@@ -12,6 +12,8 @@ from typing import Any, Sequence
 
 from emcaps import plots
 from emcaps.config import ConfigError
+from emcaps.data.splits import eval_batches
+from emcaps.evaluate import error_rate, predict
 from emcaps.experiments import common
 
 GROUPS = ("iterations", "coord", "loss")
@@ -57,22 +59,20 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
     data_cfg = common.data_config(dataset, root, fast)
     train, test = common.load(data_cfg, "train"), common.load(data_cfg, "test")
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
+    out = Path(out_dir)
     runs: dict[str, dict[str, Any]] = {}
     for v in dict.fromkeys(v for vs in groups.values() for v in vs):
-        routing = common.whole_batch_routing(iterations=v.iterations)
-        model = common.make_model(cfg["capsnet"], train, routing=routing, coord_add=v.coord_add,
-                                  device=common.device_of(device), seed=seed)
-        fitted = common.fit(model, train, cfg["capsules"], loss=v.loss, seed=seed,
-                            desc="" if quiet else v.key)
-        err = common.error(common.predict(model, test), test.labels)
+        config = common.run_config("ablation", v.key, data_cfg, cfg["capsnet"], cfg["capsules"], seed, device,
+                                   routing=common.whole_batch_routing(iterations=v.iterations),
+                                   coord_add=v.coord_add, loss=v.loss)
+        model, fitted = common.fit(config, out, v.key, quiet=quiet)
+        err = error_rate(predict(model, eval_batches(test, 64, 32))[0].argmax(1), test.labels)
         paper = PAPER.get(v)
         runs[v.key] = {"iterations": v.iterations, "coord_add": v.coord_add, "loss": v.loss,
                        "test_error": err,
                        "paper_error": None if paper is None else paper / 100, **fitted,
                        **common.describe_model(model, cfg["capsnet"])}
         say(f"{v.key}: test error {common.pct(err)}")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     figures = []
     if "iterations" in groups:
         its = [runs[v.key] for v in groups["iterations"]]

@@ -15,10 +15,10 @@ from emcaps import attacks, plots
 from emcaps.config import ConfigError
 from emcaps.data.transforms import center_crop
 from emcaps.experiments import common
-from emcaps.train import CheckpointError, model_from_checkpoint
+from emcaps.training.checkpoint import CheckpointError, model_from_checkpoint
 
-EPS = (0.0, 0.05, 0.1, 0.25, 0.5)
-FAST_EPS = (0.0, 0.5)
+ATTACK_EPS = (0.0, 0.05, 0.1, 0.25, 0.5)
+FAST_ATTACK_EPS = (0.0, 0.5)
 LABELS = {"cnn": "CNN", "capsules": "capsules"}
 FLAGS = {"cnn": "cnn", "capsules": "capsnet"}                  # the command-line option of each checkpoint
 
@@ -52,14 +52,17 @@ def _check_fits(models: dict[str, dict[str, Any]], test) -> None:
                              f"classes of {want[1]}-channel images")
 
 
-def _trained(train, cfg: dict[str, Any], seed: int, device, quiet: bool) -> dict[str, dict[str, Any]]:
-    """{'cnn': {...}, 'capsules': {...}} each trained here (budgets from `cfg`), the model under 'net'."""
-    out = {}
+def _trained(data, cfg: dict[str, Any], seed: int, device: str, out: Path,
+             quiet: bool) -> dict[str, dict[str, Any]]:
+    """{'cnn': {...}, 'capsules': {...}} each trained here (budgets from `cfg`, configs and runs in
+    `out`), the model under 'net'."""
+    models = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
-        model = common.make_model(arch, train, routing=cfg["routing"], device=device, seed=seed)
-        fitted = common.fit(model, train, cfg[name], seed=seed, desc="" if quiet else LABELS[name])
-        out[name] = {**common.describe_model(model, arch), **fitted, "source": "trained", "net": model}
-    return out
+        config = common.run_config("adversarial", name, data, arch, cfg[name], seed, device,
+                                   routing=cfg["routing"])
+        model, fitted = common.fit(config, out, name, quiet=quiet)
+        models[name] = {**common.describe_model(model, arch), **fitted, "source": "trained", "net": model}
+    return models
 
 
 def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dataset: str = "synthnorb",
@@ -70,7 +73,7 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
                     iterations: int | None = None, capsnet_steps: int | None = None) -> dict[str, Any]:
     """Train (or load) both models, attack them, write results.json, results.md and four PNGs.
     `steps`, `capsnet_lr`, `iterations` and `capsnet_steps` replace the defaults of `common.settings`."""
-    eps = list(eps if eps is not None else (FAST_EPS if fast else EPS))
+    eps = list(eps if eps is not None else (FAST_ATTACK_EPS if fast else ATTACK_EPS))
     images = images or (8 if fast else 500)
     bim_steps = bim_steps or (2 if fast else 10)
     cfg = common.settings(fast, steps, capsnet_lr, iterations, capsnet_steps)
@@ -82,7 +85,8 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     test = common.load(data_cfg, "test")
     if loaded is not None:
         _check_fits(loaded, test)
-    models = loaded or _trained(common.load(data_cfg, "train"), cfg, seed, dev, quiet)
+    out = Path(out_dir)
+    models = loaded or _trained(data_cfg, cfg, seed, device, out, quiet)
     x, y = center_crop(test.images[:images], 32), test.labels[:images]
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
     methods = {"fgsm": attacks.fgsm, "bim": functools.partial(attacks.bim, steps=bim_steps)}
@@ -97,7 +101,6 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
                 net, (x, y), attack, eps, classes=test.classes, seed=seed)
             say(f"{method} {name}: accuracy {curves[method]['untargeted_accuracy'][name]}, "
                 f"targeted success {curves[method]['targeted_success'][name]}")
-    out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     figures = []
     for method in methods:

@@ -34,8 +34,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
 def _capsnet(p: argparse.ArgumentParser, steps: str) -> None:
     """Options of experiments that train a capsule network next to the CNN."""
     p.add_argument("--routing-iterations", type=int, metavar="N",
-                   help="the capsule network's EM routing iterations (default 2; the paper's 3 do not "
-                   "learn at this scale, see README)")
+                   help="the capsule network's EM routing iterations (default 3, the paper's)")
     p.add_argument("--capsnet-steps", type=int, metavar="N",
                    help=f"training steps of the capsule network alone, after --steps (default {steps})")
 
@@ -134,7 +133,7 @@ def add_experiment_parser(sub) -> None:
     q.add_argument("--capsnet", metavar="CKPT", help="capsule network checkpoint (from `emcaps train`)")
     q.add_argument("--cnn", metavar="CKPT", help="CNN checkpoint (from `emcaps train`)")
     q.add_argument("--eps", metavar="E1,E2,...", help="perturbation sizes, in units of the standardised "
-                   "pixels (default 0,0.05,0.1,0.25,0.5; fast: 0,0.1,0.5)")
+                   "pixels (default 0,0.05,0.1,0.25,0.5; fast: 0,0.5)")
     _common(q, "adversarial")
     _capsnet(q, "--steps")
     q.set_defaults(func=cmd_adversarial)

@@ -1,30 +1,38 @@
-"""What the experiments share: data settings, a compact training loop over an in-memory ImageSet,
-test error, and writing results (JSON + Markdown).
+"""What the experiments share: data settings, the RunConfig of each model they train, training through
+the loop of `emcaps train` (with checks that may stop it), and writing results (JSON + Markdown).
 
-The loop is deliberately smaller than `emcaps.train.train` (no run directory, checkpoints or DDP): an
-experiment trains several models in one process and needs to stop one of them on a condition.
+Every model an experiment trains is a RunConfig written beside its results as OUT/ROLE.toml, and trains
+in OUT/runs/ROLE: `emcaps train --config OUT/ROLE.toml` trains the same model (early stopping aside).
 """
 
 from __future__ import annotations
 
 import json
 import math
-import time
+import shutil
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor, nn
+from torch import nn
 
-from emcaps.config import ConfigError, DataConfig, OptimConfig
-from emcaps.data.transforms import center_crop, train_augment
-from emcaps.losses import linear_margin
-from emcaps.models import count_parameters, create_model
-from emcaps.progress import progress_bar
+from emcaps.config import (
+    ConfigError,
+    DataConfig,
+    LossConfig,
+    ModelConfig,
+    OptimConfig,
+    RunConfig,
+    TrainConfig,
+)
+from emcaps.data.splits import ImageSet, load_split
+from emcaps.models import count_parameters
 from emcaps.routing import RoutingConfig
-from emcaps.train import ImageSet, compute_loss, load_split, lr_factor
+from emcaps.training.checkpoint import model_from_checkpoint
+from emcaps.training.distributed import resolve_device
+from emcaps.training.loop import train
 
 DATASETS = ("synthnorb", "smallnorb")
 
@@ -32,7 +40,8 @@ DATASETS = ("synthnorb", "smallnorb")
 @dataclass(frozen=True)
 class Budget:
     """How long and how one model trains: `steps` Adam steps of `batch_size` random crops, the learning
-    rate following `schedule` ('constant' or 'cosine', as `emcaps train`'s optim.lr_schedule)."""
+    rate following `schedule` (optim.lr_schedule). `run_config` turns it into train.max_steps,
+    train.batch_size, optim.lr and optim.lr_schedule; the pose decoder's (viz.fit_decoder) is read as is."""
 
     steps: int
     batch_size: int
@@ -87,8 +96,6 @@ def budgets(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 def device_of(name: str) -> torch.device:
     """'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."""
-    from emcaps.train import resolve_device
-
     return resolve_device(name)
 
 
@@ -112,88 +119,40 @@ def whole_batch_routing(**fields: Any) -> RoutingConfig:
     return RoutingConfig(**{"chunk": 0, "recompute": False, **fields})
 
 
-def make_model(name: str, data: ImageSet, routing: RoutingConfig | None = None, coord_add: bool | None = None,
-               device: torch.device | str = "cpu", seed: int | None = None, **fields: Any) -> nn.Module:
-    """A model sized for `data` (classes, input channels); routing defaults to `whole_batch_routing()`.
-    With `seed`, its initial weights depend on the seed alone, not on what drew random numbers before."""
-    routing = routing or whole_batch_routing()
-    if seed is not None:
-        torch.manual_seed(seed)
-    model = create_model(name, classes=data.classes, in_channels=data.images.shape[1],
-                         routing=routing if name != "cnn" else None,
-                         coord_add=coord_add if name != "cnn" else None, **fields)
-    return model.to(device)
+def run_config(experiment: str, role: str, data: DataConfig, model: str, budget: Budget, seed: int = 0,
+               device: str = "cpu", routing: RoutingConfig | None = None, coord_add: bool = True,
+               loss: str = "auto") -> RunConfig:
+    """The RunConfig (named EXPERIMENT-ROLE) of one model an experiment trains: `model` a preset of
+    emcaps.models or 'cnn', budget.steps Adam steps; routing defaults to `whole_batch_routing()`. The loop
+    tests the model only at the end: the experiments measure what they need themselves."""
+    return RunConfig(
+        name=f"{experiment}-{role}", data=data, model=ModelConfig(name=model, coord_add=coord_add),
+        routing=routing or whole_batch_routing(),
+        optim=OptimConfig(optimizer="adam", lr=budget.lr, lr_schedule=budget.schedule),
+        loss=LossConfig(name=loss),
+        train=TrainConfig(max_steps=budget.steps, batch_size=budget.batch_size, seed=seed, device=device,
+                          eval_every=0))
 
 
-def default_loss(model: nn.Module) -> str:
-    return "cross_entropy" if getattr(model, "score_kind", "logit") == "logit" else "spread"
+def fit(config: RunConfig, out: Path, role: str, check_every: int = 0,
+        check: Callable[[nn.Module, int], bool] | None = None, quiet: bool = True) -> tuple[nn.Module, dict]:
+    """Train `config` with the loop of `emcaps train` into OUT/runs/ROLE (replacing a run there), after
+    writing it to OUT/ROLE.toml. Every `check_every` steps before the last, `check(model, step)` may end
+    training (True stops it). -> (the trained model, in eval mode on the config's device,
+    {'steps', 'seconds', 'final_loss', 'stopped_early'})."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{role}.toml").write_text(config.to_toml())
+    run_dir = out / "runs" / role
+    if run_dir.exists():
+        shutil.rmtree(run_dir)                # an experiment's runs are its own: a rerun starts afresh
+    budget = config.train.max_steps
 
+    def callback(step: int, model: nn.Module) -> bool:
+        return bool(step % check_every == 0 and step < budget and check(model, step))
 
-def fit(model: nn.Module, data: ImageSet, budget: Budget, crop: int = 32, loss: str | None = None,
-        seed: int = 0, check_every: int = 0,
-        stop: Callable[[nn.Module, int], bool] | None = None, desc: str = "") -> dict[str, Any]:
-    """Train on random crops (with brightness/contrast jitter) of data.images (N, C, S, S).
-
-    The spread loss's margin rises linearly from 0.2 to 0.9 over the budget. Every `check_every` steps
-    `stop(model, step)` may end training early. A non-empty `desc` draws a progress line on a terminal.
-    -> {'steps', 'seconds', 'final_loss', 'stopped_early'}.
-    """
-    loss = loss or default_loss(model)
-    device = next(model.parameters()).device
-    torch.manual_seed(seed)
-    g = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=budget.lr)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lr_factor(OptimConfig(lr=budget.lr, lr_schedule=budget.schedule), budget.steps))
-    model.train()
-    start, value, step, early = time.perf_counter(), math.nan, 0, False
-    bar = progress_bar(budget.steps, desc, enabled=bool(desc), unit="step")
-    while step < budget.steps:
-        idx = torch.randint(0, len(data), (min(budget.batch_size, len(data)),), generator=g)
-        x = train_augment(data.images[idx], crop, generator=g).to(device)
-        scores = model(x)                                                   # (B, E)
-        margin = linear_margin(step, budget.steps)
-        out = compute_loss(loss, scores, data.labels[idx].to(device), margin)
-        opt.zero_grad(set_to_none=True)
-        out.backward()
-        opt.step()
-        schedule.step()
-        value, step = float(out.detach()), step + 1
-        if not math.isfinite(value):
-            raise FloatingPointError(f"training diverged at step {step} (loss {value})")
-        if not bar.disable:
-            acc = float((scores.detach().argmax(1).cpu() == data.labels[idx]).float().mean())
-            bar.set_postfix(loss=f"{value:.4f}", acc=f"{100 * acc:.1f}%", refresh=False)
-            bar.update()
-        due = stop is not None and check_every and step % check_every == 0 and step < budget.steps
-        if due and stop(model, step):
-            early = True
-            break
-    bar.close()
-    model.eval()
-    return {"steps": step, "seconds": time.perf_counter() - start, "final_loss": value,
-            "stopped_early": early}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, data: ImageSet, crop: int = 32, batch_size: int = 64) -> Tensor:
-    """Predicted classes (N,) on the centre crops of data.images (N, C, S, S), in eval mode."""
-    was_training = model.training
-    device = next(model.parameters()).device
-    model.eval()
-    parts = [model(center_crop(data.images[i:i + batch_size], crop).to(device)).argmax(1).cpu()
-             for i in range(0, len(data), batch_size)]
-    out = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)
-    model.train(was_training)
-    return out
-
-
-def error(predicted: Tensor, labels: Tensor, mask: np.ndarray | None = None) -> float:
-    """Fraction wrong among predicted (N,) vs labels (N,), optionally only where mask (N,) is True."""
-    wrong = (predicted != labels).numpy()
-    if mask is not None:
-        wrong = wrong[mask]
-    return float(wrong.mean()) if wrong.size else math.nan
+    summary = train(config, run_dir, quiet=quiet, callback=callback if check and check_every else None)
+    model, _, _ = model_from_checkpoint(run_dir, resolve_device(config.train.device))
+    return model, {k: summary[k] for k in ("steps", "seconds", "final_loss", "stopped_early")}
 
 
 def describe_model(model: nn.Module, name: str) -> dict[str, Any]:

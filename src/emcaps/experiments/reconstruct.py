@@ -1,6 +1,6 @@
 """`emcaps experiment reconstruct`: what the 16 pose entries of a class capsule say about a digit.
 
-A capsule network with a reconstruction decoder is trained on MNIST through `emcaps.train` (the real
+A capsule network with a reconstruction decoder is trained on MNIST by `emcaps train`'s loop (the real
 5,000-digit sample by default, offline), next to the baseline CNN on the same split and budget. Then,
 for a few test digits, the decoder redraws the digit from its class capsule's pose while one entry at a
 time moves through a range scaled to how that entry varies over training digits of the class: the rows
@@ -21,20 +21,13 @@ from torch import Tensor
 
 from emcaps import config as cfgmod
 from emcaps.config import ConfigError, RunConfig
+from emcaps.data.splits import ImageSet, eval_batches, load_split
 from emcaps.data.transforms import center_crop
 from emcaps.evaluate import predict_reconstructing
 from emcaps.experiments.common import markdown_table, pct, write_results
 from emcaps.models import MatrixCapsNet
-from emcaps.train import (
-    CHECKPOINT_NAME,
-    ImageSet,
-    eval_batches,
-    load_checkpoint,
-    load_split,
-    model_from_checkpoint,
-    resume,
-    train,
-)
+from emcaps.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
+from emcaps.training.loop import resume, train
 
 # The mnist config's data: 28x28 digits padded to 36x36, random 32x32 crops (shifts up to 2 pixels).
 MNIST_DATA = {"dataset": "mnist", "pad": 4, "resize": 0, "crop": 32}
@@ -200,7 +193,8 @@ def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast
                     device: str = "auto", threads: int = 0, reconstruction_weight: float | None = None,
                     digits: int = 4, spread: float = 2.0, quiet: bool = False) -> dict[str, Any]:
     """Train (or reuse, under `runs`) the capsule network with decoder and the CNN, then write
-    results.json, results.md, reconstructions.png and pose-perturbation.png to `out`.
+    results.json, results.md, reconstructions.png, pose-perturbation.png and the two runs' configs
+    (capsules.toml, cnn.toml) to `out`.
 
     spread: each pose entry moves through +-spread standard deviations (of that entry over the training
     digits of the class) in STEPS steps. digits: how many test digits get a panel.
@@ -223,6 +217,8 @@ def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast
     redrawn_mse = float(errors.mean())
 
     out.mkdir(parents=True, exist_ok=True)
+    for name, run_config in configs.items():                # `emcaps train --config OUT/NAME.toml` reruns one
+        (out / f"{name}.toml").write_text(run_config.to_toml())
     inputs = center_crop(test_set.images, crop)
     shown = first_of_each_class(labels, predicted, 10, correct=False)
     with torch.no_grad():

@@ -1,5 +1,7 @@
-"""The training loop: exact resume, crash safety (SIGKILL), divergence handling, checkpoint checks."""
+"""The training loop: exact resume, crash safety (SIGKILL), divergence handling, checkpoint checks, the step
+budget and callbacks that stop a run."""
 
+import json
 import os
 import signal
 import subprocess
@@ -9,8 +11,10 @@ import time
 import pytest
 import torch
 
-from emcaps import config, train
-from emcaps.train import CheckpointError, TrainingDiverged
+from emcaps import config
+from emcaps.training import checkpoint, loop
+from emcaps.training.checkpoint import CheckpointError
+from emcaps.training.divergence import TrainingDiverged
 
 TOY = ["name=toy", "data.dataset=toy", "data.resize=36", "data.crop=32", "data.train_limit=64",
        "data.test_limit=32", "model.name=tiny", "train.epochs=2", "train.batch_size=16", "train.threads=1",
@@ -22,7 +26,7 @@ def toy_config(*overrides: str) -> config.RunConfig:
 
 
 def weights(run_dir) -> dict[str, torch.Tensor]:
-    return train.load_checkpoint(run_dir)["model"]
+    return checkpoint.load_checkpoint(run_dir)["model"]
 
 
 def assert_same_weights(a: dict, b: dict) -> None:
@@ -32,13 +36,13 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_run_directory_contents(tmp_path):
-    summary = train.train(toy_config(), tmp_path / "run", quiet=True)
+    summary = loop.train(toy_config(), tmp_path / "run", quiet=True)
     run = tmp_path / "run"
     assert summary["finished"] and summary["steps"] == 8 and 0 <= summary["test_error"] <= 1
     assert sorted(p.name for p in run.iterdir() if p.name != "tensorboard") == ["checkpoint.pt", "config.toml", "log.jsonl"]
     assert config.load(run / "config.toml") == toy_config()
-    state = train.load_checkpoint(run)
-    assert state["format"] == train.CHECKPOINT_FORMAT and state["version"] == train.CHECKPOINT_VERSION
+    state = checkpoint.load_checkpoint(run)
+    assert state["format"] == checkpoint.CHECKPOINT_FORMAT and state["version"] == checkpoint.CHECKPOINT_VERSION
     for key in ("optimizer", "scheduler", "rng", "order_state", "margin", "position", "config"):
         assert key in state
     assert state["step"] == 8 and state["epoch"] == 2 and state["finished"]
@@ -47,11 +51,11 @@ def test_run_directory_contents(tmp_path):
 
 @pytest.mark.parametrize("stop_at", [4, 5])        # at the epoch boundary, and in the middle of an epoch
 def test_resume_is_exact(tmp_path, stop_at):
-    straight = train.train(toy_config(), tmp_path / "straight", quiet=True)
-    part = train.train(toy_config(), tmp_path / "split", quiet=True, stop_at_step=stop_at)
+    straight = loop.train(toy_config(), tmp_path / "straight", quiet=True)
+    part = loop.train(toy_config(), tmp_path / "split", quiet=True, stop_at_step=stop_at)
     assert not part["finished"] and part["steps"] == stop_at
-    assert train.load_checkpoint(tmp_path / "split")["step"] == stop_at
-    resumed = train.resume(tmp_path / "split", quiet=True)
+    assert checkpoint.load_checkpoint(tmp_path / "split")["step"] == stop_at
+    resumed = loop.resume(tmp_path / "split", quiet=True)
     assert resumed["steps"] == straight["steps"] == 8
     assert_same_weights(weights(tmp_path / "straight"), weights(tmp_path / "split"))
     assert resumed["test_error"] == straight["test_error"]
@@ -61,20 +65,20 @@ def test_resume_is_exact(tmp_path, stop_at):
 
 
 def test_resume_of_a_finished_run_does_nothing(tmp_path):
-    train.train(toy_config(), tmp_path / "run", quiet=True)
+    loop.train(toy_config(), tmp_path / "run", quiet=True)
     before = (tmp_path / "run" / "checkpoint.pt").read_bytes()
-    assert train.resume(tmp_path / "run", quiet=True)["finished"]
+    assert loop.resume(tmp_path / "run", quiet=True)["finished"]
     assert (tmp_path / "run" / "checkpoint.pt").read_bytes() == before
 
 
 def test_new_run_refuses_a_directory_with_a_checkpoint(tmp_path):
-    train.train(toy_config(), tmp_path / "run", quiet=True, stop_at_step=1)
+    loop.train(toy_config(), tmp_path / "run", quiet=True, stop_at_step=1)
     with pytest.raises(FileExistsError, match="--resume"):
-        train.train(toy_config(), tmp_path / "run", quiet=True)
+        loop.train(toy_config(), tmp_path / "run", quiet=True)
 
 
 def test_corrupt_truncated_and_foreign_checkpoints_fail_clearly(tmp_path):
-    train.train(toy_config(), tmp_path / "run", quiet=True, stop_at_step=2)
+    loop.train(toy_config(), tmp_path / "run", quiet=True, stop_at_step=2)
     good = (tmp_path / "run" / "checkpoint.pt").read_bytes()
     cases = {
         "garbage": (b"not a checkpoint at all" * 10, "not a readable emcaps checkpoint"),
@@ -83,15 +87,48 @@ def test_corrupt_truncated_and_foreign_checkpoints_fail_clearly(tmp_path):
     for name, (data, message) in cases.items():
         (tmp_path / "run" / "checkpoint.pt").write_bytes(data)
         with pytest.raises(CheckpointError, match=message):
-            train.resume(tmp_path / "run", quiet=True)
+            loop.resume(tmp_path / "run", quiet=True)
     torch.save({"state_dict": {}}, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="not an emcaps checkpoint"):
-        train.resume(tmp_path / "run", quiet=True)
-    torch.save({"format": train.CHECKPOINT_FORMAT, "version": 99}, tmp_path / "run" / "checkpoint.pt")
+        loop.resume(tmp_path / "run", quiet=True)
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "version": 99}, tmp_path / "run" / "checkpoint.pt")
     with pytest.raises(CheckpointError, match="format version 99"):
-        train.resume(tmp_path / "run", quiet=True)
+        loop.resume(tmp_path / "run", quiet=True)
     with pytest.raises(CheckpointError, match="holds no checkpoint.pt"):
-        train.resume(tmp_path, quiet=True)
+        loop.resume(tmp_path, quiet=True)
+
+
+def test_max_steps_ends_the_run_inside_an_epoch(tmp_path):
+    """train.max_steps is the budget (4 steps an epoch here: 6 = one epoch and a half): the lr schedule
+    spans those steps, and the last, partial epoch is tested and checkpointed as the end of the run."""
+    cfg = toy_config("train.max_steps=6", "optim.lr_schedule=cosine")
+    summary = loop.train(cfg, tmp_path / "run", quiet=True)
+    assert summary["finished"] and (summary["steps"], summary["epochs"]) == (6, 2) and "test_error" in summary
+    state = checkpoint.load_checkpoint(tmp_path / "run")
+    assert state["step"] == 6 and state["finished"]
+    lines = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    steps = [e for e in lines if e["event"] == "step"]
+    assert [e["step"] for e in steps] == [1, 2, 3, 4, 5, 6]
+    assert steps[-1]["lr"] == pytest.approx(cfg.optim.lr * cfg.optim.min_lr_ratio)
+    assert loop.resume(tmp_path / "run", quiet=True)["steps"] == 6             # nothing left to train
+
+
+def test_a_callback_can_stop_the_run(tmp_path):
+    """A true answer from the callback ends the run after that step, checkpointed; it stays stopped."""
+    seen = []
+
+    def stop_at_3(step, model):
+        seen.append(step)
+        return step == 3
+
+    summary = loop.train(toy_config(), tmp_path / "run", quiet=True, callback=stop_at_3)
+    assert seen == [1, 2, 3] and summary["stopped_early"] and summary["finished"] and summary["steps"] == 3
+    state = checkpoint.load_checkpoint(tmp_path / "run")
+    assert state["step"] == 3 and state["stopped_early"]
+    assert '"event": "stop"' in (tmp_path / "run" / "log.jsonl").read_text()
+    loop.train(toy_config(), tmp_path / "split", quiet=True, stop_at_step=3)
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "split"))
+    assert loop.resume(tmp_path / "run", quiet=True)["stopped_early"]
 
 
 def _poison_after(step_to_poison: int):
@@ -105,10 +142,10 @@ def _poison_after(step_to_poison: int):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = toy_config("train.checkpoint_steps=2")
     with pytest.raises(TrainingDiverged) as err:
-        train.train(cfg, tmp_path / "run", quiet=True, callback=_poison_after(5))
+        loop.train(cfg, tmp_path / "run", quiet=True, callback=_poison_after(5))
     message = str(err.value)
     assert "non-finite loss at step 6" in message and "class_caps.weight" in message
-    state = train.load_checkpoint(tmp_path / "run")
+    state = checkpoint.load_checkpoint(tmp_path / "run")
     assert state["step"] == 4
     assert all(torch.isfinite(t).all() for t in state["model"].values())
 
@@ -116,36 +153,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
 def test_non_finite_weights_are_never_checkpointed(tmp_path):
     cfg = toy_config("train.checkpoint_steps=2")
     with pytest.raises(TrainingDiverged, match="class_caps.weight became non-finite by step 4"):
-        train.train(cfg, tmp_path / "run", quiet=True, callback=_poison_after(4))
-    assert train.load_checkpoint(tmp_path / "run")["step"] == 2
-
-
-def test_diagnosis_names_the_first_layer_with_non_finite_output():
-    model = train.build_model(toy_config(), 5, 1)
-    with torch.no_grad():
-        model.conv1.bias.fill_(float("inf"))
-    assert train.diagnose(model, torch.zeros(2, 1, 32, 32)) == "first non-finite parameter: conv1.bias"
-    model = train.build_model(toy_config(), 5, 1)
-    assert "input batch" in train.diagnose(model, torch.full((2, 1, 32, 32), float("nan")))
-    with torch.no_grad():
-        model.conv1.weight.fill_(1e30)                # finite weights whose product with the input overflows
-    assert train.diagnose(model, torch.full((2, 1, 32, 32), 1e30)).endswith("non-finite output: conv1")
-
-
-def test_schedules():
-    cfg = toy_config("optim.lr_schedule=cosine", "optim.min_lr_ratio=0.1").optim
-    f = train.lr_factor(cfg, 100)
-    assert f(0) == pytest.approx(1.0) and f(100) == pytest.approx(0.1) and f(50) == pytest.approx(0.55)
-    cfg = toy_config("optim.lr_schedule=exponential", "optim.lr_decay=0.5", "optim.decay_steps=10").optim
-    assert train.lr_factor(cfg, 100)(20) == pytest.approx(0.25)
-    loss = toy_config().loss
-    assert train.margin_at(loss, 0, 11) == pytest.approx(0.2) and train.margin_at(loss, 10, 11) == pytest.approx(0.9)
-
-
-def test_atomic_write_leaves_no_temporary_files(tmp_path):
-    train.atomic_write_bytes(tmp_path / "f", b"one")
-    train.atomic_write_bytes(tmp_path / "f", b"two")
-    assert (tmp_path / "f").read_bytes() == b"two" and [p.name for p in tmp_path.iterdir()] == ["f"]
+        loop.train(cfg, tmp_path / "run", quiet=True, callback=_poison_after(4))
+    assert checkpoint.load_checkpoint(tmp_path / "run")["step"] == 2
 
 
 def _cli(*args: str) -> list[str]:
@@ -163,7 +172,7 @@ def test_sigkill_then_resume_loses_nothing_before_the_checkpoint(tmp_path):
     killed_at = None
     while time.monotonic() < deadline and proc.poll() is None:
         try:
-            if train.load_checkpoint(run)["step"] >= 6:
+            if checkpoint.load_checkpoint(run)["step"] >= 6:
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_at = time.monotonic()
                 break
@@ -174,15 +183,15 @@ def test_sigkill_then_resume_loses_nothing_before_the_checkpoint(tmp_path):
     stderr = proc.stderr.read().decode()
     proc.stderr.close()
     assert killed_at is not None, f"the run ended before it could be killed: {stderr}"
-    step = train.load_checkpoint(run)["step"]        # whatever the last complete checkpoint holds
+    step = checkpoint.load_checkpoint(run)["step"]        # whatever the last complete checkpoint holds
     assert 6 <= step < 64
     done = subprocess.run(_cli("train", "--resume", str(run), "--quiet"), capture_output=True, text=True,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    final = train.load_checkpoint(run)
+    final = checkpoint.load_checkpoint(run)
     assert final["finished"] and final["step"] == 64
     log = (run / "log.jsonl").read_text()
     assert f'{{"event": "resume", "step": {step},' in log
-    straight = train.train(config.load(None, overrides), tmp_path / "straight", quiet=True)
+    straight = loop.train(config.load(None, overrides), tmp_path / "straight", quiet=True)
     assert straight["steps"] == 64
     assert_same_weights(weights(tmp_path / "straight"), final["model"])

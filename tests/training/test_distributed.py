@@ -6,7 +6,7 @@ import textwrap
 
 import torch
 
-from emcaps import train
+from emcaps.training import build, checkpoint
 
 SETS = ["name=ddp", "data.dataset=toy", "data.resize=36", "data.train_limit=64", "data.test_limit=32",
         "model.name=tiny", "train.epochs=2", "train.batch_size=8", "train.device=cpu", "train.log_every=1"]
@@ -25,14 +25,15 @@ def test_two_ranks_hold_identical_weights(tmp_path):
         import sys
         import torch
         import torch.distributed as dist
-        from emcaps import config, train
+        from emcaps import config
+        from emcaps.training import loop
 
         def dump(step, model):
             if step == {STEPS}:
                 torch.save(model.state_dict(), f"{{sys.argv[1]}}/rank{{dist.get_rank()}}.pt")
 
         cfg = config.load(None, {SETS!r})
-        train.train(cfg, sys.argv[2], quiet=True, callback=dump)
+        loop.train(cfg, sys.argv[2], quiet=True, callback=dump)
         assert not dist.is_initialized()      # ended by train, and its gloo threads joined: left running,
         threads = [open(f"/proc/self/task/{{t}}/comm").read() for t in os.listdir("/proc/self/task")]
         assert not any("gloo" in t for t in threads), threads     # they could abort the exit
@@ -40,12 +41,12 @@ def test_two_ranks_hold_identical_weights(tmp_path):
     done = torchrun(str(script), str(tmp_path), str(tmp_path / "run"))
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
-    saved = train.load_checkpoint(tmp_path / "run")
+    saved = checkpoint.load_checkpoint(tmp_path / "run")
     assert saved["world_size"] == 2 and saved["step"] == STEPS and len(saved["rng"]) == 2
     for key in rank0:
         assert torch.equal(rank0[key], rank1[key]), key
         assert torch.equal(rank0[key], saved["model"][key]), key
-    initial = train.build_model(train.config_of(saved), 5, 1).state_dict()
+    initial = build.build_model(checkpoint.config_of(saved), 5, 1).state_dict()
     assert any(not torch.equal(initial[k], rank0[k]) for k in rank0)     # it did train
 
 

@@ -1,0 +1,62 @@
+"""What a RunConfig builds for training: the model, the optimiser, the learning-rate and margin schedules
+and the loss."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from emcaps.config import LossConfig, OptimConfig, RunConfig
+from emcaps.losses import LOSSES, linear_margin, sigmoid_margin
+from emcaps.models import create_model
+
+
+def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
+    """The learning-rate multiplier at a step (for LambdaLR)."""
+    def factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / cfg.warmup_steps) if cfg.warmup_steps else 1.0
+        if cfg.lr_schedule == "exponential":
+            return warm * cfg.lr_decay ** (step / cfg.decay_steps)
+        if cfg.lr_schedule == "cosine":
+            t = min(1.0, step / max(1, total_steps))
+            return warm * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+        return warm
+    return factor
+
+
+def margin_at(cfg: LossConfig, step: int, total_steps: int) -> float:
+    if cfg.margin_schedule == "linear":
+        return linear_margin(step, total_steps, cfg.margin_start, cfg.margin_end)
+    if cfg.margin_schedule == "sigmoid":
+        return sigmoid_margin(step, cfg.sigmoid_steps)
+    return cfg.margin_end
+
+
+def loss_name(config: RunConfig, model: nn.Module) -> str:
+    if config.loss.name != "auto":
+        return config.loss.name
+    return "cross_entropy" if getattr(model, "score_kind", "logit") == "logit" else "spread"
+
+
+def compute_loss(name: str, scores: Tensor, target: Tensor, margin: float) -> Tensor:
+    """scores (N, E), target (N,) -> scalar."""
+    if name == "spread":
+        return LOSSES["spread"](scores, target, margin)
+    return LOSSES[name](scores, target)
+
+
+def build_model(config: RunConfig, classes: int, in_channels: int) -> nn.Module:
+    if config.model.name == "cnn":
+        return create_model("cnn", classes=classes, in_channels=in_channels)
+    return create_model(config.model.name, classes=classes, in_channels=in_channels, routing=config.routing,
+                        image_size=config.data.crop, **config.model.capsule_fields())
+
+
+def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)

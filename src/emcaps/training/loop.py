@@ -1,0 +1,364 @@
+"""The training loop: one RunConfig in, one run directory out.
+
+    RUN_DIR/config.toml     the run's config (also stored inside every checkpoint)
+    RUN_DIR/checkpoint.pt   the latest checkpoint, replaced atomically every epoch / N minutes / N steps
+    RUN_DIR/log.jsonl       one JSON object per line: step, epoch and eval events
+    RUN_DIR/tensorboard/    the same scalars, if the `tensorboard` package is installed
+
+The budget is train.epochs, or train.max_steps steps when that is set (the last epoch then ends early).
+A callback sees the model after every step and may stop the run (early stopping, matched-error checks).
+
+Resuming is exact: the data order of an epoch comes from a generator whose state is checkpointed, and
+each batch's augmentation draws from its own generator seeded by (seed, epoch, batch, rank), so a run
+stopped and resumed on the same device computes the same weights as one that never stopped.
+Under torchrun every rank trains on its own shard of each epoch; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from emcaps.config import ConfigError, RunConfig
+from emcaps.data.splits import ImageSet, batch_generator, epoch_order, eval_batches, load_split
+from emcaps.data.transforms import center_crop, train_augment
+from emcaps.evaluate import predict, predict_reconstructing
+from emcaps.models import Reconstructing, count_parameters
+from emcaps.progress import progress_bar
+from emcaps.training.build import (
+    build_model,
+    build_optimizer,
+    compute_loss,
+    loss_name,
+    lr_factor,
+    margin_at,
+)
+from emcaps.training.checkpoint import (
+    CHECKPOINT_NAME,
+    atomic_write_bytes,
+    config_of,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from emcaps.training.distributed import Distributed, end_distributed, resolve_device, setup_distributed
+from emcaps.training.divergence import TrainingDiverged, diagnose, first_nonfinite_parameter
+from emcaps.training.log import Logger, say
+
+# callback(step, model) after every optimiser step; a true result stops the run there (checkpointed).
+Callback = Callable[[int, nn.Module], Any]
+
+
+def evaluate_split(model: nn.Module, data: ImageSet, config: RunConfig, device: torch.device,
+                   dd: Distributed, loss: str, margin: float) -> dict[str, float]:
+    """Test loss and error on the centre crops, each rank taking every world-th image, summed over ranks;
+    with a decoder also the reconstruction error (from the predicted class's pose) per pixel."""
+    batches = eval_batches(data, config.train.eval_batch_size, config.data.crop, rank=dd.rank, world=dd.world)
+    decoder = getattr(model, "decoder", None) is not None
+    if decoder:
+        scores, labels, errors = predict_reconstructing(model, batches, device)
+    else:
+        scores, labels = predict(model, batches, device)
+        errors = torch.zeros(0)
+    total = torch.tensor([
+        compute_loss(loss, scores, labels, margin).item() * len(labels) if len(labels) else 0.0,
+        float((scores.argmax(1) == labels).sum()), float(len(labels)), float(errors.sum())],
+        dtype=torch.float64)
+    if dd.world > 1:
+        dist.all_reduce(total)
+    n = max(total[2].item(), 1.0)
+    result = {"test_loss": total[0].item() / n, "test_error": 1.0 - total[1].item() / n,
+              "test_images": int(n)}
+    if decoder:
+        result["test_reconstruction_mse"] = total[3].item() / n
+    return result
+
+
+@dataclass
+class RunState:
+    """Where a run stands; all of it goes into every checkpoint."""
+
+    step: int = 0
+    epoch: int = 0                   # the epoch in progress (== the last epoch + 1 when finished)
+    position: int = 0                # batches of `epoch` already done
+    order_state: Tensor | None = None  # data-order generator state at the start of `epoch`
+    totals: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])   # epoch's loss*n, correct, n
+    seconds: float = 0.0             # training time before this process
+    best_error: float | None = None
+    last_loss: float = math.nan      # the last batch's loss
+
+
+def _check_run_dir(run_dir: Path, resuming: bool) -> None:
+    if not resuming and (run_dir / CHECKPOINT_NAME).exists():
+        raise FileExistsError(f"run directory {str(run_dir)!r} already holds a checkpoint; resume it with "
+                              f"--resume {run_dir} or choose another --run-dir")
+
+
+def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | None = None, quiet: bool = False,
+          stop_at_step: int | None = None, callback: Callback | None = None) -> dict[str, Any]:
+    """Train `config` into `run_dir`; with `state` (a loaded checkpoint), continue exactly where it stopped.
+
+    stop_at_step: checkpoint and return after this global step (to split a run, e.g. in tests).
+    callback(step, model): called after each optimiser step; a true result ends the run after that step
+    (checkpointed; the summary says stopped_early). Under torchrun rank 0's answer decides.
+    Returns a summary: steps, epochs, final train/test metrics, parameter count, seconds, run_dir.
+    Raises TrainingDiverged on a non-finite loss or weights, keeping the last good checkpoint.
+    """
+    run_dir = Path(run_dir)
+    dd = setup_distributed(config.train.device)
+    summary = _train(config, run_dir, dd, state, quiet, stop_at_step, callback)
+    end_distributed()        # only on success: after one rank's error the others may still be in a collective
+    return summary
+
+
+def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, Any] | None, quiet: bool,
+           stop_at_step: int | None, callback: Callback | None) -> dict[str, Any]:
+    if dd.main:
+        _check_run_dir(run_dir, resuming=state is not None)
+    device = resolve_device(config.train.device, dd.local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)            # nccl and the default cuda stream follow this process's GPU
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    tc = config.train
+    show = dd.main and not quiet
+
+    # Every rank builds the same data and the same initial weights from the seed.
+    torch.manual_seed(tc.seed)
+    np.random.seed(tc.seed % 2**32)
+    random.seed(tc.seed)
+    if dd.world > 1 and not dd.main:
+        dist.barrier()                           # let rank 0 render / unpack data sets first
+    train_set = load_split(config.data, "train", seed=tc.seed, progress=show and sys.stderr.isatty())
+    test_set = load_split(config.data, "test", seed=tc.seed, progress=show and sys.stderr.isatty())
+    if dd.world > 1 and dd.main:
+        dist.barrier()
+    in_channels = train_set.images.shape[1]
+    model = build_model(config, train_set.classes, in_channels).to(device)
+    loss_kind = loss_name(config, model)
+    if loss_kind in ("spread", "margin") and getattr(model, "score_kind", "") != "activation":
+        raise ConfigError(f"loss.name {loss_kind!r} needs a capsule model (activations in [0, 1]); "
+                          f"model {config.model.name!r} gives logits: use 'cross_entropy'")
+    if dd.main:                                  # only now: a run that cannot start leaves no folder behind
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(run_dir / "config.toml", config.to_toml().encode())
+    optimizer = build_optimizer(config.optim, model.parameters())
+    batches_per_epoch = math.ceil((len(train_set) // dd.world) / tc.batch_size)
+    if batches_per_epoch == 0:
+        raise ConfigError(f"training split has {len(train_set)} images: too few for {dd.world} processes")
+    total_steps = tc.max_steps or batches_per_epoch * tc.epochs
+    epochs = math.ceil(total_steps / batches_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.optim, total_steps))
+
+    run = RunState()
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        run = RunState(step=state["step"], epoch=state["epoch"], position=state["position"],
+                       order_state=state["order_state"], totals=list(state["totals"]),
+                       seconds=state["seconds"], best_error=state.get("best_error"),
+                       last_loss=state.get("last_loss", math.nan))
+        rng = state["rng"]
+        set_rng_state(rng[dd.rank % len(rng)])
+    decoder = getattr(model, "decoder", None) is not None
+    net = Reconstructing(model) if decoder else model
+    if dd.world > 1:
+        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                  else None)
+
+    logger = Logger(run_dir, dd.main, state.get("log_offset") if state else None, run.step)
+    data_shape = {"classes": train_set.classes, "in_channels": in_channels,
+                  "class_names": list(train_set.class_names), "source": train_set.source}
+    if state is None:
+        source = f" of {train_set.source}" if train_set.source else ""
+        say(show, f"{config.name}: {config.model.name} model, {count_parameters(model):,} parameters, "
+                  f"{len(train_set)} train / {len(test_set)} test images{source}, {dd.world} process(es) on "
+                  f"{device}")
+        logger.log("start", step=0, params=count_parameters(model), train_images=len(train_set),
+                   test_images=len(test_set), world=dd.world, device=str(device), steps=total_steps,
+                   source=train_set.source)
+    else:
+        say(show, f"{config.name}: resuming at step {run.step} (epoch {run.epoch + 1}, batch {run.position})")
+        logger.log("resume", step=run.step, epoch=run.epoch, position=run.position)
+
+    started = time.monotonic()
+    last_save = started
+    last_test: dict[str, float] = {}
+
+    def elapsed() -> float:
+        return run.seconds + time.monotonic() - started
+
+    def save(reason: str, stopped: bool = False) -> None:
+        """Gather every rank's RNG state; rank 0 writes, unless the weights are no longer finite."""
+        rng = [rng_state()]
+        if dd.world > 1:
+            gathered: list[Any] = [None] * dd.world
+            dist.all_gather_object(gathered, rng[0])
+            rng = gathered
+        bad = first_nonfinite_parameter(model)
+        if bad:
+            raise TrainingDiverged(f"parameter {bad} became non-finite by step {run.step}; checkpoint not "
+                                   f"written, the last good one is kept in {run_dir}")
+        if not dd.main:
+            return
+        save_checkpoint(run_dir / CHECKPOINT_NAME, {
+            "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(), "rng": rng, "step": run.step, "epoch": run.epoch,
+            "position": run.position, "order_state": run.order_state, "totals": list(run.totals),
+            "margin": margin_at(config.loss, run.step, total_steps), "seconds": elapsed(),
+            "best_error": run.best_error, "world_size": dd.world, "data_shape": data_shape,
+            "log_offset": logger.offset(), "finished": stopped or run.step >= total_steps, "reason": reason,
+            "stopped_early": stopped, "last_loss": run.last_loss, "params": count_parameters(model),
+            "last_test": last_test,
+        })
+
+    def save_due() -> bool:
+        due = torch.tensor([time.monotonic() - last_save >= 60 * tc.checkpoint_minutes], dtype=torch.uint8)
+        if dd.world > 1:
+            dist.broadcast(due, 0)                       # rank 0's clock decides, so all ranks gather together
+        return bool(due.item()) or (tc.checkpoint_steps > 0 and run.step % tc.checkpoint_steps == 0)
+
+    def stop_asked(answer: Any) -> bool:
+        stop = torch.tensor([bool(answer)], dtype=torch.uint8)
+        if dd.world > 1:
+            dist.broadcast(stop, 0)                      # rank 0's answer decides, so all ranks stop together
+        return bool(stop.item())
+
+    def summary(finished: bool, stopped: bool = False) -> dict[str, Any]:
+        return {"name": config.name, "model": config.model.name, "params": count_parameters(model),
+                "steps": run.step, "epochs": run.epoch, "finished": finished, "stopped_early": stopped,
+                "final_loss": run.last_loss, "seconds": elapsed(), "run_dir": str(run_dir), **last_test}
+
+    try:
+        while run.epoch < epochs and run.step < total_steps:
+            epoch = run.epoch
+            order = torch.Generator()
+            if run.order_state is not None and run.position > 0:
+                order.set_state(run.order_state)
+            else:
+                order.manual_seed(tc.seed * 1_000_003 + epoch)
+                run.order_state = order.get_state()
+            batches = epoch_order(len(train_set), order, dd.rank, dd.world, tc.batch_size)
+            last = min(len(batches), run.position + total_steps - run.step)      # batches this epoch runs
+            bar = progress_bar(last, f"epoch {epoch + 1}/{epochs}", show, unit="batch", initial=run.position)
+            epoch_start, epoch_images = time.monotonic(), 0
+            net.train()
+            for b in range(run.position, last):
+                index = batches[b]
+                images = train_set.images[index]
+                x = (train_augment(images, config.data.crop, batch_generator(tc.seed, epoch, b, dd.rank))
+                     if config.data.augment else center_crop(images, config.data.crop))
+                x, y = x.to(device), train_set.labels[index].to(device)       # (B, C, crop, crop), (B,)
+                margin = margin_at(config.loss, run.step, total_steps)
+                if decoder:
+                    scores, _, redrawn = net(x, y)                       # (B, E), _, (B, C, crop, crop)
+                    loss = (compute_loss(loss_kind, scores, y, margin)
+                            + config.loss.reconstruction_weight * F.mse_loss(redrawn, x))
+                else:
+                    scores = net(x)                                              # (B, E)
+                    loss = compute_loss(loss_kind, scores, y, margin)
+                stats = torch.stack([loss.detach() * len(y), (scores.argmax(1) == y).sum().to(loss.dtype),
+                                     torch.tensor(float(len(y)), device=device)]).double()
+                if dd.world > 1:
+                    dist.all_reduce(stats)
+                if not torch.isfinite(stats[0]):
+                    raise TrainingDiverged(
+                        f"non-finite loss at step {run.step + 1} (epoch {epoch + 1}, batch {b + 1}); "
+                        f"{diagnose(model, x)}; the last good checkpoint is kept in {run_dir}")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if config.optim.grad_clip:
+                    nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
+                optimizer.step()
+                scheduler.step()
+                run.step += 1
+                run.position = b + 1
+                run.totals = [t + s for t, s in zip(run.totals, stats.tolist())]
+                run.last_loss = stats[0].item() / stats[2].item()
+                epoch_images += int(stats[2].item())
+                stopped = callback is not None and stop_asked(callback(run.step, model))
+                if not stopped and tc.eval_steps and run.step % tc.eval_steps == 0 and b + 1 < last:
+                    # A learning curve between epochs; the epoch's own test (below) covers its last step.
+                    curve = evaluate_split(model, test_set, config, device, dd, loss_kind, margin)
+                    logger.log("eval", step=run.step, epoch=epoch + 1, elapsed=elapsed(), **curve)
+                    net.train()
+                run_loss, run_acc = run.totals[0] / run.totals[2], run.totals[1] / run.totals[2]
+                bar.set_postfix(loss=f"{run_loss:.4f}", acc=f"{100 * run_acc:.1f}%", refresh=False)
+                bar.update()
+                if run.step % tc.log_every == 0:
+                    logger.log("step", step=run.step, epoch=epoch + 1, loss=run.last_loss,
+                               acc=stats[1].item() / stats[2].item(), lr=scheduler.get_last_lr()[0],
+                               margin=margin)
+                if stopped:
+                    bar.close()
+                    logger.log("stop", step=run.step, epoch=epoch + 1, elapsed=elapsed())
+                    save("stopped", stopped=True)
+                    return summary(finished=True, stopped=True)
+                stopping = stop_at_step is not None and run.step >= stop_at_step
+                if b + 1 < last and (stopping or save_due()):
+                    save("interval")
+                    last_save = time.monotonic()
+                if stopping and b + 1 < last:
+                    bar.close()
+                    return summary(finished=False)
+            bar.close()
+            seconds = time.monotonic() - epoch_start
+            train_loss, train_acc = run.totals[0] / run.totals[2], run.totals[1] / run.totals[2]
+            run.epoch, run.position, run.totals, run.order_state = epoch + 1, 0, [0.0, 0.0, 0.0], None
+            record = {"step": run.step, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                      "lr": scheduler.get_last_lr()[0], "seconds": seconds,
+                      "img_per_s": epoch_images / max(seconds, 1e-9), "elapsed": elapsed()}
+            if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or run.step >= total_steps:
+                last_test = evaluate_split(model, test_set, config, device, dd, loss_kind,
+                                           margin_at(config.loss, run.step, total_steps))
+                record.update(last_test)
+                if run.best_error is None or last_test["test_error"] < run.best_error:
+                    run.best_error = last_test["test_error"]
+                net.train()
+            logger.log("epoch", **record)
+            test_text = f", test error {100 * last_test['test_error']:.2f}%" if "test_error" in record else ""
+            say(show, f"epoch {epoch + 1}/{epochs}: loss {train_loss:.4f}, train acc {100 * train_acc:.1f}%"
+                      f"{test_text}, {record['img_per_s']:.1f} img/s")
+            save("epoch")
+            last_save = time.monotonic()
+            if stop_at_step is not None and run.step >= stop_at_step:
+                break
+    finally:
+        logger.close()
+    return summary(finished=run.step >= total_steps)
+
+
+def budget_reached(state: dict[str, Any], config: RunConfig) -> bool:
+    """Whether a checkpoint's run has trained all that `config` asks for (its steps, else its epochs)."""
+    if config.train.max_steps:
+        return state["step"] >= config.train.max_steps
+    return state["epoch"] >= config.train.epochs
+
+
+def resume(run_dir: str | Path, overrides: list[str] | tuple[str, ...] = (), **kwargs: Any) -> dict[str, Any]:
+    """Continue the run in `run_dir` from its checkpoint, with its own config (plus overrides)."""
+    state = load_checkpoint(run_dir)
+    config = config_of(state, overrides)
+    run_dir = Path(run_dir) if Path(run_dir).is_dir() else Path(run_dir).parent
+    if state.get("finished") and (state.get("stopped_early") or budget_reached(state, config)):
+        return {"name": config.name, "steps": state["step"], "epochs": state["epoch"], "finished": True,
+                "stopped_early": bool(state.get("stopped_early")), "run_dir": str(run_dir),
+                "params": state.get("params"), **state.get("last_test", {})}
+    return train(config, run_dir, state=state, **kwargs)
+
+
+def default_run_dir(config: RunConfig, root: str | Path = "runs") -> Path:
+    return Path(root) / f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}"

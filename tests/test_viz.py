@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from emcaps import viz
+from emcaps import plots, viz
 from emcaps.models import create_model
 from emcaps.routing import RoutingConfig
 
@@ -145,3 +145,29 @@ def test_pose_decoder_bounds_far_out_poses():
         torch.testing.assert_close(bounded(small, labels), free(small, labels), atol=1e-6, rtol=1e-4)
     with pytest.raises(ValueError, match="bound"):
         viz.PoseDecoder(5, bound=-1.0)
+
+
+def test_reconstructions_figure_titles_misclassified_digits():
+    rng = np.random.default_rng(0)
+    inputs, redrawn = rng.normal(size=(3, 32, 32)), rng.normal(size=(3, 32, 32))
+    fig = viz.reconstructions_figure(inputs, redrawn, [0, 1, 2], [0, 7, 2])
+    assert len(fig.axes) == 2 * 3 and all(len(ax.images) == 1 for ax in fig.axes)
+    assert [ax.get_title() for ax in fig.axes[:3]] == ["0", "1->7", "2"]
+    assert fig.axes[0].get_ylabel() == "input" and fig.axes[3].get_ylabel() == "redrawn"
+    # Reconstructions share the inputs' value range, so a faint one looks faint.
+    assert fig.axes[4].images[0].get_clim() == (inputs.min(), inputs.max())
+
+
+def test_pose_perturbation_figure_has_a_panel_per_digit(tmp_path):
+    rng = np.random.default_rng(1)
+    digits, steps = 2, 5
+    originals, grids = rng.normal(size=(digits, 32, 32)), rng.normal(size=(digits, 16, steps, 32, 32))
+    fig = viz.pose_perturbation_figure(originals, grids, np.linspace(-2, 2, steps), [3, 8])
+    shown = [ax for ax in fig.axes if ax.axison]
+    assert len(fig.axes) == 17 * (digits * (steps + 1) - 1)          # a blank column between panels
+    assert len(shown) == digits * (1 + 16 * steps) and all(len(ax.images) == 1 for ax in shown)
+    assert [ax.get_title() for ax in shown if ax.get_title()] == ["digit 3", "digit 8"]
+    assert [ax.get_ylabel() for ax in shown if ax.get_ylabel()][:2] == ["(0,0)", "(0,1)"]
+    assert [ax.get_xlabel() for ax in shown if ax.get_xlabel()][:3] == ["-2.0 sd", "0", "+2.0 sd"]
+    w, h = _png_size(plots.save(fig, tmp_path / "grid.png"))
+    assert w > digits * steps * 32 and h > 17 * 32

@@ -1,4 +1,5 @@
-"""Pictures of what a trained capsule network does: routing histograms, pose perturbations, parse maps.
+"""Pictures of what a trained capsule network does: routing histograms, pose perturbations, parse maps,
+and the reconstruct experiment's reconstructions and their pose perturbations.
 
 Figures are PNGs drawn with matplotlib (see `emcaps.plots`); every function also returns its raw arrays
 so tests and reports can use the numbers without reading pictures, and each picture has a `*_figure`
@@ -275,6 +276,71 @@ def pose_grid_figure(images: np.ndarray) -> Figure:
                                    col_labels=[f"{v:+.1f}".replace("+0.0", "0") for v in offsets],
                                    title="decoded image as one pose entry moves", ylabel="pose entry",
                                    xlabel="offset from the pose (multiples of the entry's range)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reconstructions from class capsule poses (the decoder trained with the network; `emcaps experiment
+# reconstruct` computes them)
+
+def _show(ax, image: np.ndarray, vmin: float, vmax: float) -> None:
+    """Grey image (H, W) on a value range shared by the whole figure, without ticks or frame."""
+    ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def reconstructions_figure(inputs: np.ndarray, redrawn: np.ndarray, labels: Sequence[int],
+                           predicted: Sequence[int]) -> Figure:
+    """Digits (N, H, W) above their reconstructions (N, H, W) from the predicted class's pose, both on the
+    inputs' value range so a faint reconstruction looks faint. Each column is titled with its label, or
+    'a->b' for a digit of class a taken for b."""
+    n = len(inputs)
+    low, high = float(inputs.min()), float(inputs.max())
+    fig = Figure(figsize=(0.9 * n, 2.1), dpi=plots.DPI)
+    axes = fig.subplots(2, n, squeeze=False)
+    for i in range(n):
+        _show(axes[0, i], inputs[i], low, high)
+        _show(axes[1, i], redrawn[i], low, high)
+        axes[0, i].set_title(f"{labels[i]}" if labels[i] == predicted[i] else f"{labels[i]}->{predicted[i]}",
+                             fontsize=8)
+    axes[0, 0].set_ylabel("input", fontsize=8)
+    axes[1, 0].set_ylabel("redrawn", fontsize=8)
+    fig.tight_layout(pad=0.3)
+    return fig
+
+
+def pose_perturbation_figure(originals: np.ndarray, grids: np.ndarray, offsets: np.ndarray,
+                             labels: Sequence[int]) -> Figure:
+    """One panel per digit: the digit (originals (D, H, W)) on top, then a row per pose entry k (row k // 4,
+    column k % 4 of the 4x4 pose) of its reconstructions as that entry moves through offsets (S,) (in
+    standard deviations): grids (D, 16, S, H, W). One value range for all, so rows compare; a blank
+    column between panels."""
+    digits, _, steps = grids.shape[:3]
+    low, high = float(min(originals.min(), grids.min())), float(max(originals.max(), grids.max()))
+    cols = digits * (steps + 1) - 1
+    fig = Figure(figsize=(0.42 * cols + 0.5, 0.42 * 17 + 0.4), dpi=90)
+    axes = fig.subplots(17, cols, squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for d in range(digits):
+        left = d * (steps + 1)
+        middle = left + steps // 2
+        axes[0, middle].axis("on")
+        _show(axes[0, middle], originals[d], low, high)
+        axes[0, middle].set_title(f"digit {labels[d]}", fontsize=8)
+        for k in range(16):
+            for s in range(steps):
+                ax = axes[k + 1, left + s]
+                ax.axis("on")
+                _show(ax, grids[d, k, s], low, high)
+                if d == 0 and s == 0:
+                    ax.set_ylabel(f"({k // 4},{k % 4})", fontsize=7, rotation=0, labelpad=12, va="center")
+                if k == 15 and s in (0, steps // 2, steps - 1):
+                    ax.set_xlabel(f"{offsets[s]:+.1f} sd" if s != steps // 2 else "0", fontsize=7)
+    fig.subplots_adjust(left=0.03, right=0.995, top=0.97, bottom=0.03, wspace=0.05, hspace=0.05)
+    return fig
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -15,11 +15,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
 from emcaps import config as cfgmod
+from emcaps import plots, viz
 from emcaps.config import ConfigError, RunConfig
 from emcaps.data.splits import ImageSet, eval_batches, load_split
 from emcaps.data.transforms import center_crop
@@ -122,72 +122,6 @@ def first_of_each_class(labels: Tensor, predicted: Tensor, count: int, correct: 
     return chosen
 
 
-def _show(ax, image: np.ndarray, vmin: float, vmax: float) -> None:
-    ax.imshow(image, cmap="gray", vmin=vmin, vmax=vmax, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-
-
-def draw_reconstructions(path: Path, inputs: np.ndarray, redrawn: np.ndarray, labels: list[int],
-                         predicted: list[int]) -> Path:
-    """Test digits (N, H, W) above their reconstructions (N, H, W) from the predicted class's pose."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(inputs)
-    low, high = float(inputs.min()), float(inputs.max())
-    fig, axes = plt.subplots(2, n, figsize=(0.9 * n, 2.1), squeeze=False)
-    for i in range(n):
-        _show(axes[0, i], inputs[i], low, high)
-        _show(axes[1, i], redrawn[i], low, high)
-        axes[0, i].set_title(f"{labels[i]}" if labels[i] == predicted[i] else f"{labels[i]}->{predicted[i]}",
-                             fontsize=8)
-    axes[0, 0].set_ylabel("input", fontsize=8)
-    axes[1, 0].set_ylabel("redrawn", fontsize=8)
-    fig.tight_layout(pad=0.3)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def draw_perturbations(path: Path, originals: np.ndarray, grids: np.ndarray, offsets: np.ndarray,
-                       labels: list[int]) -> Path:
-    """One panel per digit: the input digit on top, then a row per pose entry k of reconstructions as the
-    entry moves through offsets (S,) (in standard deviations). originals (D, H, W), grids (D, 16, S, H, W)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    digits, _, steps = grids.shape[:3]
-    low, high = float(min(originals.min(), grids.min())), float(max(originals.max(), grids.max()))
-    cols = digits * (steps + 1) - 1                                   # a blank column between panels
-    fig, axes = plt.subplots(17, cols, figsize=(0.42 * cols + 0.5, 0.42 * 17 + 0.4), squeeze=False)
-    for ax in axes.flat:
-        ax.axis("off")
-    for d in range(digits):
-        left = d * (steps + 1)
-        middle = left + steps // 2
-        axes[0, middle].axis("on")
-        _show(axes[0, middle], originals[d], low, high)
-        axes[0, middle].set_title(f"digit {labels[d]}", fontsize=8)
-        for k in range(16):
-            for s in range(steps):
-                ax = axes[k + 1, left + s]
-                ax.axis("on")
-                _show(ax, grids[d, k, s], low, high)
-                if d == 0 and s == 0:
-                    ax.set_ylabel(f"({k // 4},{k % 4})", fontsize=7, rotation=0, labelpad=12, va="center")
-                if k == 15 and s in (0, steps // 2, steps - 1):
-                    ax.set_xlabel(f"{offsets[s]:+.1f} sd" if s != steps // 2 else "0", fontsize=7)
-    fig.subplots_adjust(left=0.03, right=0.995, top=0.97, bottom=0.03, wspace=0.05, hspace=0.05)
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
-
-
 def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast: bool = False,
                     source: str = "sample", root: str = "", epochs: int | None = None, seed: int = 0,
                     device: str = "auto", threads: int = 0, reconstruction_weight: float | None = None,
@@ -223,8 +157,9 @@ def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast
     shown = first_of_each_class(labels, predicted, 10, correct=False)
     with torch.no_grad():
         redrawn = model.reconstruct(inputs[shown]).images
-    draw_reconstructions(out / "reconstructions.png", inputs[shown, 0].numpy(), redrawn[:, 0].numpy(),
-                         [int(labels[i]) for i in shown], [int(predicted[i]) for i in shown])
+    figure = viz.reconstructions_figure(inputs[shown, 0].numpy(), redrawn[:, 0].numpy(),
+                                        [int(labels[i]) for i in shown], [int(predicted[i]) for i in shown])
+    plots.save(figure, out / "reconstructions.png")
 
     scale_set = train_set.subset(torch.arange(min(len(train_set), SCALE_IMAGES)))
     scales = pose_scales(model, scale_set, crop)                                     # (E, 16)
@@ -235,8 +170,9 @@ def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast
     grids = torch.stack([perturbed_reconstructions(model, poses[d], int(labels[i]), scales[labels[i]],
                                                    offsets) for d, i in enumerate(right)])
     # grids: (D, 16, S, C, H, W)
-    draw_perturbations(out / "pose-perturbation.png", inputs[right, 0].numpy(), grids[:, :, :, 0].numpy(),
-                       offsets.numpy(), [int(labels[i]) for i in right])
+    figure = viz.pose_perturbation_figure(inputs[right, 0].numpy(), grids[:, :, :, 0].numpy(),
+                                          offsets.numpy(), [int(labels[i]) for i in right])
+    plots.save(figure, out / "pose-perturbation.png")
 
     results = {
         "experiment": "reconstruct", "data": train_set.source, "train_images": len(train_set),

@@ -2,7 +2,6 @@
 (class-dependent blobs at the tiny SynthNORB subset's viewpoints), so no rendering or download is needed."""
 
 import json
-import math
 import struct
 
 import numpy as np
@@ -87,9 +86,12 @@ def test_viewpoint_fast(norb, tmp_path, capsys, split):
     md = (out / "results.md").read_text()
     assert "familiar error" in md and "| CNN" in md and "| capsules" in md
     assert ("| CNN, stopped to match" in md) == (not matched)
+    assert results["figures"] == [f"error-per-{split}.png", "routing-histograms.png", "parse-map.png"]
     for name in results["figures"]:
         _png_ok(out / name)
     assert "![parse map](parse-map.png)" in md
+    assert set(results["budgets"]) == {"cnn", "capsules"} and "decoder" not in results
+    assert not (out / "pose-perturbation.png").exists()
 
 
 def test_first_match_is_where_the_protocol_stops():
@@ -118,7 +120,7 @@ def test_unmatched_capsules_are_compared_with_the_cnn_stopped_to_match(norb, tmp
     first check no worse than the capsule network. A check's numbers are those of a CNN trained for just
     that many steps (checking only looks)."""
     out = tmp_path / "vp"
-    _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb", "--root",
+    _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb", "--root",
           str(norb), "--out", str(out), "--capsnet-steps", "1"], capsys)
     r = json.loads((out / "results.json").read_text())
     models = r["models"]
@@ -138,7 +140,7 @@ def test_unmatched_capsules_are_compared_with_the_cnn_stopped_to_match(norb, tmp
     assert mid["step"] == 3 and match["familiar_error"] == {c["step"]: c["familiar_error"]
                                                             for c in history}[match["steps"]]
     again = tmp_path / "again"
-    _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb", "--root",
+    _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb", "--root",
           str(norb), "--out", str(again), "--steps", "3", "--capsnet-steps", "1"], capsys)
     short = json.loads((again / "results.json").read_text())["models"]["cnn"]
     assert (short["steps"], short["familiar_error"], short["novel_error"]) == (3, mid["familiar_error"],
@@ -152,42 +154,12 @@ def test_models_start_from_the_seed_whatever_drew_random_numbers_before(norb, tm
     for run in range(2):
         torch.rand(run * 7 + 1)
         out = tmp_path / f"run{run}"
-        _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb",
+        _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb",
               "--root", str(norb), "--out", str(out)], capsys)
         models = json.loads((out / "results.json").read_text())["models"]
         results.append({name: (models[name]["final_loss"], models[name]["familiar_error"])
                         for name in ("cnn", "capsules")})
     assert results[0] == results[1]
-
-
-def test_viewpoint_pose_perturbation_grid(norb, tmp_path, capsys):
-    """The capsule network of the viewpoint experiment gets a decoder on its frozen class poses and the
-    perturbation grid: 16 rows (pose entries) of 11 steps of 32x32 pictures at scale 2. The decoder must
-    reconstruct the test images better than its untrained self and than predicting zeros (the images
-    are standardised, so zeros score their mean square, about 1); --no-pose-grid skips it all."""
-    out = tmp_path / "grid"
-    _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
-          "--out", str(out)], capsys)
-    results = json.loads((out / "results.json").read_text())
-    d = results["decoder"]
-    assert "pose-perturbation.png" in results["figures"]
-    width, height = _png_size(out / "pose-perturbation.png")               # 32-pixel images, 2x, and labels
-    assert width > 11 * (32 * 2 + 2) and height > 16 * (32 * 2 + 2)
-    assert d["steps"] == common.FAST["decoder"].steps and d["train_images"] > 0
-    x, y = _fast_test_set(norb)
-    assert int(y[d["image"]]) == d["label"]
-    assert math.isfinite(d["test_mse"]) and d["test_mse"] < d["untrained_test_mse"]
-    assert d["test_mse"] < float((x ** 2).mean())
-    assert len(d["delta"]) == 16 and all(v >= 0 and math.isfinite(v) for v in d["delta"])
-    assert "![pose perturbations](pose-perturbation.png)" in (out / "results.md").read_text()
-
-    skip = tmp_path / "skip"
-    _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
-          "--out", str(skip), "--no-pose-grid"], capsys)
-    results = json.loads((skip / "results.json").read_text())
-    assert results["decoder"] is None and "pose-perturbation.png" not in results["figures"]
-    assert not (skip / "pose-perturbation.png").exists()
-    assert "pose perturbations" not in (skip / "results.md").read_text()
 
 
 def test_adversarial_fast(norb, tmp_path, capsys):
@@ -348,7 +320,7 @@ def test_steps_must_be_positive(experiment, tmp_path, capsys):
 def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_path, capsys):
     """--capsnet-lr and --routing-iterations change the capsule network only, and the results say so."""
     out = tmp_path / "vp"
-    _run(["experiment", "viewpoint", "--fast", "--quiet", "--no-pose-grid", "--data", "smallnorb", "--root",
+    _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb", "--root",
           str(norb), "--out", str(out), "--routing-iterations", "2", "--capsnet-lr", "0.005"], capsys)
     caps, cnn = config.load(out / "capsules.toml"), config.load(out / "cnn.toml")
     assert (caps.model.name, caps.routing.iterations, caps.optim.lr) == ("tiny", 2, 0.005)

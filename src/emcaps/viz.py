@@ -1,15 +1,14 @@
-"""Pictures of what a trained capsule network does: routing histograms, pose perturbations, parse maps,
-and the reconstruct experiment's reconstructions and their pose perturbations.
+"""Pictures of what a trained capsule network does: routing histograms, parse maps, reconstructions from
+class capsule poses and their pose perturbations.
 
-Figures are PNGs drawn with matplotlib (see `emcaps.plots`); every function also returns its raw arrays
-so tests and reports can use the numbers without reading pictures, and each picture has a `*_figure`
-function that returns the matplotlib Figure.
+Figures are drawn with matplotlib (see `emcaps.plots`) and each picture has a `*_figure` function that
+returns the matplotlib Figure; `plots.save` writes it as a PNG. `routing_histograms` and `parse_map` also
+return their raw arrays, so tests and reports can use the numbers without reading pictures; the
+reconstruction figures draw arrays their caller computed (`emcaps.experiments.reconstruct`).
 """
 
 from __future__ import annotations
 
-import copy
-import math
 from pathlib import Path
 from typing import Sequence
 
@@ -120,162 +119,6 @@ def histograms_figure(result: dict[str, np.ndarray], class_names: Sequence[str] 
         axes[t, 0].set_ylabel(f"iteration {t + 1}\nassignment mass")
     fig.suptitle("class-layer votes: distance to the class capsule's mean, weighted by assignment")
     return fig
-
-
-# ---------------------------------------------------------------------------------------------------------
-# A decoder from the target class capsule's pose, and its perturbation grid
-
-class PoseDecoder(nn.Module):
-    """MLP from class capsule poses (N, E, 16), all but the target class masked to zero, to an image
-    (N, C, S, S): a window onto what the 16 pose entries of a class capsule encode.
-
-    Poses are unbounded (entries of a trained network's class poses can have a spread of 10 or more), so
-    the decoder standardises each entry with `pose_mean` and `pose_scale` (16,), set by `fit_decoder`
-    from its training poses; without that, large entries make the MLP fit noise. The standardised entries
-    then pass through bound * tanh(z / bound) (identity near 0, never beyond +-bound; bound=0 turns it
-    off): a test image of an unseen object instance can put an entry tens of training standard deviations
-    out, and an MLP fed that extrapolates to images far worse than its mean image."""
-
-    def __init__(self, classes: int, image_shape: tuple[int, int, int] = (1, 32, 32),
-                 hidden: int = 256, bound: float = 3.0) -> None:
-        super().__init__()
-        if not (math.isfinite(bound) and bound >= 0):
-            raise ValueError(f"bound must be a finite number >= 0, got {bound}")
-        self.classes, self.image_shape, self.bound = classes, tuple(image_shape), float(bound)
-        self.net = nn.Sequential(nn.Linear(classes * 16, hidden), nn.ReLU(), nn.Linear(hidden, 2 * hidden),
-                                 nn.ReLU(), nn.Linear(2 * hidden, int(np.prod(image_shape))))
-        self.register_buffer("pose_mean", torch.zeros(16))
-        self.register_buffer("pose_scale", torch.ones(16))
-
-    def forward(self, pose: Tensor, labels: Tensor) -> Tensor:
-        """pose (N, E, 4, 4) or (N, E, 16), labels (N,) -> images (N, C, S, S)."""
-        pose = (pose.reshape(pose.shape[0], self.classes, 16) - self.pose_mean) / self.pose_scale
-        if self.bound:
-            pose = self.bound * torch.tanh(pose / self.bound)
-        mask = F.one_hot(labels, self.classes).to(pose.dtype).unsqueeze(-1)     # (N, E, 1)
-        return self.net((pose * mask).flatten(1)).view(-1, *self.image_shape)
-
-
-@torch.no_grad()
-def class_poses(model: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
-    """Class capsule poses (N, E, 16) of images (N, C, H, W), in eval mode, on the cpu."""
-    model = _check_capsnet(model)
-    device = next(model.parameters()).device
-    with _Eval(model):
-        return torch.cat([model.capsules(images[i:i + batch_size].to(device)).pose.flatten(2).cpu()
-                          for i in range(0, len(images), batch_size)])
-
-
-def fit_decoder(poses: Tensor, images: Tensor, labels: Tensor, steps: int = 200, lr: float = 1e-3,
-                batch_size: int = 32, seed: int = 0, holdout: float = 0.0,
-                check_every: int = 100, groups: Tensor | None = None, bound: float = 3.0) -> PoseDecoder:
-    """Fit a PoseDecoder to reconstruct images (N, C, H, W) from poses (N, E, 16) of their true classes
-    (labels (N,)), taken once from the frozen network (`class_poses`), so that several decoders (or an
-    untrained one, steps=0, as a baseline) share one pass of it; mean squared error, Adam. The same seed
-    gives the same initial decoder whatever `steps` is.
-
-    holdout > 0 keeps that fraction of the images out of training and returns the state with the lowest
-    error on them (checked every `check_every` steps): a few thousand images are soon memorised.
-    With groups (N,) (e.g. the object instance of each image) whole groups are held out, about that
-    fraction of them and at least one, so the state kept is the one that does best on unseen objects,
-    as the test images are. The decoder's `best_step` says which step it kept.
-    bound: the decoder's squashing of standardised pose entries (see PoseDecoder).
-    """
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    poses, images, labels = poses.detach().cpu(), images.cpu(), labels.cpu()
-    decoder = PoseDecoder(poses.shape[1], tuple(images.shape[1:]), bound=bound)
-    val, fit = _holdout_split(len(images), holdout, groups, seed)           # held-out and training indices
-    n_val = len(val)
-    own = poses[fit, labels[fit]]                                        # (N, 16) the target classes' poses
-    decoder.pose_mean.copy_(own.mean(0))
-    if len(own) > 1:
-        decoder.pose_scale.copy_(own.std(0).clamp_min(1e-6))
-    opt = torch.optim.Adam(decoder.parameters(), lr=lr)
-
-    def val_error() -> float:
-        return reconstruction_error(decoder, poses[val], images[val], labels[val])
-
-    best = (val_error(), 0, copy.deepcopy(decoder.state_dict())) if n_val else None
-    for step in range(1, steps + 1):
-        idx = fit[torch.randint(0, len(fit), (min(batch_size, len(fit)),), generator=g)]
-        loss = F.mse_loss(decoder(poses[idx], labels[idx]), images[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if best is not None and (step % check_every == 0 or step == steps):
-            error = val_error()
-            if error < best[0]:
-                best = (error, step, copy.deepcopy(decoder.state_dict()))
-    decoder.best_step = steps
-    if best is not None:
-        decoder.load_state_dict(best[2])
-        decoder.best_step = best[1]
-    return decoder.eval()
-
-
-def _holdout_split(n: int, fraction: float, groups: Tensor | None, seed: int) -> tuple[Tensor, Tensor]:
-    """Indices (held out, kept) of n items: a random `fraction` of them, or of their groups (N,)."""
-    if not 0 <= fraction < 1:
-        raise ValueError(f"holdout must be a fraction in [0, 1), got {fraction}")
-    order = torch.Generator().manual_seed(seed + 1)
-    if groups is None or fraction == 0:
-        perm = torch.randperm(n, generator=order)
-        return perm[:int(fraction * n)], perm[int(fraction * n):]
-    groups = torch.as_tensor(groups).cpu()
-    if groups.shape != (n,):
-        raise ValueError(f"groups must have one entry per image, shape ({n},), got {tuple(groups.shape)}")
-    names = groups.unique()
-    if len(names) < 2:
-        raise ValueError("holding out whole groups needs at least two groups")
-    names = names[torch.randperm(len(names), generator=order)]
-    held = torch.isin(groups, names[:min(len(names) - 1, max(1, round(fraction * len(names))))])
-    return held.nonzero().squeeze(1), (~held).nonzero().squeeze(1)
-
-
-@torch.no_grad()
-def reconstruction_error(decoder: PoseDecoder, poses: Tensor, images: Tensor, labels: Tensor) -> float:
-    """Mean squared error per pixel of the decoder's reconstructions of images (N, C, H, W) from poses
-    (N, E, 16) masked to their labels (N,): how much of an image the target class's pose carries."""
-    device = next(decoder.parameters()).device
-    recon = decoder(poses.to(device), labels.to(device)).cpu()
-    return float(F.mse_loss(recon, images.cpu().to(recon.dtype)))
-
-
-@torch.no_grad()
-def pose_perturbation_grid(decoder: PoseDecoder, pose: Tensor, label: int, out_png: str | Path | None = None,
-                           steps: int = 11, delta: float | Tensor = 0.25) -> np.ndarray:
-    """Reconstructions as each of the 16 pose entries of class `label` moves through
-    linspace(-delta, delta, steps) around its value in pose (E, 4, 4) or (E, 16).
-
-    delta is one number, or one per entry (16,) or (4, 4): matrix capsule poses are not bounded, so a
-    range matched to how each entry varies over real images says more than one fixed range.
-    -> images (16, steps, H, W) (first channel); the PNG has a row per entry, a column per step.
-    """
-    pose = pose.reshape(decoder.classes, 16).to(next(decoder.parameters()).device)
-    scale = torch.as_tensor(delta, dtype=pose.dtype, device=pose.device).reshape(-1).expand(16)
-    offsets = scale[:, None] * torch.linspace(-1, 1, steps, dtype=pose.dtype, device=pose.device)
-    grid = pose.expand(16, steps, -1, -1).clone()                           # (16, steps, E, 16)
-    entry = torch.arange(16, device=pose.device)
-    grid[entry, :, label, entry] += offsets                                 # entry k moves in row k
-    labels = torch.full((16 * steps,), label, dtype=torch.long, device=pose.device)
-    images = decoder(grid.reshape(16 * steps, decoder.classes, 16), labels)[:, 0]
-    images = images.reshape(16, steps, *images.shape[-2:]).cpu().numpy()
-    if out_png is not None:
-        plots.save(pose_grid_figure(images), out_png)
-    return images
-
-
-def pose_grid_figure(images: np.ndarray) -> Figure:
-    """`pose_perturbation_grid`'s images (16, steps, H, W): a row per pose entry (row, column of the
-    4x4 pose), a column per step from -delta to +delta."""
-    entries, steps = images.shape[:2]
-    offsets = np.linspace(-1, 1, steps)
-    return plots.image_grid_figure(images.reshape(entries * steps, *images.shape[-2:]), columns=steps, scale=2,
-                                   labels=[f"({k // 4},{k % 4})" for k in range(entries)],
-                                   col_labels=[f"{v:+.1f}".replace("+0.0", "0") for v in offsets],
-                                   title="decoded image as one pose entry moves", ylabel="pose entry",
-                                   xlabel="offset from the pose (multiples of the entry's range)")
 
 
 # ---------------------------------------------------------------------------------------------------------

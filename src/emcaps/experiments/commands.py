@@ -48,8 +48,7 @@ def cmd_viewpoint(args: argparse.Namespace) -> int:
     from emcaps.experiments.viewpoint import run_viewpoint
 
     return _finish(run_viewpoint(args.split, args.out, fast=args.fast, dataset=args.data, root=args.root,
-                                 seed=args.seed, quiet=args.quiet, device=args.device,
-                                 pose_grid=not args.no_pose_grid, steps=args.steps,
+                                 seed=args.seed, quiet=args.quiet, device=args.device, steps=args.steps,
                                  capsnet_lr=args.capsnet_lr, iterations=args.routing_iterations,
                                  capsnet_steps=args.capsnet_steps))
 
@@ -116,13 +115,10 @@ def add_experiment_parser(sub) -> None:
         "when its "
         "familiar-viewpoint error matches the CNN's (when it never does, also report the CNN as it was "
         "when it matched the capsule network's); report the models' error on familiar and novel "
-        "viewpoints and per viewpoint. Pictures of the capsule network: routing histograms, a parse map "
-        "and the pose-perturbation grid of a decoder trained on its frozen class poses."))
+        "viewpoints and per viewpoint. Pictures of the capsule network: routing histograms and a parse map."))
     q.add_argument("--split", choices=("azimuth", "elevation"), default="azimuth",
                    help="azimuth: train on 300..40 degrees; elevation: train on the 3 lowest "
                         "(default azimuth)")
-    q.add_argument("--no-pose-grid", action="store_true",
-                   help="skip the pose-perturbation picture and the decoder it trains")
     _common(q, "viewpoint")
     _capsnet(q, "6000, a ceiling: it stops when matched; fast: as --steps")
     q.set_defaults(func=cmd_viewpoint)

@@ -41,7 +41,7 @@ DATASETS = ("synthnorb", "smallnorb")
 class Budget:
     """How long and how one model trains: `steps` Adam steps of `batch_size` random crops, the learning
     rate following `schedule` (optim.lr_schedule). `run_config` turns it into train.max_steps,
-    train.batch_size, optim.lr and optim.lr_schedule; the pose decoder's (viz.fit_decoder) is read as is."""
+    train.batch_size, optim.lr and optim.lr_schedule."""
 
     steps: int
     batch_size: int
@@ -54,11 +54,10 @@ class Budget:
 ITERATIONS = RoutingConfig().iterations
 
 # Fast mode: tiny SynthNORB at 32 px (no resizing), 'tiny' capsules; full mode: 48 px data, 'small' capsules.
-# 'decoder' trains the PoseDecoder of the pose-perturbation picture on at most 'decoder_images' train images.
 FAST = {"capsnet": "tiny", "capsules": Budget(4, 8, 1e-2), "cnn": Budget(8, 16, 1e-3), "check_every": 2,
-        "test_limit": 64, "decoder": Budget(100, 32, 1e-3), "decoder_images": 256}
+        "test_limit": 64}
 FULL = {"capsnet": "small", "capsules": Budget(3000, 32, 3e-3), "cnn": Budget(3000, 32, 1e-3),
-        "check_every": 200, "test_limit": 2000, "decoder": Budget(3000, 64, 1e-3), "decoder_images": 4000}
+        "check_every": 200, "test_limit": 2000}
 
 
 def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = None,
@@ -89,7 +88,7 @@ def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = No
 
 def budgets(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What each model's training was given, for results.json."""
-    out = {name: asdict(cfg[name]) for name in ("cnn", "capsules", "decoder")}
+    out = {name: asdict(cfg[name]) for name in ("cnn", "capsules")}
     out["capsules"]["routing_iterations"] = cfg["routing"].iterations
     return out
 

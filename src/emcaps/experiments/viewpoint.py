@@ -12,7 +12,7 @@ error is reported as a third model, "CNN, stopped to match" (what the paper's pr
 the CNN been the slower learner).
 
 The trained capsule network also gets pictures: routing histograms and a parse map of one novel-viewpoint
-test image, and (unless skipped) the pose-perturbation grid of a decoder trained on its frozen class poses.
+test image.
 """
 
 from __future__ import annotations
@@ -22,21 +22,17 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from emcaps import plots, viz
 from emcaps.config import ConfigError
 from emcaps.data.smallnorb import ELEVATIONS_DEG, FAMILIAR_AZIMUTHS, FAMILIAR_ELEVATIONS
-from emcaps.data.splits import ImageSet, eval_batches
+from emcaps.data.splits import eval_batches
 from emcaps.data.transforms import center_crop
 from emcaps.evaluate import error_rate, predict
 from emcaps.experiments import common
 
 SPLITS = ("azimuth", "elevation")
 LABELS = {"cnn": "CNN", "capsules": "capsules", "cnn_matched": "CNN, stopped to match"}
-POSE_GRID = "pose-perturbation.png"
-HOLDOUT = 0.2          # of the pose decoder's training instances, to keep its best state (it overfits them)
-DECODER_BOUND = 1.5    # squashing of the standardised poses (PoseDecoder); measured best of 0 / 1.5 / 3
 # The capsule network's budget here is a ceiling (it stops when matched): 3,000 steps were too few to match
 # the CNN (README, "Novel viewpoints").
 CAPSNET_STEPS = 6000
@@ -52,11 +48,10 @@ def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
 
 def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fast: bool = False,
                   dataset: str = "synthnorb", root: str = "", seed: int = 0, quiet: bool = True,
-                  device: str = "cpu", pose_grid: bool = True, steps: int | None = None,
-                  capsnet_lr: float | None = None, iterations: int | None = None,
-                  capsnet_steps: int | None = None) -> dict[str, Any]:
+                  device: str = "cpu", steps: int | None = None, capsnet_lr: float | None = None,
+                  iterations: int | None = None, capsnet_steps: int | None = None) -> dict[str, Any]:
     """Run the protocol for one split; writes results.json, results.md, error-per-<split>.png and the
-    capsule network's pictures (pose_grid=False skips the pose-perturbation grid and its decoder).
+    capsule network's pictures (routing-histograms.png, parse-map.png).
     `steps`, `capsnet_lr`, `iterations` and `capsnet_steps` replace the defaults of `common.settings`
     (the capsule network's budget is CAPSNET_STEPS unless a step count is given, or in fast mode)."""
     if split not in SPLITS:
@@ -145,17 +140,10 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
     viz.routing_histograms(caps, image, out / "routing-histograms.png", class_names=test.class_names)
     viz.parse_map(caps, image, out / "parse-map.png")
     figures = [f"error-per-{split}.png", "routing-histograms.png", "parse-map.png"]
-    decoder = None
-    if pose_grid:
-        decoder = pose_picture(caps, train, test, novel, out / POSE_GRID, cfg["decoder"],
-                               cfg["decoder_images"], seed=seed)
-        figures.append(POSE_GRID)
-        say(f"pose decoder: test reconstruction error {decoder['test_mse']:.3f} "
-            f"(untrained {decoder['untrained_test_mse']:.3f})")
     results = {"experiment": "viewpoint", "split": split, "dataset": dataset, "fast": fast, "seed": seed,
                "train_images": len(train), "test_images": len(test),
                "familiar_test_images": int(familiar.sum()), "budgets": common.budgets(cfg),
-               "models": models, "per_view": per_view, "decoder": decoder, "figures": figures}
+               "models": models, "per_view": per_view, "figures": figures}
     return common.write_results(out, results, _markdown(results))
 
 
@@ -165,49 +153,6 @@ def first_match(checks: list[dict[str, Any]], target: float) -> dict[str, Any]:
     if not checks:
         raise ValueError("no checks to match")
     return next((c for c in checks if c["familiar_error"] <= target), checks[-1])
-
-
-def pose_picture(caps: nn.Module, train: ImageSet, test: ImageSet, index: int, out_png: Path,
-                 budget: common.Budget, images: int, seed: int = 0) -> dict[str, Any]:
-    """Train a PoseDecoder on the frozen capsule network's target-class poses of (at most `images` of) the
-    training images, then draw how the reconstruction of test image `index` changes as each of the 16
-    entries of its true class's pose moves through +-2 standard deviations of that entry (over the
-    decoder's training images of that class) in 11 steps.
-
-    The errors are mean squared per pixel on the centre crops of all test images, which are standardised
-    (predicting zeros scores about 1); an untrained decoder of the same initialisation and the training
-    images' mean image are the baselines a pose that carries the image must beat. The state kept is the
-    one best on held-out object instances (test images show other instances than training images).
-    -> {'steps', 'kept_step', 'holdout', 'holdout_by', 'bound', 'train_images', 'test_mse',
-    'untrained_test_mse', 'mean_image_test_mse', 'image', 'label', 'class', 'delta': 16 floats}.
-    """
-    pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:images]
-    x, y = center_crop(train.images[pick], 32), train.labels[pick]                # (N, C, 32, 32), (N,)
-    x_test = center_crop(test.images, 32)                                         # (M, C, 32, 32)
-    poses, test_poses = viz.class_poses(caps, x), viz.class_poses(caps, x_test)   # (N, E, 16), (M, E, 16)
-
-    instances = train.meta.get("instance") if train.meta else None
-    groups = torch.as_tensor(np.asarray(instances))[pick] if instances is not None else None
-    if groups is not None and len(groups.unique()) < 2:
-        groups = None                          # one instance only: hold out images instead
-
-    def fit(steps: int) -> viz.PoseDecoder:
-        return viz.fit_decoder(poses, x, y, steps=steps, lr=budget.lr, batch_size=budget.batch_size,
-                               seed=seed, holdout=HOLDOUT, groups=groups, bound=DECODER_BOUND)
-
-    decoder, untrained = fit(budget.steps), fit(0)
-    label = int(test.labels[index])
-    own = poses[torch.arange(len(y)), y]                                          # (N, 16) true-class poses
-    own = own[y == label] if int((y == label).sum()) > 1 else own
-    delta = 2 * own.std(0) if len(own) > 1 else torch.full((16,), 0.25)           # (16,)
-    viz.pose_perturbation_grid(decoder, test_poses[index], label, out_png, steps=11, delta=delta)
-    return {"steps": budget.steps, "kept_step": decoder.best_step, "holdout": HOLDOUT,
-            "holdout_by": "instance" if groups is not None else "image", "bound": DECODER_BOUND,
-            "train_images": len(y),
-            "test_mse": viz.reconstruction_error(decoder, test_poses, x_test, test.labels),
-            "untrained_test_mse": viz.reconstruction_error(untrained, test_poses, x_test, test.labels),
-            "mean_image_test_mse": float(((x_test - x.mean(0)) ** 2).mean()),
-            "image": index, "label": label, "class": test.class_names[label], "delta": delta.tolist()}
 
 
 def _markdown(r: dict[str, Any]) -> str:
@@ -244,7 +189,6 @@ def _markdown(r: dict[str, Any]) -> str:
         "each class capsule's mean after each routing iteration, weighted by assignment; and where the "
         "evidence for its winning class comes from.", "",
         "![routing histograms](routing-histograms.png)", "", "![parse map](parse-map.png)",
-        *_decoder_markdown(r["decoder"]),
     ])
 
 
@@ -256,23 +200,3 @@ def _near(m: dict[str, Any]) -> str:
     return (f"{len(near)} checks within {100 * NEAR:g} points of that familiar error had novel error "
             f"{common.pct(min(near))} to {common.pct(max(near))}" if near else
             f"checks all missed that familiar error by more than {100 * NEAR:g} points")
-
-
-def _decoder_markdown(d: dict[str, Any] | None) -> list[str]:
-    if d is None:
-        return []
-    return [
-        "", f"A decoder trained for up to {d['steps']} steps on the frozen network's poses of the true class "
-        f"of {d['train_images']} training images (keeping the state of step "
-        f"{d['kept_step']}, best on {100 * d['holdout']:.0f}% of their {d['holdout_by']}s held out) "
-        f"reconstructs the test images with mean squared error "
-        f"{d['test_mse']:.3f} per pixel (untrained decoder {d['untrained_test_mse']:.3f}, the training "
-        f"images' mean image {d['mean_image_test_mse']:.3f})"
-        + ("; no better than the mean image, so these poses carry little of an unseen object's image and "
-           "the rows show what the decoder learned from the training instances" if
-           d["test_mse"] >= d["mean_image_test_mse"] else "")
-        + f". Each row below moves one of the 16 pose "
-        f"entries (row, column of the 4x4 pose) of the same test image's class capsule ({d['class']}) "
-        "through +-2 standard deviations of that entry in 11 steps; the middle column is the "
-        "unperturbed pose.", "", f"![pose perturbations]({POSE_GRID})",
-    ]

@@ -20,6 +20,7 @@ Numerical choices, shared by both forms so that they agree:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ DEFAULT_FINAL_LAMBDA = 10.0
 DEFAULT_ESTEP_TEMPERATURE = 0.1
 SCHEDULES = ("authors", "linear", "constant")
 ACTIVATIONS = ("paper", "standardised")
+DEFAULT_PARAMETERISATION = "emcaps"
 BACKENDS = ("auto", "native", "torch", "compile")
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -63,6 +65,18 @@ class RoutingConfig:
     estep_temperature: the E-step's log-posterior is multiplied by this before normalising (deterministic
                       annealing EM): 1 is plain EM, below 1 softer assignments, so a parent whose variance
                       sits near the floor does not take a child outright.
+    centre_damping:   each M-step moves a parent's centre only part of the way: centre = (1 - damping) *
+                      weighted mean + damping * previous centre (0 before the first iteration), and the
+                      variance is taken around that centre (the authors' code: 0.1).
+    cost_scale:       a fixed factor on every layer's cost (the authors' logit has twice ours: 2).
+    fan_in_cost_scale: when > 0, each layer's cost is also multiplied by this * J / I, J the parent types and
+                      I the children of one routing problem (IBM's 100 * C / (K*K*B): 22, 11, 2 in 'small').
+    class_lambda_scale: the class capsules route at this fraction of the inverse temperature (authors: 1/4).
+    beta_u_scale, beta_a_scale: the layers' learned biases enter the cost as these multiples of the
+                      parameters (the authors learn sigma_b and act_b with beta_u = sigma_b (ln 2 pi + 1) / 2
+                      and beta_a = -5000 act_b); the factor also sets Adam's effective step on the bias.
+    parameterisation: the name (a key of PARAMETERISATIONS) this config was built from; run configs fill
+                      every field the name sets, and the model's initialisation, from it (emcaps.config).
 
     How it runs (the result does not depend on these):
     chunk:            route this many images at a time; 0 (default) picks as many as keep one chunk's
@@ -89,6 +103,13 @@ class RoutingConfig:
     compete_positions: bool = True
     activation: str = DEFAULT_ACTIVATION
     estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE
+    centre_damping: float = 0.0
+    cost_scale: float = 1.0
+    fan_in_cost_scale: float = 0.0
+    class_lambda_scale: float = 1.0
+    beta_u_scale: float = 1.0
+    beta_a_scale: float = 1.0
+    parameterisation: str = DEFAULT_PARAMETERISATION
     chunk: int = 0
     chunk_mb: float = 12.0
     recompute: bool = True
@@ -111,6 +132,19 @@ class RoutingConfig:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if not self.estep_temperature > 0:
             raise ValueError(f"estep_temperature must be > 0, got {self.estep_temperature}")
+        if not 0 <= self.centre_damping < 1:
+            raise ValueError(f"centre_damping must be in [0, 1), got {self.centre_damping}")
+        for name in ("cost_scale", "class_lambda_scale"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not (self.fan_in_cost_scale >= 0 and math.isfinite(self.fan_in_cost_scale)):
+            raise ValueError(f"fan_in_cost_scale must be a finite number >= 0, got {self.fan_in_cost_scale}")
+        for name in ("beta_u_scale", "beta_a_scale"):
+            if not (getattr(self, name) != 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite non-zero number, got {getattr(self, name)}")
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"unknown routing parameterisation {self.parameterisation!r}; expected one of "
+                             f"{', '.join(PARAMETERISATIONS)}")
 
     @classmethod
     def named(cls, name: str, **fields: Any) -> RoutingConfig:
@@ -118,7 +152,23 @@ class RoutingConfig:
         if name not in PARAMETERISATIONS:
             raise ValueError(f"unknown routing parameterisation {name!r}; expected one of "
                              f"{', '.join(PARAMETERISATIONS)}")
-        return cls(**{**PARAMETERISATIONS[name], **fields})
+        return cls(**{**PARAMETERISATIONS[name], "parameterisation": name, **fields})
+
+    def layer_cost_scale(self, parents: int, children: int, layer_ratio: float) -> float:
+        """The factor on one layer's cost: `cost_scale`, times `layer_ratio` (parents / children over the
+        whole layer) with `normalize_cost`, times `fan_in_cost_scale` * parents / children of one routing
+        problem when that is set."""
+        scale = self.cost_scale * (layer_ratio if self.normalize_cost else 1.0)
+        if self.fan_in_cost_scale > 0:
+            scale *= self.fan_in_cost_scale * parents / children
+        return scale
+
+    def class_layer(self) -> RoutingConfig:
+        """The config the class capsules route with: the inverse temperature times `class_lambda_scale`."""
+        if self.class_lambda_scale == 1.0:
+            return self
+        return dataclasses.replace(self, final_lambda=self.final_lambda * self.class_lambda_scale,
+                                   class_lambda_scale=1.0)
 
     def images_per_chunk(self, batch: int, votes_bytes_per_image: int) -> int:
         """How many images of a batch to route at once."""
@@ -131,10 +181,22 @@ class RoutingConfig:
         return inverse_temperatures(self.iterations, self.final_lambda, self.schedule)
 
 
-# Named parameterisations: how the activation follows from the cost and how sharp the E-step is.
+# Named parameterisations: how the activation follows from the cost, how sharp the E-step is, and how the
+# M-step moves the centres. The model's initialisation that goes with each is emcaps.models.INITIALISATIONS.
+_PAPER_LOGIT = {"activation": "paper", "final_lambda": 0.01, "schedule": "authors", "estep_temperature": 1.0}
 PARAMETERISATIONS: dict[str, dict[str, Any]] = {
+    # emcaps' own (README, "Three routing iterations that learn"): the RoutingConfig defaults.
+    "emcaps": {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
+               "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR},
     # The paper's formula as written, with the authors' inverse temperature 0.01 * (1 - 0.95**(i+1)).
-    "paper": {"activation": "paper", "final_lambda": 0.01, "schedule": "authors", "estep_temperature": 1.0},
+    "paper": dict(_PAPER_LOGIT),
+    # google-research capsule_em (em_layers.py): logit = lambda * (S * (-sum_h log var_h - sigma_b * D *
+    # (ln 2pi + 1)) - 5000 act_b) = lambda * (beta_a - 2 (D beta_u + 0.5 sum_h log var_h) S) with
+    # beta_u = sigma_b (ln 2pi + 1) / 2 and beta_a = -5000 act_b; class layer at lambda / 4; centres damped.
+    "authors": {**_PAPER_LOGIT, "var_floor": 5e-4, "cost_scale": 2.0, "centre_damping": 0.1,
+                "class_lambda_scale": 0.25, "beta_u_scale": (_LOG_2PI + 1) / 2, "beta_a_scale": -5000.0},
+    # IBM/matrix-capsules-with-em-routing (Gritzman 2019): cost times 100 * J / I per layer, floor 1e-9.
+    "ibm": {**_PAPER_LOGIT, "var_floor": 1e-9, "fan_in_cost_scale": 100.0},
 }
 
 
@@ -199,6 +261,7 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
                final_lambda: float = DEFAULT_FINAL_LAMBDA, schedule: str = "authors",
                var_floor: float = DEFAULT_VAR_FLOOR, normalize_cost: bool = False,
                activation: str = DEFAULT_ACTIVATION, estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE,
+               centre_damping: float = 0.0, cost_scale: float = 1.0, fan_in_cost_scale: float = 0.0,
                connectivity: Tensor | None = None,
                trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
     """EM routing, dense reference form.
@@ -208,7 +271,9 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
     beta_u, beta_a: (J,)        learned cost offsets (scalars broadcast)
     connectivity: optional (I, J) bool; child i feeds parent j only where True. A child's assignments
                   start uniform over, and are normalised over, the parents it feeds.
-    returns pose (N, J, D) (the Gaussian means) and activation (N, J).
+    centre_damping, cost_scale, fan_in_cost_scale: as in RoutingConfig (the cost's factor is
+                  cost_scale * (J / I if normalize_cost) * (fan_in_cost_scale * J / I if that is > 0)).
+    returns pose (N, J, D) (the Gaussian means, or damped centres) and activation (N, J).
     """
     if votes.dim() != 4:
         raise ValueError(f"votes must have shape (N, I, J, D), got {tuple(votes.shape)}")
@@ -231,14 +296,17 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         if (fan_out == 0).any():
             raise ValueError("connectivity leaves a child with no parent")
         r = (connectivity / fan_out).to(cd).unsqueeze(0)
-    scale = n_out / n_in if normalize_cost else 1.0
+    scale = cost_scale * (n_out / n_in if normalize_cost else 1.0)
+    if fan_in_cost_scale > 0:
+        scale *= fan_in_cost_scale * n_out / n_in
+    mean = v.new_zeros(n, n_out, v.shape[-1])                           # the centres before the first M-step
 
     for it, lam in enumerate(lambdas):
         # M-step: assignments weighted by the children's activations.
         ra = r * a.unsqueeze(-1)                                        # (N, I, J)
         r_sum = ra.sum(1)                                               # (N, J)
         w = ra / r_sum.clamp_min(EPS).unsqueeze(1)                             # (N, I, J)
-        mean = (w.unsqueeze(-1) * v).sum(1)                             # (N, J, D)
+        mean = (1 - centre_damping) * (w.unsqueeze(-1) * v).sum(1) + centre_damping * mean   # (N, J, D)
         sq = (v - mean.unsqueeze(1)) ** 2                               # (N, I, J, D)
         var = (w.unsqueeze(-1) * sq).sum(1) + var_floor                 # (N, J, D)
         logit = parent_logit(bu, ba, torch.log(var).sum(-1), r_sum, lam, scale, v.shape[-1], activation)
@@ -267,6 +335,8 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
 
     votes:       (M, J, I, D)   M independent routing problems (images, or image-positions)
     activations: (M, I)
+    cost_scale:  the layer's factor on the cost (the layers pass `config.layer_cost_scale(...)`, which holds
+                 config.cost_scale; this function reads no cost factor from `config` itself)
     initial:     initial assignments, broadcastable to (M, J, I); default uniform 1/J
     normalise:   maps unnormalised log-assignments (M, J, I) to normalised ones; default log-softmax
                  over J. Convolutional layers pass one that normalises across positions.
@@ -285,7 +355,8 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     if config.backend == "compile" and trace is None:
         mean, act = _compiled_kernel()(votes.to(cd), activations.to(cd), beta_u.to(cd), beta_a.to(cd),
                                        tuple(config.inverse_temperatures), config.var_floor, cost_scale,
-                                       r, normalise, config.activation, config.estep_temperature)
+                                       r, normalise, config.activation, config.estep_temperature,
+                                       config.centre_damping)
         return mean.to(out_dtype), act.to(out_dtype)
     v = votes.to(cd)
     a = activations.to(cd).unsqueeze(1)                                 # (M, 1, I)
@@ -296,6 +367,8 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     del v, vc
 
     lambdas = config.inverse_temperatures
+    damping = config.centre_damping
+    previous = -centre                                                  # the centres 0, relative to `centre`
     for it, lam in enumerate(lambdas):
         ra = (r * a).expand(m, n_out, n_in)                             # (M, J, I)
         r_sum = ra.sum(-1)                                              # (M, J)
@@ -306,6 +379,10 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
         # weights sum to less than one (r_sum < EPS): there the mean shrinks towards 0, not the centre.
         w_sum = (r_sum / r_sum.clamp_min(EPS)).unsqueeze(-1)            # (M, J, 1)
         mean = m1 + centre * (w_sum - 1)
+        if damping:
+            # sum_i w (vc - mean)^2 below holds for any mean, so the damped centre needs nothing else.
+            mean = (1 - damping) * mean + damping * previous
+            previous = mean
         var = (ex2 - 2 * mean * m1 + mean * mean * w_sum).clamp_min(0) + config.var_floor
         log_var = torch.log(var)
         logit = parent_logit(bu, ba, log_var.sum(-1), r_sum, lam, cost_scale, d, config.activation)  # (M, J)
@@ -377,7 +454,7 @@ class PositionCompetition:
 
 def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, lambdas: tuple[float, ...],
                var_floor: float, cost_scale: float, initial: Tensor, normalise: Normaliser | None,
-               activation: str, estep_temperature: float) -> tuple[Tensor, Tensor]:
+               activation: str, estep_temperature: float, centre_damping: float) -> tuple[Tensor, Tensor]:
     """EM routing written as plain broadcasts over (M, J, I, D), for torch.compile to fuse into loops.
 
     Eager, each line would allocate a votes-sized temporary; compiled, none does, and (v - mean)^2 is
@@ -386,11 +463,12 @@ def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
     d = votes.shape[-1]
     a = activations.unsqueeze(1)                                        # (M, 1, I)
     r = initial
+    mean = votes.new_zeros(votes.shape[0], votes.shape[1], d)
     for it, lam in enumerate(lambdas):
         ra = r * a                                                      # (M, J, I)
         r_sum = ra.sum(-1)                                              # (M, J)
         w = (ra / r_sum.clamp_min(EPS).unsqueeze(-1)).unsqueeze(-1)     # (M, J, I, 1)
-        mean = (w * votes).sum(2)                                       # (M, J, D)
+        mean = (1 - centre_damping) * (w * votes).sum(2) + centre_damping * mean   # (M, J, D)
         sq = (votes - mean.unsqueeze(2)) ** 2                           # (M, J, I, D), fused away
         var = (w * sq).sum(2) + var_floor
         log_var = torch.log(var)

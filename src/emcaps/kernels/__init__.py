@@ -43,10 +43,10 @@ SIGNATURES = {
     "mstep": "PPPiiPiii" "ii" "dPPP",
     "estep": "PPPPiii" "ii" "P",
     "estep_backward": "PPPPPiii" "ii" "PP",
-    "mstep_backward": "PPPPiiPPPPPPPPiii" "ii" "dPPPP",
+    "mstep_backward": "PPPPiiPPPPPPPPPiii" "ii" "dPPPP",
 }
 _C_TYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
-VERSION = 2
+VERSION = 3
 
 
 class KernelBuildError(RuntimeError):

@@ -8,6 +8,12 @@ familiar-azimuth test images every few steps.
 A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'schedule' ('constant' or
 'cosine'), 'loss' (spread / margin /
 cross_entropy), 'conv_std' and 'class_std' (initial std of the ConvCaps and class capsule transforms).
+'parameterisation' names one of emcaps.routing.PARAMETERISATIONS ('emcaps', 'paper', 'authors', 'ibm'): its
+routing fields and its initialisation (emcaps.models.INITIALISATIONS), which the variant's other keys override:
+
+    python benchmarks/learning_sweep.py --threads 1 --steps 300 --every 150 \
+        --variant '{"parameterisation": "authors"}' --variant '{"parameterisation": "ibm"}'
+
 Not a timing benchmark: it measures how far each setting gets in a fixed number of steps. It also prints
 each layer's activations and gradient norms at initialisation (`--steps 0`: those and the untrained network's error).
 """
@@ -24,6 +30,8 @@ from emcaps.data.transforms import center_crop
 from emcaps.diagnostics import gradient_norms
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
+from emcaps.models import INITIALISATIONS
+from emcaps.routing import DEFAULT_PARAMETERISATION, PARAMETERISATIONS
 
 
 @torch.no_grad()
@@ -46,10 +54,13 @@ def activation_stats(model, images) -> dict[str, tuple[float, float]]:
 def run(variant: dict, train, test, familiar, steps: int, every: int, model_name: str, seed: int) -> dict:
     v = dict(variant)
     lr, loss, schedule = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("schedule", "constant")
+    name = v.pop("parameterisation", DEFAULT_PARAMETERISATION)
+    init = dict(INITIALISATIONS[name])
     stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None)}
+    init.update({k: x for k, x in stds.items() if x is not None})
     torch.manual_seed(seed)
-    model = common.make_model(model_name, train, routing=common.whole_batch_routing(**v),
-                              **{k: x for k, x in stds.items() if x is not None})
+    routing = common.whole_batch_routing(**{**PARAMETERISATIONS[name], "parameterisation": name, **v})
+    model = common.make_model(model_name, train, routing=routing, **init)
     initial = activation_stats(model, center_crop(test.images[:32], 32))
     pick = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:32]
     gradients = gradient_norms(model, center_crop(train.images[pick], 32), train.labels[pick])

@@ -118,3 +118,18 @@ def test_unknown_parameterisation_is_a_config_error(override):
         config.load(None, [override])
     with pytest.raises(ConfigError, match="model.bias_init must be one of"):
         config.load(None, ["model.bias_init=ones"])
+
+
+def test_naming_a_parameterisation_replaces_a_saved_configs_named_fields(tmp_path):
+    """A saved run's config.toml sets every field; `--set routing.parameterisation=NAME` must still switch."""
+    from emcaps.routing import RoutingConfig
+
+    path = tmp_path / "run.toml"
+    path.write_text(config.load(None, ["routing.parameterisation=authors", "routing.iterations=2"]).to_toml())
+    c = config.load(path, ["routing.parameterisation=ibm"])
+    assert c.routing == RoutingConfig.named("ibm", iterations=2)
+    assert (c.model.bias_init, c.model.class_transform_std, c.model.conv1_bias) == ("ibm", 1.0, 0.0)
+    c = config.load(path, ["routing.parameterisation=emcaps", "routing.centre_damping=0.2"])
+    assert c.routing == RoutingConfig(iterations=2, centre_damping=0.2)
+    c = config.with_updates(config.load(path), routing={"parameterisation": "paper"})
+    assert c.routing == RoutingConfig.named("paper", iterations=2) and c.model.bias_init == "zeros"

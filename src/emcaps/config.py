@@ -338,7 +338,8 @@ def resolve_parameterisation(data: dict[str, Any]) -> dict[str, Any]:
     emcaps.models.INITIALISATIONS) wherever the config does not set them itself. A new dict.
 
     A config that sets a field explicitly keeps it: `[routing] parameterisation = "authors"` with
-    `final_lambda = 0.02` routes like the authors at another temperature.
+    `final_lambda = 0.02` routes like the authors at another temperature. (`from_dict` and `with_updates`
+    first drop the named fields of a config whose name an override or update changes.)
     """
     routing = data.get("routing")
     if not isinstance(routing, dict) or "parameterisation" not in routing:
@@ -354,8 +355,23 @@ def resolve_parameterisation(data: dict[str, Any]) -> dict[str, Any]:
             "model": {**INITIALISATIONS[name], **model}}
 
 
+def _without_named_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` less the routing and model fields a parameterisation sets, so that a newly named one sets them."""
+    out = dict(data)
+    for section, named in (("routing", PARAMETERISATIONS), ("model", INITIALISATIONS)):
+        if isinstance(out.get(section), dict):
+            keys = {key for fields_ in named.values() for key in fields_}
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
 def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    return build(RunConfig, resolve_parameterisation(apply_overrides(data, list(overrides))))
+    """A RunConfig from plain data and overrides. An override naming `routing.parameterisation` replaces every
+    field that parameterisation sets, also where `data` (a file, a saved run) sets it; other overrides win."""
+    overrides = list(overrides)
+    if any(parse_override(text)[0] == ["routing", "parameterisation"] for text in overrides):
+        data = _without_named_fields(data)
+    return build(RunConfig, resolve_parameterisation(apply_overrides(data, overrides)))
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -392,6 +408,8 @@ def named_config_path(name: str) -> Path | None:
 def with_updates(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
     """A copy with some fields of some sections changed, checked like any other config."""
     data = config.to_dict()
+    if "parameterisation" in sections.get("routing", {}):
+        data = _without_named_fields(data)
     for section, values in sections.items():
         data[section] = {**data[section], **values}
     return from_dict(data)

@@ -183,13 +183,18 @@ class RoutingConfig:
 
 # Named parameterisations: how the activation follows from the cost, how sharp the E-step is, and how the
 # M-step moves the centres. The model's initialisation that goes with each is emcaps.models.INITIALISATIONS.
-_PAPER_LOGIT = {"activation": "paper", "final_lambda": 0.01, "schedule": "authors", "estep_temperature": 1.0}
+# Every name sets every one of these fields, so that switching names leaves nothing of the previous one.
+_EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
+           "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR, "normalize_cost": False,
+           "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
+           "beta_u_scale": 1.0, "beta_a_scale": 1.0}
+_PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
+                "estep_temperature": 1.0}
 PARAMETERISATIONS: dict[str, dict[str, Any]] = {
     # emcaps' own (README, "Three routing iterations that learn"): the RoutingConfig defaults.
-    "emcaps": {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
-               "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR},
+    "emcaps": _EMCAPS,
     # The paper's formula as written, with the authors' inverse temperature 0.01 * (1 - 0.95**(i+1)).
-    "paper": dict(_PAPER_LOGIT),
+    "paper": _PAPER_LOGIT,
     # google-research capsule_em (em_layers.py): logit = lambda * (S * (-sum_h log var_h - sigma_b * D *
     # (ln 2pi + 1)) - 5000 act_b) = lambda * (beta_a - 2 (D beta_u + 0.5 sum_h log var_h) S) with
     # beta_u = sigma_b (ln 2pi + 1) / 2 and beta_a = -5000 act_b; class layer at lambda / 4; centres damped.

@@ -6,8 +6,8 @@ import torch
 
 from emcaps.capsules import Capsules
 from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps, coordinate_offsets
-from emcaps.native_routing import native_available
 from emcaps.routing import RoutingConfig, em_routing
+from emcaps.routing.native import native_available
 
 R = RoutingConfig(final_lambda=1.0)
 # Capsule convolutions route with PyTorch ops or with the native kernels; both must compute the same thing.

@@ -10,8 +10,8 @@ import torch
 import emcaps.layers
 from emcaps.capsules import Capsules
 from emcaps.layers import ConvCaps
-from emcaps.native_routing import conv_routing, native_available
 from emcaps.routing import PositionCompetition, RoutingConfig, em_routing_fused
+from emcaps.routing.native import conv_routing, native_available
 
 pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")),
                                 reason="no C++ compiler for the native kernels")

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from emcaps.capsules import Capsules, conv_output_size, extract_patches
-from emcaps.native_routing import conv_routing, native_available
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
+from emcaps.routing.native import conv_routing, native_available
 
 
 def _trunc_normal(shape: tuple[int, ...], std: float) -> nn.Parameter:

@@ -6,7 +6,7 @@
 // 30 MB per image through memory. Each pass works on one (m, j) block whose votes (I x 16) sit in L1.
 //
 // The glue between passes (costs, activations, the E-step normalisation across positions) is small and stays in
-// PyTorch (emcaps/native_routing.py); these functions do every pass over the votes:
+// PyTorch (emcaps/routing/native.py); these functions do every pass over the votes:
 //   mstep:          weighted mean and variance of the votes of each parent, and the weight sums S;
 //   estep:          squared Mahalanobis distance of every vote to its parent's Gaussian;
 //   estep_backward: the E-step's gradients with respect to the parent means and inverse variances;

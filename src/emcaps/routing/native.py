@@ -26,7 +26,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from emcaps.kernels import Library, PerThread, library
-from emcaps.routing import EPS, PositionCompetition, RoutingConfig, parent_logit
+from emcaps.routing.config import EPS, RoutingConfig
+from emcaps.routing.fused import PositionCompetition
+from emcaps.routing.reference import parent_logit
 
 _LOG_2PI = math.log(2 * math.pi)
 D = 16

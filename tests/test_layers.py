@@ -69,7 +69,7 @@ AUTHORS_LIKE = {"centre_damping": 0.1, "cost_scale": 2.0, "fan_in_cost_scale": 3
                 "beta_a_scale": -3.0}
 
 
-@pytest.mark.parametrize("fields", [{}, AUTHORS_LIKE])
+@pytest.mark.parametrize("fields", [{}, AUTHORS_LIKE, {**AUTHORS_LIKE, "initial_assignments": "per_window"}])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,s,h", [(3, 1, 5), (3, 2, 7), (2, 1, 4)])
 def test_conv_caps_with_competition_is_dense_routing_over_the_grid(k, s, h, backend, fields):
@@ -96,7 +96,8 @@ def test_conv_caps_with_competition_is_dense_routing_over_the_grid(k, s, h, back
     pose, act = em_routing(dense, caps.activation.reshape(n, -1), cfg.beta_u_scale * layer.beta_u.repeat(oh * oh),
                            cfg.beta_a_scale * layer.beta_a.repeat(oh * oh), 3, final_lambda=1.0, connectivity=conn,
                            activation="paper", centre_damping=cfg.centre_damping,
-                           cost_scale=cfg.layer_cost_scale(c, k * k * b, 0.0))
+                           cost_scale=cfg.layer_cost_scale(c, k * k * b, 0.0),
+                           initial=conn / c if cfg.initial_assignments == "per_window" else None)
     torch.testing.assert_close(out.pose.reshape(pose.shape), pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out.activation.reshape(act.shape), act, atol=1e-9, rtol=1e-9)
 

@@ -363,7 +363,8 @@ def test_parameterisation_fields_are_checked():
     with pytest.raises(ValueError, match="estep_temperature"):
         RoutingConfig(estep_temperature=0.0)
     for field, bad in [("centre_damping", 1.0), ("centre_damping", -0.1), ("cost_scale", 0.0),
-                       ("fan_in_cost_scale", -1.0), ("class_lambda_scale", 0.0), ("beta_a_scale", 0.0)]:
+                       ("fan_in_cost_scale", -1.0), ("class_lambda_scale", 0.0), ("beta_a_scale", 0.0),
+                       ("initial_assignments", "ones")]:
         with pytest.raises(ValueError, match=field):
             RoutingConfig(**{field: bad})
     with pytest.raises(ValueError, match="unknown routing parameterisation 'google'"):

@@ -168,7 +168,8 @@ class ConvCaps(nn.Module):
         comp = initial = None
         if self.routing.compete_positions:
             comp = PositionCompetition(h, w, self.kernel, self.stride, self.in_types, device=pose.device)
-            initial = comp.initial(n, self.out_types, cd)
+            if self.routing.initial_assignments == "uniform":
+                initial = comp.initial(n, self.out_types, cd)
         if self.uses_native(pose, trace):
             poses, a_in = self.windows(Capsules(pose, act))
             if initial is None:

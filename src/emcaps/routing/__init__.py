@@ -31,6 +31,7 @@ from emcaps.routing.config import (
     DEFAULT_PARAMETERISATION,
     DEFAULT_VAR_FLOOR,
     EPS,
+    INITIAL_ASSIGNMENTS,
     PARAMETERISATIONS,
     SCHEDULES,
     STD_FLOOR,
@@ -42,7 +43,7 @@ from emcaps.routing.reference import Normaliser, RoutingStep, em_routing, parent
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "DEFAULT_ACTIVATION", "DEFAULT_ESTEP_TEMPERATURE", "DEFAULT_FINAL_LAMBDA",
-    "DEFAULT_PARAMETERISATION", "DEFAULT_VAR_FLOOR", "EPS", "PARAMETERISATIONS", "SCHEDULES", "STD_FLOOR",
-    "Normaliser", "PositionCompetition", "RoutingConfig", "RoutingStep", "em_routing", "em_routing_fused",
-    "inverse_temperatures", "parent_logit",
+    "DEFAULT_PARAMETERISATION", "DEFAULT_VAR_FLOOR", "EPS", "INITIAL_ASSIGNMENTS", "PARAMETERISATIONS",
+    "SCHEDULES", "STD_FLOOR", "Normaliser", "PositionCompetition", "RoutingConfig", "RoutingStep", "em_routing",
+    "em_routing_fused", "inverse_temperatures", "parent_logit",
 ]

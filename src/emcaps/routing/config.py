@@ -22,6 +22,7 @@ SCHEDULES = ("authors", "linear", "constant")
 ACTIVATIONS = ("paper", "standardised")
 DEFAULT_PARAMETERISATION = "emcaps"
 BACKENDS = ("auto", "native", "torch", "compile")
+INITIAL_ASSIGNMENTS = ("uniform", "per_window")
 _LOG_2PI = math.log(2 * math.pi)
 
 
@@ -38,6 +39,9 @@ class RoutingConfig:
                       so the cost has the same size in layers with very different fan-in.
     compete_positions: in convolutional layers, a child's assignments are normalised over every parent
                       it feeds (all positions and types), not over the types at each position.
+    initial_assignments: with compete_positions, how the first M-step's assignments start: 'uniform' over
+                      every parent a child feeds (1 / (C * windows)), or 'per_window', 1/C to the parents of
+                      each window, as the authors' code starts (a child in k windows carries k times the data).
     activation:       how a parent's activation follows from its cost (see `parent_logit`): 'paper',
                       lambda * (beta_a - cost); 'standardised', lambda * (beta_a - z) with z the cost
                       standardised over the parent types of one routing problem, so activations spread
@@ -81,6 +85,7 @@ class RoutingConfig:
     var_floor: float = DEFAULT_VAR_FLOOR
     normalize_cost: bool = False
     compete_positions: bool = True
+    initial_assignments: str = "uniform"
     activation: str = DEFAULT_ACTIVATION
     estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE
     centre_damping: float = 0.0
@@ -112,6 +117,9 @@ class RoutingConfig:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if not self.estep_temperature > 0:
             raise ValueError(f"estep_temperature must be > 0, got {self.estep_temperature}")
+        if self.initial_assignments not in INITIAL_ASSIGNMENTS:
+            raise ValueError(f"unknown initial_assignments {self.initial_assignments!r}; expected one of "
+                             f"{INITIAL_ASSIGNMENTS}")
         if not 0 <= self.centre_damping < 1:
             raise ValueError(f"centre_damping must be in [0, 1), got {self.centre_damping}")
         for name in ("cost_scale", "class_lambda_scale"):
@@ -167,7 +175,7 @@ class RoutingConfig:
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
            "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR, "normalize_cost": False,
            "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
-           "beta_u_scale": 1.0, "beta_a_scale": 1.0}
+           "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform"}
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
                 "estep_temperature": 1.0}
 PARAMETERISATIONS: dict[str, dict[str, Any]] = {
@@ -177,9 +185,11 @@ PARAMETERISATIONS: dict[str, dict[str, Any]] = {
     "paper": _PAPER_LOGIT,
     # google-research capsule_em (em_layers.py): logit = lambda * (S * (-sum_h log var_h - sigma_b * D *
     # (ln 2pi + 1)) - 5000 act_b) = lambda * (beta_a - 2 (D beta_u + 0.5 sum_h log var_h) S) with
-    # beta_u = sigma_b (ln 2pi + 1) / 2 and beta_a = -5000 act_b; class layer at lambda / 4; centres damped.
+    # beta_u = sigma_b (ln 2pi + 1) / 2 and beta_a = -5000 act_b; class layer at lambda / 4; centres damped;
+    # a capsule convolution's first assignments 1/C in every window (softmax of zeros per window).
     "authors": {**_PAPER_LOGIT, "var_floor": 5e-4, "cost_scale": 2.0, "centre_damping": 0.1,
-                "class_lambda_scale": 0.25, "beta_u_scale": (_LOG_2PI + 1) / 2, "beta_a_scale": -5000.0},
+                "class_lambda_scale": 0.25, "beta_u_scale": (_LOG_2PI + 1) / 2, "beta_a_scale": -5000.0,
+                "initial_assignments": "per_window"},
     # IBM/matrix-capsules-with-em-routing (Gritzman 2019): cost times 100 * J / I per layer, floor 1e-9.
     "ibm": {**_PAPER_LOGIT, "var_floor": 1e-9, "fan_in_cost_scale": 100.0},
 }

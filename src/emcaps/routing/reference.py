@@ -77,7 +77,7 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
                var_floor: float = DEFAULT_VAR_FLOOR, normalize_cost: bool = False,
                activation: str = DEFAULT_ACTIVATION, estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE,
                centre_damping: float = 0.0, cost_scale: float = 1.0, fan_in_cost_scale: float = 0.0,
-               connectivity: Tensor | None = None,
+               connectivity: Tensor | None = None, initial: Tensor | None = None,
                trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
     """EM routing, dense reference form.
 
@@ -86,6 +86,8 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
     beta_u, beta_a: (J,)        learned cost offsets (scalars broadcast)
     connectivity: optional (I, J) bool; child i feeds parent j only where True. A child's assignments
                   start uniform over, and are normalised over, the parents it feeds.
+    initial:      optional (I, J) or (N, I, J) assignments for the first M-step instead of that uniform start
+                  (RoutingConfig.initial_assignments = 'per_window' gives 1/C in every window of a child).
     centre_damping, cost_scale, fan_in_cost_scale: as in RoutingConfig (the cost's factor is
                   cost_scale * (J / I if normalize_cost) * (fan_in_cost_scale * J / I if that is > 0)).
     returns pose (N, J, D) (the Gaussian means, or damped centres) and activation (N, J).
@@ -111,6 +113,8 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         if (fan_out == 0).any():
             raise ValueError("connectivity leaves a child with no parent")
         r = (connectivity / fan_out).to(cd).unsqueeze(0)
+    if initial is not None:
+        r = initial.to(cd).expand(n, n_in, n_out)
     scale = cost_scale * (n_out / n_in if normalize_cost else 1.0)
     if fan_in_cost_scale > 0:
         scale *= fan_in_cost_scale * n_out / n_in

@@ -8,6 +8,12 @@ familiar-azimuth test images every few steps.
 A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'schedule' ('constant' or
 'cosine'), 'loss' (spread / margin /
 cross_entropy), 'conv_std' and 'class_std' (initial std of the ConvCaps and class capsule transforms).
+'parameterisation' names one of emcaps.routing.PARAMETERISATIONS ('emcaps', 'paper', 'authors', 'ibm'): its
+routing fields and its initialisation (emcaps.models.INITIALISATIONS), which the variant's other keys override:
+
+    python benchmarks/learning_sweep.py --threads 1 --steps 300 --every 150 \
+        --variant '{"parameterisation": "authors"}' --variant '{"parameterisation": "ibm"}'
+
 Not a timing benchmark: it measures how far each setting gets in a fixed number of steps. It also prints
 each layer's activations and gradient norms at initialisation (`--steps 0`: those and the untrained network's error).
 Each variant trains with the loop of `emcaps train` in OUT/runs/variantK, its RunConfig in OUT/variantK.toml.
@@ -29,6 +35,8 @@ from emcaps.diagnostics import gradient_norms
 from emcaps.evaluate import error_rate, predict
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
+from emcaps.models import INITIALISATIONS
+from emcaps.routing import DEFAULT_PARAMETERISATION, PARAMETERISATIONS
 from emcaps.training.build import build_model
 
 
@@ -53,10 +61,14 @@ def run(variant: dict, data, train, test, familiar, steps: int, every: int, mode
         out: Path, role: str) -> dict:
     v = dict(variant)
     lr, loss, schedule = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("schedule", "constant")
+    name = v.pop("parameterisation", DEFAULT_PARAMETERISATION)
+    init = dict(INITIALISATIONS[name])
     stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None)}
+    init.update({k: x for k, x in stds.items() if x is not None})
+    routing = common.whole_batch_routing(**{**PARAMETERISATIONS[name], "parameterisation": name, **v})
     config = common.run_config("sweep", role, data, model_name, common.Budget(steps, 32, lr, schedule), seed,
-                               routing=common.whole_batch_routing(**v), loss=loss or "auto")
-    config = cfgmod.with_updates(config, model={k: x for k, x in stds.items() if x is not None})
+                               routing=routing, loss=loss or "auto")
+    config = cfgmod.with_updates(config, model=init)
     torch.manual_seed(seed)                          # the loop's initial weights
     model = build_model(config, train.classes, train.images.shape[1])
     initial = activation_stats(model, center_crop(test.images[:32], 32))

@@ -81,3 +81,55 @@ def test_with_updates_validates():
     assert c.train.epochs == 7
     with pytest.raises(ConfigError):
         config.with_updates(RunConfig(), train={"epochs": -1})
+
+
+@pytest.mark.parametrize("name", ["emcaps", "paper", "authors", "ibm"])
+def test_routing_parameterisation_by_name_sets_routing_and_model(name, tmp_path):
+    from emcaps.models import INITIALISATIONS
+    from emcaps.routing import PARAMETERISATIONS, RoutingConfig
+
+    c = config.load(None, [f"routing.parameterisation={name}"])
+    assert c.routing == RoutingConfig.named(name)
+    for key, value in INITIALISATIONS[name].items():
+        assert getattr(c.model, key) == value, key
+    for key, value in PARAMETERISATIONS[name].items():
+        assert getattr(c.routing, key) == value, key
+    path = tmp_path / "run.toml"
+    path.write_text(c.to_toml())
+    assert config.load(path) == c
+
+
+def test_explicit_fields_override_the_named_parameterisation(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('[routing]\nparameterisation = "authors"\nfinal_lambda = 0.02\n\n'
+                    '[model]\nclass_transform_std = 0.1\n')
+    c = config.load(path)
+    assert (c.routing.final_lambda, c.routing.centre_damping, c.routing.beta_a_scale) == (0.02, 0.1, -5000.0)
+    assert (c.model.class_transform_std, c.model.bias_init, c.model.conv1_bias) == (0.1, "authors", 0.1)
+    c = config.load(None, ["routing.parameterisation=ibm", "routing.var_floor=1e-6"])
+    assert (c.routing.var_floor, c.routing.fan_in_cost_scale, c.model.conv_transform_std) == (1e-6, 100.0, 1.0)
+    assert config.load(None).routing.parameterisation == "emcaps"
+
+
+@pytest.mark.parametrize("override", ["routing.parameterisation=google", "routing.parameterisation=3"])
+def test_unknown_parameterisation_is_a_config_error(override):
+    with pytest.raises(ConfigError, match="routing.parameterisation must be one of 'emcaps', 'paper', "
+                                          "'authors', 'ibm'; got"):
+        config.load(None, [override])
+    with pytest.raises(ConfigError, match="model.bias_init must be one of"):
+        config.load(None, ["model.bias_init=ones"])
+
+
+def test_naming_a_parameterisation_replaces_a_saved_configs_named_fields(tmp_path):
+    """A saved run's config.toml sets every field; `--set routing.parameterisation=NAME` must still switch."""
+    from emcaps.routing import RoutingConfig
+
+    path = tmp_path / "run.toml"
+    path.write_text(config.load(None, ["routing.parameterisation=authors", "routing.iterations=2"]).to_toml())
+    c = config.load(path, ["routing.parameterisation=ibm"])
+    assert c.routing == RoutingConfig.named("ibm", iterations=2)
+    assert (c.model.bias_init, c.model.class_transform_std, c.model.conv1_bias) == ("ibm", 1.0, 0.0)
+    c = config.load(path, ["routing.parameterisation=emcaps", "routing.centre_damping=0.2"])
+    assert c.routing == RoutingConfig(iterations=2, centre_damping=0.2)
+    c = config.with_updates(config.load(path), routing={"parameterisation": "paper"})
+    assert c.routing == RoutingConfig.named("paper", iterations=2) and c.model.bias_init == "zeros"

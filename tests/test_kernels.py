@@ -5,6 +5,8 @@ import os
 import platform
 import re
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -63,6 +65,16 @@ def test_kernel_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("EMCAPS_KERNEL_DIR")
     monkeypatch.setenv("EMCAPS_DATA_DIR", str(tmp_path / "d"))
     assert kernels.kernel_dir() == tmp_path / "d" / "kernels"
+    monkeypatch.delenv("EMCAPS_DATA_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "x"))
+    assert kernels.kernel_dir() == tmp_path / "x" / "emcaps" / "kernels"
+
+
+def test_routing_and_kernels_do_not_import_the_data_code():
+    code = ("import sys, emcaps.kernels, emcaps.routing; emcaps.kernels.kernel_dir(); "
+            "print([m for m in sys.modules if m.startswith('emcaps.data')])")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300)
+    assert done.stdout.strip() == "[]"
     assert os.fspath(kernels.SOURCE).endswith("em_kernels.cpp") and kernels.SOURCE.exists()
 
 

@@ -6,8 +6,8 @@ import torch
 
 from emcaps.capsules import Capsules
 from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps, coordinate_offsets
-from emcaps.native_routing import native_available
 from emcaps.routing import RoutingConfig, em_routing
+from emcaps.routing.native import native_available
 
 R = RoutingConfig(final_lambda=1.0)
 # Capsule convolutions route with PyTorch ops or with the native kernels; both must compute the same thing.
@@ -64,13 +64,20 @@ def test_conv_caps_without_competition_is_dense_routing_per_position(backend):
     torch.testing.assert_close(out.activation.reshape(act.shape), act, atol=1e-9, rtol=1e-9)
 
 
+# Fields of the named parameterisations that the layers apply (cost factors, bias scales, damped centres).
+AUTHORS_LIKE = {"centre_damping": 0.1, "cost_scale": 2.0, "fan_in_cost_scale": 3.0, "beta_u_scale": 1.4,
+                "beta_a_scale": -3.0}
+
+
+@pytest.mark.parametrize("fields", [{}, AUTHORS_LIKE, {**AUTHORS_LIKE, "initial_assignments": "per_window"}])
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("k,s,h", [(3, 1, 5), (3, 2, 7), (2, 1, 4)])
-def test_conv_caps_with_competition_is_dense_routing_over_the_grid(k, s, h, backend):
+def test_conv_caps_with_competition_is_dense_routing_over_the_grid(k, s, h, backend, fields):
     b, c, n = 2, 3, 2
     # The paper's activation: the standardised one normalises over the types at one position, which the
     # dense form (one problem over the whole grid) does not group; the E-step is the default's.
-    layer = conv_layer(b, c, k, s, backend=backend, activation="paper")
+    layer = conv_layer(b, c, k, s, backend=backend, activation="paper", **fields)
+    cfg = layer.routing
     caps = random_caps(n=n, h=h, w=h, types=b, seed=4)
     out = layer(caps)
     oh = (h - k) // s + 1
@@ -86,9 +93,11 @@ def test_conv_caps_with_competition_is_dense_routing_over_the_grid(k, s, h, back
                     conn[y * s + ky, x * s + kx, :, y, x] = True
     dense = dense.view(n, h * h * b, oh * oh * c, 16)
     conn = conn.view(h * h * b, oh * oh * c)
-    pose, act = em_routing(dense, caps.activation.reshape(n, -1), layer.beta_u.repeat(oh * oh),
-                           layer.beta_a.repeat(oh * oh), 3, final_lambda=1.0, connectivity=conn,
-                           activation="paper")
+    pose, act = em_routing(dense, caps.activation.reshape(n, -1), cfg.beta_u_scale * layer.beta_u.repeat(oh * oh),
+                           cfg.beta_a_scale * layer.beta_a.repeat(oh * oh), 3, final_lambda=1.0, connectivity=conn,
+                           activation="paper", centre_damping=cfg.centre_damping,
+                           cost_scale=cfg.layer_cost_scale(c, k * k * b, 0.0),
+                           initial=conn / c if cfg.initial_assignments == "per_window" else None)
     torch.testing.assert_close(out.pose.reshape(pose.shape), pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out.activation.reshape(act.shape), act, atol=1e-9, rtol=1e-9)
 
@@ -124,6 +133,29 @@ def test_class_caps_coordinate_addition_and_dense_agreement():
     pose, act = em_routing(votes.transpose(1, 2), a_in, layer.beta_u, layer.beta_a, 3, final_lambda=1.0)
     torch.testing.assert_close(out.pose.view(2, 4, 16), pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out.activation, act, atol=1e-9, rtol=1e-9)
+
+
+def test_class_caps_route_at_their_share_of_the_inverse_temperature_with_scaled_biases():
+    """class_lambda_scale, the bias scales, the cost factors and damped centres, as the dense reference has them."""
+    torch.manual_seed(0)
+    cfg = RoutingConfig(final_lambda=4.0, activation="paper", estep_temperature=1.0, class_lambda_scale=0.25,
+                        **AUTHORS_LIKE)
+    layer = ClassCaps(3, 4, routing=cfg).double()
+    with torch.no_grad():
+        layer.beta_u.normal_()
+        layer.beta_a.normal_()
+    caps = random_caps(h=3, w=2, types=3)
+    trace = []
+    out = layer(caps, trace=trace)
+    assert trace[-1].inverse_temperature == pytest.approx(1.0 * (1 - 0.95 ** 3))
+    votes, a_in = layer.votes(caps)
+    pose, act = em_routing(votes.transpose(1, 2), a_in, 1.4 * layer.beta_u, -3.0 * layer.beta_a, 3,
+                           final_lambda=1.0, activation="paper", estep_temperature=1.0, centre_damping=0.1,
+                           cost_scale=2.0, fan_in_cost_scale=3.0)
+    torch.testing.assert_close(out.pose.view(2, 4, 16), pose, atol=1e-9, rtol=1e-9)
+    torch.testing.assert_close(out.activation, act, atol=1e-9, rtol=1e-9)
+    untraced = layer(caps)
+    torch.testing.assert_close(untraced.activation, out.activation, atol=1e-12, rtol=1e-12)
 
 
 def test_class_caps_without_coordinates_is_invariant_to_position_permutation():
@@ -194,16 +226,22 @@ def test_chunked_recomputed_routing_equals_whole_batch():
             torch.testing.assert_close(g, g0)
 
 
+@pytest.mark.parametrize("name", ["emcaps", "authors"])
 @pytest.mark.parametrize("backend", ["compile", *BACKENDS[1:]])
-def test_routing_backends_in_layers_match_torch(backend):
-    """ConvCaps (positions competing) and ClassCaps give the same outputs and gradients on every backend."""
-    from emcaps.models import create_model
+def test_routing_backends_in_layers_match_torch(backend, name):
+    """ConvCaps (positions competing) and ClassCaps give the same outputs and gradients on every backend,
+    with emcaps' parameterisation and with the authors' (damped centres, bias scales, class lambda / 4)."""
+    from emcaps.models import INITIALISATIONS, create_model
 
     x = torch.randn(3, 1, 32, 32, dtype=torch.float64)
     results = []
     for be in ("torch", backend):
         torch.manual_seed(0)
-        model = create_model("tiny", routing=RoutingConfig(final_lambda=1.0, backend=be)).double()
+        routing = RoutingConfig.named(name, final_lambda=1.0, backend=be)
+        model = create_model("tiny", routing=routing, **INITIALISATIONS[name]).double()
+        with torch.no_grad():                 # beta_a = -5000 * 0.5 would switch every capsule off
+            for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
+                layer.beta_a.mul_(1e-3 if name == "authors" else 1.0)
         out = model(x)
         out.pow(2).sum().backward()
         results.append((out.detach(), [p.grad.clone() for p in model.parameters()]))

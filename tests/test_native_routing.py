@@ -10,8 +10,8 @@ import torch
 import emcaps.layers
 from emcaps.capsules import Capsules
 from emcaps.layers import ConvCaps
-from emcaps.native_routing import conv_routing, native_available
 from emcaps.routing import PositionCompetition, RoutingConfig, em_routing_fused
+from emcaps.routing.native import conv_routing, native_available
 
 pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")),
                                 reason="no C++ compiler for the native kernels")
@@ -76,7 +76,10 @@ def test_native_matches_torch_values_and_gradients(iterations, compete):
 
 
 @pytest.mark.parametrize("fields", [{"activation": "standardised"}, {"estep_temperature": 0.4},
-                                    {"activation": "standardised", "estep_temperature": 0.6}])
+                                    {"activation": "standardised", "estep_temperature": 0.6},
+                                    {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.1},
+                                    {"activation": "standardised", "estep_temperature": 0.5,
+                                     "centre_damping": 0.5}])
 @pytest.mark.parametrize("compete", [True, False])
 def test_native_matches_torch_for_each_parameterisation(fields, compete):
     config = RoutingConfig(final_lambda=2.0, **fields)
@@ -87,7 +90,7 @@ def test_native_float32_gradients_are_close_to_float64():
     """The float32 kernels that training runs (AVX2 / AVX-512 where the CPU has them), backward included."""
     poses, weight, act, bu, ba, comp, n = problem(seed=12, n=3)
     exact = [t.float().double() for t in (poses, weight, act, bu, ba)]     # inputs float32 can hold
-    config = RoutingConfig(final_lambda=2.0, activation="standardised", estep_temperature=0.5)
+    config = RoutingConfig(final_lambda=2.0, activation="standardised", estep_temperature=0.5, centre_damping=0.1)
     (m64, a64, g64), _ = run_both((*exact, comp, n), config)
     (m32, a32, g32), _ = run_both((*[t.float() for t in exact], comp, n), config)
     torch.testing.assert_close(m32.double(), m64, atol=1e-4, rtol=1e-4)
@@ -104,9 +107,10 @@ def test_native_matches_torch_other_geometries_and_cost_scale(k, s, h):
     assert_same(run_both(problem(h=h, k=k, s=s, seed=3), config, True, scale=0.37), atol=1e-10, rtol=1e-9)
 
 
-def test_native_degenerate_inputs_stay_finite_and_agree():
+@pytest.mark.parametrize("damping", [0.0, 0.1])
+def test_native_degenerate_inputs_stay_finite_and_agree(damping):
     """All-zero activations (weight sums below EPS) and identical votes: finite, and as the torch path."""
-    config = RoutingConfig(final_lambda=1.0)
+    config = RoutingConfig(final_lambda=1.0, centre_damping=damping)
     results = run_both(problem(zero_act=True), config)
     assert_same(results, atol=1e-10, rtol=1e-9)
     poses, weight, act, bu, ba, comp, n = problem(seed=5)

@@ -19,20 +19,22 @@ PAPER = {"activation": "paper", "estep_temperature": 1.0}     # the paper's form
 
 
 def numpy_em(votes, act, beta_u, beta_a, iterations, final_lambda=0.01, floor=FLOOR, scale=1.0,
-             activation="paper", tau=1.0):
+             activation="paper", tau=1.0, damping=0.0):
     """The paper's Procedure 1, one sample at a time, float64. votes (N, I, J, D), act (N, I).
-    activation='standardised' standardises the costs over the parents; tau multiplies the E-step's log-posterior."""
+    activation='standardised' standardises the costs over the parents; tau multiplies the E-step's log-posterior;
+    damping: each centre is (1 - damping) * the weighted mean + damping * the previous centre (first: 0)."""
     n, n_in, n_out, d = votes.shape
     poses, acts = np.zeros((n, n_out, d)), np.zeros((n, n_out))
     for s in range(n):
         V, a = votes[s], act[s]
         R = np.full((n_in, n_out), 1.0 / n_out)
+        mu = np.zeros((n_out, d))
         for t in range(iterations):
             lam = final_lambda * (1 - 0.95 ** (t + 1))
             # M-step
             Ra = R * a[:, None]
             Rsum = Ra.sum(axis=0)
-            mu = np.einsum("ij,ijh->jh", Ra, V) / np.maximum(Rsum[:, None], EPS)
+            mu = (1 - damping) * np.einsum("ij,ijh->jh", Ra, V) / np.maximum(Rsum[:, None], EPS) + damping * mu
             sigma2 = np.einsum("ij,ijh->jh", Ra, (V - mu[None]) ** 2) / np.maximum(Rsum[:, None], EPS) + floor
             cost = ((beta_u[:, None] + np.log(np.sqrt(sigma2))) * Rsum[:, None] * scale).sum(axis=1)
             if activation == "standardised":
@@ -312,15 +314,23 @@ def test_images_per_chunk():
 
 PARAMETERISATIONS = [{"activation": "standardised", "estep_temperature": 1.0},
                      {"activation": "paper", "estep_temperature": 0.3},
-                     {"activation": "standardised", "estep_temperature": 0.5, "normalize_cost": True}]
+                     {"activation": "standardised", "estep_temperature": 0.5, "normalize_cost": True},
+                     {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.1, "cost_scale": 2.0},
+                     {"activation": "standardised", "estep_temperature": 0.5, "centre_damping": 0.4},
+                     {"activation": "paper", "estep_temperature": 1.0, "fan_in_cost_scale": 3.0}]
+
+
+def dense_cost_scale(fields, n_out, n_in):
+    """The factor em_routing puts on the cost for these fields (RoutingConfig.layer_cost_scale)."""
+    return RoutingConfig(**fields).layer_cost_scale(n_out, n_in, n_out / n_in)
 
 
 @pytest.mark.parametrize("fields", PARAMETERISATIONS)
 def test_dense_matches_numpy_for_each_parameterisation(fields):
     votes, act, bu, ba = random_problem(n=3, n_in=9, n_out=5, seed=21)
     ref_pose, ref_a = numpy_em(votes.numpy(), act.numpy(), bu.numpy(), ba.numpy(), 3, final_lambda=2.0,
-                               scale=5 / 9 if fields.get("normalize_cost") else 1.0,
-                               activation=fields["activation"], tau=fields["estep_temperature"])
+                               scale=dense_cost_scale(fields, 5, 9), activation=fields["activation"],
+                               tau=fields["estep_temperature"], damping=fields.get("centre_damping", 0.0))
     pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0, **fields)
     np.testing.assert_allclose(pose.numpy(), ref_pose, atol=1e-10, rtol=1e-9)
     np.testing.assert_allclose(a.numpy(), ref_a, atol=1e-10, rtol=1e-9)
@@ -335,7 +345,7 @@ def test_fused_and_compiled_match_dense_values_and_gradients(fields, backend):
     leaves = [t.requires_grad_(True) for t in (votes, act, bu, ba)]
     pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0, **fields)
     cfg = RoutingConfig(final_lambda=2.0, backend=backend, **fields)
-    scale = 4 / 10 if fields.get("normalize_cost") else 1.0
+    scale = dense_cost_scale(fields, 4, 10)
     fpose, fa = em_routing_fused(dense_to_fused(votes), act, bu, ba, cfg, cost_scale=scale)
     torch.testing.assert_close(fpose, pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(fa, a, atol=1e-9, rtol=1e-9)
@@ -352,6 +362,77 @@ def test_parameterisation_fields_are_checked():
         RoutingConfig(activation="softmax")
     with pytest.raises(ValueError, match="estep_temperature"):
         RoutingConfig(estep_temperature=0.0)
+    for field, bad in [("centre_damping", 1.0), ("centre_damping", -0.1), ("cost_scale", 0.0),
+                       ("fan_in_cost_scale", -1.0), ("class_lambda_scale", 0.0), ("beta_a_scale", 0.0),
+                       ("initial_assignments", "ones")]:
+        with pytest.raises(ValueError, match=field):
+            RoutingConfig(**{field: bad})
+    with pytest.raises(ValueError, match="unknown routing parameterisation 'google'"):
+        RoutingConfig(parameterisation="google")
+    with pytest.raises(ValueError, match="unknown routing parameterisation 'google'"):
+        RoutingConfig.named("google")
+
+
+def numpy_authors(votes, act, sigma_b, act_b, iterations, final_beta=0.01, floor=FLOOR):
+    """The update_em_routing body of google-research capsule_em/em_layers.py, transcribed: damped centres,
+    logit = beta * (masses * (-sum_h log var_h - sigma_b * D * (ln 2pi + 1)) - 5000 act_b), float64.
+    (Their masses add 1e-5 where ours clamp at EPS; nothing here comes near either.)"""
+    n, n_in, n_out, d = votes.shape
+    poses, acts = np.zeros((n, n_out, d)), np.zeros((n, n_out))
+    for s in range(n):
+        V, a = votes[s], act[s]
+        update = np.zeros((n_in, n_out))
+        center = np.zeros((n_out, d))
+        for i in range(iterations):
+            beta = final_beta * (1 - 0.95 ** (i + 1))
+            post = np.exp(update - update.max(1, keepdims=True))
+            post /= post.sum(1, keepdims=True)
+            conf = post * a[:, None]
+            masses = np.maximum(conf.sum(0), EPS)                                        # (J,)
+            center = 0.9 * np.einsum("ij,ijh->jh", conf, V) / masses[:, None] + 0.1 * center
+            noise = (V - center[None]) ** 2
+            variance = floor + np.einsum("ij,ijh->jh", conf, noise) / masses[:, None]
+            p_i = -np.log(variance).sum(-1)
+            logit = beta * (masses * (p_i - sigma_b * d * (np.log(2 * np.pi) + 1)) - act_b * 5000)
+            log_act = np.minimum(0, logit) - np.log1p(np.exp(-np.abs(logit)))
+            sigma_update = (d * np.log(2 * np.pi) - p_i) / 2
+            update = log_act[None] - sigma_update[None] - (noise / (2 * variance[None])).sum(-1)
+        poses[s], acts[s] = center, 1 / (1 + np.exp(-logit))
+    return poses, acts
+
+
+def test_authors_parameterisation_is_their_code():
+    """RoutingConfig.named('authors') with the layers' bias scales computes the authors' routing exactly."""
+    votes, act, _, _ = random_problem(n=3, n_in=20, n_out=4, seed=24)
+    votes = votes * 0.3
+    g = torch.Generator().manual_seed(25)
+    sigma_b = 0.5 + 0.1 * torch.rand(4, generator=g, dtype=torch.float64)
+    act_b = 0.01 * torch.rand(4, generator=g, dtype=torch.float64)        # beta_a = -5000 act_b in (-50, 0)
+    cfg = RoutingConfig.named("authors")
+    assert cfg.parameterisation == "authors"
+    ref_pose, ref_a = numpy_authors(votes.numpy(), act.numpy(), sigma_b.numpy(), act_b.numpy(), 3,
+                                    floor=cfg.var_floor)
+    kwargs = dict(final_lambda=cfg.final_lambda, var_floor=cfg.var_floor, activation=cfg.activation,
+                  estep_temperature=cfg.estep_temperature, centre_damping=cfg.centre_damping,
+                  cost_scale=cfg.layer_cost_scale(4, 20, 4 / 20))
+    pose, a = em_routing(votes, act, sigma_b * cfg.beta_u_scale, act_b * cfg.beta_a_scale, 3, **kwargs)
+    np.testing.assert_allclose(pose.numpy(), ref_pose, atol=1e-10, rtol=1e-9)
+    np.testing.assert_allclose(a.numpy(), ref_a, atol=1e-10, rtol=1e-9)
+    assert 0.01 < float(a.mean()) < 0.99, "a test whose activations saturate checks little"
+
+
+def test_named_parameterisations():
+    assert RoutingConfig.named("emcaps") == RoutingConfig()
+    ibm = RoutingConfig.named("ibm", iterations=2)
+    assert (ibm.var_floor, ibm.fan_in_cost_scale, ibm.iterations, ibm.activation) == (1e-9, 100.0, 2, "paper")
+    # IBM's 100 * C / (K*K*B) for the 'small' network's three routed layers
+    assert ibm.layer_cost_scale(16, 9 * 8, 0.3) == pytest.approx(22.22, abs=0.01)
+    assert ibm.layer_cost_scale(16, 9 * 16, 0.3) == pytest.approx(11.11, abs=0.01)
+    assert ibm.layer_cost_scale(5, 4 * 4 * 16, 0.3) == pytest.approx(1.95, abs=0.01)
+    authors = RoutingConfig.named("authors")
+    assert authors.class_layer().final_lambda == pytest.approx(0.0025)
+    assert authors.class_layer().class_lambda_scale == 1.0
+    assert RoutingConfig().class_layer() == RoutingConfig()
 
 
 def test_standardised_logits_have_zero_mean_and_lambda_spread_over_the_parents():

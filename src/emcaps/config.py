@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
-from emcaps.models import MODEL_NAMES, CapsNetConfig
-from emcaps.routing import RoutingConfig
+from emcaps.layers import BIAS_INITS
+from emcaps.models import INITIALISATIONS, MODEL_NAMES, CapsNetConfig
+from emcaps.routing import PARAMETERISATIONS, RoutingConfig
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -93,6 +94,8 @@ class DataConfig:
 class ModelConfig:
     """name: a capsule preset of emcaps.models ('paper', 'small', 'tiny') or 'cnn' (the baseline);
     conv_transform_std, class_transform_std: initial std of the capsule transforms (capsule models only);
+    bias_init, primary_activation_offset, conv1_bias: see emcaps.models.CapsNetConfig; these and the
+    transform stds follow `routing.parameterisation` unless set (emcaps.models.INITIALISATIONS);
     decoder: also redraw each image from its class capsule's pose, trained together with the network
     (capsule models only; see loss.reconstruction_weight)."""
 
@@ -100,12 +103,16 @@ class ModelConfig:
     coord_add: bool = True
     conv_transform_std: float = CapsNetConfig.conv_transform_std
     class_transform_std: float = CapsNetConfig.class_transform_std
+    bias_init: str = CapsNetConfig.bias_init
+    primary_activation_offset: float = CapsNetConfig.primary_activation_offset
+    conv1_bias: float = CapsNetConfig.conv1_bias
     decoder: bool = False
 
     def __post_init__(self) -> None:
         _choice("model.name", self.name, MODEL_NAMES)
         _positive("model.conv_transform_std", self.conv_transform_std)
         _positive("model.class_transform_std", self.class_transform_std)
+        _choice("model.bias_init", self.bias_init, BIAS_INITS)
         if self.decoder and self.name == "cnn":
             raise ConfigError("model.decoder reconstructs from class capsule poses: it needs a capsule "
                               "model, not 'cnn'")
@@ -113,7 +120,9 @@ class ModelConfig:
     def capsule_fields(self) -> dict[str, Any]:
         """What create_model takes for a capsule network."""
         return {"coord_add": self.coord_add, "conv_transform_std": self.conv_transform_std,
-                "class_transform_std": self.class_transform_std, "decoder": self.decoder}
+                "class_transform_std": self.class_transform_std, "bias_init": self.bias_init,
+                "primary_activation_offset": self.primary_activation_offset, "conv1_bias": self.conv1_bias,
+                "decoder": self.decoder}
 
 
 @dataclass(frozen=True)
@@ -328,8 +337,45 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return out
 
 
+def resolve_parameterisation(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill the routing and model fields that `routing.parameterisation` names (emcaps.routing.PARAMETERISATIONS,
+    emcaps.models.INITIALISATIONS) wherever the config does not set them itself. A new dict.
+
+    A config that sets a field explicitly keeps it: `[routing] parameterisation = "authors"` with
+    `final_lambda = 0.02` routes like the authors at another temperature. (`from_dict` and `with_updates`
+    first drop the named fields of a config whose name an override or update changes.)
+    """
+    routing = data.get("routing")
+    if not isinstance(routing, dict) or "parameterisation" not in routing:
+        return data
+    name = routing["parameterisation"]
+    if not isinstance(name, str) or name not in PARAMETERISATIONS:
+        raise ConfigError(f"routing.parameterisation must be one of "
+                          f"{', '.join(repr(n) for n in PARAMETERISATIONS)}; got {name!r}")
+    model = data.get("model", {})
+    if not isinstance(model, dict):
+        return data                      # build() names the ill-formed section
+    return {**data, "routing": {**PARAMETERISATIONS[name], **routing},
+            "model": {**INITIALISATIONS[name], **model}}
+
+
+def _without_named_fields(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` less the routing and model fields a parameterisation sets, so that a newly named one sets them."""
+    out = dict(data)
+    for section, named in (("routing", PARAMETERISATIONS), ("model", INITIALISATIONS)):
+        if isinstance(out.get(section), dict):
+            keys = {key for fields_ in named.values() for key in fields_}
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    return out
+
+
 def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    return build(RunConfig, apply_overrides(data, list(overrides)))
+    """A RunConfig from plain data and overrides. An override naming `routing.parameterisation` replaces every
+    field that parameterisation sets, also where `data` (a file, a saved run) sets it; other overrides win."""
+    overrides = list(overrides)
+    if any(parse_override(text)[0] == ["routing", "parameterisation"] for text in overrides):
+        data = _without_named_fields(data)
+    return build(RunConfig, resolve_parameterisation(apply_overrides(data, overrides)))
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -366,6 +412,8 @@ def named_config_path(name: str) -> Path | None:
 def with_updates(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
     """A copy with some fields of some sections changed, checked like any other config."""
     data = config.to_dict()
+    if "parameterisation" in sections.get("routing", {}):
+        data = _without_named_fields(data)
     for section, values in sections.items():
         data[section] = {**data[section], **values}
     return from_dict(data)

@@ -12,14 +12,38 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from emcaps.capsules import Capsules, conv_output_size, extract_patches
-from emcaps.native_routing import conv_routing, native_available
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
+from emcaps.routing.native import conv_routing, native_available
 
 
 def _trunc_normal(shape: tuple[int, ...], std: float) -> nn.Parameter:
     w = torch.empty(shape)
     nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std)
     return nn.Parameter(w)
+
+
+BIAS_INITS = ("zeros", "authors", "ibm")
+
+
+def _biases(types: int, bias_init: str, layer: str) -> tuple[nn.Parameter, nn.Parameter]:
+    """The learned (beta_u, beta_a) parameters of a routed layer, (types,) each, as `bias_init` names them.
+
+    'zeros'; 'authors': the google-research code's sigma_b and act_b, 0.5 and 0.5 in capsule convolutions,
+    2.0 and 1.0 in the class layer (RoutingConfig.beta_u_scale / beta_a_scale turn them into costs);
+    'ibm': beta_a from N(-1000, 500) truncated at 2 std, beta_u Glorot-uniform over (1, types) as TF's
+    xavier initializer draws it for IBM's (1, 1, 1, 1, types, 1) variable.
+    """
+    if bias_init not in BIAS_INITS:
+        raise ValueError(f"unknown bias initialisation {bias_init!r}; expected one of {BIAS_INITS}")
+    beta_u, beta_a = torch.zeros(types), torch.zeros(types)
+    if bias_init == "authors":
+        beta_u.fill_(2.0 if layer == "class" else 0.5)
+        beta_a.fill_(1.0 if layer == "class" else 0.5)
+    elif bias_init == "ibm":
+        limit = (6.0 / (types + 1)) ** 0.5
+        nn.init.uniform_(beta_u, -limit, limit)
+        nn.init.trunc_normal_(beta_a, mean=-1000.0, std=500.0, a=-2000.0, b=0.0)
+    return nn.Parameter(beta_u), nn.Parameter(beta_a)
 
 
 def _transform(poses: Tensor, weight: Tensor) -> Tensor:
@@ -64,9 +88,10 @@ class PrimaryCaps(nn.Module):
     (N, A, H, W) -> Capsules(pose (N, H, W, B, 4, 4), activation (N, H, W, B))
     """
 
-    def __init__(self, in_channels: int, types: int) -> None:
+    def __init__(self, in_channels: int, types: int, activation_offset: float = 0.0) -> None:
         super().__init__()
         self.types = types
+        self.activation_offset = activation_offset        # activation = sigmoid(x - offset) (authors: 1)
         self.pose = nn.Conv2d(in_channels, types * 16, kernel_size=1)
         self.activation = nn.Conv2d(in_channels, types, kernel_size=1)
         nn.init.trunc_normal_(self.pose.weight, std=0.5, a=-1.0, b=1.0)
@@ -79,7 +104,7 @@ class PrimaryCaps(nn.Module):
             raise ValueError(f"PrimaryCaps expects a feature map (N, C, H, W), got {tuple(x.shape)}")
         n, _, h, w = x.shape
         pose = self.pose(x).permute(0, 2, 3, 1).reshape(n, h, w, self.types, 4, 4)
-        act = torch.sigmoid(self.activation(x)).permute(0, 2, 3, 1)
+        act = torch.sigmoid(self.activation(x) - self.activation_offset).permute(0, 2, 3, 1)
         return Capsules(pose, act)
 
 
@@ -90,7 +115,7 @@ class ConvCaps(nn.Module):
     """
 
     def __init__(self, in_types: int, out_types: int, kernel: int, stride: int,
-                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3) -> None:
+                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3, bias_init: str = "zeros") -> None:
         super().__init__()
         if kernel < 1 or stride < 1:
             raise ValueError(f"kernel and stride must be >= 1, got kernel={kernel}, stride={stride}")
@@ -98,8 +123,7 @@ class ConvCaps(nn.Module):
         self.kernel, self.stride = kernel, stride
         self.routing = routing
         self.weight = _trunc_normal((kernel * kernel * in_types, out_types, 4, 4), std=std)  # (K*K*B, C, 4, 4)
-        self.beta_u = nn.Parameter(torch.zeros(out_types))
-        self.beta_a = nn.Parameter(torch.zeros(out_types))
+        self.beta_u, self.beta_a = _biases(out_types, bias_init, "conv")
 
     def extra_repr(self) -> str:
         return f"{self.in_types}, {self.out_types}, kernel={self.kernel}, stride={self.stride}"
@@ -136,21 +160,25 @@ class ConvCaps(nn.Module):
         """(N, H, W, B, 4, 4), (N, H, W, B) -> pose (N, H', W', C, 4, 4), activation (N, H', W', C)"""
         n, h, w = pose.shape[:3]
         oh, ow = conv_output_size(h, self.kernel, self.stride), conv_output_size(w, self.kernel, self.stride)
-        scale = (oh * ow * self.out_types) / (h * w * self.in_types) if self.routing.normalize_cost else 1.0
+        n_in = self.kernel * self.kernel * self.in_types
+        scale = self.routing.layer_cost_scale(self.out_types, n_in,
+                                              (oh * ow * self.out_types) / (h * w * self.in_types))
+        beta_u, beta_a = routed_biases(self, self.routing)
         cd = torch.promote_types(pose.dtype, torch.float32)
         comp = initial = None
         if self.routing.compete_positions:
             comp = PositionCompetition(h, w, self.kernel, self.stride, self.in_types, device=pose.device)
-            initial = comp.initial(n, self.out_types, cd)
+            if self.routing.initial_assignments == "uniform":
+                initial = comp.initial(n, self.out_types, cd)
         if self.uses_native(pose, trace):
             poses, a_in = self.windows(Capsules(pose, act))
             if initial is None:
                 initial = pose.new_full((1, 1, 1), 1.0 / self.out_types, dtype=cd)
             pose, act = conv_routing(poses.reshape(*a_in.shape, 16), self.weight.view(a_in.shape[1], -1, 16),
-                                     a_in, self.beta_u, self.beta_a, self.routing, initial, comp, scale)
+                                     a_in, beta_u, beta_a, self.routing, initial, comp, scale)
         else:
             votes, a_in = self.votes(Capsules(pose, act))
-            pose, act = em_routing_fused(votes, a_in, self.beta_u, self.beta_a, self.routing,
+            pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing,
                                          cost_scale=scale, initial=initial, normalise=comp, trace=trace)
         return pose.view(n, oh, ow, self.out_types, 4, 4), act.view(n, oh, ow, self.out_types)
 
@@ -174,14 +202,13 @@ class ClassCaps(nn.Module):
     """
 
     def __init__(self, in_types: int, classes: int, coord_add: bool = True,
-                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3) -> None:
+                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3, bias_init: str = "zeros") -> None:
         super().__init__()
         self.in_types, self.classes = in_types, classes
         self.coord_add = coord_add
         self.routing = routing
         self.weight = _trunc_normal((in_types, classes, 4, 4), std=std)
-        self.beta_u = nn.Parameter(torch.zeros(classes))
-        self.beta_a = nn.Parameter(torch.zeros(classes))
+        self.beta_u, self.beta_a = _biases(classes, bias_init, "class")
 
     def extra_repr(self) -> str:
         return f"{self.in_types}, {self.classes}, coord_add={self.coord_add}"
@@ -203,8 +230,9 @@ class ClassCaps(nn.Module):
         """(N, H, W, D, 4, 4), (N, H, W, D) -> pose (N, E, 4, 4), activation (N, E)"""
         votes, a_in = self.votes(Capsules(pose, act))
         n, _, n_in, _ = votes.shape
-        scale = self.classes / n_in if self.routing.normalize_cost else 1.0
-        pose, act = em_routing_fused(votes, a_in, self.beta_u, self.beta_a, self.routing, cost_scale=scale,
+        scale = self.routing.layer_cost_scale(self.classes, n_in, self.classes / n_in)
+        beta_u, beta_a = routed_biases(self, self.routing)
+        pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing.class_layer(), cost_scale=scale,
                                      trace=trace)
         return pose.view(n, self.classes, 4, 4), act
 
@@ -212,6 +240,11 @@ class ClassCaps(nn.Module):
         per_image = caps.pose[0, ..., 0, 0].numel() * self.classes * 16 if caps.pose.shape[0] else 0
         return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image,
                                           self.routing.recompute))
+
+
+def routed_biases(layer: nn.Module, routing: RoutingConfig) -> tuple[Tensor, Tensor]:
+    """The (beta_u, beta_a) a layer's routing uses, (J,) each: its parameters times the config's scales."""
+    return layer.beta_u * routing.beta_u_scale, layer.beta_a * routing.beta_a_scale
 
 
 def coordinate_offsets(height: int, width: int, dtype: torch.dtype = torch.float32,

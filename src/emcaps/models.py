@@ -33,6 +33,9 @@ class CapsNetConfig:
     conv_transform_std: float = 0.3       # initial std of the ConvCaps transforms (truncated at 2 std)
     class_transform_std: float = 0.3      # and of the class capsules' shared transforms (the authors' 0.01
                                           # leaves votes that are mostly coordinate offsets: README)
+    bias_init: str = "zeros"              # the routed layers' beta_u, beta_a: 'zeros', 'authors', 'ibm' (layers)
+    primary_activation_offset: float = 0.0  # primary activations sigmoid(x - offset) (the authors': 1)
+    conv1_bias: float = 0.0               # initial bias of ReLU Conv1 (the authors': 0.1)
     decoder: bool = False                 # a ReconstructionDecoder from class poses to images
     image_size: int = 32                  # side of the input images (what the decoder draws)
 
@@ -80,12 +83,14 @@ class MatrixCapsNet(nn.Module):
         c = config
         self.conv1 = nn.Conv2d(c.in_channels, c.A, kernel_size=5, stride=2)
         nn.init.trunc_normal_(self.conv1.weight, std=0.05, a=-0.1, b=0.1)
-        nn.init.zeros_(self.conv1.bias)
-        self.primary = PrimaryCaps(c.A, c.B)
-        self.conv_caps1 = ConvCaps(c.B, c.C, kernel=3, stride=2, routing=c.routing, std=c.conv_transform_std)
-        self.conv_caps2 = ConvCaps(c.C, c.D, kernel=3, stride=1, routing=c.routing, std=c.conv_transform_std)
+        nn.init.constant_(self.conv1.bias, c.conv1_bias)
+        self.primary = PrimaryCaps(c.A, c.B, activation_offset=c.primary_activation_offset)
+        self.conv_caps1 = ConvCaps(c.B, c.C, kernel=3, stride=2, routing=c.routing, std=c.conv_transform_std,
+                                   bias_init=c.bias_init)
+        self.conv_caps2 = ConvCaps(c.C, c.D, kernel=3, stride=1, routing=c.routing, std=c.conv_transform_std,
+                                   bias_init=c.bias_init)
         self.class_caps = ClassCaps(c.D, c.classes, coord_add=c.coord_add, routing=c.routing,
-                                    std=c.class_transform_std)
+                                    std=c.class_transform_std, bias_init=c.bias_init)
         self.decoder = (ReconstructionDecoder(c.classes, (c.in_channels, c.image_size, c.image_size))
                         if c.decoder else None)
 
@@ -159,6 +164,21 @@ PRESETS: dict[str, CapsNetConfig] = {
     "tiny": CapsNetConfig(A=16, B=4, C=4, D=4),
 }
 MODEL_NAMES = (*PRESETS, "cnn")
+
+# The initialisation that goes with each routing parameterisation (emcaps.routing.PARAMETERISATIONS): a run
+# config naming `routing.parameterisation` takes these model fields unless it sets them itself.
+_EMCAPS_INIT = {"conv_transform_std": 0.3, "class_transform_std": 0.3, "bias_init": "zeros",
+                "primary_activation_offset": 0.0, "conv1_bias": 0.0}
+INITIALISATIONS: dict[str, dict[str, object]] = {
+    "emcaps": _EMCAPS_INIT,
+    "paper": _EMCAPS_INIT,
+    # capsule_em: conv caps 0.3, class caps 0.01, biases 0.5 / 0.5 and 2.0 / 1.0, sigmoid(x - 1), conv1 bias 0.1
+    "authors": {"conv_transform_std": 0.3, "class_transform_std": 0.01, "bias_init": "authors",
+                "primary_activation_offset": 1.0, "conv1_bias": 0.1},
+    # IBM: every transform std 1.0, beta_a far negative
+    "ibm": {"conv_transform_std": 1.0, "class_transform_std": 1.0, "bias_init": "ibm",
+            "primary_activation_offset": 0.0, "conv1_bias": 0.0},
+}
 
 
 def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,

@@ -4,7 +4,8 @@ Why native code: every pass of EM routing reads the votes, and a capsule convolu
 30 MB per image. The kernels recompute each vote from its 4x4 pose and transform inside the pass, in
 registers, so no votes tensor is ever written or read; PyTorch cannot express that without materialising it.
 
-The shared library is cached under the user's cache (`$EMCAPS_KERNEL_DIR`, else `<data cache>/kernels`),
+The shared library is cached under the user's cache (`$EMCAPS_KERNEL_DIR`, else `kernels/` in the emcaps
+cache that emcaps.data also uses: `$EMCAPS_DATA_DIR`, `$XDG_CACHE_HOME/emcaps` or `~/.cache/emcaps`),
 one file per (source, compiler, flags, instruction set), built atomically, so a second process reuses it.
 The instruction set is what `-march=native` resolves to on this CPU (the compiler's predefined target
 macros: __AVX2__, __AVX512F__, ...), so a cache in a home directory shared by machines with different CPUs
@@ -43,10 +44,10 @@ SIGNATURES = {
     "mstep": "PPPiiPiii" "ii" "dPPP",
     "estep": "PPPPiii" "ii" "P",
     "estep_backward": "PPPPPiii" "ii" "PP",
-    "mstep_backward": "PPPPiiPPPPPPPPiii" "ii" "dPPPP",
+    "mstep_backward": "PPPPiiPPPPPPPPPiii" "ii" "dPPPP",
 }
 _C_TYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
-VERSION = 2
+VERSION = 3
 
 
 class KernelBuildError(RuntimeError):
@@ -54,12 +55,15 @@ class KernelBuildError(RuntimeError):
 
 
 def kernel_dir() -> Path:
+    """Where built kernels are cached. Resolved here, not through emcaps.data: routing needs no data code."""
     explicit = os.environ.get("EMCAPS_KERNEL_DIR")
     if explicit:
         return Path(explicit).expanduser()
-    from emcaps.data.cache import default_data_dir
-
-    return default_data_dir() / "kernels"
+    data = os.environ.get("EMCAPS_DATA_DIR")
+    if data:
+        return Path(data).expanduser() / "kernels"
+    cache = os.environ.get("XDG_CACHE_HOME")
+    return (Path(cache).expanduser() if cache else Path.home() / ".cache") / "emcaps" / "kernels"
 
 
 def compiler() -> str | None:

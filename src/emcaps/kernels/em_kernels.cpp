@@ -6,7 +6,7 @@
 // 30 MB per image through memory. Each pass works on one (m, j) block whose votes (I x 16) sit in L1.
 //
 // The glue between passes (costs, activations, the E-step normalisation across positions) is small and stays in
-// PyTorch (emcaps/native_routing.py); these functions do every pass over the votes:
+// PyTorch (emcaps/routing/native.py); these functions do every pass over the votes:
 //   mstep:          weighted mean and variance of the votes of each parent, and the weight sums S;
 //   estep:          squared Mahalanobis distance of every vote to its parent's Gaussian;
 //   estep_backward: the E-step's gradients with respect to the parent means and inverse variances;
@@ -307,12 +307,15 @@ void estep_backward(const T* P, const T* W, const T* mean, const T* inv_var, con
 
 // Backward of mstep (and of the same iteration's estep, with respect to the votes, when g_maha is given).
 // mean = sum_i w_i v_i, var = sum_i w_i (v_i - mean)^2, w_i = r_i a_i / max(S, eps), S = sum_i r_i a_i.
+// The E-step measures its distances from e_mean (the damped centres, RoutingConfig.centre_damping), which
+// may differ from the weighted means `mean`; the caller passes mean itself when they are the same.
 // Vote gradients go straight into the pose gradients gP (M, I, 16) and this thread's transform gradients
 // gW (I, J, 16), both accumulated (+=); children are the outer loop so a child's pose gradient stays in registers.
 template <typename T>
 void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act,
                     const T* mean, const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var,
-                    const T* g_maha, i64 M, i64 J, i64 I, i64 m0, i64 m1, T eps, T* gP, T* gW, T* g_r, T* g_act) {
+                    const T* g_maha, const T* e_mean, i64 M, i64 J, i64 I, i64 m0, i64 m1, T eps, T* gP, T* gW,
+                    T* g_r, T* g_act) {
   (void)M;
   Scratch<T> sc(I);
   std::vector<T> b(I * 64), gw(J * I), inv(J), gm(J * 16), g_sp(J), gbuf(J * 16);
@@ -350,7 +353,8 @@ void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i
         if (g_maha) {
           const T c = 2 * g_maha[mj * I + i];
           const T* iv = inv_var + mj * 16;
-          for (int e = 0; e < 16; ++e) g[e] += c * (v[e] - mu[e]) * iv[e];
+          const T* emu = e_mean + mj * 16;
+          for (int e = 0; e < 16; ++e) g[e] += c * (v[e] - emu[e]) * iv[e];
         }
         vote_add(bi, g, gW + (i * J + j) * 16);
         gw[j * I + i] = acc;
@@ -393,13 +397,13 @@ void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i
   }                                                                                                            \
   EMCAPS_EXPORT void emcaps_mstep_backward_##suffix(                                                           \
       const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act, const T* mean,        \
-      const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var, const T* g_maha, i64 M,     \
-      i64 J, i64 I, i64 m0, i64 m1, double eps, T* gP, T* gW, T* g_r, T* g_act) {                              \
-    mstep_backward<T>(P, W, WT, r, r_sm, r_sj, act, mean, S, g_mean, g_var, g_S, inv_var, g_maha, M, J, I, m0,  \
-                      m1, T(eps), gP, gW, g_r, g_act);                                                         \
+      const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var, const T* g_maha,            \
+      const T* e_mean, i64 M, i64 J, i64 I, i64 m0, i64 m1, double eps, T* gP, T* gW, T* g_r, T* g_act) {      \
+    mstep_backward<T>(P, W, WT, r, r_sm, r_sj, act, mean, S, g_mean, g_var, g_S, inv_var, g_maha, e_mean, M,    \
+                      J, I, m0, m1, T(eps), gP, gW, g_r, g_act);                                               \
   }
 
 EMCAPS_INSTANTIATE(float, f32)
 EMCAPS_INSTANTIATE(double, f64)
 
-EMCAPS_EXPORT int emcaps_kernels_version() { return 2; }
+EMCAPS_EXPORT int emcaps_kernels_version() { return 3; }

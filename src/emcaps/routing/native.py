@@ -9,6 +9,8 @@ go straight into pose and transform gradients inside the kernel that recomputes 
 Notation, per routing problem m (an image position), child i, parent j, pose entry d (D = 16), iteration t:
     S_j = sum_i r_ji a_i,   w_ji = r_ji a_i / max(S_j, EPS)
     mean_jd = sum_i w_ji v_jid,   var_jd = sum_i w_ji (v_jid - mean_jd)^2 + var_floor
+    with centre_damping d > 0, mean_t = (1 - d) mean_t + d mean_{t-1} (mean_{-1} = 0) and var around it:
+    var_d = var + (wm - mean_t) (2 wm (1 - sum_i w_i) + sum_i w_i (wm - mean_t)), wm the weighted mean
     cost_j = (D beta_u_j + 0.5 sum_d log var_jd) * cost_scale * S_j,   logit_j = lambda_t (beta_a_j - cost_j)
     log_r_ji = logsigmoid(logit_j) - 0.5 (sum_d log var_jd + D log 2 pi) - 0.5 maha_ji,
     maha_ji = sum_d (v_jid - mean_jd)^2 / var_jd,   r <- exp(normalise(log_r))
@@ -24,7 +26,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from emcaps.kernels import Library, PerThread, library
-from emcaps.routing import EPS, PositionCompetition, RoutingConfig, parent_logit
+from emcaps.routing.config import EPS, RoutingConfig
+from emcaps.routing.fused import PositionCompetition
+from emcaps.routing.reference import parent_logit
 
 _LOG_2PI = math.log(2 * math.pi)
 D = 16
@@ -64,6 +68,19 @@ def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Ten
     return mean.to(out_dtype), act.to(out_dtype)
 
 
+def _damp(mean: Tensor, var: Tensor, s: Tensor, previous: Tensor, damping: float) -> tuple[Tensor, Tensor]:
+    """The damped centre and the variance around it from the M-step's weighted mean and variance.
+
+    mean, var, previous: (M, J, 16);  s: (M, J), the weight sums -> centre (M, J, 16), variance (M, J, 16).
+    sum_i w_i (v_i - c)^2 = var + (mean - c) (2 mean (1 - sum_i w_i) + sum_i w_i (mean - c)), exact also where
+    the weights sum to less than one (S < EPS).
+    """
+    centre = (1 - damping) * mean + damping * previous
+    w_sum = (s / s.clamp_min(EPS)).unsqueeze(-1)
+    diff = mean - centre
+    return centre, var + diff * (2 * mean * (1 - w_sum) + w_sum * diff)
+
+
 def _group_sums(x: Tensor, competition: PositionCompetition | None) -> Tensor:
     """(M, I) -> (M, I): for each child, the sum of x over every parent position it feeds."""
     if competition is None:
@@ -82,18 +99,24 @@ class _ConvRouting(torch.autograd.Function):
         if r.stride(2) != 1:
             r = r.contiguous()
         steps = []
+        damping = config.centre_damping
+        centre = P.new_zeros(m, n_out, D)
         for t, lam in enumerate(lambdas):
             mean, var, s = P.new_empty(m, n_out, D), P.new_empty(m, n_out, D), P.new_empty(m, n_out)
             lib.call("mstep", P.dtype,
                      [P, W, r, r.stride(0), r.stride(1), a, m, n_out, n_in, EPS, mean, var, s], m, range_at=9)
             var += config.var_floor
+            if damping:
+                centre, var = _damp(mean, var, s, centre, damping)
+            else:
+                centre = mean
             log_var_sum = torch.log(var).sum(-1)                                     # (M, J)
             logit = parent_logit(beta_u, beta_a, log_var_sum, s, lam, cost_scale, D, config.activation)
-            steps.append((r, mean, var, s, logit))
+            steps.append([r, mean, centre, var, s, logit])
             if t == len(lambdas) - 1:
                 break
             maha = P.new_empty(m, n_out, n_in)
-            lib.call("estep", P.dtype, [P, W, mean, 1.0 / var, m, n_out, n_in, maha], m, range_at=7)
+            lib.call("estep", P.dtype, [P, W, centre, 1.0 / var, m, n_out, n_in, maha], m, range_at=7)
             const = F.logsigmoid(logit) - 0.5 * (log_var_sum + D * _LOG_2PI)         # (M, J)
             log_r = maha.mul_(-0.5).add_(const.unsqueeze(-1))                        # (M, J, I)
             if config.estep_temperature != 1.0:
@@ -102,13 +125,16 @@ class _ConvRouting(torch.autograd.Function):
                 r = torch.softmax(log_r, dim=1)
             else:
                 r = competition(log_r).exp_()
-        # `mean` is an output: keeping it on ctx would make a reference cycle (output -> node -> ctx ->
-        # output) that leaks every step's graph, so it goes through save_for_backward.
-        steps[-1] = (r, None, var, s, logit)
-        ctx.save_for_backward(P, W, a, beta_u, beta_a, mean)
+        # `centre` is an output: keeping it on ctx would make a reference cycle (output -> node -> ctx ->
+        # output) that leaks every step's graph, so it goes through save_for_backward (and so does the last
+        # weighted mean where, undamped, it is the same tensor).
+        steps[-1][2] = None
+        if not damping:
+            steps[-1][1] = None
+        ctx.save_for_backward(P, W, a, beta_u, beta_a, centre)
         ctx.steps, ctx.lambdas, ctx.config = steps, lambdas, config
         ctx.competition, ctx.cost_scale, ctx.lib = competition, cost_scale, lib
-        return mean, torch.sigmoid(logit)
+        return centre, torch.sigmoid(logit)
 
     @staticmethod
     @once_differentiable
@@ -124,10 +150,13 @@ class _ConvRouting(torch.autograd.Function):
         g_a = P.new_zeros(m, n_in)
         g_bu, g_ba = torch.zeros_like(beta_u), torch.zeros_like(beta_a)
         g_r_next = None
+        g_previous = None                     # gradient wrt this iteration's centre from the next one's damping
+        damping = config.centre_damping
         last = len(lambdas) - 1
         for t in range(last, -1, -1):
-            r, mean, var, s, logit = steps[t]
-            mean = mean_out if mean is None else mean
+            r, mean, centre, var, s, logit = steps[t]
+            centre = mean_out if centre is None else centre
+            mean = centre if mean is None else mean
             lam = lambdas[t]
             inv_var = 1.0 / var
             log_var_sum = torch.log(var).sum(-1)
@@ -150,7 +179,7 @@ class _ConvRouting(torch.autograd.Function):
                 g_log_var = -0.5 * g_const
                 g_maha = g_log_r.mul_(-0.5)
                 g_mean, g_inv_var = torch.empty_like(mean), torch.empty_like(var)
-                lib.call("estep_backward", P.dtype, [P, W, mean, inv_var, g_maha, m, n_out, n_in,
+                lib.call("estep_backward", P.dtype, [P, W, centre, inv_var, g_maha, m, n_out, n_in,
                                                      g_mean, g_inv_var], m, range_at=8)
                 g_var = -g_inv_var * inv_var * inv_var
             # activation and cost: the logit is small, (M, J), so autograd differentiates the shared formula
@@ -161,11 +190,24 @@ class _ConvRouting(torch.autograd.Function):
             g_bu += g_bu_t
             g_ba += g_ba_t
             g_var += (g_log_var + g_lvs).unsqueeze(-1) * inv_var
+            if damping:
+                # g_mean and g_var so far are with respect to the damped centre and the variance around it
+                if g_previous is not None:
+                    g_mean = g_mean + g_previous
+                previous = steps[t - 1][2] if t > 0 else torch.zeros_like(mean)
+                with torch.enable_grad():
+                    inputs = [x.detach().requires_grad_() for x in (mean, s, previous)]
+                    out = _damp(inputs[0], var, inputs[1], inputs[2], damping)
+                    g_mean, g_s_damp, g_previous = torch.autograd.grad(out, inputs, (g_mean, g_var),
+                                                                       allow_unused=True)
+                if g_s_damp is not None:
+                    g_s = g_s + g_s_damp
             # M-step (and the E-step's share of the vote gradients)
             g_r = P.new_empty(m, n_out, n_in) if t > 0 else None
             lib.call("mstep_backward", P.dtype,
                      [P, W, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean.contiguous(),
                       g_var.contiguous(), g_s.contiguous(), inv_var if g_maha is not None else None, g_maha,
-                      m, n_out, n_in, EPS, g_P, PerThread(g_W), g_r, g_a], m, range_at=17)
+                      centre if g_maha is not None else None, m, n_out, n_in, EPS, g_P, PerThread(g_W), g_r,
+                      g_a], m, range_at=18)
             g_r_next = g_r
         return g_P, g_W.sum(0), g_a, g_bu, g_ba, None, None, None, None, None

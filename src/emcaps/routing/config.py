@@ -1,0 +1,209 @@
+"""What decides how a layer routes: RoutingConfig, the named parameterisations, the inverse temperatures.
+
+Numerical constants shared by every routing form live here too, so that the forms agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+EPS = 1e-8
+STD_FLOOR = 1e-6        # added to the variance of the costs before standardising them
+DEFAULT_VAR_FLOOR = 5e-4
+# The default parameterisation (README, "Three routing iterations that learn"): costs standardised over the
+# parent types, inverse temperature 10 * (1 - 0.95**(i+1)), and an E-step at a tenth of its log-posterior.
+DEFAULT_ACTIVATION = "standardised"
+DEFAULT_FINAL_LAMBDA = 10.0
+DEFAULT_ESTEP_TEMPERATURE = 0.1
+SCHEDULES = ("authors", "linear", "constant")
+ACTIVATIONS = ("paper", "standardised")
+DEFAULT_PARAMETERISATION = "emcaps"
+BACKENDS = ("auto", "native", "torch", "compile")
+INITIAL_ASSIGNMENTS = ("uniform", "per_window")
+_LOG_2PI = math.log(2 * math.pi)
+
+
+@dataclass(frozen=True)
+class RoutingConfig:
+    """Everything that decides how a layer routes; one value shared by a model's layers.
+
+    iterations:       EM iterations (the paper uses 3).
+    final_lambda:     scale of the inverse temperature schedule.
+    schedule:         'authors' (lambda_i = final * (1 - 0.95**(i+1))), 'linear' (final * (i+1)/T),
+                      or 'constant' (final every iteration).
+    var_floor:        added to every variance.
+    normalize_cost:   scale each parent's share of the data by n_parents / n_children (Gritzman 2019),
+                      so the cost has the same size in layers with very different fan-in.
+    compete_positions: in convolutional layers, a child's assignments are normalised over every parent
+                      it feeds (all positions and types), not over the types at each position.
+    initial_assignments: with compete_positions, how the first M-step's assignments start: 'uniform' over
+                      every parent a child feeds (1 / (C * windows)), or 'per_window', 1/C to the parents of
+                      each window, as the authors' code starts (a child in k windows carries k times the data).
+    activation:       how a parent's activation follows from its cost (see `parent_logit`): 'paper',
+                      lambda * (beta_a - cost); 'standardised', lambda * (beta_a - z) with z the cost
+                      standardised over the parent types of one routing problem, so activations spread
+                      whatever the scale of poses and fan-in.
+    estep_temperature: the E-step's log-posterior is multiplied by this before normalising (deterministic
+                      annealing EM): 1 is plain EM, below 1 softer assignments, so a parent whose variance
+                      sits near the floor does not take a child outright.
+    centre_damping:   each M-step moves a parent's centre only part of the way: centre = (1 - damping) *
+                      weighted mean + damping * previous centre (0 before the first iteration), and the
+                      variance is taken around that centre (the authors' code: 0.1).
+    cost_scale:       a fixed factor on every layer's cost (the authors' logit has twice ours: 2).
+    fan_in_cost_scale: when > 0, each layer's cost is also multiplied by this * J / I, J the parent types and
+                      I the children of one routing problem (IBM's 100 * C / (K*K*B): 22, 11, 2 in 'small').
+    class_lambda_scale: the class capsules route at this fraction of the inverse temperature (authors: 1/4).
+    beta_u_scale, beta_a_scale: the layers' learned biases enter the cost as these multiples of the
+                      parameters (the authors learn sigma_b and act_b with beta_u = sigma_b (ln 2 pi + 1) / 2
+                      and beta_a = -5000 act_b); the factor also sets Adam's effective step on the bias.
+    parameterisation: the name (a key of PARAMETERISATIONS) this config was built from; run configs fill
+                      every field the name sets, and the model's initialisation, from it (emcaps.config).
+
+    How it runs (the result does not depend on these):
+    chunk:            route this many images at a time; 0 (default) picks as many as keep one chunk's
+                      votes under `chunk_mb`. Small chunks keep the working set in cache and below
+                      glibc's mmap threshold (32 MB at most), so the allocator reuses the same blocks
+                      instead of mapping and zero-filling fresh pages every step.
+    chunk_mb:         the votes budget of an automatic chunk, in MB.
+    recompute:        when training, keep only each layer's inputs and recompute votes and routing in
+                      the backward pass, chunk by chunk, instead of storing every iteration's tensors.
+    backend:          how capsule convolutions route. 'native': C++ kernels that recompute the votes
+                      in every pass and never store them, with a hand-written backward (CPU only; built
+                      with the system compiler on first use, see emcaps.kernels); 'torch': PyTorch ops
+                      (the fused form below); 'compile': a torch.compile'd kernel (fused loops, no
+                      votes-sized temporaries; the first call of each shape pays the compile time);
+                      'auto' (default): native where it is available, else torch. Class capsules,
+                      whose votes are small, and traced calls always route with PyTorch ops.
+    """
+
+    iterations: int = 3
+    final_lambda: float = DEFAULT_FINAL_LAMBDA
+    schedule: str = "authors"
+    var_floor: float = DEFAULT_VAR_FLOOR
+    normalize_cost: bool = False
+    compete_positions: bool = True
+    initial_assignments: str = "uniform"
+    activation: str = DEFAULT_ACTIVATION
+    estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE
+    centre_damping: float = 0.0
+    cost_scale: float = 1.0
+    fan_in_cost_scale: float = 0.0
+    class_lambda_scale: float = 1.0
+    beta_u_scale: float = 1.0
+    beta_a_scale: float = 1.0
+    parameterisation: str = DEFAULT_PARAMETERISATION
+    chunk: int = 0
+    chunk_mb: float = 12.0
+    recompute: bool = True
+    backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.chunk, int) or self.chunk < 0:
+            raise ValueError(f"routing chunk must be an integer >= 0, got {self.chunk!r}")
+        if not isinstance(self.iterations, int) or self.iterations < 1:
+            raise ValueError(f"routing iterations must be an integer >= 1, got {self.iterations!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown inverse-temperature schedule {self.schedule!r}; expected one of {SCHEDULES}")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"unknown routing backend {self.backend!r}; expected one of {BACKENDS}")
+        if not self.final_lambda > 0:
+            raise ValueError(f"final_lambda must be > 0, got {self.final_lambda}")
+        if not self.var_floor > 0:
+            raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
+        if not self.estep_temperature > 0:
+            raise ValueError(f"estep_temperature must be > 0, got {self.estep_temperature}")
+        if self.initial_assignments not in INITIAL_ASSIGNMENTS:
+            raise ValueError(f"unknown initial_assignments {self.initial_assignments!r}; expected one of "
+                             f"{INITIAL_ASSIGNMENTS}")
+        if not 0 <= self.centre_damping < 1:
+            raise ValueError(f"centre_damping must be in [0, 1), got {self.centre_damping}")
+        for name in ("cost_scale", "class_lambda_scale"):
+            if not (getattr(self, name) > 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not (self.fan_in_cost_scale >= 0 and math.isfinite(self.fan_in_cost_scale)):
+            raise ValueError(f"fan_in_cost_scale must be a finite number >= 0, got {self.fan_in_cost_scale}")
+        for name in ("beta_u_scale", "beta_a_scale"):
+            if not (getattr(self, name) != 0 and math.isfinite(getattr(self, name))):
+                raise ValueError(f"{name} must be a finite non-zero number, got {getattr(self, name)}")
+        if self.parameterisation not in PARAMETERISATIONS:
+            raise ValueError(f"unknown routing parameterisation {self.parameterisation!r}; expected one of "
+                             f"{', '.join(PARAMETERISATIONS)}")
+
+    @classmethod
+    def named(cls, name: str, **fields: Any) -> RoutingConfig:
+        """A named parameterisation (see PARAMETERISATIONS), with `fields` overriding any of its settings."""
+        if name not in PARAMETERISATIONS:
+            raise ValueError(f"unknown routing parameterisation {name!r}; expected one of "
+                             f"{', '.join(PARAMETERISATIONS)}")
+        return cls(**{**PARAMETERISATIONS[name], "parameterisation": name, **fields})
+
+    def layer_cost_scale(self, parents: int, children: int, layer_ratio: float) -> float:
+        """The factor on one layer's cost: `cost_scale`, times `layer_ratio` (parents / children over the
+        whole layer) with `normalize_cost`, times `fan_in_cost_scale` * parents / children of one routing
+        problem when that is set."""
+        scale = self.cost_scale * (layer_ratio if self.normalize_cost else 1.0)
+        if self.fan_in_cost_scale > 0:
+            scale *= self.fan_in_cost_scale * parents / children
+        return scale
+
+    def class_layer(self) -> RoutingConfig:
+        """The config the class capsules route with: the inverse temperature times `class_lambda_scale`."""
+        if self.class_lambda_scale == 1.0:
+            return self
+        return dataclasses.replace(self, final_lambda=self.final_lambda * self.class_lambda_scale,
+                                   class_lambda_scale=1.0)
+
+    def images_per_chunk(self, batch: int, votes_bytes_per_image: int) -> int:
+        """How many images of a batch to route at once."""
+        if self.chunk > 0:
+            return self.chunk
+        return max(1, min(batch, int(self.chunk_mb * 2**20 // max(votes_bytes_per_image, 1))))
+
+    @property
+    def inverse_temperatures(self) -> list[float]:
+        return inverse_temperatures(self.iterations, self.final_lambda, self.schedule)
+
+
+# Named parameterisations: how the activation follows from the cost, how sharp the E-step is, and how the
+# M-step moves the centres. The model's initialisation that goes with each is emcaps.models.INITIALISATIONS.
+# Every name sets every one of these fields, so that switching names leaves nothing of the previous one.
+_EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
+           "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR, "normalize_cost": False,
+           "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
+           "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform"}
+_PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
+                "estep_temperature": 1.0}
+PARAMETERISATIONS: dict[str, dict[str, Any]] = {
+    # emcaps' own (README, "Three routing iterations that learn"): the RoutingConfig defaults.
+    "emcaps": _EMCAPS,
+    # The paper's formula as written, with the authors' inverse temperature 0.01 * (1 - 0.95**(i+1)).
+    "paper": _PAPER_LOGIT,
+    # google-research capsule_em (em_layers.py): logit = lambda * (S * (-sum_h log var_h - sigma_b * D *
+    # (ln 2pi + 1)) - 5000 act_b) = lambda * (beta_a - 2 (D beta_u + 0.5 sum_h log var_h) S) with
+    # beta_u = sigma_b (ln 2pi + 1) / 2 and beta_a = -5000 act_b; class layer at lambda / 4; centres damped;
+    # a capsule convolution's first assignments 1/C in every window (softmax of zeros per window).
+    "authors": {**_PAPER_LOGIT, "var_floor": 5e-4, "cost_scale": 2.0, "centre_damping": 0.1,
+                "class_lambda_scale": 0.25, "beta_u_scale": (_LOG_2PI + 1) / 2, "beta_a_scale": -5000.0,
+                "initial_assignments": "per_window"},
+    # IBM/matrix-capsules-with-em-routing (Gritzman 2019): cost times 100 * J / I per layer, floor 1e-9.
+    "ibm": {**_PAPER_LOGIT, "var_floor": 1e-9, "fan_in_cost_scale": 100.0},
+}
+
+
+def inverse_temperatures(iterations: int, final_lambda: float = DEFAULT_FINAL_LAMBDA,
+                         schedule: str = "authors") -> list[float]:
+    """The inverse temperature lambda for each iteration; it rises each iteration."""
+    if not isinstance(iterations, int) or iterations < 1:
+        raise ValueError(f"routing iterations must be an integer >= 1, got {iterations!r}")
+    if schedule == "authors":
+        return [final_lambda * (1 - 0.95 ** (i + 1)) for i in range(iterations)]
+    if schedule == "linear":
+        return [final_lambda * (i + 1) / iterations for i in range(iterations)]
+    if schedule == "constant":
+        return [final_lambda] * iterations
+    raise ValueError(f"unknown inverse-temperature schedule {schedule!r}; expected one of {SCHEDULES}")

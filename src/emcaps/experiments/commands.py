@@ -25,7 +25,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--steps", type=int, metavar="N", help="training steps of every model the experiment "
                    "trains (default 3000, batch 32, unless --capsnet-steps says otherwise; fast: a few)")
     p.add_argument("--capsnet-lr", type=float, metavar="LR",
-                   help="the capsule network's Adam learning rate (default 3e-3; fast: 1e-2)")
+                   help="the capsule network's Adam learning rate (default 1e-2, the peak of a cosine schedule)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")

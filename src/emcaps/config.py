@@ -193,7 +193,8 @@ class TrainConfig:
     default). Checkpoints are written every epoch, every `checkpoint_minutes`
     and every `checkpoint_steps` steps (0 = off). eval_every: test the model every this many epochs
     (0 = only at the end); eval_steps: also every this many steps (0 = off), logged as 'eval' events in
-    log.jsonl: a learning curve."""
+    log.jsonl: a learning curve. ema_decay: evaluate, checkpoint and export an exponential moving average
+    of the weights with this decay (0 = off, the raw weights; see emcaps.training.averaging)."""
 
     epochs: int = 10
     max_steps: int = 0
@@ -207,9 +208,12 @@ class TrainConfig:
     eval_steps: int = 0
     eval_batch_size: int = 64
     log_every: int = 10
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         _at_least("train.max_steps", self.max_steps, 0)
         _at_least("train.batch_size", self.batch_size, 1)
         _at_least("train.eval_steps", self.eval_steps, 0)

@@ -88,12 +88,13 @@ def config_of(state: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig,
                                                                                          dict[str, Any]]:
-    """(model in eval mode, its config, the checkpoint) from a checkpoint or run directory."""
+    """(model in eval mode, its config, the checkpoint) from a checkpoint or run directory: the run's
+    weight average when it kept one (train.ema_decay), else its weights."""
     state = load_checkpoint(path)
     config = config_of(state)
     shape = state.get("data_shape", {})
     model = build_model(config, shape.get("classes", 5), shape.get("in_channels", 1))
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.get("ema_model", state["model"]))
     return model.to(device).eval(), config, state
 
 

@@ -7,6 +7,8 @@
 
 The budget is train.epochs, or train.max_steps steps when that is set (the last epoch then ends early).
 A callback sees the model after every step and may stop the run (early stopping, matched-error checks).
+With train.ema_decay the model that is tested, checkpointed for export and shown to callbacks is the
+moving average of the weights (training.averaging); the raw weights still train and resume.
 
 Resuming is exact: the data order of an epoch comes from a generator whose state is checkpointed, and
 each batch's augmentation draws from its own generator seeded by (seed, epoch, batch, rank), so a run
@@ -36,6 +38,7 @@ from emcaps.data.transforms import center_crop, train_augment
 from emcaps.evaluate import predict, predict_reconstructing
 from emcaps.models import Reconstructing, count_parameters
 from emcaps.progress import progress_bar
+from emcaps.training.averaging import WeightAverage
 from emcaps.training.build import (
     build_model,
     build_optimizer,
@@ -57,7 +60,7 @@ from emcaps.training.distributed import Distributed, end_distributed, resolve_de
 from emcaps.training.divergence import TrainingDiverged, diagnose, first_nonfinite_parameter
 from emcaps.training.log import Logger, say
 
-# callback(step, model) after every optimiser step; a true result stops the run there (checkpointed).
+# callback(step, model) after every optimiser step (model: the weight average when the run keeps one); a true result stops the run there (checkpointed).
 Callback = Callable[[int, nn.Module], Any]
 
 
@@ -162,9 +165,12 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
     epochs = math.ceil(total_steps / batches_per_epoch)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.optim, total_steps))
 
+    average = WeightAverage(model, tc.ema_decay) if tc.ema_decay else None
     run = RunState()
     if state is not None:
         model.load_state_dict(state["model"])
+        if average is not None:
+            average.load_state_dict(state.get("ema_model", state["model"]))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         run = RunState(step=state["step"], epoch=state["epoch"], position=state["position"],
@@ -173,6 +179,7 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                        last_loss=state.get("last_loss", math.nan))
         rng = state["rng"]
         set_rng_state(rng[dd.rank % len(rng)])
+    reported = average.average if average is not None else model     # what the run tests, saves and returns
     decoder = getattr(model, "decoder", None) is not None
     net = Reconstructing(model) if decoder else model
     if dd.world > 1:
@@ -223,6 +230,7 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
             "log_offset": logger.offset(), "finished": stopped or run.step >= total_steps, "reason": reason,
             "stopped_early": stopped, "last_loss": run.last_loss, "params": count_parameters(model),
             "last_test": last_test,
+            **({"ema_model": average.state_dict()} if average is not None else {}),
         })
 
     def save_due() -> bool:
@@ -285,14 +293,16 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                 optimizer.step()
                 scheduler.step()
                 run.step += 1
+                if average is not None:
+                    average.update(model, run.step)
                 run.position = b + 1
                 run.totals = [t + s for t, s in zip(run.totals, stats.tolist())]
                 run.last_loss = stats[0].item() / stats[2].item()
                 epoch_images += int(stats[2].item())
-                stopped = callback is not None and stop_asked(callback(run.step, model))
+                stopped = callback is not None and stop_asked(callback(run.step, reported))
                 if not stopped and tc.eval_steps and run.step % tc.eval_steps == 0 and b + 1 < last:
                     # A learning curve between epochs; the epoch's own test (below) covers its last step.
-                    curve = evaluate_split(model, test_set, config, device, dd, loss_kind, margin)
+                    curve = evaluate_split(reported, test_set, config, device, dd, loss_kind, margin)
                     logger.log("eval", step=run.step, epoch=epoch + 1, elapsed=elapsed(), **curve)
                     net.train()
                 run_loss, run_acc = run.totals[0] / run.totals[2], run.totals[1] / run.totals[2]
@@ -322,7 +332,7 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                       "lr": scheduler.get_last_lr()[0], "seconds": seconds,
                       "img_per_s": epoch_images / max(seconds, 1e-9), "elapsed": elapsed()}
             if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or run.step >= total_steps:
-                last_test = evaluate_split(model, test_set, config, device, dd, loss_kind,
+                last_test = evaluate_split(reported, test_set, config, device, dd, loss_kind,
                                            margin_at(config.loss, run.step, total_steps))
                 record.update(last_test)
                 if run.best_error is None or last_test["test_error"] < run.best_error:

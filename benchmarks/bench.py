@@ -19,9 +19,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from typing import Callable
 
 PRESETS = ("paper", "small", "routing")
 MODES = ("train", "infer")
@@ -69,9 +69,9 @@ def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
     """A function running one step of `spec` (train: forward, loss, backward, Adam; infer: no_grad
     forward), and the tensors it keeps alive (so the caller's baseline RSS includes them).
     """
+    import reference
     import torch
 
-    import reference
     from emcaps.capsules import Capsules
     from emcaps.losses import spread_loss
     from emcaps.models import create_model

@@ -3,7 +3,7 @@ on the viewpoint experiment's data (SynthNORB small subset, familiar azimuths), 
 familiar-azimuth test images every few steps.
 
     python benchmarks/learning_sweep.py --steps 450 \
-        --variant '{}' --variant '{"normalize_cost": true, "final_lambda": 1.0}' --variant '{"lr": 3e-3}'
+        --variant '{}' --variant '{"normalise_cost": true, "final_lambda": 1.0}' --variant '{"lr": 3e-3}'
 
 A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'schedule' ('constant' or
 'cosine'), 'loss' (spread / margin /

@@ -18,9 +18,8 @@ import sys
 import time
 
 import torch
-from torch.profiler import ProfilerActivity, profile
-
 from bench import IMPLS, MODES, PRESETS, Spec, build_step
+from torch.profiler import ProfilerActivity, profile
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -221,8 +221,8 @@ def routing_kwargs(routing, strict: bool = True) -> dict:
     if strict and routing.compete_positions:
         raise ValueError("the reference normalises assignments per position: use "
                          "RoutingConfig(compete_positions=False) for an emcaps model it should match")
-    if strict and routing.normalize_cost:
-        raise ValueError("the reference has no cost normalisation: use RoutingConfig(normalize_cost=False)")
+    if strict and routing.normalise_cost:
+        raise ValueError("the reference has no cost normalisation: use RoutingConfig(normalise_cost=False)")
     paper = routing.activation == "paper" and routing.estep_temperature == 1.0
     if strict and not paper:
         raise ValueError("the reference computes the paper's activation and E-step: use "
@@ -252,7 +252,7 @@ def load_from_emcaps(model, strict: bool = True) -> ReferenceCapsNet:
     """A reference network computing what the emcaps `MatrixCapsNet` `model` computes, weights copied.
 
     With `strict`, the model's routing must be configured to match (compete_positions=False,
-    normalize_cost=False); without, the reference routes per position whatever the model does.
+    normalise_cost=False); without, the reference routes per position whatever the model does.
     """
     c = model.config
     ref = ReferenceCapsNet(c.A, c.B, c.C, c.D, c.classes, c.in_channels, coord_add=c.coord_add,

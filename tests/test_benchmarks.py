@@ -86,9 +86,9 @@ def test_reference_conv_caps_matches_emcaps_layer():
 def test_reference_refuses_a_config_it_cannot_match():
     with pytest.raises(ValueError, match="compete_positions"):
         reference.load_from_emcaps(create_model("tiny"))
-    with pytest.raises(ValueError, match="normalize_cost"):
+    with pytest.raises(ValueError, match="normalise_cost"):
         reference.load_from_emcaps(create_model("tiny", routing=RoutingConfig(compete_positions=False,
-                                                                            normalize_cost=True)))
+                                                                            normalise_cost=True)))
     with pytest.raises(ValueError, match="paper's activation"):        # the library default is not the paper's
         reference.load_from_emcaps(create_model("tiny", routing=RoutingConfig(compete_positions=False)))
 

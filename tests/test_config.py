@@ -133,3 +133,10 @@ def test_naming_a_parameterisation_replaces_a_saved_configs_named_fields(tmp_pat
     assert c.routing == RoutingConfig(iterations=2, centre_damping=0.2)
     c = config.with_updates(config.load(path), routing={"parameterisation": "paper"})
     assert c.routing == RoutingConfig.named("paper", iterations=2) and c.model.bias_init == "zeros"
+
+
+def test_the_old_spelling_of_a_renamed_key_still_loads():
+    """Configs and checkpoints from before the spelling was unified keep working."""
+    old = config.from_dict({"routing": {"normalize_cost": True}})
+    assert old.routing.normalise_cost and old == config.load(None, ["routing.normalise_cost=true"])
+    assert config.load(None, ["routing.normalize_cost=true"]).routing.normalise_cost

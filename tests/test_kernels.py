@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-import emcaps.kernels as kernels
+from emcaps import kernels
 
 needs_compiler = pytest.mark.skipif(kernels.compiler() is None, reason="no C++ compiler")
 

@@ -76,20 +76,20 @@ def test_dense_matches_independent_numpy(iterations, final_lambda):
 
 def test_dense_matches_numpy_with_cost_normalisation():
     votes, act, bu, ba = random_problem(n_in=9, n_out=3, seed=5)
-    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0, normalize_cost=True, **PAPER)
+    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0, normalise_cost=True, **PAPER)
     np_pose, np_a = numpy_em(votes.numpy(), act.numpy(), bu.numpy(), ba.numpy(), 3, 1.0, scale=3 / 9)
     np.testing.assert_allclose(pose.numpy(), np_pose, atol=1e-6, rtol=0)
     np.testing.assert_allclose(a.numpy(), np_a, atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("iterations", [1, 2, 3, 5])
-@pytest.mark.parametrize("normalize_cost", [False, True])
-def test_fused_matches_dense(iterations, normalize_cost):
+@pytest.mark.parametrize("normalise_cost", [False, True])
+def test_fused_matches_dense(iterations, normalise_cost):
     votes, act, bu, ba = random_problem(n=4, n_in=11, n_out=5, seed=10 + iterations)
     votes = votes * 3 + 50  # an offset far from zero exercises the centred moments
-    cfg = RoutingConfig(iterations=iterations, final_lambda=1.0, normalize_cost=normalize_cost)
-    pose, a = em_routing(votes, act, bu, ba, iterations, final_lambda=1.0, normalize_cost=normalize_cost)
-    scale = 5 / 11 if normalize_cost else 1.0
+    cfg = RoutingConfig(iterations=iterations, final_lambda=1.0, normalise_cost=normalise_cost)
+    pose, a = em_routing(votes, act, bu, ba, iterations, final_lambda=1.0, normalise_cost=normalise_cost)
+    scale = 5 / 11 if normalise_cost else 1.0
     fpose, fa = em_routing_fused(dense_to_fused(votes), act, bu, ba, cfg, cost_scale=scale)
     torch.testing.assert_close(fpose, pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(fa, a, atol=1e-9, rtol=1e-9)
@@ -314,7 +314,7 @@ def test_images_per_chunk():
 
 PARAMETERISATIONS = [{"activation": "standardised", "estep_temperature": 1.0},
                      {"activation": "paper", "estep_temperature": 0.3},
-                     {"activation": "standardised", "estep_temperature": 0.5, "normalize_cost": True},
+                     {"activation": "standardised", "estep_temperature": 0.5, "normalise_cost": True},
                      {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.1, "cost_scale": 2.0},
                      {"activation": "standardised", "estep_temperature": 0.5, "centre_damping": 0.4},
                      {"activation": "paper", "estep_temperature": 1.0, "fan_in_cost_scale": 3.0}]

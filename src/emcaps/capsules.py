@@ -49,7 +49,7 @@ class Capsules:
         # Lets `pose, activation = caps` work, as with a tuple.
         return iter((self.pose, self.activation))
 
-    def to(self, *args, **kwargs) -> "Capsules":
+    def to(self, *args, **kwargs) -> Capsules:
         return Capsules(self.pose.to(*args, **kwargs), self.activation.to(*args, **kwargs))
 
 

@@ -294,6 +294,11 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 
+# Keys whose spelling changed (the project spells its own names the British way): old full key -> new name.
+# Configs and checkpoints written before the change still load.
+RENAMED_KEYS = {"routing.normalize_cost": "normalise_cost"}
+
+
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """A (nested) config dataclass from a dict, rejecting unknown keys and ill-typed values."""
     if not isinstance(data, dict):
@@ -301,6 +306,7 @@ def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     types = _field_types(cls)
     values = {}
     for key, value in data.items():
+        key = RENAMED_KEYS.get(prefix + key, key)
         full = prefix + key
         if key not in types:
             raise _unknown(full, list(types))

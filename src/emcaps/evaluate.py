@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -128,7 +129,7 @@ def summarise(scores: Tensor, labels: Tensor, class_names: Sequence[str],
     matrix = confusion(predicted, labels.numpy(), len(class_names))
     per_class = {name: (1.0 - matrix[k, k] / matrix[k].sum()) if matrix[k].sum() else None
                  for k, name in enumerate(class_names)}
-    result: dict[str, Any] = {"images": int(len(labels)), "test_error": error_rate(predicted, labels.numpy()),
+    result: dict[str, Any] = {"images": len(labels), "test_error": error_rate(predicted, labels.numpy()),
                               "classes": list(class_names), "confusion": matrix.tolist(),
                               "per_class_error": per_class}
     if meta and "azimuth" in meta and "elevation" in meta:

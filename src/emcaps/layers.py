@@ -5,7 +5,7 @@ Each layer takes and returns `Capsules`; the pose grid is channels-last, (N, H, 
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn

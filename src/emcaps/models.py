@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -53,19 +54,28 @@ class ReconstructionDecoder(nn.Module):
     -> an image (N, C, S, S) with linear output, since the images it redraws are standardised.
 
     Trained with the network, it asks the chosen class capsule's 16 pose entries to describe the image
-    (position, slant, thickness...), which the spread loss alone never does.
+    (position, slant, thickness...), which the spread loss alone never does. The chosen pose is first
+    batch-normalised entry by entry: routed poses differ between images by as little as 1e-2 (each layer
+    averages its children's disagreeing votes), and at that scale neither the decoder (Adam moves each
+    weight by about lr, whatever the input's scale) nor the gradient it sends back would see them.
     """
 
     def __init__(self, classes: int, image_shape: tuple[int, int, int]) -> None:
         super().__init__()
         self.classes, self.image_shape = classes, tuple(image_shape)
+        self.norm = nn.BatchNorm1d(16, eps=1e-8)          # poses may vary by 1e-3: keep eps below that squared
         self.net = nn.Sequential(nn.Linear(16 * classes, 512), nn.ReLU(), nn.Linear(512, 1024), nn.ReLU(),
                                  nn.Linear(1024, math.prod(image_shape)))
 
     def forward(self, pose: Tensor, chosen: Tensor) -> Tensor:
         """pose (N, E, 4, 4) or (N, E, 16), chosen classes (N,) -> images (N, C, S, S)."""
+        n = len(pose)
+        picked = pose.reshape(n, self.classes, 16)[torch.arange(n, device=pose.device), chosen]    # (N, 16)
+        batch_stats = self.training and n > 1          # one image has no batch statistics: use the running ones
+        picked = F.batch_norm(picked, self.norm.running_mean, self.norm.running_var, self.norm.weight,
+                              self.norm.bias, batch_stats, self.norm.momentum, self.norm.eps)
         mask = F.one_hot(chosen, self.classes).to(pose.dtype).unsqueeze(-1)                # (N, E, 1)
-        masked = pose.reshape(len(pose), self.classes, 16) * mask                          # (N, E, 16)
+        masked = picked.unsqueeze(1) * mask                                                # (N, E, 16)
         return self.net(masked.flatten(1)).view(-1, *self.image_shape)
 
 

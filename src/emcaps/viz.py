@@ -9,8 +9,8 @@ reconstruction figures draw arrays their caller computed (`emcaps.experiments.re
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch

@@ -10,7 +10,7 @@ from emcaps.data.transforms import (
     preprocess,
     random_brightness_contrast,
     random_crop,
-    standardize,
+    standardise,
     train_augment,
 )
 
@@ -32,10 +32,10 @@ def test_downsample_area_average():
     assert out[0, 0, 0, 1].item() == 0
 
 
-def test_standardize_statistics_and_blank_images():
+def test_standardise_statistics_and_blank_images():
     x = torch.rand(5, 2, 48, 48) * 7 + 3
     x[4] = 0.5
-    out = standardize(x)
+    out = standardise(x)
     flat = out[:4].reshape(4, -1)
     assert torch.allclose(flat.mean(1), torch.zeros(4), atol=1e-5)
     assert torch.allclose(flat.std(1, unbiased=False), torch.ones(4), atol=1e-4)
@@ -88,7 +88,7 @@ def test_multi_crop_offsets_and_positions():
 
 
 def test_brightness_contrast_identity_and_range():
-    x = standardize(torch.rand(8, 2, 32, 32))
+    x = standardise(torch.rand(8, 2, 32, 32))
     same = random_brightness_contrast(x, max_brightness=0.0, contrast=(1.0, 1.0))
     assert torch.allclose(same, x, atol=1e-6)
     out = random_brightness_contrast(x, generator=torch.Generator().manual_seed(0))
@@ -102,4 +102,4 @@ def test_train_augment_shape_and_bad_input():
     out = train_augment(torch.randn(4, 2, 48, 48), generator=torch.Generator().manual_seed(0))
     assert out.shape == (4, 2, 32, 32)
     with pytest.raises(ValueError, match=r"\(N, C, H, W\)"):
-        standardize(torch.randn(48, 48))
+        standardise(torch.randn(48, 48))

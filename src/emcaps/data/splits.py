@@ -7,9 +7,9 @@ A split is an `ImageSet`; `load_split` makes one from a DataConfig; `epoch_order
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ class ImageSet:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def subset(self, index: Tensor | np.ndarray) -> "ImageSet":
+    def subset(self, index: Tensor | np.ndarray) -> ImageSet:
         index = torch.as_tensor(index, dtype=torch.long)
         meta = {k: v[index.numpy()] for k, v in self.meta.items()}
         return ImageSet(self.images[index], self.labels[index], self.classes, self.class_names, meta,

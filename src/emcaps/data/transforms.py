@@ -32,7 +32,7 @@ def downsample(x: torch.Tensor, size: int = 48) -> torch.Tensor:
     return F.interpolate(x, size=(size, size), mode="area")
 
 
-def standardize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+def standardise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """Each image (over C, H, W) to zero mean, unit variance: (N, C, H, W) -> same shape.
 
     As in tf.image.per_image_standardization, which the authors used: a blank image stays finite.
@@ -46,7 +46,7 @@ def standardize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def preprocess(images: torch.Tensor, size: int = 48) -> torch.Tensor:
     """Raw smallNORB batch uint8 (N, C, 96, 96) -> standardised float (N, C, size, size)."""
-    return standardize(downsample(images, size))
+    return standardise(downsample(images, size))
 
 
 def crop_at(x: torch.Tensor, top: torch.Tensor, left: torch.Tensor, size: int) -> torch.Tensor:

@@ -6,9 +6,10 @@ trained once and shared by the groups. All variants get the same data, budget an
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from emcaps import plots
 from emcaps.config import ConfigError

@@ -8,8 +8,9 @@ models see (images have zero mean and unit variance), so eps 0.5 is half a stand
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from emcaps import attacks, plots
 from emcaps.config import ConfigError

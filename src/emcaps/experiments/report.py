@@ -6,8 +6,8 @@ from __future__ import annotations
 import html
 import os
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from emcaps.config import ConfigError
 
@@ -33,7 +33,7 @@ def _section(run: Path, page_dir: Path) -> str:
         shown.add((run / target).resolve())
         return f"![{match.group(1)}]({Path(os.path.relpath(run / target, page_dir)).as_posix()})"
 
-    body = _IMAGE.sub(rebase, re.sub(r"^(#+) ", r"##\1 ", text, flags=re.M)).strip()
+    body = _IMAGE.sub(rebase, re.sub(r"^(#+) ", r"##\1 ", text, flags=re.MULTILINE)).strip()
     pngs = sorted(run.glob("*.png")) + sorted(run.glob("eval/*.png"))
     extra = [p for p in pngs if p.resolve() not in shown]
     if not body and not extra:

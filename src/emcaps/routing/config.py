@@ -35,7 +35,7 @@ class RoutingConfig:
     schedule:         'authors' (lambda_i = final * (1 - 0.95**(i+1))), 'linear' (final * (i+1)/T),
                       or 'constant' (final every iteration).
     var_floor:        added to every variance.
-    normalize_cost:   scale each parent's share of the data by n_parents / n_children (Gritzman 2019),
+    normalise_cost:   scale each parent's share of the data by n_parents / n_children (Gritzman 2019),
                       so the cost has the same size in layers with very different fan-in.
     compete_positions: in convolutional layers, a child's assignments are normalised over every parent
                       it feeds (all positions and types), not over the types at each position.
@@ -83,7 +83,7 @@ class RoutingConfig:
     final_lambda: float = DEFAULT_FINAL_LAMBDA
     schedule: str = "authors"
     var_floor: float = DEFAULT_VAR_FLOOR
-    normalize_cost: bool = False
+    normalise_cost: bool = False
     compete_positions: bool = True
     initial_assignments: str = "uniform"
     activation: str = DEFAULT_ACTIVATION
@@ -144,9 +144,9 @@ class RoutingConfig:
 
     def layer_cost_scale(self, parents: int, children: int, layer_ratio: float) -> float:
         """The factor on one layer's cost: `cost_scale`, times `layer_ratio` (parents / children over the
-        whole layer) with `normalize_cost`, times `fan_in_cost_scale` * parents / children of one routing
+        whole layer) with `normalise_cost`, times `fan_in_cost_scale` * parents / children of one routing
         problem when that is set."""
-        scale = self.cost_scale * (layer_ratio if self.normalize_cost else 1.0)
+        scale = self.cost_scale * (layer_ratio if self.normalise_cost else 1.0)
         if self.fan_in_cost_scale > 0:
             scale *= self.fan_in_cost_scale * parents / children
         return scale
@@ -173,7 +173,7 @@ class RoutingConfig:
 # M-step moves the centres. The model's initialisation that goes with each is emcaps.models.INITIALISATIONS.
 # Every name sets every one of these fields, so that switching names leaves nothing of the previous one.
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
-           "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR, "normalize_cost": False,
+           "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR, "normalise_cost": False,
            "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
            "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform"}
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",

@@ -8,8 +8,8 @@ maths over the layers' (M, J, I, D) layout, written as plain broadcasts so that 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -74,7 +74,7 @@ def _check_betas(beta_u: Tensor, beta_a: Tensor, n_out: int) -> None:
 
 def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int = 3, *,
                final_lambda: float = DEFAULT_FINAL_LAMBDA, schedule: str = "authors",
-               var_floor: float = DEFAULT_VAR_FLOOR, normalize_cost: bool = False,
+               var_floor: float = DEFAULT_VAR_FLOOR, normalise_cost: bool = False,
                activation: str = DEFAULT_ACTIVATION, estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE,
                centre_damping: float = 0.0, cost_scale: float = 1.0, fan_in_cost_scale: float = 0.0,
                connectivity: Tensor | None = None, initial: Tensor | None = None,
@@ -89,7 +89,7 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
     initial:      optional (I, J) or (N, I, J) assignments for the first M-step instead of that uniform start
                   (RoutingConfig.initial_assignments = 'per_window' gives 1/C in every window of a child).
     centre_damping, cost_scale, fan_in_cost_scale: as in RoutingConfig (the cost's factor is
-                  cost_scale * (J / I if normalize_cost) * (fan_in_cost_scale * J / I if that is > 0)).
+                  cost_scale * (J / I if normalise_cost) * (fan_in_cost_scale * J / I if that is > 0)).
     returns pose (N, J, D) (the Gaussian means, or damped centres) and activation (N, J).
     """
     if votes.dim() != 4:
@@ -115,7 +115,7 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         r = (connectivity / fan_out).to(cd).unsqueeze(0)
     if initial is not None:
         r = initial.to(cd).expand(n, n_in, n_out)
-    scale = cost_scale * (n_out / n_in if normalize_cost else 1.0)
+    scale = cost_scale * (n_out / n_in if normalise_cost else 1.0)
     if fan_in_cost_scale > 0:
         scale *= fan_in_cost_scale * n_out / n_in
     mean = v.new_zeros(n, n_out, v.shape[-1])                           # the centres before the first M-step

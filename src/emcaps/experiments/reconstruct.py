@@ -208,7 +208,8 @@ def _markdown(r: dict[str, Any], configs: dict[str, RunConfig]) -> str:
          f"testing."), "",
         markdown_table(["model", "test error", "steps", "optimiser"], rows), "",
         (f"Both trained for {caps['epochs']} epochs of batch {caps['batch_size']} on the same split. The "
-         f"decoder (class poses masked to one class -> 512 -> 1024 -> 32x32) trains with the network, its "
+         f"decoder (the chosen class capsule's pose, batch-normalised entry by entry, in its class's slot "
+         f"of an otherwise zero input -> 512 -> 1024 -> 32x32) trains with the network, its "
          f"mean squared error weighted by {r['reconstruction_weight']:g} in the loss, masked to the true "
          f"class in training and to the predicted class at test."), "",
         (f"Reconstruction error of the test digits, per standardised pixel: {r['reconstruction_mse']:.3f}, "

@@ -19,7 +19,9 @@ from torch import nn
 
 class WeightAverage:
     """Keeps `average`, a copy of `model` whose floating-point parameters and buffers follow an exponential
-    moving average of the model's; other buffers (counters) are copied."""
+    moving average of the model's; other buffers (counters) are copied. (torch.optim.swa_utils.AveragedModel
+    does the same but prefixes every key with 'module.' and has no warm-up; this one's state_dict is the
+    model's own, so a checkpoint's average loads into a plain model.)"""
 
     def __init__(self, model: nn.Module, decay: float) -> None:
         if not 0.0 < decay < 1.0:
@@ -38,7 +40,7 @@ class WeightAverage:
         """Move the average towards `model`'s current weights: avg += (1 - decay) * (w - avg)."""
         weight = 1.0 - self.decay_at(step)
         averaged, current = [], []
-        for (name, a), (_, w) in zip(self.average.state_dict().items(), model.state_dict().items()):
+        for a, w in zip(self.average.state_dict().values(), model.state_dict().values()):
             if a.is_floating_point():
                 averaged.append(a)
                 current.append(w.detach())

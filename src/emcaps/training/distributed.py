@@ -31,6 +31,7 @@ def setup_distributed(device: str) -> Distributed:
         return Distributed()
     global _OWN_GROUP
     if not dist.is_initialized():
+        # Imported for its side effect, before the group exists: see end_distributed.
         import torch.distributed.nn.functional
         use_cuda = device != "cpu" and torch.cuda.is_available()
         dist.init_process_group("nccl" if use_cuda else "gloo")

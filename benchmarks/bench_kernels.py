@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
         "estep": ([P, W, mean, inv_var, m, j, i, maha], 7),
         "estep_backward": ([P, W, mean, inv_var, g_maha, m, j, i, g_mean, g_iv], 8),
         "mstep_backward": ([P, W, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean, g_var, g_s, inv_var,
-                            g_maha, m, j, i, 1e-8, g_P, PerThread(g_W), g_r, g_a], 17),
+                            g_maha, mean, m, j, i, 1e-8, g_P, PerThread(g_W), g_r, g_a], 18),
     }
     votes = m * j * i
     print(f"{votes:,} votes per call, {lib.threads(m)} thread(s)")

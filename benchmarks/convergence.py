@@ -7,26 +7,29 @@
 
 Each config trains in OUT/NAME with `emcaps train` (checkpoints, log.jsonl); a run that is there already
 resumes, so a killed benchmark continues where it stopped. `--minutes` stops each run after that much training
-time (the checkpoint stays, resumable). The curves come from the runs' 'eval' events (every
+time and checkpoints the model it reached (test it on every test image with `emcaps eval OUT/NAME`). The curves come from the runs' 'eval' events (every
 `train.eval_steps`) and 'epoch' events: OUT/curves.json and OUT/curves.png (with --plot-only, a config
 whose run folder is not in OUT keeps its curve from OUT/curves.json). `--set` applies to every config
 (routing settings included, which the CNN ignores). Not a timing benchmark: the minutes are this machine's.
+
+Under torchrun every process trains its shard (train.batch_size is per process: `--set train.batch_size=16`
+on two processes keeps the batch of 32); rank 0's clock decides when `--minutes` is up, and rank 0 alone
+writes the curves.
+
+    torchrun --nproc-per-node 2 benchmarks/convergence.py --configs converge --set train.batch_size=16 ...
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from pathlib import Path
 
 from emcaps import config as cfgmod
 from emcaps.plots import line_plot
 from emcaps.training import loop
-
-
-class _Stop(Exception):
-    """Raised by the time-limit callback; the run's last interval checkpoint stays resumable."""
 
 
 def curve(run_dir: Path) -> list[dict]:
@@ -43,21 +46,21 @@ def curve(run_dir: Path) -> list[dict]:
 
 
 def run(name: str, overrides: list[str], out: Path, minutes: float | None) -> dict:
-    run_dir = out / name
+    run_dir = out / Path(name).stem                      # a named config, or a TOML file's name without .toml
     started = time.monotonic()
 
-    def limit(step: int, model) -> None:
-        if minutes is not None and time.monotonic() - started > 60 * minutes:
-            raise _Stop(step)
+    def limit(step: int, model) -> bool:
+        """True once the time is up: the loop stops after this step (every rank at once, on rank 0's answer)
+        and checkpoints it, so the final model is the one trained for `minutes`."""
+        return minutes is not None and time.monotonic() - started > 60 * minutes
 
-    try:
-        if (run_dir / "checkpoint.pt").exists():
-            summary = loop.resume(run_dir, overrides, quiet=True, callback=limit)
-        else:
-            config = cfgmod.load(cfgmod.named_config_path(name) or name, overrides)
-            summary = loop.train(config, run_dir, quiet=True, callback=limit)
-    except _Stop:
-        summary = {"stopped": f"after {minutes} minutes"}
+    if (run_dir / "checkpoint.pt").exists():
+        summary = loop.resume(run_dir, overrides, quiet=True, callback=limit)
+    else:
+        config = cfgmod.load(cfgmod.named_config_path(name) or name, overrides)
+        summary = loop.train(config, run_dir, quiet=True, callback=limit)
+    if summary.get("stopped_early"):
+        summary["stopped"] = f"after {minutes} minutes"
     points = curve(run_dir)
     best = min((p["test_error"] for p in points), default=None)
     return {"config": name, "run_dir": str(run_dir), "summary": summary, "curve": points, "best_error": best}
@@ -72,26 +75,31 @@ def main() -> None:
     p.add_argument("--plot-only", action="store_true", help="train nothing: curves of the runs already in OUT")
     args = p.parse_args()
     out = Path(args.out)
+    main_rank = os.environ.get("RANK", "0") == "0"          # under torchrun, rank 0 reports
     saved = out / "curves.json"
     stored = ({r["config"]: r for r in json.loads(saved.read_text())}
               if args.plot_only and saved.is_file() else {})
     results = []
     for name in args.configs:
-        if args.plot_only and not (out / name / "log.jsonl").exists() and name in stored:
+        if args.plot_only and not (out / Path(name).stem / "log.jsonl").exists() and name in stored:
             result = stored[name]
         elif args.plot_only:
-            points = curve(out / name)
-            result = {"config": name, "run_dir": str(out / name), "curve": points,
+            points = curve(out / Path(name).stem)
+            result = {"config": name, "run_dir": str(out / Path(name).stem), "curve": points,
                       "best_error": min((p["test_error"] for p in points), default=None)}
         else:
             result = run(name, args.set, out, args.minutes)
         results.append(result)
+        if not main_rank:
+            continue
         points = ", ".join(f"{p['step']}: {100 * p['test_error']:.1f}%" for p in result["curve"])
         print(f"{name}: test error at step {points}", flush=True)
         if result["best_error"] is not None:
             last = result["curve"][-1]
             print(f"{name}: best {100 * result['best_error']:.2f}%, last {100 * last['test_error']:.2f}% after "
                   f"{last['step']} steps, {last['elapsed'] / 60:.1f} min", flush=True)
+    if not main_rank:
+        return
     out.mkdir(parents=True, exist_ok=True)
     (out / "curves.json").write_text(json.dumps(results, indent=2) + "\n")
     series = {r["config"]: ([p["elapsed"] / 60 for p in r["curve"]], [100 * p["test_error"] for p in r["curve"]])

@@ -131,6 +131,22 @@ def test_convergence_curve_comes_from_eval_and_epoch_events(tmp_path):
     assert convergence.curve(tmp_path / "missing") == []
 
 
+def test_convergence_time_limit_stops_and_checkpoints_the_model_it_reached(tmp_path):
+    """--minutes ends a run through the loop's callback (so every torchrun rank stops together) and the
+    checkpoint holds the step it stopped at."""
+    from emcaps.training.checkpoint import load_checkpoint
+
+    convergence = _load("convergence")
+    overrides = ["data.dataset=toy", "data.resize=36", "data.crop=32", "data.train_limit=64", "data.test_limit=16",
+                 "model.name=tiny", "train.epochs=2", "train.batch_size=16", "train.threads=1"]
+    config_file = tmp_path / "c.toml"
+    config_file.write_text('name = "limited"\n')
+    result = convergence.run(str(config_file), overrides, tmp_path, minutes=0)
+    assert result["summary"]["stopped"] == "after 0 minutes"
+    assert result["summary"]["steps"] == 1
+    assert load_checkpoint(tmp_path / "c" / "checkpoint.pt")["step"] == 1
+
+
 def test_bench_table_gives_smallnorb_epoch_time_for_training_rows():
     """What a user plans by: 24,300 pairs at the measured training speed, only where that means an epoch."""
     bench = _load("bench")

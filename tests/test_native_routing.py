@@ -79,7 +79,10 @@ def test_native_matches_torch_values_and_gradients(iterations, compete):
                                     {"activation": "standardised", "estep_temperature": 0.6},
                                     {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.1},
                                     {"activation": "standardised", "estep_temperature": 0.5,
-                                     "centre_damping": 0.5}])
+                                     "centre_damping": 0.5},
+                                    {"estep_temperature": 0.5, "detach_assignments": True},
+                                    {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.2,
+                                     "detach_assignments": True}])
 @pytest.mark.parametrize("compete", [True, False])
 def test_native_matches_torch_for_each_parameterisation(fields, compete):
     config = RoutingConfig(final_lambda=2.0, **fields)

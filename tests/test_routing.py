@@ -317,7 +317,10 @@ PARAMETERISATIONS = [{"activation": "standardised", "estep_temperature": 1.0},
                      {"activation": "standardised", "estep_temperature": 0.5, "normalise_cost": True},
                      {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.1, "cost_scale": 2.0},
                      {"activation": "standardised", "estep_temperature": 0.5, "centre_damping": 0.4},
-                     {"activation": "paper", "estep_temperature": 1.0, "fan_in_cost_scale": 3.0}]
+                     {"activation": "paper", "estep_temperature": 1.0, "fan_in_cost_scale": 3.0},
+                     {"activation": "standardised", "estep_temperature": 0.5, "detach_assignments": True},
+                     {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.3,
+                      "detach_assignments": True}]
 
 
 def dense_cost_scale(fields, n_out, n_in):
@@ -355,6 +358,32 @@ def test_fused_and_compiled_match_dense_values_and_gradients(fields, backend):
     fgrads = torch.autograd.grad((fpose * wp).sum() + (fa * wa).sum(), leaves)
     for name, x, y in zip(("votes", "act", "beta_u", "beta_a"), fgrads, grads):
         torch.testing.assert_close(x, y, atol=1e-9, rtol=1e-7, msg=lambda m, name=name: f"gradient of {name}: {m}")
+
+
+def test_detached_assignments_change_gradients_not_values():
+    """With detach_assignments the gradient is that of the last M-step with the final assignments as
+    constants: the same as one iteration started from those assignments (a constant schedule, so it runs at
+    the same inverse temperature)."""
+    votes, act, bu, ba = random_problem(n=3, n_in=10, n_out=4, seed=26)
+    kwargs = dict(final_lambda=2.0, schedule="constant", activation="standardised", estep_temperature=0.5)
+    leaves = [t.requires_grad_(True) for t in (votes, act, bu, ba)]
+    trace = []
+    pose, a = em_routing(votes, act, bu, ba, 3, trace=trace, **kwargs)
+    dpose, da = em_routing(votes, act, bu, ba, 3, detach_assignments=True, **kwargs)
+    torch.testing.assert_close(dpose, pose, atol=0, rtol=0)
+    torch.testing.assert_close(da, a, atol=0, rtol=0)
+    last_r = trace[-1].assignments.detach()
+    opose, oa = em_routing(votes, act, bu, ba, 1, initial=last_r, **kwargs)
+
+    def grads(p, q):
+        return torch.autograd.grad((p * torch.linspace(-1, 1, p.numel(), dtype=p.dtype).view(p.shape)).sum()
+                                   + (q * torch.linspace(1, 2, q.numel(), dtype=q.dtype).view(q.shape)).sum(),
+                                   leaves)
+
+    full, detached, one_step = grads(pose, a), grads(dpose, da), grads(opose, oa)
+    for name, x, y, z in zip(("votes", "act", "beta_u", "beta_a"), detached, one_step, full):
+        torch.testing.assert_close(x, y, atol=1e-10, rtol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+    assert (full[0] - detached[0]).abs().max() > 1e-4, "detaching changed no gradient"
 
 
 def test_parameterisation_fields_are_checked():

@@ -59,6 +59,11 @@ class RoutingConfig:
     beta_u_scale, beta_a_scale: the layers' learned biases enter the cost as these multiples of the
                       parameters (the authors learn sigma_b and act_b with beta_u = sigma_b (ln 2 pi + 1) / 2
                       and beta_a = -5000 act_b); the factor also sets Adam's effective step on the bias.
+    detach_assignments: the assignments each E-step computes are constants to the backward pass: the loss
+                      reaches poses, transforms and activations only through the M-steps that weight the
+                      votes by them, not through how the E-steps chose them (as k-means' gradient ignores
+                      how the clusters were picked). The forward pass is unchanged; the native backward then
+                      differentiates only the last M-step (the damped centres' chain where damping is on).
     parameterisation: the name (a key of PARAMETERISATIONS) this config was built from; run configs fill
                       every field the name sets, and the model's initialisation, from it (emcaps.config).
 
@@ -94,6 +99,7 @@ class RoutingConfig:
     class_lambda_scale: float = 1.0
     beta_u_scale: float = 1.0
     beta_a_scale: float = 1.0
+    detach_assignments: bool = False
     parameterisation: str = DEFAULT_PARAMETERISATION
     chunk: int = 0
     chunk_mb: float = 12.0

@@ -41,7 +41,7 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
         mean, act = _compiled_kernel()(votes.to(cd), activations.to(cd), beta_u.to(cd), beta_a.to(cd),
                                        tuple(config.inverse_temperatures), config.var_floor, cost_scale,
                                        r, normalise, config.activation, config.estep_temperature,
-                                       config.centre_damping)
+                                       config.centre_damping, config.detach_assignments)
         return mean.to(out_dtype), act.to(out_dtype)
     v = votes.to(cd)
     a = activations.to(cd).unsqueeze(1)                                 # (M, 1, I)
@@ -83,7 +83,7 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
         log_p = -0.5 * (maha.clamp_min(0) + (log_var.sum(-1, keepdim=True) + d * _LOG_2PI))
         log_r = config.estep_temperature * (F.logsigmoid(logit).unsqueeze(-1) + log_p)   # (M, J, I)
         log_r = normalise(log_r) if normalise is not None else torch.log_softmax(log_r, dim=1)
-        r = log_r.exp()
+        r = log_r.exp().detach() if config.detach_assignments else log_r.exp()
     return (mean + centre).to(out_dtype), act.to(out_dtype)
 
 

@@ -152,8 +152,11 @@ class _ConvRouting(torch.autograd.Function):
         g_r_next = None
         g_previous = None                     # gradient wrt this iteration's centre from the next one's damping
         damping = config.centre_damping
+        detach = config.detach_assignments
         last = len(lambdas) - 1
         for t in range(last, -1, -1):
+            if detach and t < last and not damping:
+                break                         # constant assignments: earlier iterations reach nothing
             r, mean, centre, var, s, logit = steps[t]
             centre = mean_out if centre is None else centre
             mean = centre if mean is None else mean
@@ -167,6 +170,10 @@ class _ConvRouting(torch.autograd.Function):
                 g_log_var = torch.zeros_like(logit)                   # per (m, j): log var enters as its sum
                 g_var = torch.zeros_like(var)
                 g_maha = None
+            elif detach:
+                # only the next iteration's damped centre (g_previous, below) reaches this one
+                g_logit, g_log_var = torch.zeros_like(logit), torch.zeros_like(logit)
+                g_mean, g_var, g_maha = torch.zeros_like(mean), torch.zeros_like(var), None
             else:
                 # E-step: r_next = exp(tau * log_r - logsumexp over the parents each child feeds)
                 r_next = steps[t + 1][0]
@@ -203,7 +210,7 @@ class _ConvRouting(torch.autograd.Function):
                 if g_s_damp is not None:
                     g_s = g_s + g_s_damp
             # M-step (and the E-step's share of the vote gradients)
-            g_r = P.new_empty(m, n_out, n_in) if t > 0 else None
+            g_r = P.new_empty(m, n_out, n_in) if t > 0 and not detach else None
             lib.call("mstep_backward", P.dtype,
                      [P, W, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean.contiguous(),
                       g_var.contiguous(), g_s.contiguous(), inv_var if g_maha is not None else None, g_maha,

@@ -77,8 +77,8 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
                var_floor: float = DEFAULT_VAR_FLOOR, normalise_cost: bool = False,
                activation: str = DEFAULT_ACTIVATION, estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE,
                centre_damping: float = 0.0, cost_scale: float = 1.0, fan_in_cost_scale: float = 0.0,
-               connectivity: Tensor | None = None, initial: Tensor | None = None,
-               trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
+               detach_assignments: bool = False, connectivity: Tensor | None = None,
+               initial: Tensor | None = None, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
     """EM routing, dense reference form.
 
     votes:        (N, I, J, D)  vote of child i for parent j
@@ -88,8 +88,8 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
                   start uniform over, and are normalised over, the parents it feeds.
     initial:      optional (I, J) or (N, I, J) assignments for the first M-step instead of that uniform start
                   (RoutingConfig.initial_assignments = 'per_window' gives 1/C in every window of a child).
-    centre_damping, cost_scale, fan_in_cost_scale: as in RoutingConfig (the cost's factor is
-                  cost_scale * (J / I if normalise_cost) * (fan_in_cost_scale * J / I if that is > 0)).
+    centre_damping, cost_scale, fan_in_cost_scale, detach_assignments: as in RoutingConfig (the cost's factor
+                  is cost_scale * (J / I if normalise_cost) * (fan_in_cost_scale * J / I if that is > 0)).
     returns pose (N, J, D) (the Gaussian means, or damped centres) and activation (N, J).
     """
     if votes.dim() != 4:
@@ -140,12 +140,15 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         if connectivity is not None:
             log_r = log_r.masked_fill(~connectivity, float("-inf"))
         r = torch.softmax(log_r, dim=2)
+        if detach_assignments:
+            r = r.detach()
     return mean.to(out_dtype), act.to(out_dtype)
 
 
 def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, lambdas: tuple[float, ...],
                var_floor: float, cost_scale: float, initial: Tensor, normalise: Normaliser | None,
-               activation: str, estep_temperature: float, centre_damping: float) -> tuple[Tensor, Tensor]:
+               activation: str, estep_temperature: float, centre_damping: float,
+               detach_assignments: bool = False) -> tuple[Tensor, Tensor]:
     """EM routing written as plain broadcasts over (M, J, I, D), for torch.compile to fuse into loops.
 
     Eager, each line would allocate a votes-sized temporary; compiled, none does, and (v - mean)^2 is
@@ -170,7 +173,7 @@ def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         log_p = -0.5 * ((sq / var.unsqueeze(2)).sum(-1) + (log_var.sum(-1, keepdim=True) + d * _LOG_2PI))
         log_r = estep_temperature * (F.logsigmoid(logit).unsqueeze(-1) + log_p)
         log_r = normalise(log_r) if normalise is not None else torch.log_softmax(log_r, dim=1)
-        r = log_r.exp()
+        r = log_r.exp().detach() if detach_assignments else log_r.exp()
     return mean, act
 
 

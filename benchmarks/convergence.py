@@ -92,9 +92,11 @@ def main() -> None:
         results.append(result)
         if not main_rank:
             continue
-        points = ", ".join(f"{p['step']}: {100 * p['test_error']:.1f}%" for p in result["curve"])
-        print(f"{name}: test error at step {points}", flush=True)
-        if result["best_error"] is not None:
+        if result["best_error"] is None:
+            print(f"{name}: no test yet (stopped before its first check)", flush=True)
+        else:
+            points = ", ".join(f"{p['step']}: {100 * p['test_error']:.1f}%" for p in result["curve"])
+            print(f"{name}: test error at step {points}", flush=True)
             last = result["curve"][-1]
             print(f"{name}: best {100 * result['best_error']:.2f}%, last {100 * last['test_error']:.2f}% after "
                   f"{last['step']} steps, {last['elapsed'] / 60:.1f} min", flush=True)

@@ -365,7 +365,7 @@ def test_detached_assignments_change_gradients_not_values():
     constants: the same as one iteration started from those assignments (a constant schedule, so it runs at
     the same inverse temperature)."""
     votes, act, bu, ba = random_problem(n=3, n_in=10, n_out=4, seed=26)
-    kwargs = dict(final_lambda=2.0, schedule="constant", activation="standardised", estep_temperature=0.5)
+    kwargs = {"final_lambda": 2.0, "schedule": "constant", "activation": "standardised", "estep_temperature": 0.5}
     leaves = [t.requires_grad_(True) for t in (votes, act, bu, ba)]
     trace = []
     pose, a = em_routing(votes, act, bu, ba, 3, trace=trace, **kwargs)

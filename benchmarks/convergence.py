@@ -45,8 +45,13 @@ def curve(run_dir: Path) -> list[dict]:
     return [points[s] for s in sorted(points)]
 
 
+def run_dir_of(out: Path, name: str) -> Path:
+    """Where a config's run goes: OUT/NAME for a named config, OUT/STEM for a TOML file."""
+    return out / Path(name).stem
+
+
 def run(name: str, overrides: list[str], out: Path, minutes: float | None) -> dict:
-    run_dir = out / Path(name).stem                      # a named config, or a TOML file's name without .toml
+    run_dir = run_dir_of(out, name)
     started = time.monotonic()
 
     def limit(step: int, model) -> bool:
@@ -81,11 +86,12 @@ def main() -> None:
               if args.plot_only and saved.is_file() else {})
     results = []
     for name in args.configs:
-        if args.plot_only and not (out / Path(name).stem / "log.jsonl").exists() and name in stored:
+        run_dir = run_dir_of(out, name)
+        if args.plot_only and not (run_dir / "log.jsonl").exists() and name in stored:
             result = stored[name]
         elif args.plot_only:
-            points = curve(out / Path(name).stem)
-            result = {"config": name, "run_dir": str(out / Path(name).stem), "curve": points,
+            points = curve(run_dir)
+            result = {"config": name, "run_dir": str(run_dir), "curve": points,
                       "best_error": min((p["test_error"] for p in points), default=None)}
         else:
             result = run(name, args.set, out, args.minutes)

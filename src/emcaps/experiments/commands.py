@@ -155,10 +155,10 @@ def add_experiment_parser(sub) -> None:
     q.add_argument("--root", metavar="DIR", default="",
                    help="directory of the MNIST files (default: the data cache)")
     q.add_argument("--epochs", type=int, metavar="N",
-                   help="training epochs of both models (default 5; fast 1)")
+                   help="training epochs of both models (default: the mnist config's 15; fast 1)")
     q.add_argument("--reconstruction-weight", type=float, metavar="W",
                    help="weight of the reconstruction error in the capsule network's loss "
-                        "(default: loss.reconstruction_weight's)")
+                        "(default 0.5)")
     q.add_argument("--digits", type=int, default=4, metavar="N",
                    help="test digits in the pose-perturbation picture (default 4)")
     q.add_argument("--spread", type=float, default=2.0, metavar="STD",

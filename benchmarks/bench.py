@@ -3,6 +3,7 @@
     python benchmarks/bench.py [--quick] [--json] [--presets paper,small,routing] [--batch 32]
                                [--threads N] [--steps K] [--impl emcaps,reference] [--compile]
                                [--glibc-keep-freed [both|only]] [--timeout 600]
+                               [--routing FIELD=VALUE ...]
 
 Every (preset, mode, impl, allocator) configuration runs in its own child process (this script with
 `--child`), so that its peak RSS, page faults and user/system CPU time are its own. See README.md.
@@ -47,6 +48,7 @@ class Spec:
     warmup: int = 1
     steps: int = 5
     match_reference: bool = False
+    routing: tuple[str, ...] = ()          # RoutingConfig overrides of the emcaps impls, FIELD=VALUE
     seed: int = 0
 
 
@@ -54,15 +56,15 @@ class Spec:
 # The workloads (built in the child; also used by profile_routing.py)
 
 
-def routing_config(match_reference: bool, impl: str = "emcaps"):
-    """emcaps' default routing (or the per-position routing the reference computes), with the routing
-    backend of `impl` (see IMPLS)."""
-    from emcaps.routing import RoutingConfig
+def routing_config(match_reference: bool, impl: str = "emcaps", overrides: tuple[str, ...] = ()):
+    """emcaps' default routing (or the per-position routing the reference computes) with the routing
+    backend of `impl` (see IMPLS) and `overrides` ('detach_assignments=true', ...: RoutingConfig fields,
+    parsed and checked as `emcaps train --set routing.FIELD=VALUE` would)."""
+    from emcaps import config as cfgmod
 
-    backend = BACKEND.get(impl, "auto")
-    if match_reference:
-        return RoutingConfig.named("paper", compete_positions=False, backend=backend)
-    return RoutingConfig(backend=backend)
+    named = ["routing.parameterisation=paper", "routing.compete_positions=false"] if match_reference else []
+    routing = cfgmod.load(None, [*named, *(f"routing.{text}" for text in overrides)]).routing
+    return replace(routing, backend=BACKEND.get(impl, "auto"))
 
 
 def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
@@ -78,7 +80,7 @@ def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
 
     torch.manual_seed(spec.seed)
     model = create_model("paper" if spec.preset == "routing" else spec.preset,
-                         routing=routing_config(spec.match_reference, spec.impl))
+                         routing=routing_config(spec.match_reference, spec.impl, tuple(spec.routing)))
     n = spec.batch
 
     if spec.preset == "routing":
@@ -177,6 +179,7 @@ def run_child(spec: Spec) -> dict:
         user_s=after.ru_utime - before.ru_utime, sys_s=after.ru_stime - before.ru_stime,
         minor_faults=after.ru_minflt - before.ru_minflt,
         compete_positions=spec.impl != "reference" and not spec.match_reference,
+        routing=[] if spec.impl == "reference" else list(spec.routing),
         torch=torch.__version__,
     )
     if spec.impl == "emcaps-compile" and warm_times:
@@ -300,6 +303,9 @@ def format_table(records: list[dict], requested_batch: int) -> str:
                  "child minus its RSS after building model and inputs. user/sys s, faults: CPU time and "
                  "minor page faults of the timed steps. x ref: emcaps / reference. epoch (train rows): "
                  f"one pass over smallNORB's {SMALLNORB_TRAIN:,} training pairs at that speed.")
+    overrides = sorted({", ".join(r["routing"]) for r in records if r.get("routing")})
+    if overrides:
+        lines.append("emcaps routing overrides: " + "; ".join(overrides))
     return "\n".join(lines + notes)
 
 
@@ -322,6 +328,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="also ('both') or only ('only') run with GLIBC_TUNABLES=" + KEEP_FREED)
     p.add_argument("--match-reference", action="store_true",
                    help="route emcaps per position (compete_positions=False), as the reference does")
+    p.add_argument("--routing", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a RoutingConfig field of the emcaps impls, e.g. detach_assignments=true or "
+                        "iterations=2 (repeatable; the reference is not affected)")
     p.add_argument("--ref-mem-budget-gb", type=float, default=16.0,
                    help="run the reference at a smaller batch if its estimated peak exceeds this")
     p.add_argument("--child", help=argparse.SUPPRESS)
@@ -350,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
 
     allocators = {None: [False], "both": [False, True], "only": [True]}[args.glibc_keep_freed]
     base = Spec(preset="", mode="", impl="", batch=args.batch, threads=args.threads, warmup=args.warmup,
-                steps=args.steps, match_reference=args.match_reference)
+                steps=args.steps, match_reference=args.match_reference, routing=tuple(args.routing))
     records = []
     for preset in args.presets:
         for mode in args.modes:

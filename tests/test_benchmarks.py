@@ -154,3 +154,20 @@ def test_bench_table_gives_smallnorb_epoch_time_for_training_rows():
     assert bench.epoch_time({"mode": "infer", "preset": "small", "images_per_s": 100.0}) == "-"
     assert bench.epoch_time({"mode": "train", "preset": "routing", "images_per_s": 100.0}) == "-"
     assert bench.epoch_time({"mode": "train", "preset": "paper", "images_per_s": None}) == "-"
+
+
+def test_bench_routing_overrides_reach_the_emcaps_model_and_are_checked(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH_DIR))                 # the child imports reference.py by name
+    bench = _load("bench")
+    args = bench.parse_args(["--routing", "detach_assignments=true", "--routing", "iterations=2"])
+    assert args.routing == ["detach_assignments=true", "iterations=2"]
+    routing = bench.routing_config(False, "emcaps-torch", tuple(args.routing))
+    assert routing.detach_assignments and routing.iterations == 2 and routing.backend == "torch"
+    matched = bench.routing_config(True, "emcaps", ("iterations=1",))
+    assert matched == RoutingConfig.named("paper", compete_positions=False, iterations=1)
+    with pytest.raises(ValueError, match="routing.iterations"):
+        bench.routing_config(False, "emcaps", ("iterations=0",))
+    spec = bench.Spec(preset="small", mode="train", impl="emcaps-torch", batch=2, routing=("iterations=1",))
+    step, alive = bench.build_step(spec)
+    step()
+    assert alive[0].conv_caps1.routing.iterations == 1

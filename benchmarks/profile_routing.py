@@ -2,7 +2,7 @@
 
     python benchmarks/profile_routing.py [--preset paper|small|routing] [--impl emcaps|reference]
                                          [--mode train|infer] [--batch 8] [--threads N] [--rows 25]
-                                         [--memory]
+                                         [--routing FIELD=VALUE ...] [--memory]
 
 Why: throughput alone does not say what bounds it. The table shows whether time goes to the batched
 products, to elementwise temporaries, or to allocation (the perf notes point at page faults: compare the
@@ -32,13 +32,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", type=int, default=25, help="ops to list")
     p.add_argument("--match-reference", action="store_true",
                    help="route emcaps per position (compete_positions=False), as the reference does")
+    p.add_argument("--routing", action="append", default=[], metavar="FIELD=VALUE",
+                   help="a RoutingConfig field of emcaps, as in bench.py (repeatable)")
     p.add_argument("--memory", action="store_true", help="also record and sort by allocated memory")
     args = p.parse_args(argv)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     spec = Spec(preset=args.preset, mode=args.mode, impl=args.impl, batch=args.batch, threads=args.threads,
-                match_reference=args.match_reference)
+                match_reference=args.match_reference, routing=tuple(args.routing))
     step, _alive = build_step(spec)
     step()  # warm-up: first-call allocations and lazy optimizer state stay out of the profile
 

@@ -112,6 +112,8 @@ class _ConvRouting(torch.autograd.Function):
                 centre = mean
             log_var_sum = torch.log(var).sum(-1)                                     # (M, J)
             logit = parent_logit(beta_u, beta_a, log_var_sum, s, lam, cost_scale, D, config.activation)
+            if config.detach_assignments and not damping and steps:
+                steps[-1] = None              # constant assignments: the backward pass needs the last step only
             steps.append([r, mean, centre, var, s, logit])
             if t == len(lambdas) - 1:
                 break

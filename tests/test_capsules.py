@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from emcaps.capsules import Capsules, child_index, conv_output_size, extract_patches
+from emcaps.capsules import Capsules, child_index, conv_output_size, extract_patches, gather_windows
 
 
 def test_capsules_validates_shapes():
@@ -23,6 +23,20 @@ def test_extract_patches_is_a_view_with_the_right_windows():
     for y in range(3):
         for xx in range(3):
             torch.testing.assert_close(p[:, y, xx], x[:, 2 * y:2 * y + 3, 2 * xx:2 * xx + 3])
+
+
+@pytest.mark.parametrize("shape,kernel,stride", [((2, 7, 7, 3, 4, 4), 3, 2), ((2, 6, 5, 2), 3, 1),
+                                                 ((1, 4, 4, 2, 4, 4), 4, 1)])
+def test_gather_windows_copies_the_same_windows_and_gradients(shape, kernel, stride):
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    viewed, gathered = extract_patches(x, kernel, stride), gather_windows(x, kernel, stride)
+    assert gathered.is_contiguous() and gathered.shape == viewed.shape
+    torch.testing.assert_close(gathered, viewed, rtol=0, atol=0)
+    g = torch.randn(viewed.shape, dtype=torch.float64)
+    (want,), (got,) = torch.autograd.grad(viewed, x, g), torch.autograd.grad(gathered, x, g)
+    torch.testing.assert_close(got, want)          # every input position sums the windows it appears in
+    with pytest.raises(ValueError, match="larger than the input grid"):
+        gather_windows(x, 8, 1)
 
 
 def test_child_index_maps_edges_to_input_positions():

@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from emcaps.capsules import Capsules, conv_output_size, extract_patches
+from emcaps.capsules import Capsules, conv_output_size, gather_windows
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
 from emcaps.routing.native import conv_routing, native_available
 
@@ -136,8 +136,8 @@ class ConvCaps(nn.Module):
         n, h, w = pose.shape[:3]
         m = n * conv_output_size(h, self.kernel, self.stride) * conv_output_size(w, self.kernel, self.stride)
         n_in = self.kernel * self.kernel * self.in_types
-        poses = extract_patches(pose, self.kernel, self.stride).reshape(m, n_in, 4, 4)
-        return poses, extract_patches(act, self.kernel, self.stride).reshape(m, n_in)
+        poses = gather_windows(pose, self.kernel, self.stride).view(m, n_in, 4, 4)
+        return poses, gather_windows(act, self.kernel, self.stride).view(m, n_in)
 
     def votes(self, caps: Capsules) -> tuple[Tensor, Tensor]:
         """Votes (N*L, C, K*K*B, 16) and child activations (N*L, K*K*B), L = H'*W' output positions."""

@@ -192,7 +192,7 @@ def test_layer_bad_inputs():
 @pytest.mark.parametrize("compete", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_gradcheck(backend, compete):
-    layer = conv_layer(2, 2, 2, 1, backend=backend, compete_positions=compete)
+    layer = conv_layer(2, 2, 2, 1, backend=backend, compete_positions=compete, detach_assignments=False)
     layer.weight.data.mul_(0.5)
     caps = random_caps(n=1, h=3, w=3, types=2)
     pose = caps.pose.clone().requires_grad_(True)

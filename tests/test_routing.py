@@ -18,6 +18,10 @@ FLOOR = 5e-4
 PAPER = {"activation": "paper", "estep_temperature": 1.0}     # the paper's formula, as numpy_em transcribes it
 
 
+# The true gradient of EM (through every E-step): what gradcheck and the dense reference compute.
+FULL = {"detach_assignments": False}
+
+
 def numpy_em(votes, act, beta_u, beta_a, iterations, final_lambda=0.01, floor=FLOOR, scale=1.0,
              activation="paper", tau=1.0, damping=0.0):
     """The paper's Procedure 1, one sample at a time, float64. votes (N, I, J, D), act (N, I).
@@ -207,7 +211,7 @@ def test_gradcheck_dense_and_fused():
         return em_routing(v, a_, u, b, 3, final_lambda=1.0)
 
     def fused(v, a_, u, b):
-        return em_routing_fused(v.transpose(1, 2), a_, u, b, RoutingConfig(final_lambda=1.0))
+        return em_routing_fused(v.transpose(1, 2), a_, u, b, RoutingConfig(final_lambda=1.0, **FULL))
 
     assert torch.autograd.gradcheck(dense, (votes, act, bu, ba))
     assert torch.autograd.gradcheck(fused, (votes, act, bu, ba))
@@ -294,7 +298,8 @@ def test_compiled_kernel_matches_dense():
     for t in (votes, act, bu, ba):
         t.requires_grad_(True)
     pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0)
-    cpose, ca = em_routing_fused(dense_to_fused(votes), act, bu, ba, RoutingConfig(final_lambda=1.0, backend="compile"))
+    compiled = RoutingConfig(final_lambda=1.0, backend="compile", **FULL)
+    cpose, ca = em_routing_fused(dense_to_fused(votes), act, bu, ba, compiled)
     torch.testing.assert_close(cpose, pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(ca, a, atol=1e-9, rtol=1e-9)
     g = torch.autograd.grad((pose.sum() + a.sum()), (votes, act, bu, ba))
@@ -312,12 +317,13 @@ def test_images_per_chunk():
         RoutingConfig(chunk=-1)
 
 
-PARAMETERISATIONS = [{"activation": "standardised", "estep_temperature": 1.0},
-                     {"activation": "paper", "estep_temperature": 0.3},
-                     {"activation": "standardised", "estep_temperature": 0.5, "normalise_cost": True},
-                     {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.1, "cost_scale": 2.0},
-                     {"activation": "standardised", "estep_temperature": 0.5, "centre_damping": 0.4},
-                     {"activation": "paper", "estep_temperature": 1.0, "fan_in_cost_scale": 3.0},
+PARAMETERISATIONS = [{"activation": "standardised", "estep_temperature": 1.0, **FULL},
+                     {"activation": "paper", "estep_temperature": 0.3, **FULL},
+                     {"activation": "standardised", "estep_temperature": 0.5, "normalise_cost": True, **FULL},
+                     {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.1, "cost_scale": 2.0,
+                      **FULL},
+                     {"activation": "standardised", "estep_temperature": 0.5, "centre_damping": 0.4, **FULL},
+                     {"activation": "paper", "estep_temperature": 1.0, "fan_in_cost_scale": 3.0, **FULL},
                      {"activation": "standardised", "estep_temperature": 0.5, "detach_assignments": True},
                      {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.3,
                       "detach_assignments": True}]

@@ -158,7 +158,7 @@ def add_experiment_parser(sub) -> None:
                    help="training epochs of both models (default: the mnist config's 15; fast 1)")
     q.add_argument("--reconstruction-weight", type=float, metavar="W",
                    help="weight of the reconstruction error in the capsule network's loss "
-                        "(default 0.5)")
+                        "(default 1.0)")
     q.add_argument("--digits", type=int, default=4, metavar="N",
                    help="test digits in the pose-perturbation picture (default 4)")
     q.add_argument("--spread", type=float, default=2.0, metavar="STD",

@@ -33,7 +33,7 @@ from emcaps.training.loop import resume, train
 # to 36x36, random 32x32 crops), its schedule (15 epochs of batch 32, cosine lr, averaged weights) and the
 # library's peak lr 1e-2 for the capsules; the CNN at its own lr, as in the other experiments.
 CNN_LR = 1e-3
-RECONSTRUCTION_WEIGHT = 0.5              # the capsule network's, unless --reconstruction-weight says otherwise
+RECONSTRUCTION_WEIGHT = 1.0              # the capsule network's, unless --reconstruction-weight says otherwise
 FAST = ["model.name=tiny", "train.epochs=1", "train.batch_size=16", "train.ema_decay=0",
         "data.train_limit=256", "data.test_limit=64"]
 STEPS = 11                               # values of each pose entry in a row of the picture

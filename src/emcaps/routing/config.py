@@ -64,6 +64,9 @@ class RoutingConfig:
                       votes by them, not through how the E-steps chose them (as k-means' gradient ignores
                       how the clusters were picked). The forward pass is unchanged; the native backward then
                       differentiates only the last M-step (the damped centres' chain where damping is on).
+                      On by default (emcaps' parameterisation): about twice as fast a training step, 40%
+                      less memory, and over a long schedule it learned better (README); the paper, the
+                      authors' and IBM's code differentiate through every E-step ('paper', 'authors', 'ibm').
     parameterisation: the name (a key of PARAMETERISATIONS) this config was built from; run configs fill
                       every field the name sets, and the model's initialisation, from it (emcaps.config).
 
@@ -99,7 +102,7 @@ class RoutingConfig:
     class_lambda_scale: float = 1.0
     beta_u_scale: float = 1.0
     beta_a_scale: float = 1.0
-    detach_assignments: bool = False
+    detach_assignments: bool = True
     parameterisation: str = DEFAULT_PARAMETERISATION
     chunk: int = 0
     chunk_mb: float = 12.0
@@ -181,9 +184,11 @@ class RoutingConfig:
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
            "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR, "normalise_cost": False,
            "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
-           "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform"}
+           "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform",
+           "detach_assignments": True}
+# The paper, the authors' and IBM's code all differentiate through every E-step.
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
-                "estep_temperature": 1.0}
+                "estep_temperature": 1.0, "detach_assignments": False}
 PARAMETERISATIONS: dict[str, dict[str, Any]] = {
     # emcaps' own (README, "Three routing iterations that learn"): the RoutingConfig defaults.
     "emcaps": _EMCAPS,

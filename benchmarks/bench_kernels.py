@@ -52,18 +52,19 @@ def main(argv: list[str] | None = None) -> int:
     a, r = torch.rand(m, i, generator=g), torch.rand(m, j, i, generator=g)
     mean, var, s = torch.empty(m, j, 16), torch.empty(m, j, 16), torch.empty(m, j)
     maha, g_mean, g_iv = torch.empty(m, j, i), torch.empty(m, j, 16), torch.empty(m, j, 16)
-    lib.call("mstep", torch.float32, [P, W, r, r.stride(0), r.stride(1), a, m, j, i, 1e-8, mean, var, s], m, 9)
+    lib.call("mstep", torch.float32, [P, W, None, r, r.stride(0), r.stride(1), a, m, j, i, 1e-8, mean, var, s], m,
+             10)
     inv_var = 1 / (var + 1e-2)
     g_maha, g_var, g_s = torch.randn(m, j, i, generator=g), torch.randn(m, j, 16, generator=g), torch.randn(m, j)
     W_t = W.view(i, j, 4, 4).transpose(-1, -2).reshape(i, j, 16).contiguous()
     g_P, g_W = torch.zeros(m, i, 16), torch.zeros(lib.threads(m), i, j, 16)
     g_r, g_a = torch.empty(m, j, i), torch.zeros(m, i)
     calls = {
-        "mstep": ([P, W, r, r.stride(0), r.stride(1), a, m, j, i, 1e-8, mean, var, s], 9),
-        "estep": ([P, W, mean, inv_var, m, j, i, maha], 7),
-        "estep_backward": ([P, W, mean, inv_var, g_maha, m, j, i, g_mean, g_iv], 8),
-        "mstep_backward": ([P, W, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean, g_var, g_s, inv_var,
-                            g_maha, mean, m, j, i, 1e-8, g_P, PerThread(g_W), g_r, g_a], 18),
+        "mstep": ([P, W, None, r, r.stride(0), r.stride(1), a, m, j, i, 1e-8, mean, var, s], 10),
+        "estep": ([P, W, None, mean, inv_var, m, j, i, maha], 8),
+        "estep_backward": ([P, W, None, mean, inv_var, g_maha, m, j, i, g_mean, g_iv], 9),
+        "mstep_backward": ([P, W, None, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean, g_var, g_s,
+                            inv_var, g_maha, mean, m, j, i, 1e-8, g_P, PerThread(g_W), g_r, g_a], 19),
     }
     votes = m * j * i
     print(f"{votes:,} votes per call, {lib.threads(m)} thread(s)")

@@ -1,5 +1,6 @@
 """The native routing kernels against the PyTorch routing they replace: values and every gradient, with
-and without competition across positions, degenerate inputs, dtypes, threads, and the fallback."""
+and without competition across positions, the class capsules, degenerate inputs, dtypes, threads, and the
+fallback."""
 
 import gc
 import warnings
@@ -9,7 +10,7 @@ import torch
 
 import emcaps.layers
 from emcaps.capsules import Capsules
-from emcaps.layers import ConvCaps
+from emcaps.layers import ClassCaps, ConvCaps
 from emcaps.routing import PositionCompetition, RoutingConfig, em_routing_fused
 from emcaps.routing.native import conv_routing, native_available
 
@@ -209,3 +210,49 @@ def test_backend_choice_in_layers(monkeypatch):
         layer(caps)
     with pytest.raises(ValueError, match="unknown routing backend 'gpu'"):
         RoutingConfig(backend="gpu")
+
+
+def class_caps_run(backend, dtype=torch.float64, coord_add=True, name="emcaps", **fields):
+    """Outputs and gradients (poses, activations, transforms, beta_u, beta_a) of a ClassCaps layer."""
+    routing = RoutingConfig.named(name, backend=backend, **fields)
+    torch.manual_seed(1)
+    layer = ClassCaps(3, 4, coord_add=coord_add, routing=routing).to(dtype)
+    with torch.no_grad():
+        layer.beta_u.normal_()
+        layer.beta_a.normal_(0, 0.3 if name == "emcaps" else 3e-4)     # authors: beta_a = -5000 act_b
+    g = torch.Generator().manual_seed(2)
+    pose = torch.randn(3, 3, 2, 3, 4, 4, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    act = torch.rand(3, 3, 2, 3, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    out = layer(Capsules(pose, act))
+    up = torch.Generator().manual_seed(7)
+    loss = ((out.pose * torch.randn(out.pose.shape, generator=up, dtype=torch.float64).to(dtype)).sum()
+            + (out.activation * torch.randn(out.activation.shape, generator=up, dtype=torch.float64).to(dtype)).sum())
+    grads = torch.autograd.grad(loss, [pose, act, layer.weight, layer.beta_u, layer.beta_a])
+    return out.pose.detach(), out.activation.detach(), list(grads)
+
+
+@pytest.mark.parametrize("coord_add", [True, False])
+@pytest.mark.parametrize("fields", [{}, FULL, {"name": "authors"}, {"name": "authors", "detach_assignments": True},
+                                    {"iterations": 1}, {"estep_temperature": 0.5, "class_lambda_scale": 0.25}])
+def test_native_class_caps_match_torch(coord_add, fields):
+    """The class capsules on the native kernels (transforms shared over positions, coordinate addition as an
+    offset on each child's votes): the same values and every gradient as PyTorch ops, in float64."""
+    native = class_caps_run("native", coord_add=coord_add, **fields)
+    reference = class_caps_run("torch", coord_add=coord_add, **fields)
+    assert_same([native, reference], atol=1e-10, rtol=1e-9)
+
+
+def test_native_class_caps_float32_is_close_to_float64():
+    """What training runs: the float32 kernels (AVX2 / AVX-512 where built) against float64, gradients too."""
+    single, double = class_caps_run("native", torch.float32), class_caps_run("native", torch.float64)
+    torch.testing.assert_close(single[0].double(), double[0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(single[1].double(), double[1], atol=1e-4, rtol=1e-4)
+    for x, y in zip(single[2], double[2]):
+        torch.testing.assert_close(x.double(), y, atol=2e-3, rtol=2e-3)
+
+
+def test_native_offsets_must_match_the_children():
+    poses, weight, act, bu, ba, comp, n = problem()
+    initial = comp.initial(n, weight.shape[1], poses.dtype)
+    with pytest.raises(ValueError, match=r"offsets must be \(I, 16\)"):
+        conv_routing(poses, weight, act, bu, ba, RoutingConfig(), initial, comp, offsets=torch.zeros(5, 16))

@@ -60,6 +60,18 @@ def _transform(poses: Tensor, weight: Tensor) -> Tensor:
     return votes.view(n_in, m, 4, n_out, 4).permute(1, 3, 0, 2, 4).reshape(m, n_out, n_in, 16)
 
 
+def _uses_native(routing: RoutingConfig, pose: Tensor, trace: list[RoutingStep] | None) -> bool:
+    """Whether a layer routes this call with the native kernels (see `RoutingConfig.backend`)."""
+    if trace is not None:
+        return False                      # a trace records every iteration's tensors: PyTorch ops
+    if routing.backend == "native":
+        if not native_available(pose.device):
+            raise RuntimeError(f"routing backend 'native' needs a CPU tensor and the emcaps kernels "
+                               f"(got a {pose.device.type} tensor; see emcaps.kernels)")
+        return True
+    return routing.backend == "auto" and native_available(pose.device)
+
+
 def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, routing: RoutingConfig,
                      trace: list[RoutingStep] | None, votes_per_image: int,
                      recompute: bool) -> tuple[Tensor, Tensor]:
@@ -146,15 +158,7 @@ class ConvCaps(nn.Module):
 
     def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
         """Whether this call routes with the native kernels (see `RoutingConfig.backend`)."""
-        backend = self.routing.backend
-        if trace is not None:
-            return False                  # a trace records every iteration's tensors: PyTorch ops
-        if backend == "native":
-            if not native_available(pose.device):
-                raise RuntimeError(f"routing backend 'native' needs a CPU tensor and the emcaps kernels "
-                                   f"(got a {pose.device.type} tensor; see emcaps.kernels)")
-            return True
-        return backend == "auto" and native_available(pose.device)
+        return _uses_native(self.routing, pose, trace)
 
     def _route(self, pose: Tensor, act: Tensor, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
         """(N, H, W, B, 4, 4), (N, H, W, B) -> pose (N, H', W', C, 4, 4), activation (N, H', W', C)"""
@@ -226,18 +230,41 @@ class ClassCaps(nn.Module):
             votes = votes + coordinate_offsets(h, w, votes.dtype, votes.device).view(1, 1, h * w, 1, 16)
         return votes.reshape(n, self.classes, h * w * self.in_types, 16), act.reshape(n, h * w * self.in_types)
 
+    def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
+        """Whether this call routes with the native kernels (see `RoutingConfig.backend`)."""
+        return _uses_native(self.routing, pose, trace)
+
     def _route(self, pose: Tensor, act: Tensor, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
         """(N, H, W, D, 4, 4), (N, H, W, D) -> pose (N, E, 4, 4), activation (N, E)"""
-        votes, a_in = self.votes(Capsules(pose, act))
-        n, _, n_in, _ = votes.shape
+        if pose.dim() != 6 or pose.shape[3] != self.in_types:
+            raise ValueError(f"ClassCaps expects pose (N, H, W, {self.in_types}, 4, 4), got {tuple(pose.shape)}")
+        n, h, w = pose.shape[:3]
+        n_in = h * w * self.in_types
         scale = self.routing.layer_cost_scale(self.classes, n_in, self.classes / n_in)
         beta_u, beta_a = routed_biases(self, self.routing)
-        pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing.class_layer(), cost_scale=scale,
-                                     trace=trace)
+        if self.uses_native(pose, trace):
+            # One routing problem per image; child i = (position, type) uses its type's transform, and the
+            # coordinate addition is a constant offset on each child's votes.
+            weight = self.weight.view(1, self.in_types, self.classes, 16).expand(h * w, -1, -1, -1)
+            offsets = None
+            if self.coord_add:
+                offsets = coordinate_offsets(h, w, pose.dtype, pose.device).view(h * w, 1, 16)
+                offsets = offsets.expand(-1, self.in_types, -1).reshape(n_in, 16)
+            initial = pose.new_full((1, 1, 1), 1.0 / self.classes)
+            pose, act = conv_routing(pose.reshape(n, n_in, 16), weight.reshape(n_in, self.classes, 16),
+                                     act.reshape(n, n_in), beta_u, beta_a, self.routing.class_layer(), initial,
+                                     None, scale, offsets)
+        else:
+            votes, a_in = self.votes(Capsules(pose, act))
+            pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing.class_layer(),
+                                         cost_scale=scale, trace=trace)
         return pose.view(n, self.classes, 4, 4), act
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
         per_image = caps.pose[0, ..., 0, 0].numel() * self.classes * 16 if caps.pose.shape[0] else 0
+        if self.uses_native(caps.pose, trace):
+            # as in ConvCaps: no votes are stored, so no checkpointing
+            return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image // 16, False))
         return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image,
                                           self.routing.recompute))
 

@@ -41,13 +41,13 @@ NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
 # range of problems, are the two i's at the `range_at` position of `Library.call`. em_kernels.cpp's
 # EMCAPS_INSTANTIATE must match; tests/test_kernels.py parses it to check.
 SIGNATURES = {
-    "mstep": "PPPiiPiii" "ii" "dPPP",
-    "estep": "PPPPiii" "ii" "P",
-    "estep_backward": "PPPPPiii" "ii" "PP",
-    "mstep_backward": "PPPPiiPPPPPPPPPiii" "ii" "dPPPP",
+    "mstep": "PPPPiiPiii" "ii" "dPPP",
+    "estep": "PPPPPiii" "ii" "P",
+    "estep_backward": "PPPPPPiii" "ii" "PP",
+    "mstep_backward": "PPPPPiiPPPPPPPPPiii" "ii" "dPPPP",
 }
 _C_TYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
-VERSION = 3
+VERSION = 4
 
 
 class KernelBuildError(RuntimeError):

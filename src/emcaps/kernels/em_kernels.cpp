@@ -4,6 +4,8 @@
 // position, i a child in its window, j a parent type), are never stored: every pass recomputes them from the
 // child poses P (M, I, 16) and the transforms W (I, J, 16), which is cheaper than streaming a votes tensor of
 // 30 MB per image through memory. Each pass works on one (m, j) block whose votes (I x 16) sit in L1.
+// The class capsules route through the same kernels (m an image, i a (position, type) child, W repeated over
+// positions), with an optional per-child offset O (I, 16) added to every vote: the coordinate addition.
 //
 // The glue between passes (costs, activations, the E-step normalisation across positions) is small and stays in
 // PyTorch (emcaps/routing/native.py); these functions do every pass over the votes:
@@ -217,14 +219,17 @@ struct Scratch {
     const T* p = P + m * n_in * 16;
     for (i64 i = 0; i < n_in; ++i) expand_pose(p + i * 16, a.data() + i * 64);
   }
-  // The votes of problem m (already expanded) for parent j, into v.
-  void votes(const T* W, i64 j, i64 n_in, i64 n_out) {
+  // The votes of problem m (already expanded) for parent j, into v; plus each child's offset O (I x 16)
+  // where given (the class capsules' coordinate addition; the same for every parent).
+  void votes(const T* W, const T* O, i64 j, i64 n_in, i64 n_out) {
     for (i64 i = 0; i < n_in; ++i) vote(a.data() + i * 64, W + (i * n_out + j) * 16, v.data() + i * 16);
+    if (O)
+      for (i64 k = 0; k < n_in * 16; ++k) v[k] += O[k];
   }
 };
 
 template <typename T>
-void mstep(const T* P, const T* W, const T* r, i64 r_sm, i64 r_sj, const T* act, i64 M, i64 J, i64 I, i64 m0,
+void mstep(const T* P, const T* W, const T* O, const T* r, i64 r_sm, i64 r_sj, const T* act, i64 M, i64 J, i64 I, i64 m0,
            i64 m1, T eps, T* mean, T* var, T* S) {
   (void)M;
   Scratch<T> sc(I);
@@ -241,7 +246,7 @@ void mstep(const T* P, const T* W, const T* r, i64 r_sm, i64 r_sj, const T* act,
       }
       S[m * J + j] = s;
       const T inv = T(1) / std::max(s, eps);
-      sc.votes(W, j, I, J);
+      sc.votes(W, O, j, I, J);
       T mu[16], vr[16];
       weighted_sum<T, false>(sc.v.data(), ra.data(), I, nullptr, mu);
       for (int e = 0; e < 16; ++e) mu[e] *= inv;
@@ -257,7 +262,7 @@ void mstep(const T* P, const T* W, const T* r, i64 r_sm, i64 r_sj, const T* act,
 }
 
 template <typename T>
-void estep(const T* P, const T* W, const T* mean, const T* inv_var, i64 M, i64 J, i64 I, i64 m0, i64 m1,
+void estep(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, i64 M, i64 J, i64 I, i64 m0, i64 m1,
            T* maha) {
   (void)M;
   Scratch<T> sc(I);
@@ -267,7 +272,7 @@ void estep(const T* P, const T* W, const T* mean, const T* inv_var, i64 M, i64 J
       const T* mu = mean + (m * J + j) * 16;
       const T* iv = inv_var + (m * J + j) * 16;
       T* out = maha + (m * J + j) * I;
-      sc.votes(W, j, I, J);
+      sc.votes(W, O, j, I, J);
       for (i64 i = 0; i < I; ++i) out[i] = scaled_sq_dist(sc.v.data() + i * 16, mu, iv);
     }
   }
@@ -275,8 +280,8 @@ void estep(const T* P, const T* W, const T* mean, const T* inv_var, i64 M, i64 J
 
 // maha[i] = sum_e (v_i - mu)^2 iv: g_mean = -sum_i 2 g_maha_i (v_i - mu) iv, g_inv_var = sum_i g_maha_i (v_i - mu)^2.
 template <typename T>
-void estep_backward(const T* P, const T* W, const T* mean, const T* inv_var, const T* g_maha, i64 M, i64 J, i64 I,
-                    i64 m0, i64 m1, T* g_mean, T* g_inv_var) {
+void estep_backward(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, const T* g_maha, i64 M,
+                    i64 J, i64 I, i64 m0, i64 m1, T* g_mean, T* g_inv_var) {
   (void)M;
   Scratch<T> sc(I);
   for (i64 m = m0; m < m1; ++m) {
@@ -285,7 +290,7 @@ void estep_backward(const T* P, const T* W, const T* mean, const T* inv_var, con
       const T* mu = mean + (m * J + j) * 16;
       const T* iv = inv_var + (m * J + j) * 16;
       const T* gm = g_maha + (m * J + j) * I;
-      sc.votes(W, j, I, J);
+      sc.votes(W, O, j, I, J);
       T gd[16] = {0}, gq[16] = {0};
       for (i64 i = 0; i < I; ++i) {
         const T* v = sc.v.data() + i * 16;
@@ -312,7 +317,7 @@ void estep_backward(const T* P, const T* W, const T* mean, const T* inv_var, con
 // Vote gradients go straight into the pose gradients gP (M, I, 16) and this thread's transform gradients
 // gW (I, J, 16), both accumulated (+=); children are the outer loop so a child's pose gradient stays in registers.
 template <typename T>
-void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act,
+void mstep_backward(const T* P, const T* W, const T* O, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act,
                     const T* mean, const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var,
                     const T* g_maha, const T* e_mean, i64 M, i64 J, i64 I, i64 m0, i64 m1, T eps, T* gP, T* gW,
                     T* g_r, T* g_act) {
@@ -344,6 +349,8 @@ void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i
         alignas(64) T v[16];
         T* g = gbuf.data() + j * 16;
         vote(ai, W + (i * J + j) * 16, v);
+        if (O)
+          for (int e = 0; e < 16; ++e) v[e] += O[i * 16 + e];
         T acc = 0;
         for (int e = 0; e < 16; ++e) {
           const T d = v[e] - mu[e];
@@ -381,29 +388,30 @@ void mstep_backward(const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i
 #define EMCAPS_EXPORT extern "C" __attribute__((visibility("default")))
 
 #define EMCAPS_INSTANTIATE(T, suffix)                                                                           \
-  EMCAPS_EXPORT void emcaps_mstep_##suffix(const T* P, const T* W, const T* r, i64 r_sm, i64 r_sj, const T* act, \
-                                            i64 M, i64 J, i64 I, i64 m0, i64 m1, double eps, T* mean, T* var,   \
-                                            T* S) {                                                            \
-    mstep<T>(P, W, r, r_sm, r_sj, act, M, J, I, m0, m1, T(eps), mean, var, S);                                \
+  EMCAPS_EXPORT void emcaps_mstep_##suffix(const T* P, const T* W, const T* O, const T* r, i64 r_sm, i64 r_sj,   \
+                                            const T* act, i64 M, i64 J, i64 I, i64 m0, i64 m1, double eps,      \
+                                            T* mean, T* var, T* S) {                                           \
+    mstep<T>(P, W, O, r, r_sm, r_sj, act, M, J, I, m0, m1, T(eps), mean, var, S);                             \
   }                                                                                                            \
-  EMCAPS_EXPORT void emcaps_estep_##suffix(const T* P, const T* W, const T* mean, const T* inv_var, i64 M,      \
-                                            i64 J, i64 I, i64 m0, i64 m1, T* maha) {                           \
-    estep<T>(P, W, mean, inv_var, M, J, I, m0, m1, maha);                                                      \
+  EMCAPS_EXPORT void emcaps_estep_##suffix(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, \
+                                            i64 M, i64 J, i64 I, i64 m0, i64 m1, T* maha) {                    \
+    estep<T>(P, W, O, mean, inv_var, M, J, I, m0, m1, maha);                                                   \
   }                                                                                                            \
-  EMCAPS_EXPORT void emcaps_estep_backward_##suffix(const T* P, const T* W, const T* mean, const T* inv_var,    \
-                                                     const T* g_maha, i64 M, i64 J, i64 I, i64 m0, i64 m1,     \
-                                                     T* g_mean, T* g_inv_var) {                                \
-    estep_backward<T>(P, W, mean, inv_var, g_maha, M, J, I, m0, m1, g_mean, g_inv_var);                        \
+  EMCAPS_EXPORT void emcaps_estep_backward_##suffix(const T* P, const T* W, const T* O, const T* mean,          \
+                                                     const T* inv_var, const T* g_maha, i64 M, i64 J, i64 I,   \
+                                                     i64 m0, i64 m1, T* g_mean, T* g_inv_var) {                \
+    estep_backward<T>(P, W, O, mean, inv_var, g_maha, M, J, I, m0, m1, g_mean, g_inv_var);                     \
   }                                                                                                            \
   EMCAPS_EXPORT void emcaps_mstep_backward_##suffix(                                                           \
-      const T* P, const T* W, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act, const T* mean,        \
-      const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var, const T* g_maha,            \
-      const T* e_mean, i64 M, i64 J, i64 I, i64 m0, i64 m1, double eps, T* gP, T* gW, T* g_r, T* g_act) {      \
-    mstep_backward<T>(P, W, WT, r, r_sm, r_sj, act, mean, S, g_mean, g_var, g_S, inv_var, g_maha, e_mean, M,    \
-                      J, I, m0, m1, T(eps), gP, gW, g_r, g_act);                                               \
+      const T* P, const T* W, const T* O, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act,           \
+      const T* mean, const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var,              \
+      const T* g_maha, const T* e_mean, i64 M, i64 J, i64 I, i64 m0, i64 m1, double eps, T* gP, T* gW,         \
+      T* g_r, T* g_act) {                                                                                      \
+    mstep_backward<T>(P, W, O, WT, r, r_sm, r_sj, act, mean, S, g_mean, g_var, g_S, inv_var, g_maha, e_mean,    \
+                      M, J, I, m0, m1, T(eps), gP, gW, g_r, g_act);                                            \
   }
 
 EMCAPS_INSTANTIATE(float, f32)
 EMCAPS_INSTANTIATE(double, f64)
 
-EMCAPS_EXPORT int emcaps_kernels_version() { return 3; }
+EMCAPS_EXPORT int emcaps_kernels_version() { return 4; }

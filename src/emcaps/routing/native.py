@@ -41,8 +41,8 @@ def native_available(device: torch.device) -> bool:
 
 def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
                  config: RoutingConfig, initial: Tensor, competition: PositionCompetition | None,
-                 cost_scale: float = 1.0) -> tuple[Tensor, Tensor]:
-    """EM routing of a capsule convolution from child poses and transforms.
+                 cost_scale: float = 1.0, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """EM routing of a capsule convolution (or of the class capsules) from child poses and transforms.
 
     poses:       (M, I, 16)   pose of child i of problem m (its window's capsules, flattened row-major)
     weight:      (I, J, 16)   transform from child i to parent type j
@@ -50,6 +50,7 @@ def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Ten
     beta_u, beta_a: (J,)
     initial:     initial assignments, broadcastable to (M, J, I)
     competition: normalises the E-step over every parent a child feeds (positions too); None: over J
+    offsets:     (I, 16) or None, a constant added to every vote of child i (coordinate addition)
     returns pose (M, J, 16) and activation (M, J).
     """
     lib = library()
@@ -60,11 +61,14 @@ def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Ten
     if tuple(weight.shape) != (n_in, n_out, D) or tuple(activations.shape) != (m, n_in):
         raise ValueError(f"poses (M, I, 16), weight (I, J, 16) and activations (M, I) do not match: "
                          f"{tuple(poses.shape)}, {tuple(weight.shape)}, {tuple(activations.shape)}")
+    if offsets is not None and tuple(offsets.shape) != (n_in, D):
+        raise ValueError(f"offsets must be (I, 16) = {(n_in, D)}, got {tuple(offsets.shape)}")
     out_dtype = poses.dtype
     cd = torch.float64 if out_dtype == torch.float64 else torch.float32
+    offsets = None if offsets is None else offsets.detach().to(cd).contiguous()
     mean, act = _ConvRouting.apply(poses.to(cd).contiguous(), weight.to(cd).contiguous(),
                                    activations.to(cd).contiguous(), beta_u.to(cd), beta_a.to(cd),
-                                   initial.to(cd), config, competition, cost_scale, lib)
+                                   initial.to(cd), config, competition, cost_scale, lib, offsets)
     return mean.to(out_dtype), act.to(out_dtype)
 
 
@@ -91,7 +95,7 @@ def _group_sums(x: Tensor, competition: PositionCompetition | None) -> Tensor:
 class _ConvRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, W, a, beta_u, beta_a, initial, config: RoutingConfig,
-                competition: PositionCompetition | None, cost_scale: float, lib: Library):
+                competition: PositionCompetition | None, cost_scale: float, lib: Library, O: Tensor | None):
         m, n_in, _ = P.shape
         n_out = W.shape[1]
         lambdas = config.inverse_temperatures
@@ -104,7 +108,7 @@ class _ConvRouting(torch.autograd.Function):
         for t, lam in enumerate(lambdas):
             mean, var, s = P.new_empty(m, n_out, D), P.new_empty(m, n_out, D), P.new_empty(m, n_out)
             lib.call("mstep", P.dtype,
-                     [P, W, r, r.stride(0), r.stride(1), a, m, n_out, n_in, EPS, mean, var, s], m, range_at=9)
+                     [P, W, O, r, r.stride(0), r.stride(1), a, m, n_out, n_in, EPS, mean, var, s], m, range_at=10)
             var += config.var_floor
             if damping:
                 centre, var = _damp(mean, var, s, centre, damping)
@@ -118,7 +122,7 @@ class _ConvRouting(torch.autograd.Function):
             if t == len(lambdas) - 1:
                 break
             maha = P.new_empty(m, n_out, n_in)
-            lib.call("estep", P.dtype, [P, W, centre, 1.0 / var, m, n_out, n_in, maha], m, range_at=7)
+            lib.call("estep", P.dtype, [P, W, O, centre, 1.0 / var, m, n_out, n_in, maha], m, range_at=8)
             const = F.logsigmoid(logit) - 0.5 * (log_var_sum + D * _LOG_2PI)         # (M, J)
             log_r = maha.mul_(-0.5).add_(const.unsqueeze(-1))                        # (M, J, I)
             if config.estep_temperature != 1.0:
@@ -135,7 +139,7 @@ class _ConvRouting(torch.autograd.Function):
             steps[-1][1] = None
         ctx.save_for_backward(P, W, a, beta_u, beta_a, centre)
         ctx.steps, ctx.lambdas, ctx.config = steps, lambdas, config
-        ctx.competition, ctx.cost_scale, ctx.lib = competition, cost_scale, lib
+        ctx.competition, ctx.cost_scale, ctx.lib, ctx.offsets = competition, cost_scale, lib, O
         return centre, torch.sigmoid(logit)
 
     @staticmethod
@@ -143,6 +147,7 @@ class _ConvRouting(torch.autograd.Function):
     def backward(ctx, g_mean_out, g_act_out):
         P, W, a, beta_u, beta_a, mean_out = ctx.saved_tensors
         steps, lambdas, lib, cs, config = ctx.steps, ctx.lambdas, ctx.lib, ctx.cost_scale, ctx.config
+        O = ctx.offsets
         m, n_in, _ = P.shape
         n_out = W.shape[1]
         g_P = torch.zeros_like(P)
@@ -188,8 +193,8 @@ class _ConvRouting(torch.autograd.Function):
                 g_log_var = -0.5 * g_const
                 g_maha = g_log_r.mul_(-0.5)
                 g_mean, g_inv_var = torch.empty_like(mean), torch.empty_like(var)
-                lib.call("estep_backward", P.dtype, [P, W, centre, inv_var, g_maha, m, n_out, n_in,
-                                                     g_mean, g_inv_var], m, range_at=8)
+                lib.call("estep_backward", P.dtype, [P, W, O, centre, inv_var, g_maha, m, n_out, n_in,
+                                                     g_mean, g_inv_var], m, range_at=9)
                 g_var = -g_inv_var * inv_var * inv_var
             # activation and cost: the logit is small, (M, J), so autograd differentiates the shared formula
             with torch.enable_grad():
@@ -214,9 +219,9 @@ class _ConvRouting(torch.autograd.Function):
             # M-step (and the E-step's share of the vote gradients)
             g_r = P.new_empty(m, n_out, n_in) if t > 0 and not detach else None
             lib.call("mstep_backward", P.dtype,
-                     [P, W, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean.contiguous(),
+                     [P, W, O, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean.contiguous(),
                       g_var.contiguous(), g_s.contiguous(), inv_var if g_maha is not None else None, g_maha,
                       centre if g_maha is not None else None, m, n_out, n_in, EPS, g_P, PerThread(g_W), g_r,
-                      g_a], m, range_at=18)
+                      g_a], m, range_at=19)
             g_r_next = g_r
-        return g_P, g_W.sum(0), g_a, g_bu, g_ba, None, None, None, None, None
+        return g_P, g_W.sum(0), g_a, g_bu, g_ba, None, None, None, None, None, None

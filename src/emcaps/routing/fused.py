@@ -135,3 +135,22 @@ class PositionCompetition:
             1, self.index, torch.exp(per_edge - shift[:, self.index]))
         lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift        # (N, H*W, B)
         return log_r - lse[:, self.index].reshape(ml, 1, i)
+
+    @torch.no_grad()
+    def assignments(self, log_r: Tensor) -> Tensor:
+        """exp(self(log_r)) without autograd, in fewer passes over the (N*L, C, K*K*B) tensor: the exponentials
+        of the per-edge logsumexp are reused and rescaled per edge (for the native kernels' forward pass)."""
+        ml, c, i = log_r.shape
+        n_pos = self.index.shape[0] // self.kk
+        n = ml // n_pos
+        top = log_r.amax(dim=1, keepdim=True)                                    # (N*L, 1, KK*B)
+        e = log_r.sub_(top).exp_()                                               # log_r's memory, reused
+        per_edge = (e.sum(dim=1).log_() + top.squeeze(1)).view(n, n_pos * self.kk, self.types_in)
+        shift = per_edge.new_zeros(n, self.n_children, self.types_in).scatter_reduce(
+            1, self.index.view(1, -1, 1).expand_as(per_edge), per_edge, "amax", include_self=False)
+        total = per_edge.new_zeros(n, self.n_children, self.types_in).index_add(
+            1, self.index, torch.exp(per_edge - shift[:, self.index]))
+        lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift        # (N, H*W, B)
+        # r = exp(log_r - lse) = e * exp(top - lse), one factor per edge
+        scale = torch.exp(top.view(n, n_pos * self.kk, self.types_in) - lse[:, self.index])
+        return e.mul_(scale.view(ml, 1, i))

@@ -124,13 +124,12 @@ class _ConvRouting(torch.autograd.Function):
             maha = P.new_empty(m, n_out, n_in)
             lib.call("estep", P.dtype, [P, W, O, centre, 1.0 / var, m, n_out, n_in, maha], m, range_at=8)
             const = F.logsigmoid(logit) - 0.5 * (log_var_sum + D * _LOG_2PI)         # (M, J)
-            log_r = maha.mul_(-0.5).add_(const.unsqueeze(-1))                        # (M, J, I)
-            if config.estep_temperature != 1.0:
-                log_r.mul_(config.estep_temperature)
+            tau = config.estep_temperature
+            log_r = maha.mul_(-0.5 * tau).add_((tau * const).unsqueeze(-1))          # (M, J, I)
             if competition is None:
                 r = torch.softmax(log_r, dim=1)
             else:
-                r = competition(log_r).exp_()
+                r = competition.assignments(log_r)
         # `centre` is an output: keeping it on ctx would make a reference cycle (output -> node -> ctx ->
         # output) that leaks every step's graph, so it goes through save_for_backward (and so does the last
         # weighted mean where, undamped, it is the same tensor).

@@ -140,7 +140,7 @@ class PositionCompetition:
     def assignments(self, log_r: Tensor) -> Tensor:
         """exp(self(log_r)) without autograd, in fewer passes over the (N*L, C, K*K*B) tensor: the exponentials
         of the per-edge logsumexp are reused and rescaled per edge (for the native kernels' forward pass)."""
-        ml, c, i = log_r.shape
+        ml, _, i = log_r.shape
         n_pos = self.index.shape[0] // self.kk
         n = ml // n_pos
         top = log_r.amax(dim=1, keepdim=True)                                    # (N*L, 1, KK*B)

@@ -483,6 +483,9 @@ def test_named_parameterisations():
     assert authors.class_layer().final_lambda == pytest.approx(0.0025)
     assert authors.class_layer().class_lambda_scale == 1.0
     assert RoutingConfig().class_layer() == RoutingConfig()
+    # emcaps detaches the E-steps' assignments; the paper and both public codes differentiate through them
+    assert RoutingConfig().detach_assignments
+    assert not any(RoutingConfig.named(name).detach_assignments for name in ("paper", "authors", "ibm"))
 
 
 def test_standardised_logits_have_zero_mean_and_lambda_spread_over_the_parents():

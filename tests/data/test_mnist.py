@@ -127,6 +127,43 @@ def test_mnist_download_rejects_corrupt_file(tmp_path):
     assert not (tmp_path / "mnist" / (name + ".part")).exists()
 
 
+def _plain_table(root):
+    return tuple(RemoteFile(p.name, p.stat().st_size, hashlib.sha256(p.read_bytes()).hexdigest())
+                 for p in sorted(root.iterdir()))
+
+
+def test_mnist_download_accepts_plain_copies_put_by_hand(tmp_path):
+    # no server: files already there uncompressed are checked, not fetched
+    _fake_mnist(tmp_path / "mnist", gz=False)
+    _, table = _served_mnist(tmp_path)
+    download(tmp_path / "mnist", base_url="http://127.0.0.1:9/", files=table,
+             plain=_plain_table(tmp_path / "mnist"), progress=False)
+    assert len(MNIST(tmp_path / "mnist", "test")) == 6
+
+
+@pytest.mark.parametrize("damage, message", [("truncate", "bytes, but the original"), ("flip", "SHA-256")])
+def test_mnist_download_rejects_a_wrong_plain_copy(tmp_path, damage, message):
+    _fake_mnist(tmp_path / "mnist", gz=False)
+    plain = _plain_table(tmp_path / "mnist")
+    _, table = _served_mnist(tmp_path)
+    path = tmp_path / "mnist" / "train-images-idx3-ubyte"
+    data = bytearray(path.read_bytes())
+    if damage == "truncate":
+        data = data[:-1]
+    else:
+        data[-1] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match=message) as info:
+        download(tmp_path / "mnist", base_url="http://127.0.0.1:9/", files=table, plain=plain, progress=False)
+    assert str(path) in str(info.value) and "remove it" in str(info.value)
+    assert path.read_bytes() == bytes(data)            # the user's file is kept
+
+
+def test_mnist_plain_table_matches_the_gzipped_names():
+    assert [r.name for r in mnist.MNIST_PLAIN] == [r.name.removesuffix(".gz") for r in mnist.MNIST_REMOTE]
+    assert all(r.size and len(r.sha256) == 64 for r in mnist.MNIST_PLAIN)
+
+
 def test_mnist_download_checks_content_without_checksum(tmp_path):
     blobs, table = _served_mnist(tmp_path)
     name = "train-labels-idx1-ubyte.gz"

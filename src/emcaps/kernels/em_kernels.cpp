@@ -3,7 +3,8 @@
 // The votes of a capsule convolution, v[m, j, i] = P[m, i] @ W[i, j] (4x4 @ 4x4, m a routing problem = image
 // position, i a child in its window, j a parent type), are never stored: every pass recomputes them from the
 // child poses P (M, I, 16) and the transforms W (I, J, 16), which is cheaper than streaming a votes tensor of
-// 30 MB per image through memory. Each pass works on one (m, j) block whose votes (I x 16) sit in L1.
+// 30 MB per image through memory. Every pass takes the children as its outer loop: each vote is used the moment
+// it is made (gathered into its parent's sums, or measured against its parent), never stored.
 // The class capsules route through the same kernels (m an image, i a (position, type) child, W repeated over
 // positions), with an optional per-child offset O (I, 16) added to every vote: the coordinate addition.
 //
@@ -186,78 +187,106 @@ inline float scaled_sq_dist<float>(const float* v, const float* mu, const float*
 }
 #endif
 
-// out = sum_i w_i x_i, or (Squared) sum_i w_i (x_i - centre)^2, over rows x_i of 16. Four partial sums: one
-// accumulator would make every child wait for the previous child's fused multiply-add.
-template <typename T, bool Squared>
-inline void weighted_sum(const T* x, const T* w, i64 n, const T* centre, T* out) {
-  T a0[16] = {}, a1[16] = {}, a2[16] = {}, a3[16] = {}, c[16] = {};
-  if (Squared)
-    for (int e = 0; e < 16; ++e) c[e] = centre[e];
-  auto term = [&](i64 i, int e) {
-    const T d = x[i * 16 + e] - c[e];
-    return w[i] * (Squared ? d * d : d);
-  };
-  i64 i = 0;
-  for (; i + 4 <= n; i += 4)
-    for (int e = 0; e < 16; ++e) {
-      a0[e] += term(i, e);
-      a1[e] += term(i + 1, e);
-      a2[e] += term(i + 2, e);
-      a3[e] += term(i + 3, e);
-    }
-  for (; i < n; ++i)
-    for (int e = 0; e < 16; ++e) a0[e] += term(i, e);
-  for (int e = 0; e < 16; ++e) out[e] = (a0[e] + a1[e]) + (a2[e] + a3[e]);
+// The forward passes visit the votes child by child, for MB problems at a time: a child's expanded pose and its
+// row of transforms W[i, :] are loaded once for all of them, and what each parent gathers (MB x J x 33 values)
+// stays in L1. Every (m, j) still sums its children in order i = 0, 1, ..., so results do not depend on MB or
+// on how the problems are split across threads.
+constexpr i64 MB = 2;
+
+// The vote of one child for one parent, plus the child's offset o where given.
+template <typename T>
+inline void offset_vote(const T* a, const T* w, const T* o, T* v) {
+  vote(a, w, v);
+  if (o)
+    for (int e = 0; e < 16; ++e) v[e] += o[e];
 }
 
-// Per-thread scratch: the expanded poses of one problem (I x 64) and the votes of one (m, j) block (I x 16).
+// s1 += w (v - c), s2 += w (v - c)^2.
 template <typename T>
-struct Scratch {
-  std::vector<T> a, v, s;
-  explicit Scratch(i64 n_in) : a(n_in * 64), v(n_in * 16), s(n_in) {}
-  void expand(const T* P, i64 m, i64 n_in) {
-    const T* p = P + m * n_in * 16;
-    for (i64 i = 0; i < n_in; ++i) expand_pose(p + i * 16, a.data() + i * 64);
+inline void gather(const T* __restrict__ v, const T* __restrict__ c, T w, T* __restrict__ s1, T* __restrict__ s2) {
+  for (int e = 0; e < 16; ++e) {
+    const T d = v[e] - c[e];
+    s1[e] += w * d;
+    s2[e] += w * d * d;
   }
-  // The votes of problem m (already expanded) for parent j, into v; plus each child's offset O (I x 16)
-  // where given (the class capsules' coordinate addition; the same for every parent).
-  void votes(const T* W, const T* O, i64 j, i64 n_in, i64 n_out) {
-    for (i64 i = 0; i < n_in; ++i) vote(a.data() + i * 64, W + (i * n_out + j) * 16, v.data() + i * 16);
-    if (O)
-      for (i64 k = 0; k < n_in * 16; ++k) v[k] += O[k];
-  }
-};
+}
 
+// One vote, gathered straight away: s1 += w (v - c), s2 += w (v - c)^2 with v = the vote (+ offset o).
+template <typename T>
+inline void vote_gather(const T* a, const T* w, const T* o, const T* c, T wt, T* s1, T* s2) {
+  alignas(64) T v[16];
+  offset_vote(a, w, o, v);
+  gather(v, c, wt, s1, s2);
+}
+
+#if !defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+// The same with the vote kept in registers (two halves of two rows each, as vote<float>).
+template <>
+inline void vote_gather<float>(const float* a, const float* w, const float* o, const float* c, float wt, float* s1,
+                               float* s2) {
+  const __m256 w0 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(w));
+  const __m256 w1 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(w + 4));
+  const __m256 w2 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(w + 8));
+  const __m256 w3 = _mm256_broadcast_ps(reinterpret_cast<const __m128*>(w + 12));
+  const __m256 ws = _mm256_set1_ps(wt);
+  for (int h = 0; h < 16; h += 8) {
+    __m256 x = _mm256_mul_ps(_mm256_loadu_ps(a + h), w0);
+    x = _mm256_fmadd_ps(_mm256_loadu_ps(a + 16 + h), w1, x);
+    x = _mm256_fmadd_ps(_mm256_loadu_ps(a + 32 + h), w2, x);
+    x = _mm256_fmadd_ps(_mm256_loadu_ps(a + 48 + h), w3, x);
+    if (o) x = _mm256_add_ps(x, _mm256_loadu_ps(o + h));
+    const __m256 d = _mm256_sub_ps(x, _mm256_loadu_ps(c + h));
+    const __m256 wd = _mm256_mul_ps(ws, d);
+    _mm256_storeu_ps(s1 + h, _mm256_add_ps(_mm256_loadu_ps(s1 + h), wd));
+    _mm256_storeu_ps(s2 + h, _mm256_fmadd_ps(wd, d, _mm256_loadu_ps(s2 + h)));
+  }
+}
+#endif
+
+// Weighted mean and variance in one pass over the votes. Each parent's sums are taken around one of its own
+// votes c (child 0's): with w'_i = r_i a_i / max(S, eps), W' = sum_i w'_i (1 unless S < eps), d = sum_i w'_i
+// (v_i - c) and q = sum_i w'_i (v_i - c)^2, the mean is c W' + d and, with e = mean - c,
+// sum_i w'_i (v_i - mean)^2 = q - 2 e d + W' e^2. Around a vote, q and d are of the size of the variance, so the
+// difference loses no precision to votes that sit far from zero (as E[v^2] - mean^2 would).
 template <typename T>
 void mstep(const T* P, const T* W, const T* O, const T* r, i64 r_sm, i64 r_sj, const T* act, i64 M, i64 J, i64 I, i64 m0,
            i64 m1, T eps, T* mean, T* var, T* S) {
   (void)M;
-  Scratch<T> sc(I);
-  std::vector<T> ra(I);
-  for (i64 m = m0; m < m1; ++m) {
-    sc.expand(P, m, I);
-    const T* am = act + m * I;
-    for (i64 j = 0; j < J; ++j) {
-      const T* rj = r + m * r_sm + j * r_sj;
-      T s = 0;
-      for (i64 i = 0; i < I; ++i) {
-        ra[i] = rj[i] * am[i];
-        s += ra[i];
-      }
-      S[m * J + j] = s;
-      const T inv = T(1) / std::max(s, eps);
-      sc.votes(W, O, j, I, J);
-      T mu[16], vr[16];
-      weighted_sum<T, false>(sc.v.data(), ra.data(), I, nullptr, mu);
-      for (int e = 0; e < 16; ++e) mu[e] *= inv;
-      weighted_sum<T, true>(sc.v.data(), ra.data(), I, mu, vr);
-      T* mo = mean + (m * J + j) * 16;
-      T* vo = var + (m * J + j) * 16;
-      for (int e = 0; e < 16; ++e) {
-        mo[e] = mu[e];
-        vo[e] = vr[e] * inv;
+  std::vector<T> a(MB * 64), c(MB * J * 16), s1(MB * J * 16), s2(MB * J * 16), sw(MB * J);
+  for (i64 mb = m0; mb < m1; mb += MB) {
+    const i64 nb = std::min(MB, m1 - mb);
+    for (i64 b = 0; b < nb; ++b) {
+      expand_pose(P + (mb + b) * I * 16, a.data());
+      for (i64 j = 0; j < J; ++j) offset_vote(a.data(), W + j * 16, O, c.data() + (b * J + j) * 16);
+    }
+    std::fill(s1.begin(), s1.end(), T(0));
+    std::fill(s2.begin(), s2.end(), T(0));
+    std::fill(sw.begin(), sw.end(), T(0));
+    for (i64 i = 0; i < I; ++i) {
+      for (i64 b = 0; b < nb; ++b) expand_pose(P + ((mb + b) * I + i) * 16, a.data() + b * 64);
+      const T* oi = O ? O + i * 16 : nullptr;
+      for (i64 j = 0; j < J; ++j) {
+        const T* wij = W + (i * J + j) * 16;
+        for (i64 b = 0; b < nb; ++b) {
+          const i64 m = mb + b, k = b * J + j;
+          const T w = r[m * r_sm + j * r_sj + i] * act[m * I + i];
+          vote_gather(a.data() + b * 64, wij, oi, c.data() + k * 16, w, s1.data() + k * 16, s2.data() + k * 16);
+          sw[k] += w;
+        }
       }
     }
+    for (i64 b = 0; b < nb; ++b)
+      for (i64 j = 0; j < J; ++j) {
+        const i64 k = b * J + j, mj = (mb + b) * J + j;
+        const T s = sw[k], inv = T(1) / std::max(s, eps), total = s * inv;
+        S[mj] = s;
+        for (int e = 0; e < 16; ++e) {
+          const T ce = c[k * 16 + e], d = s1[k * 16 + e] * inv, q = s2[k * 16 + e] * inv;
+          const T off = d + ce * (total - T(1));                       // mean - c
+          mean[mj * 16 + e] = ce + off;
+          var[mj * 16 + e] = std::max(q - 2 * off * d + total * off * off, T(0));
+        }
+      }
   }
 }
 
@@ -265,48 +294,56 @@ template <typename T>
 void estep(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, i64 M, i64 J, i64 I, i64 m0, i64 m1,
            T* maha) {
   (void)M;
-  Scratch<T> sc(I);
-  for (i64 m = m0; m < m1; ++m) {
-    sc.expand(P, m, I);
-    for (i64 j = 0; j < J; ++j) {
-      const T* mu = mean + (m * J + j) * 16;
-      const T* iv = inv_var + (m * J + j) * 16;
-      T* out = maha + (m * J + j) * I;
-      sc.votes(W, O, j, I, J);
-      for (i64 i = 0; i < I; ++i) out[i] = scaled_sq_dist(sc.v.data() + i * 16, mu, iv);
+  std::vector<T> a(MB * 64);
+  alignas(64) T v[16];
+  for (i64 mb = m0; mb < m1; mb += MB) {
+    const i64 nb = std::min(MB, m1 - mb);
+    for (i64 i = 0; i < I; ++i) {
+      for (i64 b = 0; b < nb; ++b) expand_pose(P + ((mb + b) * I + i) * 16, a.data() + b * 64);
+      const T* oi = O ? O + i * 16 : nullptr;
+      for (i64 j = 0; j < J; ++j) {
+        const T* wij = W + (i * J + j) * 16;
+        for (i64 b = 0; b < nb; ++b) {
+          const i64 mj = (mb + b) * J + j;
+          offset_vote(a.data() + b * 64, wij, oi, v);
+          maha[mj * I + i] = scaled_sq_dist(v, mean + mj * 16, inv_var + mj * 16);
+        }
+      }
     }
   }
 }
 
-// maha[i] = sum_e (v_i - mu)^2 iv: g_mean = -sum_i 2 g_maha_i (v_i - mu) iv, g_inv_var = sum_i g_maha_i (v_i - mu)^2.
+// maha[i] = sum_e (v_i - mu)^2 iv: g_mean = -2 iv sum_i g_maha_i (v_i - mu), g_inv_var = sum_i g_maha_i (v_i - mu)^2,
+// the M-step's sums with g_maha for weights and mu for centre.
 template <typename T>
 void estep_backward(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, const T* g_maha, i64 M,
                     i64 J, i64 I, i64 m0, i64 m1, T* g_mean, T* g_inv_var) {
   (void)M;
-  Scratch<T> sc(I);
-  for (i64 m = m0; m < m1; ++m) {
-    sc.expand(P, m, I);
-    for (i64 j = 0; j < J; ++j) {
-      const T* mu = mean + (m * J + j) * 16;
-      const T* iv = inv_var + (m * J + j) * 16;
-      const T* gm = g_maha + (m * J + j) * I;
-      sc.votes(W, O, j, I, J);
-      T gd[16] = {0}, gq[16] = {0};
-      for (i64 i = 0; i < I; ++i) {
-        const T* v = sc.v.data() + i * 16;
-        for (int e = 0; e < 16; ++e) {
-          const T d = v[e] - mu[e];
-          gd[e] += gm[i] * d;
-          gq[e] += gm[i] * d * d;
+  std::vector<T> a(MB * 64), gd(MB * J * 16), gq(MB * J * 16);
+  for (i64 mb = m0; mb < m1; mb += MB) {
+    const i64 nb = std::min(MB, m1 - mb);
+    std::fill(gd.begin(), gd.end(), T(0));
+    std::fill(gq.begin(), gq.end(), T(0));
+    for (i64 i = 0; i < I; ++i) {
+      for (i64 b = 0; b < nb; ++b) expand_pose(P + ((mb + b) * I + i) * 16, a.data() + b * 64);
+      const T* oi = O ? O + i * 16 : nullptr;
+      for (i64 j = 0; j < J; ++j) {
+        const T* wij = W + (i * J + j) * 16;
+        for (i64 b = 0; b < nb; ++b) {
+          const i64 k = b * J + j, mj = (mb + b) * J + j;
+          vote_gather(a.data() + b * 64, wij, oi, mean + mj * 16, g_maha[mj * I + i], gd.data() + k * 16,
+                      gq.data() + k * 16);
         }
       }
-      T* go = g_mean + (m * J + j) * 16;
-      T* gi = g_inv_var + (m * J + j) * 16;
-      for (int e = 0; e < 16; ++e) {
-        go[e] = -2 * gd[e] * iv[e];
-        gi[e] = gq[e];
-      }
     }
+    for (i64 b = 0; b < nb; ++b)
+      for (i64 j = 0; j < J; ++j) {
+        const i64 k = b * J + j, mj = (mb + b) * J + j;
+        for (int e = 0; e < 16; ++e) {
+          g_mean[mj * 16 + e] = -2 * gd[k * 16 + e] * inv_var[mj * 16 + e];
+          g_inv_var[mj * 16 + e] = gq[k * 16 + e];
+        }
+      }
   }
 }
 
@@ -322,12 +359,11 @@ void mstep_backward(const T* P, const T* W, const T* O, const T* WT, const T* r,
                     const T* g_maha, const T* e_mean, i64 M, i64 J, i64 I, i64 m0, i64 m1, T eps, T* gP, T* gW,
                     T* g_r, T* g_act) {
   (void)M;
-  Scratch<T> sc(I);
-  std::vector<T> b(I * 64), gw(J * I), inv(J), gm(J * 16), g_sp(J), gbuf(J * 16);
+  // Unlike the forward passes, one problem at a time: blocking problems here measured slower (the per-parent
+  // rows of MB problems crowd L1), and a child's expanded poses are made where they are used.
+  alignas(64) T a[64], bt[64], v[16];
+  std::vector<T> gw(J * I), inv(J), gm(J * 16), g_sp(J), gbuf(J * 16);
   for (i64 m = m0; m < m1; ++m) {
-    sc.expand(P, m, I);
-    for (i64 i = 0; i < I; ++i) expand_pose_t(P + (m * I + i) * 16, b.data() + i * 64);
-    const T* am = act + m * I;
     for (i64 j = 0; j < J; ++j) {
       const i64 mj = m * J + j;
       const T s = S[mj];
@@ -337,20 +373,19 @@ void mstep_backward(const T* P, const T* W, const T* O, const T* WT, const T* r,
       for (int e = 0; e < 16; ++e) gm[j * 16 + e] = g_mean[mj * 16 + e] - 2 * g_var[mj * 16 + e] * mean[mj * 16 + e] * rest;
       g_sp[j] = 0;
     }
+    const T* am = act + m * I;
     for (i64 i = 0; i < I; ++i) {
-      const T* ai = sc.a.data() + i * 64;
-      const T* bi = b.data() + i * 64;
+      expand_pose(P + (m * I + i) * 16, a);
+      expand_pose_t(P + (m * I + i) * 16, bt);
+      const T* oi = O ? O + i * 16 : nullptr;
       for (i64 j = 0; j < J; ++j) {
         const i64 mj = m * J + j;
         const T* mu = mean + mj * 16;
         const T* gv = g_var + mj * 16;
         const T* gmj = gm.data() + j * 16;
         const T w = r[m * r_sm + j * r_sj + i] * am[i] * inv[j];
-        alignas(64) T v[16];
         T* g = gbuf.data() + j * 16;
-        vote(ai, W + (i * J + j) * 16, v);
-        if (O)
-          for (int e = 0; e < 16; ++e) v[e] += O[i * 16 + e];
+        offset_vote(a, W + (i * J + j) * 16, oi, v);
         T acc = 0;
         for (int e = 0; e < 16; ++e) {
           const T d = v[e] - mu[e];
@@ -363,7 +398,7 @@ void mstep_backward(const T* P, const T* W, const T* O, const T* WT, const T* r,
           const T* emu = e_mean + mj * 16;
           for (int e = 0; e < 16; ++e) g[e] += c * (v[e] - emu[e]) * iv[e];
         }
-        vote_add(bi, g, gW + (i * J + j) * 16);
+        vote_add(bt, g, gW + (i * J + j) * 16);
         gw[j * I + i] = acc;
         g_sp[j] -= acc * w;
       }

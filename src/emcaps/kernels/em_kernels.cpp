@@ -193,6 +193,21 @@ inline float scaled_sq_dist<float>(const float* v, const float* mu, const float*
 // on how the problems are split across threads.
 constexpr i64 MB = 2;
 
+// visit(b, j, i, a, w, o) for every vote of the problems [mb, mb + nb): children outer, then parent types, then
+// problems; a is child i's expanded pose in problem mb + b (made here, in a[b * 64 ...]), w = W[i, j] and o the
+// child's offset (null without one).
+template <typename T, typename Visit>
+inline void each_vote(const T* P, const T* W, const T* O, i64 J, i64 I, i64 mb, i64 nb, T* a, Visit&& visit) {
+  for (i64 i = 0; i < I; ++i) {
+    for (i64 b = 0; b < nb; ++b) expand_pose(P + ((mb + b) * I + i) * 16, a + b * 64);
+    const T* oi = O ? O + i * 16 : nullptr;
+    for (i64 j = 0; j < J; ++j) {
+      const T* wij = W + (i * J + j) * 16;
+      for (i64 b = 0; b < nb; ++b) visit(b, j, i, a + b * 64, wij, oi);
+    }
+  }
+}
+
 // The vote of one child for one parent, plus the child's offset o where given.
 template <typename T>
 inline void offset_vote(const T* a, const T* w, const T* o, T* v) {
@@ -262,19 +277,12 @@ void mstep(const T* P, const T* W, const T* O, const T* r, i64 r_sm, i64 r_sj, c
     std::fill(s1.begin(), s1.end(), T(0));
     std::fill(s2.begin(), s2.end(), T(0));
     std::fill(sw.begin(), sw.end(), T(0));
-    for (i64 i = 0; i < I; ++i) {
-      for (i64 b = 0; b < nb; ++b) expand_pose(P + ((mb + b) * I + i) * 16, a.data() + b * 64);
-      const T* oi = O ? O + i * 16 : nullptr;
-      for (i64 j = 0; j < J; ++j) {
-        const T* wij = W + (i * J + j) * 16;
-        for (i64 b = 0; b < nb; ++b) {
-          const i64 m = mb + b, k = b * J + j;
-          const T w = r[m * r_sm + j * r_sj + i] * act[m * I + i];
-          vote_gather(a.data() + b * 64, wij, oi, c.data() + k * 16, w, s1.data() + k * 16, s2.data() + k * 16);
-          sw[k] += w;
-        }
-      }
-    }
+    each_vote(P, W, O, J, I, mb, nb, a.data(), [&](i64 b, i64 j, i64 i, const T* ai, const T* wij, const T* oi) {
+      const i64 m = mb + b, k = b * J + j;
+      const T w = r[m * r_sm + j * r_sj + i] * act[m * I + i];
+      vote_gather(ai, wij, oi, c.data() + k * 16, w, s1.data() + k * 16, s2.data() + k * 16);
+      sw[k] += w;
+    });
     for (i64 b = 0; b < nb; ++b)
       for (i64 j = 0; j < J; ++j) {
         const i64 k = b * J + j, mj = (mb + b) * J + j;
@@ -298,18 +306,11 @@ void estep(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, 
   alignas(64) T v[16];
   for (i64 mb = m0; mb < m1; mb += MB) {
     const i64 nb = std::min(MB, m1 - mb);
-    for (i64 i = 0; i < I; ++i) {
-      for (i64 b = 0; b < nb; ++b) expand_pose(P + ((mb + b) * I + i) * 16, a.data() + b * 64);
-      const T* oi = O ? O + i * 16 : nullptr;
-      for (i64 j = 0; j < J; ++j) {
-        const T* wij = W + (i * J + j) * 16;
-        for (i64 b = 0; b < nb; ++b) {
-          const i64 mj = (mb + b) * J + j;
-          offset_vote(a.data() + b * 64, wij, oi, v);
-          maha[mj * I + i] = scaled_sq_dist(v, mean + mj * 16, inv_var + mj * 16);
-        }
-      }
-    }
+    each_vote(P, W, O, J, I, mb, nb, a.data(), [&](i64 b, i64 j, i64 i, const T* ai, const T* wij, const T* oi) {
+      const i64 mj = (mb + b) * J + j;
+      offset_vote(ai, wij, oi, v);
+      maha[mj * I + i] = scaled_sq_dist(v, mean + mj * 16, inv_var + mj * 16);
+    });
   }
 }
 
@@ -324,18 +325,10 @@ void estep_backward(const T* P, const T* W, const T* O, const T* mean, const T* 
     const i64 nb = std::min(MB, m1 - mb);
     std::fill(gd.begin(), gd.end(), T(0));
     std::fill(gq.begin(), gq.end(), T(0));
-    for (i64 i = 0; i < I; ++i) {
-      for (i64 b = 0; b < nb; ++b) expand_pose(P + ((mb + b) * I + i) * 16, a.data() + b * 64);
-      const T* oi = O ? O + i * 16 : nullptr;
-      for (i64 j = 0; j < J; ++j) {
-        const T* wij = W + (i * J + j) * 16;
-        for (i64 b = 0; b < nb; ++b) {
-          const i64 k = b * J + j, mj = (mb + b) * J + j;
-          vote_gather(a.data() + b * 64, wij, oi, mean + mj * 16, g_maha[mj * I + i], gd.data() + k * 16,
-                      gq.data() + k * 16);
-        }
-      }
-    }
+    each_vote(P, W, O, J, I, mb, nb, a.data(), [&](i64 b, i64 j, i64 i, const T* ai, const T* wij, const T* oi) {
+      const i64 k = b * J + j, mj = (mb + b) * J + j;
+      vote_gather(ai, wij, oi, mean + mj * 16, g_maha[mj * I + i], gd.data() + k * 16, gq.data() + k * 16);
+    });
     for (i64 b = 0; b < nb; ++b)
       for (i64 j = 0; j < J; ++j) {
         const i64 k = b * J + j, mj = (mb + b) * J + j;

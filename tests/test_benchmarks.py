@@ -7,6 +7,7 @@ copied across, and outputs and input gradients are compared in float64.
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -129,6 +130,30 @@ def test_convergence_curve_comes_from_eval_and_epoch_events(tmp_path):
     assert all(0 <= p["test_error"] <= 1 and p["elapsed"] > 0 for p in points)
     assert [p["elapsed"] for p in points] == sorted(p["elapsed"] for p in points)
     assert convergence.curve(tmp_path / "missing") == []
+
+
+def test_iteration_order_counts_checks_after_the_first_steps(tmp_path, monkeypatch, capsys):
+    """Counts, per later curve, the shared checks where it is at least as good as an earlier one."""
+    order = _load("iteration_order")
+
+    def write(name, errors, config="converge"):
+        curve = [{"step": 250 * (i + 1), "elapsed": 1.0, "test_error": e} for i, e in enumerate(errors)]
+        other = {"config": "converge-cnn", "curve": [{"step": 250, "elapsed": 1.0, "test_error": 0.0}]}
+        (tmp_path / name).write_text(json.dumps([other, {"config": config, "curve": curve}]))
+        return str(tmp_path / name)
+
+    # checks after step 500: 750, 1000, 1250 (it2 has no 1500, so 1500 is not shared)
+    it1 = write("it1.json", [0.5, 0.4, 0.30, 0.20, 0.10, 0.05])
+    it2 = write("it2.json", [0.5, 0.4, 0.25, 0.20, 0.15])
+    monkeypatch.setattr(sys, "argv", ["iteration_order.py", it1, it2, "--after", "500"])
+    order.main()
+    out = capsys.readouterr().out
+    assert "3 shared checks from step 750 to 1250" in out
+    assert "it2 <= it1: 2 of 3" in out                     # better at 750, level at 1000, worse at 1250
+    assert "it1: mean 20.00% over the checks, 10.00% at step 1250" in out
+    monkeypatch.setattr(sys, "argv", ["iteration_order.py", it1, "--config", "absent"])
+    with pytest.raises(SystemExit, match="no curve of config 'absent'"):
+        order.main()
 
 
 def test_convergence_time_limit_stops_and_checkpoints_the_model_it_reached(tmp_path):

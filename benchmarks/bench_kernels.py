@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     P, W = torch.randn(m, i, 16, generator=g), 0.3 * torch.randn(i, j, 16, generator=g)
     a, r = torch.rand(m, i, generator=g), torch.rand(m, j, i, generator=g)
     mean, var, s = torch.empty(m, j, 16), torch.empty(m, j, 16), torch.empty(m, j)
-    maha, g_mean, g_iv = torch.empty(m, j, i), torch.empty(m, j, 16), torch.empty(m, j, 16)
+    assign, g_mean, g_iv = torch.empty(m, j, i), torch.empty(m, j, 16), torch.empty(m, j, 16)
+    const, lse = torch.randn(m, j, generator=g), torch.empty(m, i)
     lib.call("mstep", torch.float32, [P, W, None, r, r.stride(0), r.stride(1), a, m, j, i, 1e-8, mean, var, s], m,
              10)
     inv_var = 1 / (var + 1e-2)
@@ -67,13 +68,14 @@ def main(argv: list[str] | None = None) -> int:
     g_r, g_a = torch.empty(m, j, i), torch.zeros(m, i)
     calls = {
         "mstep": ([P, W, None, r, r.stride(0), r.stride(1), a, m, j, i, 1e-8, mean, var, s], 10),
-        "estep": ([P, W, None, mean, inv_var, m, j, i, maha], 8),
+        "estep_assign": ([P, W, None, mean, inv_var, const, m, j, i, 0.5, assign, lse], 9),
         "estep_backward": ([P, W, None, mean, inv_var, g_maha, m, j, i, g_mean, g_iv], 9),
         "mstep_backward": ([P, W, None, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean, g_var, g_s,
                             inv_var, g_maha, mean, m, j, i, 1e-8, g_P, PerThread(g_W), g_r, g_a], 19),
     }
     written = {name: {x.data_ptr() for x in outs} for name, outs in (
-        ("mstep", (mean, var, s)), ("estep", (maha,)), ("estep_backward", (g_mean, g_iv)),
+        ("mstep", (mean, var, s)), ("estep_assign", (assign, lse)),
+        ("estep_backward", (g_mean, g_iv)),
         ("mstep_backward", (g_P, g_W, g_r, g_a)))}
     votes = m * j * i
     print(f"{votes:,} votes per call, {lib.threads(m)} thread(s)")

@@ -133,8 +133,8 @@ def test_every_kernel_has_argtypes_and_a_wrong_call_raises(built):
         for suffix in ("f32", "f64"):
             fn = getattr(lib._lib, f"emcaps_{name}_{suffix}")
             assert len(fn.argtypes) == len(signature) and fn.restype is None
-    with pytest.raises(TypeError, match="estep takes 9 arguments besides"):
-        lib.call("estep", torch.float32, [None] * 8, 1, range_at=8)
-    fn = lib._lib.emcaps_estep_f32
+    with pytest.raises(TypeError, match="estep_assign takes 12 arguments besides"):
+        lib.call("estep_assign", torch.float32, [None] * 8, 1, range_at=8)
+    fn = lib._lib.emcaps_estep_assign_f32
     with pytest.raises(ctypes.ArgumentError):                                    # a double where an int64 goes
-        fn(*[None] * 5, 1.5, *[0] * 4, None)
+        fn(*[None] * 6, 1.5, *[0] * 4, 0.5, None, None)

@@ -109,6 +109,34 @@ def test_native_float32_gradients_are_close_to_float64():
                                    msg=lambda m, name=name: f"float32 gradient of {name}: {m}")
 
 
+@pytest.mark.parametrize("c", [16, 37])
+@pytest.mark.parametrize("detach,compete,offsets", [(False, True, False), (True, False, True), (False, False, True)])
+def test_native_float32_wide_layers_are_close_to_float64(c, detach, compete, offsets):
+    """16 or more parent types: the AVX-512 kernels take them sixteen at a time (37: two groups and five one by
+    one), so these are the paths a real layer (32 types) trains on, E-step gradients and offsets included."""
+    poses, weight, act, bu, ba, comp, n = problem(seed=13, c=c)
+    off = 0.3 * torch.randn(poses.shape[1], 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    exact = [t.float().double() for t in (poses, weight, act, bu, ba, off)]
+    config = RoutingConfig(final_lambda=2.0, iterations=3, detach_assignments=detach)
+    runs = []
+    for dtype in (torch.float64, torch.float32):
+        leaves = [t.to(dtype).requires_grad_(True) for t in exact[:5]]
+        initial = comp.initial(n, c, dtype) if compete else torch.full((1, 1, 1), 1.0 / c, dtype=dtype)
+        mean, a = conv_routing(*leaves, config, initial, comp if compete else None,
+                               offsets=exact[5].to(dtype) if offsets else None)
+        g = torch.Generator().manual_seed(7)
+        loss = (mean * torch.randn(mean.shape, generator=g, dtype=torch.float64).to(dtype)).sum() + \
+            (a * torch.randn(a.shape, generator=g, dtype=torch.float64).to(dtype)).sum()
+        runs.append((mean.double(), a.double(), [x.double() for x in torch.autograd.grad(loss, leaves)]))
+    (m64, a64, g64), (m32, a32, g32) = runs
+    torch.testing.assert_close(m32, m64, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(a32, a64, atol=1e-4, rtol=1e-4)
+    for name, x, y in zip(("poses", "weight", "act", "beta_u", "beta_a"), g32, g64):
+        scale = float(y.abs().max())
+        torch.testing.assert_close(x, y, atol=2e-4 * scale, rtol=1e-3,
+                                   msg=lambda m, name=name: f"float32 gradient of {name}: {m}")
+
+
 @pytest.mark.parametrize("k,s,h", [(3, 2, 7), (2, 1, 4), (1, 1, 3)])
 def test_native_matches_torch_other_geometries_and_cost_scale(k, s, h):
     config = RoutingConfig(final_lambda=0.3, schedule="linear")

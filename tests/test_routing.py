@@ -293,16 +293,16 @@ def test_competition_assignments_sum_to_one_per_child():
 
 
 @pytest.mark.parametrize("dtype,spread", [(torch.float64, 5.0), (torch.float64, 300.0), (torch.float32, 40.0)])
-def test_competition_assignments_equal_the_exponentiated_normalisation(dtype, spread):
-    """The native forward's fewer-pass form (reusing exp(log_r - max)) gives exp of the log form, also where
-    log-assignments span hundreds of nats (a child far from every parent)."""
+def test_competition_edge_scale_turns_per_edge_assignments_into_the_normalisation(dtype, spread):
+    """The native forward's form (assignments normalised over types per edge, then one factor per edge) gives
+    exp of the log form, also where log-assignments span hundreds of nats (a child far from every parent)."""
     h, k, s, b, c, n = 7, 3, 2, 2, 3, 2
     comp = PositionCompetition(h, h, k, s, b)
     oh = (h - k) // s + 1
     log_r = torch.randn(n * oh * oh, c, k * k * b, dtype=dtype, generator=torch.Generator().manual_seed(3))
     log_r = log_r * spread
     want = comp(log_r).exp()
-    got = comp.assignments(log_r.clone())
+    got = torch.softmax(log_r, dim=1) * comp.edge_scale(torch.logsumexp(log_r, dim=1)).unsqueeze(1)
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, want, rtol=1e-5 if dtype == torch.float32 else 1e-12, atol=1e-7)
 

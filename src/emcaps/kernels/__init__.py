@@ -42,12 +42,12 @@ NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
 # EMCAPS_INSTANTIATE must match; tests/test_kernels.py parses it to check.
 SIGNATURES = {
     "mstep": "PPPPiiPiii" "ii" "dPPP",
-    "estep": "PPPPPiii" "ii" "P",
+    "estep_assign": "PPPPPPiii" "ii" "dPP",
     "estep_backward": "PPPPPPiii" "ii" "PP",
     "mstep_backward": "PPPPPiiPPPPPPPPPiii" "ii" "dPPPP",
 }
 _C_TYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
-VERSION = 4
+VERSION = 5
 
 
 class KernelBuildError(RuntimeError):

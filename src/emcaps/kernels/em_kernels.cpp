@@ -8,10 +8,11 @@
 // The class capsules route through the same kernels (m an image, i a (position, type) child, W repeated over
 // positions), with an optional per-child offset O (I, 16) added to every vote: the coordinate addition.
 //
-// The glue between passes (costs, activations, the E-step normalisation across positions) is small and stays in
+// The glue between passes (costs, activations, one factor per child where positions compete) is small and stays in
 // PyTorch (emcaps/routing/native.py); these functions do every pass over the votes:
 //   mstep:          weighted mean and variance of the votes of each parent, and the weight sums S;
-//   estep:          squared Mahalanobis distance of every vote to its parent's Gaussian;
+//   estep_assign:   the E-step: every vote's log-likelihood under its parent's Gaussian, normalised over the parent
+//                   types of its window (the caller rescales per child where positions compete too);
 //   estep_backward: the E-step's gradients with respect to the parent means and inverse variances;
 //   mstep_backward: gradients with respect to the child poses and the transforms (through the votes, which it
 //                   recomputes), the assignments and the child activations; it also takes the E-step's share
@@ -23,6 +24,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
@@ -258,6 +260,50 @@ inline void vote_gather<float>(const float* a, const float* w, const float* o, c
 }
 #endif
 
+#if defined(__AVX512F__)
+// The same with the vote kept in one register.
+template <>
+inline void vote_gather<float>(const float* a, const float* w, const float* o, const float* c, float wt, float* s1,
+                               float* s2) {
+  __m512 x = _mm512_mul_ps(_mm512_loadu_ps(a), _mm512_broadcast_f32x4(_mm_loadu_ps(w)));
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 16), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)), x);
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 32), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)), x);
+  x = _mm512_fmadd_ps(_mm512_loadu_ps(a + 48), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12)), x);
+  if (o) x = _mm512_add_ps(x, _mm512_loadu_ps(o));
+  const __m512 d = _mm512_sub_ps(x, _mm512_loadu_ps(c));
+  const __m512 wd = _mm512_mul_ps(_mm512_set1_ps(wt), d);
+  _mm512_storeu_ps(s1, _mm512_add_ps(_mm512_loadu_ps(s1), wd));
+  _mm512_storeu_ps(s2, _mm512_fmadd_ps(wd, d, _mm512_loadu_ps(s2)));
+}
+#endif
+
+// The mean and variance of each parent of problems [mb, mb + nb) from the gathered sums around c (mstep).
+template <typename T>
+inline void finish_mstep(const T* c, const T* s1, const T* s2, const T* sw, i64 mb, i64 nb, i64 J, T eps, T* mean,
+                         T* var, T* S) {
+  for (i64 b = 0; b < nb; ++b)
+    for (i64 j = 0; j < J; ++j) {
+      const i64 k = b * J + j, mj = (mb + b) * J + j;
+      const T s = sw[k], inv = T(1) / std::max(s, eps), total = s * inv;
+      S[mj] = s;
+      for (int e = 0; e < 16; ++e) {
+        const T ce = c[k * 16 + e], d = s1[k * 16 + e] * inv, q = s2[k * 16 + e] * inv;
+        const T off = d + ce * (total - T(1));                       // mean - c
+        mean[mj * 16 + e] = ce + off;
+        var[mj * 16 + e] = std::max(q - 2 * off * d + total * off * off, T(0));
+      }
+    }
+}
+
+// The centres c (MB x J x 16) of mstep's sums: each parent's vote from child 0.
+template <typename T>
+inline void mstep_centres(const T* P, const T* W, const T* O, i64 J, i64 I, i64 mb, i64 nb, T* a, T* c) {
+  for (i64 b = 0; b < nb; ++b) {
+    expand_pose(P + (mb + b) * I * 16, a);
+    for (i64 j = 0; j < J; ++j) offset_vote(a, W + j * 16, O, c + (b * J + j) * 16);
+  }
+}
+
 // Weighted mean and variance in one pass over the votes. Each parent's sums are taken around one of its own
 // votes c (child 0's): with w'_i = r_i a_i / max(S, eps), W' = sum_i w'_i (1 unless S < eps), d = sum_i w'_i
 // (v_i - c) and q = sum_i w'_i (v_i - c)^2, the mean is c W' + d and, with e = mean - c,
@@ -270,10 +316,7 @@ void mstep(const T* P, const T* W, const T* O, const T* r, i64 r_sm, i64 r_sj, c
   std::vector<T> a(MB * 64), c(MB * J * 16), s1(MB * J * 16), s2(MB * J * 16), sw(MB * J);
   for (i64 mb = m0; mb < m1; mb += MB) {
     const i64 nb = std::min(MB, m1 - mb);
-    for (i64 b = 0; b < nb; ++b) {
-      expand_pose(P + (mb + b) * I * 16, a.data());
-      for (i64 j = 0; j < J; ++j) offset_vote(a.data(), W + j * 16, O, c.data() + (b * J + j) * 16);
-    }
+    mstep_centres(P, W, O, J, I, mb, nb, a.data(), c.data());
     std::fill(s1.begin(), s1.end(), T(0));
     std::fill(s2.begin(), s2.end(), T(0));
     std::fill(sw.begin(), sw.end(), T(0));
@@ -283,36 +326,271 @@ void mstep(const T* P, const T* W, const T* O, const T* r, i64 r_sm, i64 r_sj, c
       vote_gather(ai, wij, oi, c.data() + k * 16, w, s1.data() + k * 16, s2.data() + k * 16);
       sw[k] += w;
     });
-    for (i64 b = 0; b < nb; ++b)
-      for (i64 j = 0; j < J; ++j) {
-        const i64 k = b * J + j, mj = (mb + b) * J + j;
-        const T s = sw[k], inv = T(1) / std::max(s, eps), total = s * inv;
-        S[mj] = s;
-        for (int e = 0; e < 16; ++e) {
-          const T ce = c[k * 16 + e], d = s1[k * 16 + e] * inv, q = s2[k * 16 + e] * inv;
-          const T off = d + ce * (total - T(1));                       // mean - c
-          mean[mj * 16 + e] = ce + off;
-          var[mj * 16 + e] = std::max(q - 2 * off * d + total * off * off, T(0));
-        }
-      }
+    finish_mstep(c.data(), s1.data(), s2.data(), sw.data(), mb, nb, J, eps, mean, var, S);
   }
 }
 
-template <typename T>
-void estep(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, i64 M, i64 J, i64 I, i64 m0, i64 m1,
-           T* maha) {
+#if defined(__AVX512F__)
+// The same with the loops written out: a child's expanded poses in both problems stay in registers across the
+// parent types, and each transform is loaded once for both problems.
+template <>
+void mstep<float>(const float* P, const float* W, const float* O, const float* r, i64 r_sm, i64 r_sj,
+                  const float* act, i64 M, i64 J, i64 I, i64 m0, i64 m1, float eps, float* mean, float* var,
+                  float* S) {
   (void)M;
-  std::vector<T> a(MB * 64);
-  alignas(64) T v[16];
+  static_assert(MB == 2, "two problems at a time");
+  std::vector<float> a(MB * 64), c(MB * J * 16), s1(MB * J * 16), s2(MB * J * 16), sw(MB * J);
   for (i64 mb = m0; mb < m1; mb += MB) {
     const i64 nb = std::min(MB, m1 - mb);
-    each_vote(P, W, O, J, I, mb, nb, a.data(), [&](i64 b, i64 j, i64 i, const T* ai, const T* wij, const T* oi) {
-      const i64 mj = (mb + b) * J + j;
-      offset_vote(ai, wij, oi, v);
-      maha[mj * I + i] = scaled_sq_dist(v, mean + mj * 16, inv_var + mj * 16);
-    });
+    mstep_centres(P, W, O, J, I, mb, nb, a.data(), c.data());
+    std::fill(s1.begin(), s1.end(), 0.f);
+    std::fill(s2.begin(), s2.end(), 0.f);
+    std::fill(sw.begin(), sw.end(), 0.f);
+    const i64 m1b = mb + nb - 1;                 // the second problem, or the first again when there is one
+    for (i64 i = 0; i < I; ++i) {
+      expand_pose(P + (mb * I + i) * 16, a.data());
+      expand_pose(P + (m1b * I + i) * 16, a.data() + 64);
+      const __m512 x0 = _mm512_loadu_ps(a.data()), x1 = _mm512_loadu_ps(a.data() + 16),
+                   x2 = _mm512_loadu_ps(a.data() + 32), x3 = _mm512_loadu_ps(a.data() + 48);
+      const __m512 y0 = _mm512_loadu_ps(a.data() + 64), y1 = _mm512_loadu_ps(a.data() + 80),
+                   y2 = _mm512_loadu_ps(a.data() + 96), y3 = _mm512_loadu_ps(a.data() + 112);
+      const __m512 ov = O ? _mm512_loadu_ps(O + i * 16) : _mm512_setzero_ps();
+      const float act0 = act[mb * I + i], act1 = act[m1b * I + i];
+      const float* r0 = r + mb * r_sm + i;
+      const float* r1 = r + m1b * r_sm + i;
+      for (i64 j = 0; j < J; ++j) {
+        const float* w = W + (i * J + j) * 16;
+        const __m512 w0 = _mm512_broadcast_f32x4(_mm_loadu_ps(w)), w1 = _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)),
+                     w2 = _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)),
+                     w3 = _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12));
+        {
+          const i64 k = j * 16;
+          const float wt = r0[j * r_sj] * act0;
+          __m512 v = _mm512_fmadd_ps(x0, w0, ov);
+          v = _mm512_fmadd_ps(x1, w1, v);
+          v = _mm512_fmadd_ps(x2, w2, v);
+          v = _mm512_fmadd_ps(x3, w3, v);
+          const __m512 d = _mm512_sub_ps(v, _mm512_loadu_ps(c.data() + k));
+          const __m512 wd = _mm512_mul_ps(_mm512_set1_ps(wt), d);
+          _mm512_storeu_ps(s1.data() + k, _mm512_add_ps(_mm512_loadu_ps(s1.data() + k), wd));
+          _mm512_storeu_ps(s2.data() + k, _mm512_fmadd_ps(wd, d, _mm512_loadu_ps(s2.data() + k)));
+          sw[j] += wt;
+        }
+        if (nb == 2) {
+          const i64 k = (J + j) * 16;
+          const float wt = r1[j * r_sj] * act1;
+          __m512 v = _mm512_fmadd_ps(y0, w0, ov);
+          v = _mm512_fmadd_ps(y1, w1, v);
+          v = _mm512_fmadd_ps(y2, w2, v);
+          v = _mm512_fmadd_ps(y3, w3, v);
+          const __m512 d = _mm512_sub_ps(v, _mm512_loadu_ps(c.data() + k));
+          const __m512 wd = _mm512_mul_ps(_mm512_set1_ps(wt), d);
+          _mm512_storeu_ps(s1.data() + k, _mm512_add_ps(_mm512_loadu_ps(s1.data() + k), wd));
+          _mm512_storeu_ps(s2.data() + k, _mm512_fmadd_ps(wd, d, _mm512_loadu_ps(s2.data() + k)));
+          sw[J + j] += wt;
+        }
+      }
+    }
+    finish_mstep(c.data(), s1.data(), s2.data(), sw.data(), mb, nb, J, eps, mean, var, S);
   }
 }
+#endif
+
+// The E-step and its normalisation over the parent types of each window in one pass: for child i of problem m,
+// l_j = c_j - h maha_ji (c = tau (log a_j - 0.5 sum_d log(2 pi var_jd)) per parent, h = tau / 2),
+// r_ji = exp(l_j - lse_i), lse_i = log sum_j exp(l_j); r (M, J, I) and lse (M, I) are written. Where parents at
+// other positions compete too, the caller rescales each (m, i) by exp(lse_i - the child's total over positions).
+// The log-assignments of one child's J parents are made into `l` (J values), then normalised.
+template <typename T>
+inline void child_log_assign(const T* a, const T* W, const T* o, const T* mean, const T* inv_var, const T* c, T h,
+                             i64 J, T* l) {
+  alignas(64) T v[16];
+  for (i64 j = 0; j < J; ++j) {
+    offset_vote(a, W + j * 16, o, v);
+    l[j] = c[j] - h * scaled_sq_dist(v, mean + j * 16, inv_var + j * 16);
+  }
+}
+
+// r_j = exp(l_j - lse) for the J values of l (stride `step` in r), l overwritten; returns lse = log sum_j exp(l_j).
+template <typename T>
+inline T normalise_assign(T* l, i64 J, T* r, i64 step) {
+  T top = l[0];
+  for (i64 j = 1; j < J; ++j) top = std::max(top, l[j]);
+  T sum = 0;
+  for (i64 j = 0; j < J; ++j) sum += (l[j] = std::exp(l[j] - top));
+  const T inv = T(1) / sum;
+  for (i64 j = 0; j < J; ++j) r[j * step] = l[j] * inv;
+  return top + std::log(sum);
+}
+
+template <typename T>
+void estep_assign(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, const T* c, i64 M, i64 J,
+                  i64 I, i64 m0, i64 m1, T h, T* r, T* lse) {
+  (void)M;
+  alignas(64) T a[64];
+  std::vector<T> l(J);
+  for (i64 m = m0; m < m1; ++m)
+    for (i64 i = 0; i < I; ++i) {
+      expand_pose(P + (m * I + i) * 16, a);
+      child_log_assign(a, W + i * J * 16, O ? O + i * 16 : nullptr, mean + m * J * 16, inv_var + m * J * 16,
+                       c + m * J, h, J, l.data());
+      lse[m * I + i] = normalise_assign(l.data(), J, r + m * J * I + i, I);
+    }
+}
+
+#if defined(__AVX512F__)
+// Lane k of the result is the sum of the 16 lanes of x[4 * (k % 4) + k / 4]: four rounds of shuffles and adds
+// reduce sixteen vectors at once, where reducing each alone would take four rounds per vector.
+inline __m512 sum16(const __m512* x) {
+  __m512 u[8], y[4], z[2];
+  for (int k = 0; k < 8; ++k)         // blocks 0-1: halves of x[2k], blocks 2-3: of x[2k+1]
+    u[k] = _mm512_add_ps(_mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0x44),
+                         _mm512_shuffle_f32x4(x[2 * k], x[2 * k + 1], 0xEE));
+  for (int k = 0; k < 4; ++k)         // block c: 4 partial sums of x[4k + c]
+    y[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0x88),
+                         _mm512_shuffle_f32x4(u[2 * k], u[2 * k + 1], 0xDD));
+  for (int k = 0; k < 2; ++k)         // block c: 2 of x[8k + c], then 2 of x[8k + 4 + c]
+    z[k] = _mm512_add_ps(_mm512_shuffle_ps(y[2 * k], y[2 * k + 1], 0x44),
+                         _mm512_shuffle_ps(y[2 * k], y[2 * k + 1], 0xEE));
+  // block c, lane l: x[c + 4l]
+  return _mm512_add_ps(_mm512_shuffle_ps(z[0], z[1], 0x88), _mm512_shuffle_ps(z[0], z[1], 0xDD));
+}
+
+#endif
+
+#if defined(__AVX512F__)
+// e^x for 16 floats, within 2 ulp (Cephes' expf: 2^n e^f, n = round(x / ln 2), |f| <= ln 2 / 2); NaN stays NaN.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(88.5f), _mm512_max_ps(_mm512_set1_ps(-104.f), x));   // NaN: the 2nd operand
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+// Sixteen parent types at a time, their distances reduced together (sum16).
+template <>
+inline void child_log_assign<float>(const float* a, const float* W, const float* o, const float* mean,
+                                    const float* inv_var, const float* c, float h, i64 J, float* l) {
+  const i64 J16 = J - J % 16;
+  const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16), a2 = _mm512_loadu_ps(a + 32),
+               a3 = _mm512_loadu_ps(a + 48);
+  const __m512 ov = o ? _mm512_loadu_ps(o) : _mm512_setzero_ps();
+  for (i64 jg = 0; jg < J16; jg += 16) {
+    __m512 t[16];
+    for (int n = 0; n < 16; ++n) {
+      const i64 j = jg + 4 * (n & 3) + (n >> 2);                 // the order sum16 undoes
+      const float* w = W + j * 16;
+      __m512 x = _mm512_fmadd_ps(a0, _mm512_broadcast_f32x4(_mm_loadu_ps(w)), ov);
+      x = _mm512_fmadd_ps(a1, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)), x);
+      x = _mm512_fmadd_ps(a2, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)), x);
+      x = _mm512_fmadd_ps(a3, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12)), x);
+      const __m512 d = _mm512_sub_ps(x, _mm512_loadu_ps(mean + j * 16));
+      t[n] = _mm512_mul_ps(_mm512_mul_ps(d, d), _mm512_loadu_ps(inv_var + j * 16));
+    }
+    _mm512_storeu_ps(l + jg, _mm512_fnmadd_ps(_mm512_set1_ps(h), sum16(t), _mm512_loadu_ps(c + jg)));
+  }
+  alignas(64) float v[16];
+  for (i64 j = J16; j < J; ++j) {
+    offset_vote(a, W + j * 16, o, v);
+    l[j] = c[j] - h * scaled_sq_dist(v, mean + j * 16, inv_var + j * 16);
+  }
+}
+
+template <>
+inline float normalise_assign<float>(float* l, i64 J, float* r, i64 step) {
+  const i64 J16 = J - J % 16;
+  __m512 top16 = _mm512_set1_ps(-INFINITY);
+  for (i64 j = 0; j < J16; j += 16) top16 = _mm512_max_ps(top16, _mm512_loadu_ps(l + j));
+  float top = _mm512_reduce_max_ps(top16);
+  for (i64 j = J16; j < J; ++j) top = std::max(top, l[j]);
+  __m512 acc = _mm512_setzero_ps();
+  for (i64 j = 0; j < J16; j += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(l + j), _mm512_set1_ps(top)));
+    _mm512_storeu_ps(l + j, e);
+    acc = _mm512_add_ps(acc, e);
+  }
+  float sum = _mm512_reduce_add_ps(acc);
+  for (i64 j = J16; j < J; ++j) sum += (l[j] = std::exp(l[j] - top));
+  const float inv = 1.f / sum;
+  const __m512 inv16 = _mm512_set1_ps(inv);
+  const bool scatter = 16 * step < (i64(1) << 31);
+  const __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32(static_cast<int>(step)));
+  i64 j = 0;
+  for (; scatter && j < J16; j += 16)
+    _mm512_i32scatter_ps(r + j * step, index, _mm512_mul_ps(_mm512_loadu_ps(l + j), inv16), 4);
+  for (; j < J; ++j) r[j * step] = l[j] * inv;
+  return top + std::log(sum);
+}
+#endif
+
+#if defined(__AVX512F__)
+// estep_assign for sixteen children at a time: for each parent type, the distances of the sixteen children's votes
+// reduce together (sum16) into one vector whose lanes are the children, so normalising over the parent types is
+// lane-parallel (no horizontal work) and each parent's row of assignments is one contiguous store. The children
+// beyond a multiple of sixteen go one by one.
+template <>
+void estep_assign<float>(const float* P, const float* W, const float* O, const float* mean, const float* inv_var,
+                         const float* c, i64 M, i64 J, i64 I, i64 m0, i64 m1, float h, float* r, float* lse) {
+  (void)M;
+  const i64 I16 = I - I % 16;
+  std::vector<float> a(16 * 64), tile(J * 16), l(J);
+  alignas(64) float top_sum[32];
+  const __m512 hv = _mm512_set1_ps(h);
+  for (i64 m = m0; m < m1; ++m) {
+    const float* mm = mean + m * J * 16;
+    const float* im = inv_var + m * J * 16;
+    for (i64 ib = 0; ib < I16; ib += 16) {
+      for (int k = 0; k < 16; ++k) expand_pose(P + (m * I + ib + k) * 16, a.data() + k * 64);
+      for (i64 j = 0; j < J; ++j) {
+        const __m512 mu = _mm512_loadu_ps(mm + j * 16), iv = _mm512_loadu_ps(im + j * 16);
+        __m512 t[16];
+        for (int n = 0; n < 16; ++n) {
+          const int k = 4 * (n & 3) + (n >> 2);                  // the order sum16 undoes
+          const float* ak = a.data() + k * 64;
+          const float* w = W + ((ib + k) * J + j) * 16;
+          __m512 x = _mm512_mul_ps(_mm512_loadu_ps(ak), _mm512_broadcast_f32x4(_mm_loadu_ps(w)));
+          x = _mm512_fmadd_ps(_mm512_loadu_ps(ak + 16), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)), x);
+          x = _mm512_fmadd_ps(_mm512_loadu_ps(ak + 32), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)), x);
+          x = _mm512_fmadd_ps(_mm512_loadu_ps(ak + 48), _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12)), x);
+          if (O) x = _mm512_add_ps(x, _mm512_loadu_ps(O + (ib + k) * 16));
+          const __m512 d = _mm512_sub_ps(x, mu);
+          t[n] = _mm512_mul_ps(_mm512_mul_ps(d, d), iv);
+        }
+        _mm512_storeu_ps(tile.data() + j * 16, _mm512_fnmadd_ps(hv, sum16(t), _mm512_set1_ps(c[m * J + j])));
+      }
+      __m512 top = _mm512_loadu_ps(tile.data());
+      for (i64 j = 1; j < J; ++j) top = _mm512_max_ps(top, _mm512_loadu_ps(tile.data() + j * 16));
+      __m512 sum = _mm512_setzero_ps();
+      for (i64 j = 0; j < J; ++j) {
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(tile.data() + j * 16), top));
+        _mm512_storeu_ps(tile.data() + j * 16, e);
+        sum = _mm512_add_ps(sum, e);
+      }
+      const __m512 inv = _mm512_div_ps(_mm512_set1_ps(1.f), sum);
+      for (i64 j = 0; j < J; ++j)
+        _mm512_storeu_ps(r + (m * J + j) * I + ib, _mm512_mul_ps(_mm512_loadu_ps(tile.data() + j * 16), inv));
+      _mm512_store_ps(top_sum, top);
+      _mm512_store_ps(top_sum + 16, sum);
+      for (int k = 0; k < 16; ++k) lse[m * I + ib + k] = top_sum[k] + std::log(top_sum[16 + k]);
+    }
+    for (i64 i = I16; i < I; ++i) {
+      expand_pose(P + (m * I + i) * 16, a.data());
+      child_log_assign(a.data(), W + i * J * 16, O ? O + i * 16 : nullptr, mm, im, c + m * J, h, J, l.data());
+      lse[m * I + i] = normalise_assign(l.data(), J, r + m * J * I + i, I);
+    }
+  }
+}
+#endif
 
 // maha[i] = sum_e (v_i - mu)^2 iv: g_mean = -2 iv sum_i g_maha_i (v_i - mu), g_inv_var = sum_i g_maha_i (v_i - mu)^2,
 // the M-step's sums with g_maha for weights and mu for centre.
@@ -339,6 +617,64 @@ void estep_backward(const T* P, const T* W, const T* O, const T* mean, const T* 
       }
   }
 }
+
+#if defined(__AVX512F__)
+// mstep_backward's work for one child i of one problem m and its parent types [0, J16), J16 the largest multiple
+// of 16 <= J, sixteen at a time: the vote, its gradient g (into gbuf, for the pose gradient) and the transform
+// gradient stay in registers, and the sixteen per-parent sums acc = sum_e gm v + gv d^2 are reduced together
+// (sum16). Pointers are offset to the child and problem: W, gW by i J 16; mean, g_var, gm, inv_var, e_mean by
+// m J 16 (gm by nothing: it is per problem); r, g_maha, gw by their (m, i) and step r_sj, I, I per parent.
+// Returns J16; the caller does the rest one by one.
+inline i64 parents_backward16(const float* a, const float* bt, const float* W, const float* o, const float* mean,
+                              const float* g_var, const float* gm, const float* r, i64 r_sj, float am,
+                              const float* inv, const float* g_maha, const float* inv_var, const float* e_mean,
+                              i64 J, i64 I, float* gbuf, float* gW, float* gw, float* g_sp) {
+  if (J < 16 || 16 * I >= (i64(1) << 31)) return 0;
+  const i64 J16 = J - J % 16;
+  const __m512i stride = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                            _mm512_set1_epi32(static_cast<int>(I)));
+  const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16), a2 = _mm512_loadu_ps(a + 32),
+               a3 = _mm512_loadu_ps(a + 48);
+  const __m512 b0 = _mm512_loadu_ps(bt), b1 = _mm512_loadu_ps(bt + 16), b2 = _mm512_loadu_ps(bt + 32),
+               b3 = _mm512_loadu_ps(bt + 48);
+  const __m512 ov = o ? _mm512_loadu_ps(o) : _mm512_setzero_ps();
+  alignas(64) float wt[16];
+  for (i64 jg = 0; jg < J16; jg += 16) {
+    for (int k = 0; k < 16; ++k) wt[k] = r[(jg + k) * r_sj] * am * inv[jg + k];
+    __m512 acc[16];
+    for (int n = 0; n < 16; ++n) {
+      const int k = 4 * (n & 3) + (n >> 2);                 // the order sum16 undoes
+      const i64 j = jg + k;
+      const float* w = W + j * 16;
+      __m512 x = _mm512_fmadd_ps(a0, _mm512_broadcast_f32x4(_mm_loadu_ps(w)), ov);
+      x = _mm512_fmadd_ps(a1, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)), x);
+      x = _mm512_fmadd_ps(a2, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)), x);
+      x = _mm512_fmadd_ps(a3, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12)), x);
+      const __m512 gv = _mm512_loadu_ps(g_var + j * 16), gmj = _mm512_loadu_ps(gm + j * 16);
+      const __m512 d = _mm512_sub_ps(x, _mm512_loadu_ps(mean + j * 16));
+      __m512 g = _mm512_mul_ps(_mm512_set1_ps(wt[k]), _mm512_fmadd_ps(_mm512_add_ps(gv, gv), d, gmj));
+      acc[n] = _mm512_fmadd_ps(gmj, x, _mm512_mul_ps(gv, _mm512_mul_ps(d, d)));
+      if (g_maha) {
+        const __m512 c = _mm512_set1_ps(2 * g_maha[j * I]);
+        const __m512 e = _mm512_sub_ps(x, _mm512_loadu_ps(e_mean + j * 16));
+        g = _mm512_fmadd_ps(_mm512_mul_ps(c, e), _mm512_loadu_ps(inv_var + j * 16), g);
+      }
+      _mm512_storeu_ps(gbuf + j * 16, g);
+      // gW_j += P^T g: the transposed expansion times each row of g broadcast across its lanes
+      float* gwj = gW + j * 16;
+      __m512 y = _mm512_fmadd_ps(b0, _mm512_shuffle_f32x4(g, g, 0x00), _mm512_loadu_ps(gwj));
+      y = _mm512_fmadd_ps(b1, _mm512_shuffle_f32x4(g, g, 0x55), y);
+      y = _mm512_fmadd_ps(b2, _mm512_shuffle_f32x4(g, g, 0xAA), y);
+      y = _mm512_fmadd_ps(b3, _mm512_shuffle_f32x4(g, g, 0xFF), y);
+      _mm512_storeu_ps(gwj, y);
+    }
+    const __m512 s = sum16(acc);                            // lane k: parent jg + k
+    _mm512_i32scatter_ps(gw + jg * I, stride, s, 4);
+    _mm512_storeu_ps(g_sp + jg, _mm512_fnmadd_ps(s, _mm512_load_ps(wt), _mm512_loadu_ps(g_sp + jg)));
+  }
+  return J16;
+}
+#endif
 
 // Backward of mstep (and of the same iteration's estep, with respect to the votes, when g_maha is given).
 // mean = sum_i w_i v_i, var = sum_i w_i (v_i - mean)^2, w_i = r_i a_i / max(S, eps), S = sum_i r_i a_i.
@@ -371,7 +707,15 @@ void mstep_backward(const T* P, const T* W, const T* O, const T* WT, const T* r,
       expand_pose(P + (m * I + i) * 16, a);
       expand_pose_t(P + (m * I + i) * 16, bt);
       const T* oi = O ? O + i * 16 : nullptr;
-      for (i64 j = 0; j < J; ++j) {
+      i64 j0 = 0;
+#if defined(__AVX512F__)
+      if constexpr (std::is_same_v<T, float>)
+        j0 = parents_backward16(a, bt, W + i * J * 16, oi, mean + m * J * 16, g_var + m * J * 16, gm.data(),
+                                r + m * r_sm + i, r_sj, am[i], inv.data(), g_maha ? g_maha + m * J * I + i : nullptr,
+                                inv_var ? inv_var + m * J * 16 : nullptr, e_mean ? e_mean + m * J * 16 : nullptr,
+                                J, I, gbuf.data(), gW + i * J * 16, gw.data() + i, g_sp.data());
+#endif
+      for (i64 j = j0; j < J; ++j) {
         const i64 mj = m * J + j;
         const T* mu = mean + mj * 16;
         const T* gv = g_var + mj * 16;
@@ -421,9 +765,10 @@ void mstep_backward(const T* P, const T* W, const T* O, const T* WT, const T* r,
                                             T* mean, T* var, T* S) {                                           \
     mstep<T>(P, W, O, r, r_sm, r_sj, act, M, J, I, m0, m1, T(eps), mean, var, S);                             \
   }                                                                                                            \
-  EMCAPS_EXPORT void emcaps_estep_##suffix(const T* P, const T* W, const T* O, const T* mean, const T* inv_var, \
-                                            i64 M, i64 J, i64 I, i64 m0, i64 m1, T* maha) {                    \
-    estep<T>(P, W, O, mean, inv_var, M, J, I, m0, m1, maha);                                                   \
+  EMCAPS_EXPORT void emcaps_estep_assign_##suffix(const T* P, const T* W, const T* O, const T* mean,            \
+                                                   const T* inv_var, const T* c, i64 M, i64 J, i64 I, i64 m0,    \
+                                                   i64 m1, double h, T* r, T* lse) {                             \
+    estep_assign<T>(P, W, O, mean, inv_var, c, M, J, I, m0, m1, T(h), r, lse);                                 \
   }                                                                                                            \
   EMCAPS_EXPORT void emcaps_estep_backward_##suffix(const T* P, const T* W, const T* O, const T* mean,          \
                                                      const T* inv_var, const T* g_maha, i64 M, i64 J, i64 I,   \
@@ -442,4 +787,4 @@ void mstep_backward(const T* P, const T* W, const T* O, const T* WT, const T* r,
 EMCAPS_INSTANTIATE(float, f32)
 EMCAPS_INSTANTIATE(double, f64)
 
-EMCAPS_EXPORT int emcaps_kernels_version() { return 4; }
+EMCAPS_EXPORT int emcaps_kernels_version() { return 5; }

@@ -137,20 +137,19 @@ class PositionCompetition:
         return log_r - lse[:, self.index].reshape(ml, 1, i)
 
     @torch.no_grad()
-    def assignments(self, log_r: Tensor) -> Tensor:
-        """exp(self(log_r)) without autograd, in fewer passes over the (N*L, C, K*K*B) tensor: the exponentials
-        of the per-edge logsumexp are reused and rescaled per edge (for the native kernels' forward pass)."""
-        ml, _, i = log_r.shape
+    def edge_scale(self, per_edge: Tensor) -> Tensor:
+        """(N*L, K*K*B) -> the same: exp(per_edge - the child's log-normaliser over every parent it feeds).
+
+        per_edge is each (position, offset, type) edge's log-normaliser over the output types (the native
+        E-step kernel normalises over types and returns it); the assignments across positions are then the
+        per-edge ones times this factor, one multiplication per assignment.
+        """
+        ml, i = per_edge.shape
         n_pos = self.index.shape[0] // self.kk
-        n = ml // n_pos
-        top = log_r.amax(dim=1, keepdim=True)                                    # (N*L, 1, KK*B)
-        e = log_r.sub_(top).exp_()                                               # log_r's memory, reused
-        per_edge = (e.sum(dim=1).log_() + top.squeeze(1)).view(n, n_pos * self.kk, self.types_in)
-        shift = per_edge.new_zeros(n, self.n_children, self.types_in).scatter_reduce(
-            1, self.index.view(1, -1, 1).expand_as(per_edge), per_edge, "amax", include_self=False)
-        total = per_edge.new_zeros(n, self.n_children, self.types_in).index_add(
-            1, self.index, torch.exp(per_edge - shift[:, self.index]))
-        lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift        # (N, H*W, B)
-        # r = exp(log_r - lse) = e * exp(top - lse), one factor per edge
-        scale = torch.exp(top.view(n, n_pos * self.kk, self.types_in) - lse[:, self.index])
-        return e.mul_(scale.view(ml, 1, i))
+        pe = per_edge.reshape(ml // n_pos, n_pos * self.kk, self.types_in)              # (N, L*KK, B)
+        shift = pe.new_zeros(pe.shape[0], self.n_children, self.types_in).scatter_reduce(
+            1, self.index.view(1, -1, 1).expand_as(pe), pe, "amax", include_self=False)
+        total = pe.new_zeros(pe.shape[0], self.n_children, self.types_in).index_add(
+            1, self.index, torch.exp(pe - shift[:, self.index]))
+        lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift                  # (N, H*W, B)
+        return torch.exp(pe - lse[:, self.index]).view(ml, i)

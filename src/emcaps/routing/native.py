@@ -14,6 +14,9 @@ Notation, per routing problem m (an image position), child i, parent j, pose ent
     cost_j = (D beta_u_j + 0.5 sum_d log var_jd) * cost_scale * S_j,   logit_j = lambda_t (beta_a_j - cost_j)
     log_r_ji = logsigmoid(logit_j) - 0.5 (sum_d log var_jd + D log 2 pi) - 0.5 maha_ji,
     maha_ji = sum_d (v_jid - mean_jd)^2 / var_jd,   r <- exp(normalise(log_r))
+The E-step kernel normalises over the parent types of each window (a softmax over j per (m, i) edge) and returns
+each edge's log-normaliser; where parents at other positions compete, one factor per edge finishes the
+normalisation over every parent a child feeds (PositionCompetition.edge_scale).
 """
 
 from __future__ import annotations
@@ -121,15 +124,15 @@ class _ConvRouting(torch.autograd.Function):
             steps.append([r, mean, centre, var, s, logit])
             if t == len(lambdas) - 1:
                 break
-            maha = P.new_empty(m, n_out, n_in)
-            lib.call("estep", P.dtype, [P, W, O, centre, 1.0 / var, m, n_out, n_in, maha], m, range_at=8)
-            const = F.logsigmoid(logit) - 0.5 * (log_var_sum + D * _LOG_2PI)         # (M, J)
+            # E-step and its normalisation over types in one kernel pass; then, where parents at other
+            # positions compete, one factor per (problem, child) edge
             tau = config.estep_temperature
-            log_r = maha.mul_(-0.5 * tau).add_((tau * const).unsqueeze(-1))          # (M, J, I)
-            if competition is None:
-                r = torch.softmax(log_r, dim=1)
-            else:
-                r = competition.assignments(log_r)
+            const = tau * (F.logsigmoid(logit) - 0.5 * (log_var_sum + D * _LOG_2PI))  # (M, J)
+            r, lse = P.new_empty(m, n_out, n_in), P.new_empty(m, n_in)
+            lib.call("estep_assign", P.dtype, [P, W, O, centre, 1.0 / var, const.contiguous(), m, n_out, n_in,
+                                               0.5 * tau, r, lse], m, range_at=9)
+            if competition is not None:
+                r.mul_(competition.edge_scale(lse).unsqueeze(1))
         # `centre` is an output: keeping it on ctx would make a reference cycle (output -> node -> ctx ->
         # output) that leaks every step's graph, so it goes through save_for_backward (and so does the last
         # weighted mean where, undamped, it is the same tensor).

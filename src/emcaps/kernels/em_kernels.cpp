@@ -3,8 +3,10 @@
 // The votes of a capsule convolution, v[m, j, i] = P[m, i] @ W[i, j] (4x4 @ 4x4, m a routing problem = image
 // position, i a child in its window, j a parent type), are never stored: every pass recomputes them from the
 // child poses P (M, I, 16) and the transforms W (I, J, 16), which is cheaper than streaming a votes tensor of
-// 30 MB per image through memory. Every pass takes the children as its outer loop: each vote is used the moment
-// it is made (gathered into its parent's sums, or measured against its parent), never stored.
+// 30 MB per image through memory. Each vote is used the moment it is made (gathered into its parent's sums, or
+// measured against its parent), never stored. The portable passes take the children as their outer loop; the
+// AVX-512 forms block the loops where that keeps more in registers (the M-step: four parent types of one problem
+// over all children; the E-step: sixteen children of one problem over all parent types).
 // The class capsules route through the same kernels (m an image, i a (position, type) child, W repeated over
 // positions), with an optional per-child offset O (I, 16) added to every vote: the coordinate addition.
 //
@@ -331,67 +333,65 @@ void mstep(const T* P, const T* W, const T* O, const T* r, i64 r_sm, i64 r_sj, c
 }
 
 #if defined(__AVX512F__)
-// The same with the loops written out: a child's expanded poses in both problems stay in registers across the
-// parent types, and each transform is loaded once for both problems.
+// The sums of parents [j0, j0 + JB) of one problem over all its children, kept in registers: A holds every child's
+// expanded pose (I x 64), c the centres (J x 16), r and act the problem's rows. Each parent still sums its
+// children in order i = 0, 1, ...
+template <int JB>
+inline void gather_parents(const float* A, const float* W, const float* O, const float* r, i64 r_sj,
+                           const float* act, i64 J, i64 I, i64 j0, const float* c, float* s1, float* s2, float* sw) {
+  __m512 t1[JB], t2[JB], nc[JB];
+  float tw[JB];
+  for (int q = 0; q < JB; ++q) {
+    t1[q] = t2[q] = _mm512_setzero_ps();
+    nc[q] = _mm512_sub_ps(_mm512_setzero_ps(), _mm512_loadu_ps(c + (j0 + q) * 16));
+    tw[q] = 0;
+  }
+  for (i64 i = 0; i < I; ++i) {
+    const float* a = A + i * 64;
+    const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16), a2 = _mm512_loadu_ps(a + 32),
+                 a3 = _mm512_loadu_ps(a + 48);
+    const __m512 o = O ? _mm512_loadu_ps(O + i * 16) : _mm512_setzero_ps();
+    const float ai = act[i];
+#pragma GCC unroll 8
+    for (int q = 0; q < JB; ++q) {
+      const float* w = W + (i * J + j0 + q) * 16;
+      __m512 d = _mm512_fmadd_ps(a0, _mm512_broadcast_f32x4(_mm_loadu_ps(w)), O ? _mm512_add_ps(o, nc[q]) : nc[q]);
+      d = _mm512_fmadd_ps(a1, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)), d);
+      d = _mm512_fmadd_ps(a2, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)), d);
+      d = _mm512_fmadd_ps(a3, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12)), d);        // v - c
+      const float wt = r[(j0 + q) * r_sj + i] * ai;
+      const __m512 wd = _mm512_mul_ps(_mm512_set1_ps(wt), d);
+      t1[q] = _mm512_add_ps(t1[q], wd);
+      t2[q] = _mm512_fmadd_ps(wd, d, t2[q]);
+      tw[q] += wt;
+    }
+  }
+  for (int q = 0; q < JB; ++q) {
+    _mm512_storeu_ps(s1 + (j0 + q) * 16, t1[q]);
+    _mm512_storeu_ps(s2 + (j0 + q) * 16, t2[q]);
+    sw[j0 + q] = tw[q];
+  }
+}
+
+// The M-step one problem at a time with its sums in registers, four parent types at a time (the children's
+// expanded poses, I x 64, are made once per problem and read once per four parent types).
 template <>
 void mstep<float>(const float* P, const float* W, const float* O, const float* r, i64 r_sm, i64 r_sj,
                   const float* act, i64 M, i64 J, i64 I, i64 m0, i64 m1, float eps, float* mean, float* var,
                   float* S) {
   (void)M;
-  static_assert(MB == 2, "two problems at a time");
-  std::vector<float> a(MB * 64), c(MB * J * 16), s1(MB * J * 16), s2(MB * J * 16), sw(MB * J);
-  for (i64 mb = m0; mb < m1; mb += MB) {
-    const i64 nb = std::min(MB, m1 - mb);
-    mstep_centres(P, W, O, J, I, mb, nb, a.data(), c.data());
-    std::fill(s1.begin(), s1.end(), 0.f);
-    std::fill(s2.begin(), s2.end(), 0.f);
-    std::fill(sw.begin(), sw.end(), 0.f);
-    const i64 m1b = mb + nb - 1;                 // the second problem, or the first again when there is one
-    for (i64 i = 0; i < I; ++i) {
-      expand_pose(P + (mb * I + i) * 16, a.data());
-      expand_pose(P + (m1b * I + i) * 16, a.data() + 64);
-      const __m512 x0 = _mm512_loadu_ps(a.data()), x1 = _mm512_loadu_ps(a.data() + 16),
-                   x2 = _mm512_loadu_ps(a.data() + 32), x3 = _mm512_loadu_ps(a.data() + 48);
-      const __m512 y0 = _mm512_loadu_ps(a.data() + 64), y1 = _mm512_loadu_ps(a.data() + 80),
-                   y2 = _mm512_loadu_ps(a.data() + 96), y3 = _mm512_loadu_ps(a.data() + 112);
-      const __m512 ov = O ? _mm512_loadu_ps(O + i * 16) : _mm512_setzero_ps();
-      const float act0 = act[mb * I + i], act1 = act[m1b * I + i];
-      const float* r0 = r + mb * r_sm + i;
-      const float* r1 = r + m1b * r_sm + i;
-      for (i64 j = 0; j < J; ++j) {
-        const float* w = W + (i * J + j) * 16;
-        const __m512 w0 = _mm512_broadcast_f32x4(_mm_loadu_ps(w)), w1 = _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)),
-                     w2 = _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)),
-                     w3 = _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12));
-        {
-          const i64 k = j * 16;
-          const float wt = r0[j * r_sj] * act0;
-          __m512 v = _mm512_fmadd_ps(x0, w0, ov);
-          v = _mm512_fmadd_ps(x1, w1, v);
-          v = _mm512_fmadd_ps(x2, w2, v);
-          v = _mm512_fmadd_ps(x3, w3, v);
-          const __m512 d = _mm512_sub_ps(v, _mm512_loadu_ps(c.data() + k));
-          const __m512 wd = _mm512_mul_ps(_mm512_set1_ps(wt), d);
-          _mm512_storeu_ps(s1.data() + k, _mm512_add_ps(_mm512_loadu_ps(s1.data() + k), wd));
-          _mm512_storeu_ps(s2.data() + k, _mm512_fmadd_ps(wd, d, _mm512_loadu_ps(s2.data() + k)));
-          sw[j] += wt;
-        }
-        if (nb == 2) {
-          const i64 k = (J + j) * 16;
-          const float wt = r1[j * r_sj] * act1;
-          __m512 v = _mm512_fmadd_ps(y0, w0, ov);
-          v = _mm512_fmadd_ps(y1, w1, v);
-          v = _mm512_fmadd_ps(y2, w2, v);
-          v = _mm512_fmadd_ps(y3, w3, v);
-          const __m512 d = _mm512_sub_ps(v, _mm512_loadu_ps(c.data() + k));
-          const __m512 wd = _mm512_mul_ps(_mm512_set1_ps(wt), d);
-          _mm512_storeu_ps(s1.data() + k, _mm512_add_ps(_mm512_loadu_ps(s1.data() + k), wd));
-          _mm512_storeu_ps(s2.data() + k, _mm512_fmadd_ps(wd, d, _mm512_loadu_ps(s2.data() + k)));
-          sw[J + j] += wt;
-        }
-      }
-    }
-    finish_mstep(c.data(), s1.data(), s2.data(), sw.data(), mb, nb, J, eps, mean, var, S);
+  std::vector<float> A(I * 64), c(J * 16), s1(J * 16), s2(J * 16), sw(J);
+  for (i64 m = m0; m < m1; ++m) {
+    for (i64 i = 0; i < I; ++i) expand_pose(P + (m * I + i) * 16, A.data() + i * 64);
+    for (i64 j = 0; j < J; ++j) offset_vote(A.data(), W + j * 16, O, c.data() + j * 16);
+    const float* rm = r + m * r_sm;
+    const float* am = act + m * I;
+    i64 j0 = 0;
+    for (; j0 + 4 <= J; j0 += 4)
+      gather_parents<4>(A.data(), W, O, rm, r_sj, am, J, I, j0, c.data(), s1.data(), s2.data(), sw.data());
+    for (; j0 < J; ++j0)
+      gather_parents<1>(A.data(), W, O, rm, r_sj, am, J, I, j0, c.data(), s1.data(), s2.data(), sw.data());
+    finish_mstep(c.data(), s1.data(), s2.data(), sw.data(), m, 1, J, eps, mean, var, S);
   }
 }
 #endif

@@ -96,16 +96,22 @@ inline void pose_grad<float>(const float* g, const float* wt, i64 n, float* gp) 
   const __m512i base = _mm512_set_epi32(12, 12, 12, 12, 8, 8, 8, 8, 4, 4, 4, 4, 0, 0, 0, 0);
   __m512i idx[4];
   for (int c = 0; c < 4; ++c) idx[c] = _mm512_add_epi32(base, _mm512_set1_epi32(c));
-  // Two accumulators, so that consecutive parents' products do not wait on each other.
-  __m512 acc[2] = {_mm512_loadu_ps(gp), _mm512_setzero_ps()};
-  for (i64 j = 0; j < n; ++j, g += 16, wt += 16) {
-    const __m512 x = _mm512_loadu_ps(g);
-    __m512 y = acc[j & 1];
+  const auto step = [&](__m512 y, const float* gj, const float* wj) {
+    const __m512 x = _mm512_loadu_ps(gj);
     for (int c = 0; c < 4; ++c)
-      y = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx[c], x), _mm512_broadcast_f32x4(_mm_loadu_ps(wt + 4 * c)), y);
-    acc[j & 1] = y;
+      y = _mm512_fmadd_ps(_mm512_permutexvar_ps(idx[c], x), _mm512_broadcast_f32x4(_mm_loadu_ps(wj + 4 * c)), y);
+    return y;
+  };
+  // Two accumulators, so that consecutive parents' products do not wait on each other (named, not an array
+  // indexed by j & 1, which the compiler kept on the stack).
+  __m512 even = _mm512_loadu_ps(gp), odd = _mm512_setzero_ps();
+  i64 j = 0;
+  for (; j + 2 <= n; j += 2, g += 32, wt += 32) {
+    even = step(even, g, wt);
+    odd = step(odd, g + 16, wt + 16);
   }
-  _mm512_storeu_ps(gp, _mm512_add_ps(acc[0], acc[1]));
+  if (j < n) even = step(even, g, wt);
+  _mm512_storeu_ps(gp, _mm512_add_ps(even, odd));
 }
 
 template <>

@@ -109,12 +109,13 @@ def test_native_float32_gradients_are_close_to_float64():
                                    msg=lambda m, name=name: f"float32 gradient of {name}: {m}")
 
 
-@pytest.mark.parametrize("c", [16, 37])
+@pytest.mark.parametrize("c,b", [(16, 3), (37, 3), (20, 1)])
 @pytest.mark.parametrize("detach,compete,offsets", [(False, True, False), (True, False, True), (False, False, True)])
-def test_native_float32_wide_layers_are_close_to_float64(c, detach, compete, offsets):
+def test_native_float32_wide_layers_are_close_to_float64(c, b, detach, compete, offsets):
     """16 or more parent types: the AVX-512 kernels take them sixteen at a time (37: two groups and five one by
-    one), so these are the paths a real layer (32 types) trains on, E-step gradients and offsets included."""
-    poses, weight, act, bu, ba, comp, n = problem(seed=13, c=c)
+    one), and children sixteen at a time (27 children: two overlapping blocks; 9: one by one), so these are the
+    paths a real layer (32 types) trains on, E-step gradients and offsets included."""
+    poses, weight, act, bu, ba, comp, n = problem(seed=13, c=c, b=b)
     off = 0.3 * torch.randn(poses.shape[1], 16, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
     exact = [t.float().double() for t in (poses, weight, act, bu, ba, off)]
     config = RoutingConfig(final_lambda=2.0, iterations=3, detach_assignments=detach)

@@ -570,19 +570,21 @@ inline float normalise_assign<float>(float* l, i64 J, float* r, i64 step) {
 #if defined(__AVX512F__)
 // estep_assign for sixteen children at a time: for each parent type, the distances of the sixteen children's votes
 // reduce together (sum16) into one vector whose lanes are the children, so normalising over the parent types is
-// lane-parallel (no horizontal work) and each parent's row of assignments is one contiguous store. The children
-// beyond a multiple of sixteen go one by one.
+// lane-parallel (no horizontal work) and each parent's row of assignments is one contiguous store. Where I is not a
+// multiple of sixteen, the last block is the last sixteen children (it overlaps the one before and writes the same
+// values again); fewer than sixteen children go one by one.
 template <>
 void estep_assign<float>(const float* P, const float* W, const float* O, const float* mean, const float* inv_var,
                          const float* c, i64 M, i64 J, i64 I, i64 m0, i64 m1, float h, float* r, float* lse) {
   (void)M;
-  const i64 I16 = I - I % 16;
+  const i64 blocked = I >= 16 ? I : 0;           // children handled sixteen at a time
   std::vector<float> a(16 * 64), tile(J * 16), l(J);
   const __m512 hv = _mm512_set1_ps(h);
   for (i64 m = m0; m < m1; ++m) {
     const float* mm = mean + m * J * 16;
     const float* im = inv_var + m * J * 16;
-    for (i64 ib = 0; ib < I16; ib += 16) {
+    for (i64 next = 0; next < blocked; next += 16) {
+      const i64 ib = std::min(next, I - 16);
       for (int k = 0; k < 16; ++k) expand_pose(P + (m * I + ib + k) * 16, a.data() + k * 64);
       for (i64 j = 0; j < J; ++j) {
         const __m512 mu = _mm512_loadu_ps(mm + j * 16), iv = _mm512_loadu_ps(im + j * 16);
@@ -615,7 +617,7 @@ void estep_assign<float>(const float* P, const float* W, const float* O, const f
         _mm512_storeu_ps(r + (m * J + j) * I + ib, _mm512_mul_ps(_mm512_loadu_ps(tile.data() + j * 16), inv));
       _mm512_storeu_ps(lse + m * I + ib, _mm512_add_ps(top, log16(sum)));
     }
-    for (i64 i = I16; i < I; ++i) {
+    for (i64 i = blocked; i < I; ++i) {
       expand_pose(P + (m * I + i) * 16, a.data());
       child_log_assign(a.data(), W + i * J * 16, O ? O + i * 16 : nullptr, mm, im, c + m * J, h, J, l.data());
       lse[m * I + i] = normalise_assign(l.data(), J, r + m * J * I + i, I);

@@ -328,6 +328,7 @@ def test_images_per_chunk():
     assert RoutingConfig(chunk_mb=1).images_per_chunk(2, 300_000) == 2
     assert RoutingConfig(chunk_mb=1).images_per_chunk(32, 5_000_000) == 1
     assert RoutingConfig(chunk=5).images_per_chunk(32, 5_000_000) == 5
+    assert RoutingConfig(chunk_mb=1, native_chunk_mb=4).images_per_chunk(32, 300_000, native=True) == 13
     with pytest.raises(ValueError, match="chunk"):
         RoutingConfig(chunk=-1)
 

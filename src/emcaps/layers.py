@@ -73,19 +73,21 @@ def _uses_native(routing: RoutingConfig, pose: Tensor, trace: list[RoutingStep] 
 
 
 def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, routing: RoutingConfig,
-                     trace: list[RoutingStep] | None, votes_per_image: int,
-                     recompute: bool) -> tuple[Tensor, Tensor]:
+                     trace: list[RoutingStep] | None, votes_per_image: int, native: bool) -> tuple[Tensor, Tensor]:
     """Run `route(pose, activation)` on chunks of images and concatenate the results.
 
-    Images route independently, so chunking changes nothing but the working set. When training with
-    `recompute`, each chunk is checkpointed: only the layer's inputs are kept, and the chunk's votes and
+    Images route independently, so chunking changes nothing but the working set. The native kernels never
+    store votes: their largest tensors are the assignments (1/16 of the votes), budgeted by
+    `native_chunk_mb`, and checkpointing would only repeat the forward pass. With PyTorch ops, when training
+    with `recompute`, each chunk is checkpointed: only the layer's inputs are kept, and the chunk's votes and
     EM iterations are recomputed in the backward pass. A trace needs the whole batch in one piece.
     """
     n = caps.pose.shape[0]
     if trace is not None:
         return route(caps.pose, caps.activation, trace)
-    step = routing.images_per_chunk(n, votes_per_image * caps.pose.element_size())
-    save_all = not (recompute and torch.is_grad_enabled())
+    per_image = (votes_per_image // 16 if native else votes_per_image) * caps.pose.element_size()
+    step = routing.images_per_chunk(n, per_image, native=native)
+    save_all = native or not (routing.recompute and torch.is_grad_enabled())
     parts = [route(caps.pose[s:s + step], caps.activation[s:s + step]) if save_all
              else checkpoint(route, caps.pose[s:s + step], caps.activation[s:s + step], use_reentrant=False)
              for s in range(0, n, step)]
@@ -190,12 +192,8 @@ class ConvCaps(nn.Module):
         h, w = caps.pose.shape[1:3]
         positions = ((h - self.kernel) // self.stride + 1) * ((w - self.kernel) // self.stride + 1)
         per_image = max(positions, 1) * self.out_types * self.kernel ** 2 * self.in_types * 16
-        if self.uses_native(caps.pose, trace):
-            # The native kernels never store votes: their largest tensors are the assignments (1/16 of the
-            # votes), and checkpointing would only repeat the forward pass.
-            return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image // 16, False))
         return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image,
-                                          self.routing.recompute))
+                                          self.uses_native(caps.pose, trace)))
 
 
 class ClassCaps(nn.Module):
@@ -262,11 +260,8 @@ class ClassCaps(nn.Module):
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
         per_image = caps.pose[0, ..., 0, 0].numel() * self.classes * 16 if caps.pose.shape[0] else 0
-        if self.uses_native(caps.pose, trace):
-            # as in ConvCaps: no votes are stored, so no checkpointing
-            return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image // 16, False))
         return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image,
-                                          self.routing.recompute))
+                                          self.uses_native(caps.pose, trace)))
 
 
 def routed_biases(layer: nn.Module, routing: RoutingConfig) -> tuple[Tensor, Tensor]:

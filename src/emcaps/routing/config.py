@@ -76,6 +76,10 @@ class RoutingConfig:
                       glibc's mmap threshold (32 MB at most), so the allocator reuses the same blocks
                       instead of mapping and zero-filling fresh pages every step.
     chunk_mb:         the votes budget of an automatic chunk, in MB.
+    native_chunk_mb:  the same on the native path, for its largest tensors, the assignments (1/16 of the
+                      votes it never stores). Fewer, larger chunks mean fewer kernel calls and less glue per
+                      image: 48 routes a batch of 32 through the paper network's ConvCaps1 in one piece
+                      (`benchmarks/bench.py --routing native_chunk_mb=12` measures the difference).
     recompute:        when training, keep only each layer's inputs and recompute votes and routing in
                       the backward pass, chunk by chunk, instead of storing every iteration's tensors.
     backend:          how capsule convolutions route. 'native': C++ kernels that recompute the votes
@@ -106,6 +110,7 @@ class RoutingConfig:
     parameterisation: str = DEFAULT_PARAMETERISATION
     chunk: int = 0
     chunk_mb: float = 12.0
+    native_chunk_mb: float = 48.0
     recompute: bool = True
     backend: str = "auto"
 
@@ -167,11 +172,12 @@ class RoutingConfig:
         return dataclasses.replace(self, final_lambda=self.final_lambda * self.class_lambda_scale,
                                    class_lambda_scale=1.0)
 
-    def images_per_chunk(self, batch: int, votes_bytes_per_image: int) -> int:
-        """How many images of a batch to route at once."""
+    def images_per_chunk(self, batch: int, bytes_per_image: int, native: bool = False) -> int:
+        """How many images of a batch to route at once: `bytes_per_image` of votes (native: of assignments)."""
         if self.chunk > 0:
             return self.chunk
-        return max(1, min(batch, int(self.chunk_mb * 2**20 // max(votes_bytes_per_image, 1))))
+        budget = self.native_chunk_mb if native else self.chunk_mb
+        return max(1, min(batch, int(budget * 2**20 // max(bytes_per_image, 1))))
 
     @property
     def inverse_temperatures(self) -> list[float]:

@@ -151,6 +151,13 @@ def test_iteration_order_counts_checks_after_the_first_steps(tmp_path, monkeypat
     assert "3 shared checks from step 750 to 1250" in out
     assert "it2 <= it1: 2 of 3" in out                     # better at 750, level at 1000, worse at 1250
     assert "it1: mean 20.00% over the checks, 10.00% at step 1250" in out
+    # two seeds of a setting average check by check: 0.25, 0.15, 0.10 at 750, 1000, 1250
+    it1b = write("it1b.json", [0.5, 0.4, 0.20, 0.10, 0.10])
+    monkeypatch.setattr(sys, "argv", ["iteration_order.py", f"{it1},{it1b}", it2, "--after", "500"])
+    order.main()
+    out = capsys.readouterr().out
+    assert "it2 <= mean(it1, it1b): 1 of 3" in out         # level at 750, worse at 1000 and 1250
+    assert "mean(it1, it1b): mean 16.67% over the checks, 10.00% at step 1250" in out
     monkeypatch.setattr(sys, "argv", ["iteration_order.py", it1, "--config", "absent"])
     with pytest.raises(SystemExit, match="no curve of config 'absent'"):
         order.main()

@@ -331,6 +331,10 @@ def test_images_per_chunk():
     assert RoutingConfig(chunk_mb=1, native_chunk_mb=4).images_per_chunk(32, 300_000, native=True) == 13
     with pytest.raises(ValueError, match="chunk"):
         RoutingConfig(chunk=-1)
+    with pytest.raises(ValueError, match=r"native_chunk_mb must be > 0 \(MB\), got 0"):
+        RoutingConfig(native_chunk_mb=0)
+    with pytest.raises(ValueError, match="chunk_mb must be > 0"):
+        RoutingConfig(chunk_mb=float("nan"))
 
 
 PARAMETERISATIONS = [{"activation": "standardised", "estep_temperature": 1.0, **FULL},

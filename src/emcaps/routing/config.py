@@ -125,6 +125,9 @@ class RoutingConfig:
             raise ValueError(f"unknown routing backend {self.backend!r}; expected one of {BACKENDS}")
         if not self.final_lambda > 0:
             raise ValueError(f"final_lambda must be > 0, got {self.final_lambda}")
+        for name in ("chunk_mb", "native_chunk_mb"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0 (MB), got {getattr(self, name)}")
         if not self.var_floor > 0:
             raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
         if self.activation not in ACTIVATIONS:

@@ -509,62 +509,6 @@ inline __m512 log16(__m512 x) {
   return _mm512_fmadd_ps(e, _mm512_set1_ps(0.693359375f), _mm512_add_ps(m, y));
 }
 
-// Sixteen parent types at a time, their distances reduced together (sum16).
-template <>
-inline void child_log_assign<float>(const float* a, const float* W, const float* o, const float* mean,
-                                    const float* inv_var, const float* c, float h, i64 J, float* l) {
-  const i64 J16 = J - J % 16;
-  const __m512 a0 = _mm512_loadu_ps(a), a1 = _mm512_loadu_ps(a + 16), a2 = _mm512_loadu_ps(a + 32),
-               a3 = _mm512_loadu_ps(a + 48);
-  const __m512 ov = o ? _mm512_loadu_ps(o) : _mm512_setzero_ps();
-  for (i64 jg = 0; jg < J16; jg += 16) {
-    __m512 t[16];
-    #pragma GCC unroll 16
-    for (int n = 0; n < 16; ++n) {
-      const i64 j = jg + 4 * (n & 3) + (n >> 2);                 // the order sum16 undoes
-      const float* w = W + j * 16;
-      __m512 x = _mm512_fmadd_ps(a0, _mm512_broadcast_f32x4(_mm_loadu_ps(w)), ov);
-      x = _mm512_fmadd_ps(a1, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 4)), x);
-      x = _mm512_fmadd_ps(a2, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 8)), x);
-      x = _mm512_fmadd_ps(a3, _mm512_broadcast_f32x4(_mm_loadu_ps(w + 12)), x);
-      const __m512 d = _mm512_sub_ps(x, _mm512_loadu_ps(mean + j * 16));
-      t[n] = _mm512_mul_ps(_mm512_mul_ps(d, d), _mm512_loadu_ps(inv_var + j * 16));
-    }
-    _mm512_storeu_ps(l + jg, _mm512_fnmadd_ps(_mm512_set1_ps(h), sum16(t), _mm512_loadu_ps(c + jg)));
-  }
-  alignas(64) float v[16];
-  for (i64 j = J16; j < J; ++j) {
-    offset_vote(a, W + j * 16, o, v);
-    l[j] = c[j] - h * scaled_sq_dist(v, mean + j * 16, inv_var + j * 16);
-  }
-}
-
-template <>
-inline float normalise_assign<float>(float* l, i64 J, float* r, i64 step) {
-  const i64 J16 = J - J % 16;
-  __m512 top16 = _mm512_set1_ps(-INFINITY);
-  for (i64 j = 0; j < J16; j += 16) top16 = _mm512_max_ps(top16, _mm512_loadu_ps(l + j));
-  float top = _mm512_reduce_max_ps(top16);
-  for (i64 j = J16; j < J; ++j) top = std::max(top, l[j]);
-  __m512 acc = _mm512_setzero_ps();
-  for (i64 j = 0; j < J16; j += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(l + j), _mm512_set1_ps(top)));
-    _mm512_storeu_ps(l + j, e);
-    acc = _mm512_add_ps(acc, e);
-  }
-  float sum = _mm512_reduce_add_ps(acc);
-  for (i64 j = J16; j < J; ++j) sum += (l[j] = std::exp(l[j] - top));
-  const float inv = 1.f / sum;
-  const __m512 inv16 = _mm512_set1_ps(inv);
-  const bool scatter = 16 * step < (i64(1) << 31);
-  const __m512i index = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32(static_cast<int>(step)));
-  i64 j = 0;
-  for (; scatter && j < J16; j += 16)
-    _mm512_i32scatter_ps(r + j * step, index, _mm512_mul_ps(_mm512_loadu_ps(l + j), inv16), 4);
-  for (; j < J; ++j) r[j * step] = l[j] * inv;
-  return top + std::log(sum);
-}
 #endif
 
 #if defined(__AVX512F__)
@@ -572,7 +516,7 @@ inline float normalise_assign<float>(float* l, i64 J, float* r, i64 step) {
 // reduce together (sum16) into one vector whose lanes are the children, so normalising over the parent types is
 // lane-parallel (no horizontal work) and each parent's row of assignments is one contiguous store. Where I is not a
 // multiple of sixteen, the last block is the last sixteen children (it overlaps the one before and writes the same
-// values again); fewer than sixteen children go one by one.
+// values again); fewer than sixteen children go one by one, through the portable code.
 template <>
 void estep_assign<float>(const float* P, const float* W, const float* O, const float* mean, const float* inv_var,
                          const float* c, i64 M, i64 J, i64 I, i64 m0, i64 m1, float h, float* r, float* lse) {

@@ -122,19 +122,23 @@ class PositionCompetition:
         total = per_edge.new_zeros(per_edge.shape[0], self.n_children, self.types_in)
         return total.index_add_(1, self.index, per_edge)[:, self.index].reshape(x.shape)
 
+    def child_log_normaliser(self, per_edge: Tensor) -> Tensor:
+        """(N*L, K*K*B) -> the same: for each edge, the log-sum over every parent its child feeds, from each
+        edge's log-normaliser over the output types."""
+        ml, i = per_edge.shape
+        n_pos = self.index.shape[0] // self.kk
+        pe = per_edge.reshape(ml // n_pos, n_pos * self.kk, self.types_in)              # (N, L*KK, B)
+        # A detached per-child shift keeps exp() in range; it cancels exactly, so gradients are unchanged.
+        shift = pe.new_zeros(pe.shape[0], self.n_children, self.types_in).scatter_reduce(
+            1, self.index.view(1, -1, 1).expand_as(pe), pe.detach(), "amax", include_self=False)
+        total = pe.new_zeros(pe.shape[0], self.n_children, self.types_in).index_add(
+            1, self.index, torch.exp(pe - shift[:, self.index]))
+        lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift                  # (N, H*W, B)
+        return lse[:, self.index].reshape(ml, i)
+
     def __call__(self, log_r: Tensor) -> Tensor:
         """(N*L, C, K*K*B) -> the same, normalised per child over positions and types."""
-        ml, c, i = log_r.shape
-        n_pos = self.index.shape[0] // self.kk
-        n = ml // n_pos
-        per_edge = torch.logsumexp(log_r, dim=1).view(n, n_pos * self.kk, self.types_in)   # (N, L*KK, B)
-        # A detached per-child shift keeps exp() in range; it cancels exactly, so gradients are unchanged.
-        shift = per_edge.new_zeros(n, self.n_children, self.types_in).scatter_reduce(
-            1, self.index.view(1, -1, 1).expand_as(per_edge), per_edge.detach(), "amax", include_self=False)
-        total = per_edge.new_zeros(n, self.n_children, self.types_in).index_add(
-            1, self.index, torch.exp(per_edge - shift[:, self.index]))
-        lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift        # (N, H*W, B)
-        return log_r - lse[:, self.index].reshape(ml, 1, i)
+        return log_r - self.child_log_normaliser(torch.logsumexp(log_r, dim=1)).unsqueeze(1)
 
     @torch.no_grad()
     def edge_scale(self, per_edge: Tensor) -> Tensor:
@@ -144,12 +148,4 @@ class PositionCompetition:
         E-step kernel normalises over types and returns it); the assignments across positions are then the
         per-edge ones times this factor, one multiplication per assignment.
         """
-        ml, i = per_edge.shape
-        n_pos = self.index.shape[0] // self.kk
-        pe = per_edge.reshape(ml // n_pos, n_pos * self.kk, self.types_in)              # (N, L*KK, B)
-        shift = pe.new_zeros(pe.shape[0], self.n_children, self.types_in).scatter_reduce(
-            1, self.index.view(1, -1, 1).expand_as(pe), pe, "amax", include_self=False)
-        total = pe.new_zeros(pe.shape[0], self.n_children, self.types_in).index_add(
-            1, self.index, torch.exp(pe - shift[:, self.index]))
-        lse = torch.log(total + self.uncovered.view(1, -1, 1)) + shift                  # (N, H*W, B)
-        return torch.exp(pe - lse[:, self.index]).view(ml, i)
+        return torch.exp(per_edge - self.child_log_normaliser(per_edge))

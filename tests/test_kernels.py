@@ -137,4 +137,51 @@ def test_every_kernel_has_argtypes_and_a_wrong_call_raises(built):
         lib.call("estep_assign", torch.float32, [None] * 8, 1, range_at=8)
     fn = lib._lib.emcaps_estep_assign_f32
     with pytest.raises(ctypes.ArgumentError):                                    # a double where an int64 goes
-        fn(*[None] * 6, 1.5, *[0] * 4, 0.5, None, None)
+        fn(*[None] * 6, 1.5, *[0] * 6, 0.5, None, None)
+
+
+def _backward_call(m=6, j=5, i=18, seed=0):
+    """Arguments of one mstep_backward call on random inputs, with (slots, I, J, 16) transform gradients."""
+    g = torch.Generator().manual_seed(seed)
+    P, W = torch.randn(m, i, 16, generator=g), 0.3 * torch.randn(i, j, 16, generator=g)
+    W_t = W.view(i, j, 4, 4).transpose(-1, -2).reshape(i, j, 16).contiguous()
+    a, r = torch.rand(m, i, generator=g), torch.rand(m, j, i, generator=g)
+    mean, s = torch.randn(m, j, 16, generator=g), torch.rand(m, j, generator=g) + 0.5
+    inv_var = torch.rand(m, j, 16, generator=g) + 0.5
+    g_mean, g_var, g_s = (torch.randn(m, j, 16, generator=g), torch.randn(m, j, 16, generator=g),
+                          torch.randn(m, j, generator=g))
+    g_maha = torch.randn(m, j, i, generator=g)
+    outputs = torch.zeros(m, i, 16), torch.zeros(2, i, j, 16), torch.empty(m, j, i), torch.zeros(m, i)
+    args = [P, W, None, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean, g_var, g_s, inv_var, g_maha, mean,
+            m, j, i, 1e-8, outputs[0], kernels.PerThread(outputs[1]), outputs[2], outputs[3]]
+    return args, outputs
+
+
+@needs_compiler
+def test_openmp_build_shares_torchs_runtime_and_splits_like_the_pool(tmp_path, monkeypatch, built):
+    """With -fopenmp the kernels run on PyTorch's own OpenMP threads: the process keeps one libgomp, and the
+    results (per-thread slots included) are those of the thread-pool build, which splits the work in Python."""
+    monkeypatch.setenv("EMCAPS_OPENMP", "0")
+    assert "-fopenmp" not in kernels._flags(kernels.compiler())
+    pool = kernels.Library(kernels.build(tmp_path))
+    monkeypatch.delenv("EMCAPS_OPENMP")
+    if not kernels.torch_openmp():
+        pytest.skip("PyTorch's threads here are not GNU OpenMP's")
+    assert "-fopenmp" in kernels._flags(kernels.compiler())
+    omp = kernels.Library(built)
+    assert omp.openmp and not pool.openmp
+    assert len(kernels.openmp_runtimes()) == 1                   # torch's libgomp, not a second runtime
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        results = []
+        for lib in (pool, omp):
+            args, outputs = _backward_call()
+            lib.call("mstep_backward", torch.float32, args, 6, range_at=19)
+            results.append(outputs)
+    finally:
+        torch.set_num_threads(before)
+    for x, y in zip(*results):
+        torch.testing.assert_close(x, y, rtol=0, atol=0)
+    g_W = results[1][1]
+    assert (g_W[0] != 0).any() and (g_W[1] != 0).any()         # each thread wrote its own slot

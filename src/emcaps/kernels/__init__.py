@@ -9,8 +9,10 @@ cache that emcaps.data also uses: `$EMCAPS_DATA_DIR`, `$XDG_CACHE_HOME/emcaps` o
 one file per (source, compiler, flags, instruction set), built atomically, so a second process reuses it.
 The instruction set is what `-march=native` resolves to on this CPU (the compiler's predefined target
 macros: __AVX2__, __AVX512F__, ...), so a cache in a home directory shared by machines with different CPUs
-never hands one machine a build with instructions it lacks. Without a compiler, or with `EMCAPS_NATIVE=0`,
-`library()` returns None and emcaps routes with PyTorch ops instead.
+never hands one machine a build with instructions it lacks. Where PyTorch's threads are GNU OpenMP's, the
+library is built with -fopenmp and joins that runtime, so the kernels run on PyTorch's own threads
+(`torch.set_num_threads`); elsewhere a small thread pool of ours splits their work. Without a compiler, or with
+`EMCAPS_NATIVE=0`, `library()` returns None and emcaps routes with PyTorch ops instead.
 """
 
 from __future__ import annotations
@@ -37,17 +39,18 @@ FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-fvisibility=hidden", "-fno-m
 # Tuned for the machine that builds it: the library lives in a per-user cache, never in a wheel. Each is
 # used only where the compiler accepts it (some ARM toolchains lack -march=native; the second is x86 only).
 NATIVE_FLAGS = ("-march=native", "-mprefer-vector-width=512")
-# The C signature of every exported kernel, in order: P a pointer, i an int64, d a double. (m0, m1), the
-# range of problems, are the two i's at the `range_at` position of `Library.call`. em_kernels.cpp's
-# EMCAPS_INSTANTIATE must match; tests/test_kernels.py parses it to check.
+# The C signature of every exported kernel, in order: P a pointer, i an int64, d a double. (m0, m1, slot0,
+# threads), the range of problems, the first per-thread slot and the thread count, are the four i's at the
+# `range_at` position of `Library.call`. em_kernels.cpp's EMCAPS_INSTANTIATE must match; tests/test_kernels.py
+# parses it to check.
 SIGNATURES = {
-    "mstep": "PPPPiiPiii" "ii" "dPPP",
-    "estep_assign": "PPPPPPiii" "ii" "dPP",
-    "estep_backward": "PPPPPPiii" "ii" "PP",
-    "mstep_backward": "PPPPPiiPPPPPPPPPiii" "ii" "dPPPP",
+    "mstep": "PPPPiiPiii" "iiii" "dPPP",
+    "estep_assign": "PPPPPPiii" "iiii" "dPP",
+    "estep_backward": "PPPPPPiii" "iiii" "PP",
+    "mstep_backward": "PPPPPiiPPPPPPPPPiii" "iiii" "dPPPP",
 }
 _C_TYPES = {"P": ctypes.c_void_p, "i": ctypes.c_int64, "d": ctypes.c_double}
-VERSION = 5
+VERSION = 6
 
 
 class KernelBuildError(RuntimeError):
@@ -82,7 +85,41 @@ def _accepts(cxx: str, flag: str) -> bool:
 
 
 def _flags(cxx: str) -> tuple[str, ...]:
-    return FLAGS + tuple(flag for flag in NATIVE_FLAGS if _accepts(cxx, flag))
+    flags = FLAGS + tuple(flag for flag in NATIVE_FLAGS if _accepts(cxx, flag))
+    return flags + ("-fopenmp",) if torch_openmp() and _links_openmp(cxx) else flags
+
+
+def openmp_runtimes() -> set[str]:
+    """The GNU OpenMP runtimes (libgomp files) mapped into this process; empty where that cannot be read."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+    except OSError:
+        return set()
+    return {line.split()[-1] for line in maps.splitlines()
+            if "/" in line and Path(line.split()[-1]).name.startswith("libgomp")}
+
+
+def torch_openmp() -> bool:
+    """Whether a library built with -fopenmp would share PyTorch's OpenMP runtime, and so its threads.
+
+    PyTorch's threads are GNU OpenMP's where its parallel backend is OpenMP and a libgomp is loaded (its
+    wheels ship one with the soname libgomp.so.1, which the dynamic loader then hands to our library too).
+    With its threads, a kernel's work goes to the threads that would otherwise spin-wait for PyTorch's next
+    operation; with a thread pool of our own, both sets of threads compete for the cores (on 2 cores the
+    kernels ran up to 1.5x slower in a network than alone). `EMCAPS_OPENMP=0` builds without it.
+    """
+    if os.environ.get("EMCAPS_OPENMP", "1") == "0":
+        return False
+    return "parallel backend: OpenMP" in torch.__config__.parallel_info() and len(openmp_runtimes()) == 1
+
+
+def _links_openmp(cxx: str) -> bool:
+    """Whether the compiler builds and links a shared library with -fopenmp (it needs libgomp's files)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        probe = subprocess.run([cxx, "-fopenmp", "-shared", "-fPIC", "-x", "c++", "-", "-o", f"{tmp}/probe.so"],
+                               input=b"#include <omp.h>\nint f() { return omp_get_thread_num(); }\n",
+                               capture_output=True)
+    return probe.returncode == 0
 
 
 def isa_key(cxx: str, flags: tuple[str, ...]) -> str:
@@ -146,6 +183,8 @@ class Library:
                 fn = getattr(self._lib, f"emcaps_{name}_{suffix}")
                 fn.argtypes = [_C_TYPES[code] for code in signature]
                 fn.restype = None
+        self._lib.emcaps_kernels_openmp.restype = ctypes.c_int
+        self.openmp = bool(self._lib.emcaps_kernels_openmp())    # splits work itself, on PyTorch's threads
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
 
@@ -157,20 +196,21 @@ class Library:
         """Run kernel `name` on problems [0, n_problems), split across `threads(n_problems)` threads.
 
         `args` are tensors (passed as pointers; None for a null pointer), ints, floats and `PerThread`
-        tensors (thread t gets a pointer to slot t); the pair (m0, m1) is inserted at position `range_at`.
+        tensors (thread t writes slot t); (m0, m1, slot0, threads) is inserted at position `range_at`. Built
+        with OpenMP, the kernel splits the work itself; else each thread of a pool of ours gets a range.
         """
         fn = getattr(self._lib, f"emcaps_{name}_{'f64' if dtype == torch.float64 else 'f32'}")
-        if len(args) + 2 != len(fn.argtypes):          # ctypes would pass surplus arguments on as varargs
-            raise TypeError(f"kernel {name} takes {len(fn.argtypes) - 2} arguments besides (m0, m1), "
-                            f"got {len(args)}")
+        if len(args) + 4 != len(fn.argtypes):          # ctypes would pass surplus arguments on as varargs
+            raise TypeError(f"kernel {name} takes {len(fn.argtypes) - 4} arguments besides "
+                            f"(m0, m1, slot0, threads), got {len(args)}")
         threads = self.threads(n_problems)
-        bounds = [n_problems * t // threads for t in range(threads + 1)]
-        calls = [[_c_arg(a, t) for a in args] for t in range(threads)]
-        for t, c in enumerate(calls):
-            c[range_at:range_at] = [ctypes.c_int64(bounds[t]), ctypes.c_int64(bounds[t + 1])]
-        if threads == 1:
-            fn(*calls[0])
+        c_args = [_c_arg(a) for a in args]
+        if threads == 1 or self.openmp:
+            fn(*c_args[:range_at], *map(ctypes.c_int64, (0, n_problems, 0, threads)), *c_args[range_at:])
             return
+        bounds = [n_problems * t // threads for t in range(threads + 1)]
+        calls = [[*c_args[:range_at], *map(ctypes.c_int64, (bounds[t], bounds[t + 1], t, 1)), *c_args[range_at:]]
+                 for t in range(threads)]
         if self._pool is None or self._pool_size != threads:
             if self._pool is not None:
                 self._pool.shutdown()
@@ -181,17 +221,18 @@ class Library:
 
 
 class PerThread:
-    """A kernel argument with one slot per thread, (threads, ...): each thread writes its own slot."""
+    """A kernel argument with one slot per thread, (threads, ...): each thread writes its own slot (the kernel
+    offsets the pointer to the first slot by its thread's slot index)."""
 
     def __init__(self, tensor: torch.Tensor) -> None:
         self.tensor = tensor
 
 
-def _c_arg(a, thread: int):
+def _c_arg(a):
     if a is None:
         return ctypes.c_void_p(None)
     if isinstance(a, PerThread):
-        return ctypes.c_void_p(a.tensor[thread].data_ptr())
+        return ctypes.c_void_p(a.tensor.data_ptr())
     if isinstance(a, torch.Tensor):
         return ctypes.c_void_p(a.data_ptr())
     if isinstance(a, bool) or not isinstance(a, (int, float)):

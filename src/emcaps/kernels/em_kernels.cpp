@@ -19,7 +19,8 @@
 //   mstep_backward: gradients with respect to the child poses and the transforms (through the votes, which it
 //                   recomputes), the assignments and the child activations; it also takes the E-step's share
 //                   of the vote gradients of the same iteration.
-// Every function handles the problems m in [m0, m1), so callers can split work across threads.
+// Every function handles the problems m in [m0, m1); the exported ones split them across `threads` threads of the
+// OpenMP runtime where the library is built with it (see `split`), and callers without it split them themselves.
 // The same templates serve float (the fast path) and double (what the tests compare against references).
 
 #include <algorithm>
@@ -31,6 +32,9 @@
 
 #if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
+#endif
+#ifdef _OPENMP
+#include <omp.h>
 #endif
 
 typedef int64_t i64;
@@ -734,36 +738,75 @@ void mstep_backward(const T* P, const T* W, const T* O, const T* WT, const T* r,
   }
 }
 
+// Runs f(slot, a, b) on `threads` consecutive parts [a, b) of [m0, m1); part t writes slot `slot0 + t` of a
+// per-thread output. Built with OpenMP, the parts run on the threads of the process's OpenMP runtime: PyTorch's
+// own (emcaps.kernels builds with -fopenmp only where PyTorch's runtime is libgomp and already loaded), so the
+// threads that would otherwise spin waiting for PyTorch's next operation do the work, rather than competing
+// with threads of our own for the same cores. Without OpenMP the parts run one after another.
+template <typename F>
+void split(i64 m0, i64 m1, i64 slot0, i64 threads, F&& f) {
+#ifdef _OPENMP
+  if (threads > 1) {
+    #pragma omp parallel num_threads(threads)
+    {
+      const i64 n = omp_get_num_threads(), t = omp_get_thread_num();
+      f(slot0 + t, m0 + (m1 - m0) * t / n, m0 + (m1 - m0) * (t + 1) / n);
+    }
+    return;
+  }
+#endif
+  for (i64 t = 0; t < threads; ++t) f(slot0 + t, m0 + (m1 - m0) * t / threads, m0 + (m1 - m0) * (t + 1) / threads);
+}
+
 }  // namespace
 
 #define EMCAPS_EXPORT extern "C" __attribute__((visibility("default")))
 
 #define EMCAPS_INSTANTIATE(T, suffix)                                                                           \
   EMCAPS_EXPORT void emcaps_mstep_##suffix(const T* P, const T* W, const T* O, const T* r, i64 r_sm, i64 r_sj,   \
-                                            const T* act, i64 M, i64 J, i64 I, i64 m0, i64 m1, double eps,      \
-                                            T* mean, T* var, T* S) {                                           \
-    mstep<T>(P, W, O, r, r_sm, r_sj, act, M, J, I, m0, m1, T(eps), mean, var, S);                             \
+                                            const T* act, i64 M, i64 J, i64 I, i64 m0, i64 m1, i64 slot0,       \
+                                            i64 threads, double eps, T* mean, T* var, T* S) {                  \
+    split(m0, m1, slot0, threads, [&](i64, i64 a, i64 b) {                                                    \
+      mstep<T>(P, W, O, r, r_sm, r_sj, act, M, J, I, a, b, T(eps), mean, var, S);                              \
+    });                                                                                                        \
   }                                                                                                            \
   EMCAPS_EXPORT void emcaps_estep_assign_##suffix(const T* P, const T* W, const T* O, const T* mean,            \
                                                    const T* inv_var, const T* c, i64 M, i64 J, i64 I, i64 m0,    \
-                                                   i64 m1, double h, T* r, T* lse) {                             \
-    estep_assign<T>(P, W, O, mean, inv_var, c, M, J, I, m0, m1, T(h), r, lse);                                 \
+                                                   i64 m1, i64 slot0, i64 threads, double h, T* r, T* lse) {     \
+    split(m0, m1, slot0, threads, [&](i64, i64 a, i64 b) {                                                    \
+      estep_assign<T>(P, W, O, mean, inv_var, c, M, J, I, a, b, T(h), r, lse);                                 \
+    });                                                                                                        \
   }                                                                                                            \
   EMCAPS_EXPORT void emcaps_estep_backward_##suffix(const T* P, const T* W, const T* O, const T* mean,          \
                                                      const T* inv_var, const T* g_maha, i64 M, i64 J, i64 I,   \
-                                                     i64 m0, i64 m1, T* g_mean, T* g_inv_var) {                \
-    estep_backward<T>(P, W, O, mean, inv_var, g_maha, M, J, I, m0, m1, g_mean, g_inv_var);                     \
+                                                     i64 m0, i64 m1, i64 slot0, i64 threads, T* g_mean,        \
+                                                     T* g_inv_var) {                                           \
+    split(m0, m1, slot0, threads, [&](i64, i64 a, i64 b) {                                                    \
+      estep_backward<T>(P, W, O, mean, inv_var, g_maha, M, J, I, a, b, g_mean, g_inv_var);                     \
+    });                                                                                                        \
   }                                                                                                            \
+  /* gW: (slots, I, J, 16), one slot per thread */                                                             \
   EMCAPS_EXPORT void emcaps_mstep_backward_##suffix(                                                           \
       const T* P, const T* W, const T* O, const T* WT, const T* r, i64 r_sm, i64 r_sj, const T* act,           \
       const T* mean, const T* S, const T* g_mean, const T* g_var, const T* g_S, const T* inv_var,              \
-      const T* g_maha, const T* e_mean, i64 M, i64 J, i64 I, i64 m0, i64 m1, double eps, T* gP, T* gW,         \
-      T* g_r, T* g_act) {                                                                                      \
-    mstep_backward<T>(P, W, O, WT, r, r_sm, r_sj, act, mean, S, g_mean, g_var, g_S, inv_var, g_maha, e_mean,    \
-                      M, J, I, m0, m1, T(eps), gP, gW, g_r, g_act);                                            \
+      const T* g_maha, const T* e_mean, i64 M, i64 J, i64 I, i64 m0, i64 m1, i64 slot0, i64 threads,           \
+      double eps, T* gP, T* gW, T* g_r, T* g_act) {                                                            \
+    split(m0, m1, slot0, threads, [&](i64 slot, i64 a, i64 b) {                                               \
+      mstep_backward<T>(P, W, O, WT, r, r_sm, r_sj, act, mean, S, g_mean, g_var, g_S, inv_var, g_maha, e_mean,  \
+                        M, J, I, a, b, T(eps), gP, gW + slot * I * J * 16, g_r, g_act);                        \
+    });                                                                                                        \
   }
 
 EMCAPS_INSTANTIATE(float, f32)
 EMCAPS_INSTANTIATE(double, f64)
 
-EMCAPS_EXPORT int emcaps_kernels_version() { return 5; }
+EMCAPS_EXPORT int emcaps_kernels_version() { return 6; }
+
+// Whether `threads` > 1 runs in parallel (built with OpenMP), or the caller must split the work itself.
+EMCAPS_EXPORT int emcaps_kernels_openmp() {
+#ifdef _OPENMP
+  return 1;
+#else
+  return 0;
+#endif
+}

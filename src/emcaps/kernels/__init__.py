@@ -118,7 +118,7 @@ def _links_openmp(cxx: str) -> bool:
     with tempfile.TemporaryDirectory() as tmp:
         probe = subprocess.run([cxx, "-fopenmp", "-shared", "-fPIC", "-x", "c++", "-", "-o", f"{tmp}/probe.so"],
                                input=b"#include <omp.h>\nint f() { return omp_get_thread_num(); }\n",
-                               capture_output=True)
+                               capture_output=True, check=False)
     return probe.returncode == 0
 
 

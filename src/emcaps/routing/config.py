@@ -77,9 +77,9 @@ class RoutingConfig:
                       instead of mapping and zero-filling fresh pages every step.
     chunk_mb:         the votes budget of an automatic chunk, in MB.
     native_chunk_mb:  the same on the native path, for its largest tensors, the assignments (1/16 of the
-                      votes it never stores). Fewer, larger chunks mean fewer kernel calls and less glue per
-                      image: 48 routes a batch of 32 through the paper network's ConvCaps1 in one piece
-                      (`benchmarks/bench.py --routing native_chunk_mb=12` measures the difference).
+                      votes it never stores). 12 keeps them under the mmap threshold too: on the kernels'
+                      OpenMP threads, 12 and 48 train and infer about equally fast, and 48 doubles inference's
+                      peak memory (`benchmarks/bench.py --routing native_chunk_mb=48` measures the difference).
     recompute:        when training, keep only each layer's inputs and recompute votes and routing in
                       the backward pass, chunk by chunk, instead of storing every iteration's tensors.
     backend:          how capsule convolutions route. 'native': C++ kernels that recompute the votes
@@ -110,7 +110,7 @@ class RoutingConfig:
     parameterisation: str = DEFAULT_PARAMETERISATION
     chunk: int = 0
     chunk_mb: float = 12.0
-    native_chunk_mb: float = 48.0
+    native_chunk_mb: float = 12.0
     recompute: bool = True
     backend: str = "auto"
 

@@ -205,9 +205,14 @@ class Library:
                             f"(m0, m1, slot0, threads), got {len(args)}")
         threads = self.threads(n_problems)
         c_args = [_c_arg(a) for a in args]
-        if threads == 1 or self.openmp:
-            fn(*c_args[:range_at], *map(ctypes.c_int64, (0, n_problems, 0, threads)), *c_args[range_at:])
-            return
+        with torch.profiler.record_function(f"emcaps::{name}"):    # each kernel its own row in a profile
+            if threads == 1 or self.openmp:
+                fn(*c_args[:range_at], *map(ctypes.c_int64, (0, n_problems, 0, threads)), *c_args[range_at:])
+            else:
+                self._run_in_pool(fn, c_args, n_problems, range_at, threads)
+
+    def _run_in_pool(self, fn, c_args: list, n_problems: int, range_at: int, threads: int) -> None:
+        """Without OpenMP: one range of problems per thread of a pool of ours."""
         bounds = [n_problems * t // threads for t in range(threads + 1)]
         calls = [[*c_args[:range_at], *map(ctypes.c_int64, (bounds[t], bounds[t + 1], t, 1)), *c_args[range_at:]]
                  for t in range(threads)]

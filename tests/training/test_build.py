@@ -1,6 +1,7 @@
 """The learning-rate and margin schedules of a RunConfig."""
 
 import pytest
+import torch
 
 from emcaps import config
 from emcaps.training.build import lr_factor, margin_at
@@ -18,3 +19,21 @@ def test_schedules():
     assert lr_factor(cfg, 100)(20) == pytest.approx(0.25)
     loss = toy_config().loss
     assert margin_at(loss, 0, 11) == pytest.approx(0.2) and margin_at(loss, 10, 11) == pytest.approx(0.9)
+
+
+def test_routing_path_names_what_a_run_will_route_with(monkeypatch):
+    from emcaps import kernels
+    from emcaps.training.build import build_model, routing_path
+
+    cpu = torch.device("cpu")
+    capsules = build_model(toy_config(), classes=5, in_channels=1)
+    assert routing_path(build_model(toy_config("model.name=cnn"), classes=5, in_channels=1), cpu) is None
+    assert routing_path(build_model(toy_config("routing.backend=torch"), classes=5, in_channels=1), cpu) == \
+        "routing with PyTorch ops (torch backend)"
+    if kernels.library() is not None:
+        threads = "OpenMP" if kernels.library().openmp else "a thread pool"
+        assert routing_path(capsules, cpu) == f"routing on the native kernels ({threads})"
+    from emcaps.routing import native
+    for module in (kernels, native):                                # no compiler: the fallback says so
+        monkeypatch.setattr(module, "library", lambda: None)
+    assert routing_path(capsules, cpu) == "routing with PyTorch ops (auto backend)"

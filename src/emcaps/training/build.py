@@ -27,6 +27,20 @@ def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
     return factor
 
 
+def routing_path(model: nn.Module, device: torch.device) -> str | None:
+    """How the model's routed layers will route on `device`, in words for the start of a run: whether the
+    native kernels are in use, and on which threads, is what decides its speed."""
+    from emcaps.kernels import library
+
+    layers = [m for m in model.modules() if hasattr(m, "uses_native")]
+    if not layers:
+        return None
+    if not layers[0].uses_native(torch.empty(0, device=device)):
+        return f"routing with PyTorch ops ({layers[0].routing.backend} backend)"
+    lib = library()
+    return f"routing on the native kernels ({'OpenMP' if lib.openmp else 'a thread pool'})"
+
+
 def margin_at(cfg: LossConfig, step: int, total_steps: int) -> float:
     if cfg.margin_schedule == "linear":
         return linear_margin(step, total_steps, cfg.margin_start, cfg.margin_end)

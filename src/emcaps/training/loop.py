@@ -47,6 +47,7 @@ from emcaps.training.build import (
     loss_name,
     lr_factor,
     margin_at,
+    routing_path,
 )
 from emcaps.training.checkpoint import (
     CHECKPOINT_NAME,
@@ -192,12 +193,13 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                   "class_names": list(train_set.class_names), "source": train_set.source}
     if state is None:
         source = f" of {train_set.source}" if train_set.source else ""
+        path = routing_path(model, device)
         say(show, f"{config.name}: {config.model.name} model, {count_parameters(model):,} parameters, "
                   f"{len(train_set)} train / {len(test_set)} test images{source}, {dd.world} process(es) on "
-                  f"{device}")
+                  f"{device} with {torch.get_num_threads()} thread(s)" + (f", {path}" if path else ""))
         logger.log("start", step=0, params=count_parameters(model), train_images=len(train_set),
                    test_images=len(test_set), world=dd.world, device=str(device), steps=total_steps,
-                   source=train_set.source)
+                   source=train_set.source, threads=torch.get_num_threads(), routing=path)
     else:
         say(show, f"{config.name}: resuming at step {run.step} (epoch {run.epoch + 1}, batch {run.position})")
         logger.log("resume", step=run.step, epoch=run.epoch, position=run.position)

@@ -185,3 +185,21 @@ def test_openmp_build_shares_torchs_runtime_and_splits_like_the_pool(tmp_path, m
         torch.testing.assert_close(x, y)
     g_W = results[1][1]
     assert (g_W[0] != 0).any() and (g_W[1] != 0).any()         # each thread wrote its own slot
+
+
+@needs_compiler
+def test_an_openmp_build_that_brings_its_own_runtime_splits_work_in_python(monkeypatch, built):
+    """Where loading the library maps a second libgomp (PyTorch's has another soname), the kernels must not
+    start that runtime's threads beside PyTorch's: the pool splits the work instead."""
+    seen = iter([{"/torch/lib/libgomp-1234.so.1"}, {"/torch/lib/libgomp-1234.so.1", "/usr/lib/libgomp.so.1"}])
+    monkeypatch.setattr(kernels, "openmp_runtimes", lambda: next(seen))
+    lib = kernels.Library(built)
+    assert not lib.openmp
+    args, outputs = _backward_call()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        lib.call("mstep_backward", torch.float32, args, 6, range_at=19)
+    finally:
+        torch.set_num_threads(before)
+    assert (outputs[1][0] != 0).any() and (outputs[1][1] != 0).any()   # two ranges, a slot each

@@ -173,6 +173,7 @@ class Library:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        runtimes = openmp_runtimes()
         self._lib = ctypes.CDLL(str(path))
         self._lib.emcaps_kernels_version.argtypes = []
         self._lib.emcaps_kernels_version.restype = ctypes.c_int
@@ -184,7 +185,10 @@ class Library:
                 fn.argtypes = [_C_TYPES[code] for code in signature]
                 fn.restype = None
         self._lib.emcaps_kernels_openmp.restype = ctypes.c_int
-        self.openmp = bool(self._lib.emcaps_kernels_openmp())    # splits work itself, on PyTorch's threads
+        # Built with OpenMP, the kernels split their work on PyTorch's threads, unless loading them brought in
+        # an OpenMP runtime of their own (a PyTorch whose libgomp has another soname): then a pool of ours
+        # splits it, one thread per range, and that second runtime never starts any thread.
+        self.openmp = bool(self._lib.emcaps_kernels_openmp()) and openmp_runtimes() <= runtimes
         self._pool: ThreadPoolExecutor | None = None
         self._pool_size = 0
 

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from emcaps import kernels
 from emcaps.config import LossConfig, OptimConfig, RunConfig
 from emcaps.losses import LOSSES, linear_margin, sigmoid_margin
 from emcaps.models import create_model
@@ -30,14 +31,12 @@ def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
 def routing_path(model: nn.Module, device: torch.device) -> str | None:
     """How the model's routed layers will route on `device`, in words for the start of a run: whether the
     native kernels are in use, and on which threads, is what decides its speed."""
-    from emcaps.kernels import library
-
     layers = [m for m in model.modules() if hasattr(m, "uses_native")]
     if not layers:
         return None
     if not layers[0].uses_native(torch.empty(0, device=device)):
         return f"routing with PyTorch ops ({layers[0].routing.backend} backend)"
-    lib = library()
+    lib = kernels.library()
     return f"routing on the native kernels ({'OpenMP' if lib.openmp else 'a thread pool'})"
 
 

@@ -63,9 +63,10 @@ def run(variant: dict, data, train, test, familiar, steps: int, every: int, mode
     lr, loss, schedule = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("schedule", "constant")
     name = v.pop("parameterisation", DEFAULT_PARAMETERISATION)
     init = dict(INITIALISATIONS[name])
-    stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None)}
+    stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None),
+            "transform_gain": v.pop("gain", None)}
     init.update({k: x for k, x in stds.items() if x is not None})
-    routing = common.whole_batch_routing(**{**PARAMETERISATIONS[name], "parameterisation": name, **v})
+    routing = common.whole_batch_routing(**{**PARAMETERISATIONS[name], **v})
     config = common.run_config("sweep", role, data, model_name, common.Budget(steps, 32, lr, schedule), seed,
                                routing=routing, loss=loss or "auto")
     config = cfgmod.with_updates(config, model=init)

@@ -106,3 +106,15 @@ def test_python_dash_m_entry_point():
                           text=True, timeout=120)
     assert done.returncode == 2
     assert done.stderr.strip() == "emcaps: error: optim.lr must be a finite number > 0, got -1.0"
+
+
+def test_only_rank_zero_prints_the_summary(capsys, monkeypatch, tmp_path):
+    """Under torchrun every rank runs `emcaps train`; the summary JSON is printed once, by rank 0."""
+    monkeypatch.setattr(cli, "_is_main_process", lambda: False)
+    status, out, _ = run(capsys, "train", *TOY, "--run-dir", str(tmp_path / "run"), "--quiet")
+    assert status == 0 and out == ""
+    monkeypatch.undo()
+    monkeypatch.setenv("RANK", "1")
+    assert not cli._is_main_process()
+    monkeypatch.setenv("RANK", "0")
+    assert cli._is_main_process()

@@ -6,6 +6,7 @@ import pytest
 
 from emcaps import config
 from emcaps.config import ConfigError, RunConfig
+from emcaps.routing import RoutingConfig
 
 CONFIGS = Path(config.__file__).with_name("configs")
 
@@ -18,11 +19,50 @@ def test_defaults_and_round_trip_through_toml(tmp_path):
     assert config.load(path) == c
 
 
-@pytest.mark.parametrize("name", ["paper", "small", "mnist", "quick"])
+@pytest.mark.parametrize("name", ["paper", "small", "mnist", "quick", "converge", "converge-cnn"])
 def test_named_configs_load(name):
     c = config.load(CONFIGS / f"{name}.toml")
     assert isinstance(c, RunConfig) and c.name == name
     assert config.named_config_path(name) == CONFIGS / f"{name}.toml"
+
+
+CAPSULE_CONFIGS = [n for n in config.named_configs() if config.load(config.named_config_path(n)).model.name != "cnn"]
+
+
+def _toml_routing(name: str) -> dict:
+    return config.tomllib.loads((CONFIGS / f"{name}.toml").read_text()).get("routing", {})
+
+
+@pytest.mark.parametrize("name", CAPSULE_CONFIGS)
+def test_each_shipped_config_is_the_parameterisation_it_names(name):
+    """Every shipped config names its parameterisation, and its routing is that parameterisation's (plus the
+    fields it names a parameterisation for: none, or all of them under 'custom')."""
+    from emcaps.routing import PARAMETERISATIONS
+
+    c = config.load(config.named_config_path(name))
+    claimed = _toml_routing(name).get("parameterisation")
+    assert claimed is not None, f"{name}.toml does not name its routing parameterisation"
+    assert c.routing.parameterisation == claimed
+    if claimed != "custom":
+        for key, value in PARAMETERISATIONS[claimed].items():
+            assert getattr(c.routing, key) == value, key
+
+
+@pytest.mark.parametrize("name", CAPSULE_CONFIGS)
+def test_each_shipped_capsule_config_starts_alive(name):
+    """A fresh network of each config tells classes apart at initialisation: the class activations of random
+    images spread over the classes by more than 0.02 (the `paper` config once started at 0.0004)."""
+    import torch
+
+    from emcaps.training.build import build_model
+
+    c = config.load(config.named_config_path(name), ["routing.backend=torch"])
+    channels = 2 if c.data.cameras == "both" and c.data.dataset != "mnist" else 1
+    torch.manual_seed(c.train.seed)
+    model = build_model(c, 10 if c.data.dataset == "mnist" else 5, channels).eval()
+    with torch.no_grad():
+        scores = model(torch.randn(8, channels, c.data.crop, c.data.crop, generator=torch.Generator().manual_seed(0)))
+    assert scores.std(1).mean() > 0.02
 
 
 def test_named_configs_ship_inside_the_package():
@@ -99,22 +139,41 @@ def test_routing_parameterisation_by_name_sets_routing_and_model(name, tmp_path)
     assert config.load(path) == c
 
 
-def test_explicit_fields_override_the_named_parameterisation(tmp_path):
+def test_a_config_that_contradicts_its_named_parameterisation_says_so(tmp_path):
     path = tmp_path / "run.toml"
-    path.write_text('[routing]\nparameterisation = "authors"\nfinal_lambda = 0.02\n\n'
-                    '[model]\nclass_transform_std = 0.1\n')
+    path.write_text('[routing]\nparameterisation = "authors"\nfinal_lambda = 0.02\n')
+    with pytest.raises(ConfigError, match=r"parameterisation 'authors' contradicts final_lambda = 0.02 \(it sets 0.01\)"):
+        config.load(path)
+    with pytest.raises(ConfigError, match="parameterisation 'ibm' contradicts var_floor"):
+        config.load(None, ["routing.parameterisation=ibm", "routing.var_floor=1e-6"])
+    # The model's initialisation is not part of the label: setting it keeps the name.
+    path.write_text('[routing]\nparameterisation = "authors"\n\n[model]\nclass_transform_std = 0.1\n')
     c = config.load(path)
-    assert (c.routing.final_lambda, c.routing.centre_damping, c.routing.beta_a_scale) == (0.02, 0.1, -5000.0)
-    assert (c.model.class_transform_std, c.model.bias_init, c.model.conv1_bias) == (0.1, "authors", 0.1)
-    c = config.load(None, ["routing.parameterisation=ibm", "routing.var_floor=1e-6"])
-    assert (c.routing.var_floor, c.routing.fan_in_cost_scale, c.model.conv_transform_std) == (1e-6, 100.0, 1.0)
+    assert (c.routing.parameterisation, c.model.class_transform_std, c.model.bias_init) == ("authors", 0.1, "authors")
+
+
+def test_the_label_follows_the_fields_where_no_name_is_given(tmp_path):
     assert config.load(None).routing.parameterisation == "emcaps"
+    c = config.load(None, ["routing.final_lambda=1.0"])
+    assert c.routing.parameterisation == "custom" and c.routing.final_lambda == 1.0
+    # A saved run names its parameterisation; an override of one of its fields relabels it instead of failing.
+    path = tmp_path / "run.toml"
+    path.write_text(config.load(None, ["routing.parameterisation=authors"]).to_toml())
+    c = config.load(path, ["routing.final_lambda=0.02"])
+    assert c.routing.parameterisation == "custom" and c.routing.centre_damping == 0.1
+    assert config.with_updates(config.load(path), routing={"final_lambda": 0.01}).routing.parameterisation == "authors"
+    # 'custom' takes the fields as they are, and round-trips.
+    path.write_text('[routing]\nparameterisation = "custom"\nfinal_lambda = 3.0\n')
+    c = config.load(path)
+    assert c.routing.parameterisation == "custom" and c.routing.estep_temperature == RoutingConfig().estep_temperature
+    path.write_text(c.to_toml())
+    assert config.load(path) == c
 
 
 @pytest.mark.parametrize("override", ["routing.parameterisation=google", "routing.parameterisation=3"])
 def test_unknown_parameterisation_is_a_config_error(override):
     with pytest.raises(ConfigError, match="routing.parameterisation must be one of 'emcaps', 'paper', "
-                                          "'authors', 'ibm'; got"):
+                                          "'authors', 'ibm', 'custom'; got"):
         config.load(None, [override])
     with pytest.raises(ConfigError, match="model.bias_init must be one of"):
         config.load(None, ["model.bias_init=ones"])
@@ -129,8 +188,8 @@ def test_naming_a_parameterisation_replaces_a_saved_configs_named_fields(tmp_pat
     c = config.load(path, ["routing.parameterisation=ibm"])
     assert c.routing == RoutingConfig.named("ibm", iterations=2)
     assert (c.model.bias_init, c.model.class_transform_std, c.model.conv1_bias) == ("ibm", 1.0, 0.0)
-    c = config.load(path, ["routing.parameterisation=emcaps", "routing.centre_damping=0.2"])
-    assert c.routing == RoutingConfig(iterations=2, centre_damping=0.2)
+    c = config.load(path, ["routing.parameterisation=emcaps", "routing.iterations=3"])
+    assert c.routing == RoutingConfig(iterations=3)
     c = config.with_updates(config.load(path), routing={"parameterisation": "paper"})
     assert c.routing == RoutingConfig.named("paper", iterations=2) and c.model.bias_init == "zeros"
 

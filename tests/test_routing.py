@@ -208,7 +208,7 @@ def test_gradcheck_dense_and_fused():
         t.requires_grad_(True)
 
     def dense(v, a_, u, b):
-        return em_routing(v, a_, u, b, 3, final_lambda=1.0)
+        return em_routing(v, a_, u, b, 3, final_lambda=1.0, **FULL)
 
     def fused(v, a_, u, b):
         return em_routing_fused(v.transpose(1, 2), a_, u, b, RoutingConfig(final_lambda=1.0, **FULL))
@@ -312,7 +312,7 @@ def test_compiled_kernel_matches_dense():
     votes, act, bu, ba = random_problem(n=3, n_in=10, n_out=4, seed=8)
     for t in (votes, act, bu, ba):
         t.requires_grad_(True)
-    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0)
+    pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0, **FULL)
     compiled = RoutingConfig(final_lambda=1.0, backend="compile", **FULL)
     cpose, ca = em_routing_fused(dense_to_fused(votes), act, bu, ba, compiled)
     torch.testing.assert_close(cpose, pose, atol=1e-9, rtol=1e-9)
@@ -394,7 +394,7 @@ def test_detached_assignments_change_gradients_not_values():
     kwargs = {"final_lambda": 2.0, "schedule": "constant", "activation": "standardised", "estep_temperature": 0.5}
     leaves = [t.requires_grad_(True) for t in (votes, act, bu, ba)]
     trace = []
-    pose, a = em_routing(votes, act, bu, ba, 3, trace=trace, **kwargs)
+    pose, a = em_routing(votes, act, bu, ba, 3, trace=trace, detach_assignments=False, **kwargs)
     dpose, da = em_routing(votes, act, bu, ba, 3, detach_assignments=True, **kwargs)
     torch.testing.assert_close(dpose, pose, atol=0, rtol=0)
     torch.testing.assert_close(da, a, atol=0, rtol=0)

@@ -46,8 +46,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         config = cfgmod.load(_config_path(args.config), args.set)
         run_dir = Path(args.run_dir) if args.run_dir else _shared_run_dir(config)
         summary = loop.train(config, run_dir, quiet=args.quiet)
-    print(json.dumps(summary))
+    if _is_main_process():
+        print(json.dumps(summary))
     return 0
+
+
+def _is_main_process() -> bool:
+    """False in every torchrun process but rank 0, which alone prints a run's summary."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _config_path(name: str | None) -> Path | None:

@@ -20,6 +20,7 @@ from typing import Any
 from emcaps.layers import BIAS_INITS
 from emcaps.models import INITIALISATIONS, MODEL_NAMES, CapsNetConfig
 from emcaps.routing import PARAMETERISATIONS, RoutingConfig
+from emcaps.routing.config import CUSTOM, named_fields
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -34,6 +35,7 @@ class ConfigError(ValueError):
 DATASETS = ("synthnorb", "smallnorb", "mnist", "toy")
 MNIST_SOURCES = ("auto", "full", "sample")
 VIEWPOINTS = ("", "familiar", "novel")
+PRECISIONS = ("float32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class ModelConfig:
     coord_add: bool = True
     conv_transform_std: float = CapsNetConfig.conv_transform_std
     class_transform_std: float = CapsNetConfig.class_transform_std
+    transform_gain: float = CapsNetConfig.transform_gain
     bias_init: str = CapsNetConfig.bias_init
     primary_activation_offset: float = CapsNetConfig.primary_activation_offset
     conv1_bias: float = CapsNetConfig.conv1_bias
@@ -120,7 +123,8 @@ class ModelConfig:
     def capsule_fields(self) -> dict[str, Any]:
         """What create_model takes for a capsule network."""
         return {"coord_add": self.coord_add, "conv_transform_std": self.conv_transform_std,
-                "class_transform_std": self.class_transform_std, "bias_init": self.bias_init,
+                "class_transform_std": self.class_transform_std, "transform_gain": self.transform_gain,
+                "bias_init": self.bias_init,
                 "primary_activation_offset": self.primary_activation_offset, "conv1_bias": self.conv1_bias,
                 "decoder": self.decoder}
 
@@ -194,7 +198,12 @@ class TrainConfig:
     and every `checkpoint_steps` steps (0 = off). eval_every: test the model every this many epochs
     (0 = only at the end); eval_steps: also every this many steps (0 = off), logged as 'eval' events in
     log.jsonl: a learning curve. ema_decay: evaluate, checkpoint and export an exponential moving average
-    of the weights with this decay (0 = off, the raw weights; see emcaps.training.averaging)."""
+    of the weights with this decay (0 = off, the raw weights; see emcaps.training.averaging).
+    precision: 'float32', or 'bf16': the training step's convolutions and loss run under bf16 autocast,
+    while capsule layers compute votes and routing statistics in float32 (emcaps.layers), and the weights
+    and optimiser stay in float32. deterministic: every operation takes its deterministic algorithm
+    (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG), so a CUDA run repeats bit for bit and
+    resumes exactly as a CPU run does; slower on a GPU."""
 
     epochs: int = 10
     max_steps: int = 0
@@ -209,9 +218,12 @@ class TrainConfig:
     eval_batch_size: int = 64
     log_every: int = 10
     ema_decay: float = 0.0
+    precision: str = "float32"
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         _at_least("train.epochs", self.epochs, 1)
+        _choice("train.precision", self.precision, PRECISIONS)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
         _at_least("train.max_steps", self.max_steps, 0)
@@ -354,22 +366,26 @@ def resolve_parameterisation(data: dict[str, Any]) -> dict[str, Any]:
     """Fill the routing and model fields that `routing.parameterisation` names (emcaps.routing.PARAMETERISATIONS,
     emcaps.models.INITIALISATIONS) wherever the config does not set them itself. A new dict.
 
-    A config that sets a field explicitly keeps it: `[routing] parameterisation = "authors"` with
-    `final_lambda = 0.02` routes like the authors at another temperature. (`from_dict` and `with_updates`
-    first drop the named fields of a config whose name an override or update changes.)
+    A config that names a parameterisation and sets one of its routing fields to another value contradicts
+    itself: RoutingConfig refuses it (a ConfigError when it loads). Without the name the label is derived
+    from the fields ('custom' where no name sets them all). (`from_dict` and `with_updates` first drop the
+    named fields of a config whose name an override or update changes, and the label of one whose named
+    fields they change.)
     """
     routing = data.get("routing")
     if not isinstance(routing, dict) or "parameterisation" not in routing:
         return data
     name = routing["parameterisation"]
-    if not isinstance(name, str) or name not in PARAMETERISATIONS:
+    if not isinstance(name, str) or (name != CUSTOM and named_fields(name) is None):
         raise ConfigError(f"routing.parameterisation must be one of "
-                          f"{', '.join(repr(n) for n in PARAMETERISATIONS)}; got {name!r}")
+                          f"{', '.join(repr(n) for n in (*PARAMETERISATIONS, CUSTOM))}; got {name!r}")
     model = data.get("model", {})
     if not isinstance(model, dict):
         return data                      # build() names the ill-formed section
-    return {**data, "routing": {**PARAMETERISATIONS[name], **routing},
-            "model": {**INITIALISATIONS[name], **model}}
+    if name == CUSTOM:
+        return data
+    return {**data, "routing": {**named_fields(name), **routing},
+            "model": {**INITIALISATIONS.get(name, {}), **model}}
 
 
 def _without_named_fields(data: dict[str, Any]) -> dict[str, Any]:
@@ -386,9 +402,30 @@ def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ())
     """A RunConfig from plain data and overrides. An override naming `routing.parameterisation` replaces every
     field that parameterisation sets, also where `data` (a file, a saved run) sets it; other overrides win."""
     overrides = list(overrides)
-    if any(parse_override(text)[0] == ["routing", "parameterisation"] for text in overrides):
+    paths = [parse_override(text)[0] for text in overrides]
+    if ["routing", "parameterisation"] in paths:
         data = _without_named_fields(data)
+    elif any(path[:1] == ["routing"] and path[-1] in _NAMED_ROUTING_FIELDS for path in paths):
+        data = _without_label(data)
     return build(RunConfig, resolve_parameterisation(apply_overrides(data, overrides)))
+
+
+def from_saved(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """A RunConfig from a saved one (a checkpoint's), whose every field is set: its routing label is derived
+    from those fields, so a run saved under a name whose definition later changed still loads."""
+    return from_dict(_without_label(data), overrides)
+
+
+_NAMED_ROUTING_FIELDS = {key for named in PARAMETERISATIONS.values() for key in named}
+
+
+def _without_label(data: dict[str, Any]) -> dict[str, Any]:
+    """`data` less its routing label: changing a field a parameterisation sets, without naming one, makes the
+    label follow the fields (RoutingConfig derives it) instead of contradicting them."""
+    routing = data.get("routing")
+    if not isinstance(routing, dict) or "parameterisation" not in routing:
+        return data
+    return {**data, "routing": {k: v for k, v in routing.items() if k != "parameterisation"}}
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
@@ -427,6 +464,8 @@ def with_updates(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
     data = config.to_dict()
     if "parameterisation" in sections.get("routing", {}):
         data = _without_named_fields(data)
+    elif _NAMED_ROUTING_FIELDS & set(sections.get("routing", {})):
+        data = _without_label(data)
     for section, values in sections.items():
         data[section] = {**data[section], **values}
     return from_dict(data)

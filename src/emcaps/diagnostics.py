@@ -159,3 +159,31 @@ def diagnose(checkpoint: str | None = None, config: Any = None, images: int = 32
     x, labels = center_crop(data.images, config.data.crop), data.labels
     return {"name": config.name, "step": step, "layers": routing_report(model, x),
             "gradients": gradient_norms(model, x, labels)}
+
+
+PRECISIONS = ("float32", "bf16")
+
+
+@torch.no_grad()
+def precision_error(model: torch.nn.Module, images: Tensor, precision: str = "float32") -> float:
+    """How far rounding moves a network's class scores: the largest difference, over images (N, C, H, W) and
+    classes, between the scores of `model` run in `precision` and those of a float64 copy of it.
+
+    'float32' runs the model as it is (its parameters in float32); 'bf16' runs it under bf16 autocast on the
+    images' device. A well-conditioned network moves by rounding's size (about 1e-6 in float32); one whose
+    routing divides by differences that rounding erases moves by orders of magnitude more.
+    """
+    import copy
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; expected one of {PRECISIONS}")
+    twin = copy.deepcopy(model).double().eval()
+    reference = twin(images.double())
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+            scores = model(images.float())
+    finally:
+        model.train(was_training)
+    return float((scores.double() - reference).abs().max())

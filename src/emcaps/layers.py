@@ -82,6 +82,21 @@ def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules
     with `recompute`, each chunk is checkpointed: only the layer's inputs are kept, and the chunk's votes and
     EM iterations are recomputed in the backward pass. A trace needs the whole batch in one piece.
     """
+    with torch.autocast(caps.pose.device.type, enabled=False):
+        return _route_chunks(route, _at_least_float32(caps), routing, trace, votes_per_image, native)
+
+
+def _at_least_float32(caps: Capsules) -> Capsules:
+    """Half-precision capsules (from layers run under autocast) in float32: votes and routing statistics lose
+    the differences between parent types in 8 bits of mantissa, so capsule layers never route in them."""
+    if caps.pose.dtype in (torch.float16, torch.bfloat16):
+        return caps.to(torch.float32)
+    return caps
+
+
+def _route_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, routing: RoutingConfig,
+                  trace: list[RoutingStep] | None, votes_per_image: int, native: bool) -> tuple[Tensor, Tensor]:
+    """`_route_in_chunks` outside autocast."""
     n = caps.pose.shape[0]
     if trace is not None:
         return route(caps.pose, caps.activation, trace)
@@ -129,13 +144,15 @@ class ConvCaps(nn.Module):
     """
 
     def __init__(self, in_types: int, out_types: int, kernel: int, stride: int,
-                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3, bias_init: str = "zeros") -> None:
+                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3, bias_init: str = "zeros",
+                 gain: float = 1.0) -> None:
         super().__init__()
         if kernel < 1 or stride < 1:
             raise ValueError(f"kernel and stride must be >= 1, got kernel={kernel}, stride={stride}")
         self.in_types, self.out_types = in_types, out_types
         self.kernel, self.stride = kernel, stride
         self.routing = routing
+        self.gain = gain
         self.weight = _trunc_normal((kernel * kernel * in_types, out_types, 4, 4), std=std)  # (K*K*B, C, 4, 4)
         self.beta_u, self.beta_a = _biases(out_types, bias_init, "conv")
 
@@ -156,7 +173,11 @@ class ConvCaps(nn.Module):
     def votes(self, caps: Capsules) -> tuple[Tensor, Tensor]:
         """Votes (N*L, C, K*K*B, 16) and child activations (N*L, K*K*B), L = H'*W' output positions."""
         poses, a_in = self.windows(caps)
-        return _transform(poses.transpose(0, 1), self.weight), a_in
+        return _transform(poses.transpose(0, 1), self.transforms()), a_in
+
+    def transforms(self) -> Tensor:
+        """The transforms the votes use, (K*K*B, C, 4, 4): the parameters times the fixed `gain`."""
+        return self.weight * self.gain if self.gain != 1.0 else self.weight
 
     def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
         """Whether this call routes with the native kernels (see `RoutingConfig.backend`)."""
@@ -180,7 +201,7 @@ class ConvCaps(nn.Module):
             poses, a_in = self.windows(Capsules(pose, act))
             if initial is None:
                 initial = pose.new_full((1, 1, 1), 1.0 / self.out_types, dtype=cd)
-            pose, act = conv_routing(poses.reshape(*a_in.shape, 16), self.weight.view(a_in.shape[1], -1, 16),
+            pose, act = conv_routing(poses.reshape(*a_in.shape, 16), self.transforms().view(a_in.shape[1], -1, 16),
                                      a_in, beta_u, beta_a, self.routing, initial, comp, scale)
         else:
             votes, a_in = self.votes(Capsules(pose, act))
@@ -204,9 +225,11 @@ class ClassCaps(nn.Module):
     """
 
     def __init__(self, in_types: int, classes: int, coord_add: bool = True,
-                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3, bias_init: str = "zeros") -> None:
+                 routing: RoutingConfig = RoutingConfig(), std: float = 0.3, bias_init: str = "zeros",
+                 gain: float = 1.0) -> None:
         super().__init__()
         self.in_types, self.classes = in_types, classes
+        self.gain = gain
         self.coord_add = coord_add
         self.routing = routing
         self.weight = _trunc_normal((in_types, classes, 4, 4), std=std)
@@ -222,11 +245,15 @@ class ClassCaps(nn.Module):
             raise ValueError(f"ClassCaps expects pose (N, H, W, {self.in_types}, 4, 4), got {tuple(pose.shape)}")
         n, h, w = pose.shape[:3]
         poses = pose.permute(3, 0, 1, 2, 4, 5).reshape(self.in_types, n * h * w, 4, 4)   # (D, N*H*W, 4, 4)
-        votes = _transform(poses, self.weight)                            # (N*H*W, E, D, 16)
+        votes = _transform(poses, self.transforms())                      # (N*H*W, E, D, 16)
         votes = votes.view(n, h * w, self.classes, self.in_types, 16).transpose(1, 2)  # (N, E, H*W, D, 16)
         if self.coord_add:
             votes = votes + coordinate_offsets(h, w, votes.dtype, votes.device).view(1, 1, h * w, 1, 16)
         return votes.reshape(n, self.classes, h * w * self.in_types, 16), act.reshape(n, h * w * self.in_types)
+
+    def transforms(self) -> Tensor:
+        """The shared transforms the votes use, (D, E, 4, 4): the parameters times the fixed `gain`."""
+        return self.weight * self.gain if self.gain != 1.0 else self.weight
 
     def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
         """Whether this call routes with the native kernels (see `RoutingConfig.backend`)."""
@@ -243,7 +270,7 @@ class ClassCaps(nn.Module):
         if self.uses_native(pose, trace):
             # One routing problem per image; child i = (position, type) uses its type's transform, and the
             # coordinate addition is a constant offset on each child's votes.
-            weight = self.weight.view(1, self.in_types, self.classes, 16).expand(h * w, -1, -1, -1)
+            weight = self.transforms().view(1, self.in_types, self.classes, 16).expand(h * w, -1, -1, -1)
             offsets = None
             if self.coord_add:
                 offsets = coordinate_offsets(h, w, pose.dtype, pose.device).view(h * w, 1, 16)

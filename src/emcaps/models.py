@@ -34,6 +34,7 @@ class CapsNetConfig:
     conv_transform_std: float = 0.3       # initial std of the ConvCaps transforms (truncated at 2 std)
     class_transform_std: float = 0.3      # and of the class capsules' shared transforms (the authors' 0.01
                                           # leaves votes that are mostly coordinate offsets: README)
+    transform_gain: float = 1.0           # routed layers' votes use gain * transforms (a fixed factor)
     bias_init: str = "zeros"              # the routed layers' beta_u, beta_a: 'zeros', 'authors', 'ibm' (layers)
     primary_activation_offset: float = 0.0  # primary activations sigmoid(x - offset) (the authors': 1)
     conv1_bias: float = 0.0               # initial bias of ReLU Conv1 (the authors': 0.1)
@@ -96,11 +97,11 @@ class MatrixCapsNet(nn.Module):
         nn.init.constant_(self.conv1.bias, c.conv1_bias)
         self.primary = PrimaryCaps(c.A, c.B, activation_offset=c.primary_activation_offset)
         self.conv_caps1 = ConvCaps(c.B, c.C, kernel=3, stride=2, routing=c.routing, std=c.conv_transform_std,
-                                   bias_init=c.bias_init)
+                                   bias_init=c.bias_init, gain=c.transform_gain)
         self.conv_caps2 = ConvCaps(c.C, c.D, kernel=3, stride=1, routing=c.routing, std=c.conv_transform_std,
-                                   bias_init=c.bias_init)
+                                   bias_init=c.bias_init, gain=c.transform_gain)
         self.class_caps = ClassCaps(c.D, c.classes, coord_add=c.coord_add, routing=c.routing,
-                                    std=c.class_transform_std, bias_init=c.bias_init)
+                                    std=c.class_transform_std, bias_init=c.bias_init, gain=c.transform_gain)
         self.decoder = (ReconstructionDecoder(c.classes, (c.in_channels, c.image_size, c.image_size))
                         if c.decoder else None)
 
@@ -194,7 +195,8 @@ INITIALISATIONS: dict[str, dict[str, object]] = {
 def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,
                  coord_add: bool | None = None, **fields) -> nn.Module:
     """A model by name: a capsule preset ('paper', 'small', 'tiny') or 'cnn' (the baseline). Other
-    CapsNetConfig `fields` (e.g. class_transform_std, decoder) override the preset's."""
+    CapsNetConfig `fields` (e.g. class_transform_std, decoder) override the preset's. With `routing`, the
+    initialisation is the one its parameterisation names (INITIALISATIONS), as in a run config."""
     if name == "cnn":
         if fields:
             raise ValueError(f"the baseline CNN takes no capsule settings, got {sorted(fields)}")
@@ -203,6 +205,9 @@ def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: Rou
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
     config = replace(PRESETS[name], classes=classes, in_channels=in_channels)
     if routing is not None:
+        # The initialisation goes with the routing's parameterisation, as `--set routing.parameterisation`
+        # gives it: fields passed here override it.
+        fields = {**INITIALISATIONS.get(routing.parameterisation, {}), **fields}
         config = replace(config, routing=routing)
     if coord_add is not None:
         config = replace(config, coord_add=coord_add)

@@ -195,3 +195,25 @@ def test_sigkill_then_resume_loses_nothing_before_the_checkpoint(tmp_path):
     straight = loop.train(config.load(None, overrides), tmp_path / "straight", quiet=True)
     assert straight["steps"] == 64
     assert_same_weights(weights(tmp_path / "straight"), final["model"])
+
+
+def test_bf16_precision_trains_in_bf16_autocast_with_float32_weights(tmp_path):
+    plain = loop.train(toy_config("train.epochs=1"), tmp_path / "fp32", quiet=True)
+    mixed = loop.train(toy_config("train.epochs=1", "train.precision=bf16"), tmp_path / "bf16", quiet=True)
+    assert mixed["finished"] and 0 <= mixed["test_error"] <= 1
+    w32, w16 = weights(tmp_path / "fp32"), weights(tmp_path / "bf16")
+    assert all(w.dtype == torch.float32 and torch.isfinite(w).all() for w in w16.values())
+    # The convolutions ran in bf16: the weights moved, and not as in float32.
+    assert any(not torch.equal(w32[k], w16[k]) for k in w32)
+    assert abs(mixed["final_loss"] - plain["final_loss"]) < 0.5
+    with pytest.raises(config.ConfigError, match="train.precision must be one of 'float32', 'bf16'"):
+        toy_config("train.precision=fp16")
+
+
+def test_deterministic_runs_repeat_and_leave_the_global_mode_as_it_was(tmp_path):
+    before = torch.are_deterministic_algorithms_enabled()
+    a = loop.train(toy_config("train.epochs=1", "train.deterministic=true"), tmp_path / "a", quiet=True)
+    assert torch.are_deterministic_algorithms_enabled() == before
+    b = loop.train(toy_config("train.epochs=1", "train.deterministic=true"), tmp_path / "b", quiet=True)
+    assert a["final_loss"] == b["final_loss"]
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))

@@ -12,7 +12,13 @@ from typing import Any
 
 EPS = 1e-8
 STD_FLOOR = 1e-6        # added to the variance of the costs before standardising them
-DEFAULT_VAR_FLOOR = 5e-4
+# The variance floor of emcaps' parameterisation: far below any vote spread, so that it keeps one-child parents
+# finite without setting the costs. A floor above the spread of the votes (the authors' 5e-4) is where, at
+# initialisation, the class capsules' votes sit after three averaging layers: every class's variances are then
+# the floor's, their costs differ in the fifth digit, and standardising the costs amplifies float32 rounding
+# into the activations (docs: "Conditioning").
+DEFAULT_VAR_FLOOR = 1e-9
+AUTHORS_VAR_FLOOR = 5e-4
 # The default parameterisation (README, "Three routing iterations that learn"): costs standardised over the
 # parent types, inverse temperature 10 * (1 - 0.95**(i+1)), and an E-step at a tenth of its log-posterior.
 DEFAULT_ACTIVATION = "standardised"
@@ -21,6 +27,7 @@ DEFAULT_ESTEP_TEMPERATURE = 0.1
 SCHEDULES = ("authors", "linear", "constant")
 ACTIVATIONS = ("paper", "standardised")
 DEFAULT_PARAMETERISATION = "emcaps"
+CUSTOM = "custom"         # the label of routing fields that no named parameterisation sets all of
 BACKENDS = ("auto", "native", "torch", "compile")
 INITIAL_ASSIGNMENTS = ("uniform", "per_window")
 _LOG_2PI = math.log(2 * math.pi)
@@ -67,8 +74,11 @@ class RoutingConfig:
                       On by default (emcaps' parameterisation): about twice as fast a training step, 40%
                       less memory, and over a long schedule it learned better (README); the paper, the
                       authors' and IBM's code differentiate through every E-step ('paper', 'authors', 'ibm').
-    parameterisation: the name (a key of PARAMETERISATIONS) this config was built from; run configs fill
-                      every field the name sets, and the model's initialisation, from it (emcaps.config).
+    parameterisation: which named parameterisation (a key of PARAMETERISATIONS) the fields are, or 'custom'.
+                      Left empty it is derived from the fields; given, every field the name sets must have
+                      its value (a ValueError names those that do not), so the label never lies. Run
+                      configs fill the fields a name sets, and the model's initialisation, from it
+                      (emcaps.config); so does `create_model` for the initialisation.
 
     How it runs (the result does not depend on these):
     chunk:            route this many images at a time; 0 (default) picks as many as keep one chunk's
@@ -107,7 +117,7 @@ class RoutingConfig:
     beta_u_scale: float = 1.0
     beta_a_scale: float = 1.0
     detach_assignments: bool = True
-    parameterisation: str = DEFAULT_PARAMETERISATION
+    parameterisation: str = ""
     chunk: int = 0
     chunk_mb: float = 12.0
     native_chunk_mb: float = 12.0
@@ -147,9 +157,30 @@ class RoutingConfig:
         for name in ("beta_u_scale", "beta_a_scale"):
             if not (getattr(self, name) != 0 and math.isfinite(getattr(self, name))):
                 raise ValueError(f"{name} must be a finite non-zero number, got {getattr(self, name)}")
-        if self.parameterisation not in PARAMETERISATIONS:
-            raise ValueError(f"unknown routing parameterisation {self.parameterisation!r}; expected one of "
-                             f"{', '.join(PARAMETERISATIONS)}")
+        self._check_label()
+
+    def _check_label(self) -> None:
+        """Derive `parameterisation` from the fields where it is empty; where it names one, hold the fields to it."""
+        def matches(named: dict[str, Any]) -> bool:
+            return all(getattr(self, k) == v for k, v in named.items())
+
+        if self.parameterisation == "":
+            label = next((name for name, named in _LABELS.items() if matches(named)), CUSTOM)
+            object.__setattr__(self, "parameterisation", label)
+        elif self.parameterisation != CUSTOM:
+            if self.parameterisation not in _LABELS:
+                raise ValueError(f"unknown routing parameterisation {self.parameterisation!r}; expected one of "
+                                 f"{', '.join((*PARAMETERISATIONS, CUSTOM))}")
+            named = _LABELS[self.parameterisation]
+            earlier, earlier_fields = EARLIER_PARAMETERISATIONS.get(self.parameterisation, ("", {}))
+            if not matches(named) and earlier and matches(earlier_fields):
+                object.__setattr__(self, "parameterisation", earlier)        # a config saved before the change
+                return
+            wrong = [f"{k} = {getattr(self, k)!r} (it sets {v!r})" for k, v in named.items() if getattr(self, k) != v]
+            if wrong:
+                raise ValueError(f"routing parameterisation {self.parameterisation!r} contradicts "
+                                 f"{', '.join(wrong)}: drop the name (it is then derived from the fields) or "
+                                 f"the fields")
 
     @classmethod
     def named(cls, name: str, **fields: Any) -> RoutingConfig:
@@ -157,7 +188,7 @@ class RoutingConfig:
         if name not in PARAMETERISATIONS:
             raise ValueError(f"unknown routing parameterisation {name!r}; expected one of "
                              f"{', '.join(PARAMETERISATIONS)}")
-        return cls(**{**PARAMETERISATIONS[name], "parameterisation": name, **fields})
+        return cls(**{**PARAMETERISATIONS[name], "parameterisation": "", **fields})
 
     def layer_cost_scale(self, parents: int, children: int, layer_ratio: float) -> float:
         """The factor on one layer's cost: `cost_scale`, times `layer_ratio` (parents / children over the
@@ -173,7 +204,7 @@ class RoutingConfig:
         if self.class_lambda_scale == 1.0:
             return self
         return dataclasses.replace(self, final_lambda=self.final_lambda * self.class_lambda_scale,
-                                   class_lambda_scale=1.0)
+                                   class_lambda_scale=1.0, parameterisation=CUSTOM)
 
     def images_per_chunk(self, batch: int, bytes_per_image: int, native: bool = False) -> int:
         """How many images of a batch to route at once: `bytes_per_image` of votes (native: of assignments)."""
@@ -197,7 +228,7 @@ _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBD
            "detach_assignments": True}
 # The paper, the authors' and IBM's code all differentiate through every E-step.
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
-                "estep_temperature": 1.0, "detach_assignments": False}
+                "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR}
 PARAMETERISATIONS: dict[str, dict[str, Any]] = {
     # emcaps' own (README, "Three routing iterations that learn"): the RoutingConfig defaults.
     "emcaps": _EMCAPS,
@@ -207,12 +238,38 @@ PARAMETERISATIONS: dict[str, dict[str, Any]] = {
     # (ln 2pi + 1)) - 5000 act_b) = lambda * (beta_a - 2 (D beta_u + 0.5 sum_h log var_h) S) with
     # beta_u = sigma_b (ln 2pi + 1) / 2 and beta_a = -5000 act_b; class layer at lambda / 4; centres damped;
     # a capsule convolution's first assignments 1/C in every window (softmax of zeros per window).
-    "authors": {**_PAPER_LOGIT, "var_floor": 5e-4, "cost_scale": 2.0, "centre_damping": 0.1,
+    "authors": {**_PAPER_LOGIT, "var_floor": AUTHORS_VAR_FLOOR, "cost_scale": 2.0, "centre_damping": 0.1,
                 "class_lambda_scale": 0.25, "beta_u_scale": (_LOG_2PI + 1) / 2, "beta_a_scale": -5000.0,
                 "initial_assignments": "per_window"},
     # IBM/matrix-capsules-with-em-routing (Gritzman 2019): cost times 100 * J / I per layer, floor 1e-9.
     "ibm": {**_PAPER_LOGIT, "var_floor": 1e-9, "fan_in_cost_scale": 100.0},
 }
+
+
+# Earlier definitions of a name, under the label their saved configs get when they load: a run saved as
+# 'emcaps' before its floor changed is 'emcaps-0.1' (its fields are kept; only the label moves).
+EARLIER_PARAMETERISATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "emcaps": ("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR}),
+}
+_LABELS = {**PARAMETERISATIONS, **dict(EARLIER_PARAMETERISATIONS.values())}
+
+
+def named_fields(label: str) -> dict[str, Any] | None:
+    """The routing fields a label sets: a named parameterisation or an earlier one; None for others."""
+    return _LABELS.get(label)
+
+
+# Earlier definitions of a name, under the label their saved configs get when they load: a run saved as
+# 'emcaps' before its floor changed is 'emcaps-0.1' (its fields are kept; only the label moves).
+EARLIER_PARAMETERISATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "emcaps": ("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR}),
+}
+_LABELS = {**PARAMETERISATIONS, **dict(EARLIER_PARAMETERISATIONS.values())}
+
+
+def named_fields(label: str) -> dict[str, Any] | None:
+    """The routing fields a label sets: a named parameterisation or an earlier one; None for others."""
+    return _LABELS.get(label)
 
 
 def inverse_temperatures(iterations: int, final_lambda: float = DEFAULT_FINAL_LAMBDA,

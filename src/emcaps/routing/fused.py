@@ -33,6 +33,14 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     With `config.backend == "compile"`, a compiled kernel (`_em_direct`) runs instead: it fuses the
     broadcasts into loops and needs neither the stored squares nor the batched products.
     """
+    with torch.autocast(votes.device.type, enabled=False):     # the statistics stay in float32 (or float64)
+        return _fused(votes, activations, beta_u, beta_a, config, cost_scale, initial, normalise, trace)
+
+
+def _fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, config: RoutingConfig,
+           cost_scale: float, initial: Tensor | None, normalise: Normaliser | None,
+           trace: list[RoutingStep] | None) -> tuple[Tensor, Tensor]:
+    """em_routing_fused's body, outside autocast: votes (M, J, I, D) -> pose (M, J, D), activation (M, J)."""
     m, n_out, n_in, d = votes.shape
     out_dtype = votes.dtype
     cd = _compute_dtype(out_dtype)

@@ -15,16 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from emcaps.routing.config import (
-    _LOG_2PI,
-    DEFAULT_ACTIVATION,
-    DEFAULT_ESTEP_TEMPERATURE,
-    DEFAULT_FINAL_LAMBDA,
-    DEFAULT_VAR_FLOOR,
-    EPS,
-    STD_FLOOR,
-    inverse_temperatures,
-)
+from emcaps.routing.config import _LOG_2PI, EPS, STD_FLOOR, RoutingConfig, inverse_temperatures
 
 Normaliser = Callable[[Tensor], Tensor]
 
@@ -72,12 +63,17 @@ def _check_betas(beta_u: Tensor, beta_a: Tensor, n_out: int) -> None:
             raise ValueError(f"{name} must be a scalar or have shape ({n_out},), got {tuple(b.shape)}")
 
 
-def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, iterations: int = 3, *,
-               final_lambda: float = DEFAULT_FINAL_LAMBDA, schedule: str = "authors",
-               var_floor: float = DEFAULT_VAR_FLOOR, normalise_cost: bool = False,
-               activation: str = DEFAULT_ACTIVATION, estep_temperature: float = DEFAULT_ESTEP_TEMPERATURE,
-               centre_damping: float = 0.0, cost_scale: float = 1.0, fan_in_cost_scale: float = 0.0,
-               detach_assignments: bool = False, connectivity: Tensor | None = None,
+_DEFAULT = RoutingConfig()     # em_routing's defaults are the library's
+
+
+def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
+               iterations: int = _DEFAULT.iterations, *,
+               final_lambda: float = _DEFAULT.final_lambda, schedule: str = _DEFAULT.schedule,
+               var_floor: float = _DEFAULT.var_floor, normalise_cost: bool = _DEFAULT.normalise_cost,
+               activation: str = _DEFAULT.activation, estep_temperature: float = _DEFAULT.estep_temperature,
+               centre_damping: float = _DEFAULT.centre_damping, cost_scale: float = _DEFAULT.cost_scale,
+               fan_in_cost_scale: float = _DEFAULT.fan_in_cost_scale,
+               detach_assignments: bool = _DEFAULT.detach_assignments, connectivity: Tensor | None = None,
                initial: Tensor | None = None, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
     """EM routing, dense reference form.
 
@@ -88,8 +84,9 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
                   start uniform over, and are normalised over, the parents it feeds.
     initial:      optional (I, J) or (N, I, J) assignments for the first M-step instead of that uniform start
                   (RoutingConfig.initial_assignments = 'per_window' gives 1/C in every window of a child).
-    centre_damping, cost_scale, fan_in_cost_scale, detach_assignments: as in RoutingConfig (the cost's factor
-                  is cost_scale * (J / I if normalise_cost) * (fan_in_cost_scale * J / I if that is > 0)).
+    centre_damping, cost_scale, fan_in_cost_scale, detach_assignments: as in RoutingConfig, whose defaults
+                  every keyword takes (the cost's factor is cost_scale * (J / I if normalise_cost) *
+                  (fan_in_cost_scale * J / I if that is > 0)).
     returns pose (N, J, D) (the Gaussian means, or damped centres) and activation (N, J).
     """
     if votes.dim() != 4:

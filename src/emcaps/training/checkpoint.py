@@ -83,7 +83,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
 
 
 def config_of(state: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    return cfgmod.from_dict(state["config"], overrides)
+    return cfgmod.from_saved(state["config"], overrides)
 
 
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig,

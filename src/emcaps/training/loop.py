@@ -18,11 +18,13 @@ Under torchrun every rank trains on its own shard of each epoch; only rank 0 wri
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,10 +124,30 @@ def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | Non
     Raises TrainingDiverged on a non-finite loss or weights, keeping the last good checkpoint.
     """
     run_dir = Path(run_dir)
-    dd = setup_distributed(config.train.device)
-    summary = _train(config, run_dir, dd, state, quiet, stop_at_step, callback)
-    end_distributed()        # only on success: after one rank's error the others may still be in a collective
+    with deterministic_algorithms(config.train.deterministic):
+        dd = setup_distributed(config.train.device)
+        summary = _train(config, run_dir, dd, state, quiet, stop_at_step, callback)
+        end_distributed()    # only on success: after one rank's error the others may still be in a collective
     return summary
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool) -> Iterator[None]:
+    """Within the block, with `on`, every operation takes its deterministic algorithm (cuBLAS needs its
+    workspace fixed before its first call: set here unless the environment sets it); the previous mode
+    comes back after it."""
+    if not on:
+        yield
+        return
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0])
+        torch.backends.cudnn.benchmark = before[1]
 
 
 def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, Any] | None, quiet: bool,
@@ -274,13 +296,15 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                      if config.data.augment else center_crop(images, config.data.crop))
                 x, y = x.to(device), train_set.labels[index].to(device)       # (B, C, crop, crop), (B,)
                 margin = margin_at(config.loss, run.step, total_steps)
-                if decoder:
-                    scores, _, redrawn = net(x, y)                       # (B, E), _, (B, C, crop, crop)
-                    loss = (compute_loss(loss_kind, scores, y, margin)
-                            + config.loss.reconstruction_weight * F.mse_loss(redrawn, x))
-                else:
-                    scores = net(x)                                              # (B, E)
-                    loss = compute_loss(loss_kind, scores, y, margin)
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+                    if decoder:
+                        scores, _, redrawn = net(x, y)                   # (B, E), _, (B, C, crop, crop)
+                        loss = (compute_loss(loss_kind, scores, y, margin)
+                                + config.loss.reconstruction_weight * F.mse_loss(redrawn.float(), x))
+                    else:
+                        scores = net(x)                                          # (B, E)
+                        loss = compute_loss(loss_kind, scores, y, margin)
+                scores, loss = scores.float(), loss.float()
                 stats = torch.stack([loss.detach() * len(y), (scores.argmax(1) == y).sum().to(loss.dtype),
                                      torch.tensor(float(len(y)), device=device)]).double()
                 if dd.world > 1:

@@ -1,6 +1,6 @@
 """Training and inference throughput and peak memory of emcaps next to a public-style reference.
 
-    python benchmarks/bench.py [--quick] [--json] [--presets paper,small,routing] [--batch 32]
+    python benchmarks/bench.py [--quick] [--json] [--device cpu|cuda] [--presets paper,small,routing] [--batch 32]
                                [--threads N] [--steps K] [--impl emcaps,reference] [--compile]
                                [--glibc-keep-freed [both|only]] [--timeout 600]
                                [--routing FIELD=VALUE ...]
@@ -48,8 +48,9 @@ class Spec:
     warmup: int = 1
     steps: int = 5
     match_reference: bool = False
-    routing: tuple[str, ...] = ()          # RoutingConfig overrides of the emcaps impls, FIELD=VALUE
+    routing: tuple[str, ...] = ()          # RoutingConfig / Runtime overrides of the emcaps impls, FIELD=VALUE
     seed: int = 0
+    device: str = "cpu"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -57,14 +58,15 @@ class Spec:
 
 
 def routing_config(match_reference: bool, impl: str = "emcaps", overrides: tuple[str, ...] = ()):
-    """emcaps' default routing (or the per-position routing the reference computes) with the routing
-    backend of `impl` (see IMPLS) and `overrides` ('detach_assignments=true', ...: RoutingConfig fields,
-    parsed and checked as `emcaps train --set routing.FIELD=VALUE` would)."""
+    """emcaps' default routing (or the per-position routing the reference computes) and its runtime, with the
+    backend of `impl` (see IMPLS) and `overrides` ('detach_assignments=true', 'native_chunk_mb=48', ...:
+    RoutingConfig fields and the runtime fields that were once part of it, parsed and checked as
+    `emcaps train --set routing.FIELD=VALUE` would) -> (RoutingConfig, Runtime)."""
     from emcaps import config as cfgmod
 
     named = ["routing.parameterisation=paper", "routing.compete_positions=false"] if match_reference else []
-    routing = cfgmod.load(None, [*named, *(f"routing.{text}" for text in overrides)]).routing
-    return replace(routing, backend=BACKEND.get(impl, "auto"))
+    config = cfgmod.load(None, [*named, *(f"routing.{text}" for text in overrides)])
+    return config.routing, replace(config.runtime, backend=BACKEND.get(impl, "auto"))
 
 
 def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
@@ -79,17 +81,19 @@ def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
     from emcaps.models import create_model
 
     torch.manual_seed(spec.seed)
-    model = create_model("paper" if spec.preset == "routing" else spec.preset,
-                         routing=routing_config(spec.match_reference, spec.impl, tuple(spec.routing)))
+    routing, runtime = routing_config(spec.match_reference, spec.impl, tuple(spec.routing))
+    model = create_model("paper" if spec.preset == "routing" else spec.preset, routing=routing, runtime=runtime)
+    device = torch.device(spec.device)
+    model = model.to(device)
     n = spec.batch
 
     if spec.preset == "routing":
         # ConvCaps1 of the paper network on random primary capsules (N, 14, 14, 32, 4, 4).
         layer = model.conv_caps1
-        pose = torch.randn(n, 14, 14, layer.in_types, 4, 4)
-        act = torch.rand(n, 14, 14, layer.in_types)
+        pose = torch.randn(n, 14, 14, layer.in_types, 4, 4, device=device)
+        act = torch.rand(n, 14, 14, layer.in_types, device=device)
         if spec.impl == "reference":
-            net = reference.reference_conv_caps(layer, strict=False)
+            net = reference.reference_conv_caps(layer, strict=False).to(device)
             x = reference.pack_capsules(pose, act).requires_grad_(spec.mode == "train")   # (N, 14, 14, B*17)
 
             def forward():
@@ -110,10 +114,10 @@ def build_step(spec: Spec) -> tuple[Callable[[], None], list]:
         params = list(net.parameters()) if spec.impl == "reference" else list(layer.parameters())
         keep = [x] if spec.impl == "reference" else [pose, act]
     else:
-        x = torch.randn(n, 1, 32, 32)
-        target = torch.randint(0, model.config.classes, (n,))
+        x = torch.randn(n, 1, 32, 32, device=device)
+        target = torch.randint(0, model.config.classes, (n,), device=device)
         if spec.impl == "reference":
-            net = reference.load_from_emcaps(model, strict=False)
+            net = reference.load_from_emcaps(model, strict=False).to(device)
             del model
         else:
             net = model
@@ -150,26 +154,31 @@ def run_child(spec: Spec) -> dict:
 
     if spec.threads:
         torch.set_num_threads(spec.threads)
+    cuda = spec.device.startswith("cuda")
     step, _alive = build_step(spec)
     gc.collect()
     base = resource.getrusage(resource.RUSAGE_SELF)
+    if cuda:
+        torch.cuda.synchronize()
+        base_cuda = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
 
-    warm_times = []
-    for _ in range(spec.warmup):
+    def timed() -> float:
         t0 = time.perf_counter()
         step()
-        warm_times.append(time.perf_counter() - t0)
+        if cuda:
+            torch.cuda.synchronize()                 # a CUDA step has ended when its kernels have
+        return time.perf_counter() - t0
 
+    warm_times = [timed() for _ in range(spec.warmup)]
     before = resource.getrusage(resource.RUSAGE_SELF)
-    times = []
-    for _ in range(spec.steps):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
+    times = [timed() for _ in range(spec.steps)]
     after = resource.getrusage(resource.RUSAGE_SELF)
 
     median = statistics.median(times)
     peak_mb = (after.ru_maxrss - base.ru_maxrss) / 1024          # ru_maxrss is in KiB on Linux
+    if cuda:                                                     # on a GPU: device memory, as allocated
+        peak_mb = (torch.cuda.max_memory_allocated() - base_cuda) / 2**20
     record = dict(
         preset=spec.preset, mode=spec.mode, impl=spec.impl, batch=spec.batch,
         threads=torch.get_num_threads(), images_per_s=spec.batch / median, peak_mb=peak_mb,
@@ -180,7 +189,8 @@ def run_child(spec: Spec) -> dict:
         minor_faults=after.ru_minflt - before.ru_minflt,
         compete_positions=spec.impl != "reference" and not spec.match_reference,
         routing=[] if spec.impl == "reference" else list(spec.routing),
-        torch=torch.__version__,
+        torch=torch.__version__, device=spec.device,
+        device_name=torch.cuda.get_device_name() if cuda else "cpu",
     )
     if spec.impl == "emcaps-compile" and warm_times:
         record["compile_s"] = max(warm_times[0] - median, 0.0)
@@ -299,8 +309,11 @@ def format_table(records: list[dict], requested_batch: int) -> str:
     if any(r["batch"] != requested_batch for r in records):
         lines.append(f"* batch reduced from {requested_batch} to keep the reference under the memory budget; "
                      "its img/s is per image at that batch, its memory ratio is per image (/img).")
-    lines.append("img/s and step s: median of the timed steps (warm-up excluded). peak MB: peak RSS of the "
-                 "child minus its RSS after building model and inputs. user/sys s, faults: CPU time and "
+    gpu = sorted({r["device_name"] for r in records if r.get("device", "cpu") != "cpu" and r.get("device_name")})
+    peak = ("peak MB: torch.cuda.max_memory_allocated of the steps minus what model and inputs hold, on "
+            + ", ".join(gpu) if gpu else "peak MB: peak RSS of the child minus its RSS after building model and inputs")
+    lines.append(f"img/s and step s: median of the timed steps (warm-up excluded). {peak}. "
+                 "user/sys s, faults: CPU time and "
                  "minor page faults of the timed steps. x ref: emcaps / reference. epoch (train rows): "
                  f"one pass over smallNORB's {SMALLNORB_TRAIN:,} training pairs at that speed.")
     overrides = sorted({", ".join(r["routing"]) for r in records if r.get("routing")})
@@ -333,6 +346,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "iterations=2 (repeatable; the reference is not affected)")
     p.add_argument("--ref-mem-budget-gb", type=float, default=16.0,
                    help="run the reference at a smaller batch if its estimated peak exceeds this")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (cuda:N): where every configuration runs")
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.batch = args.batch or (4 if args.quick else 32)
@@ -351,15 +365,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def device_problem(device: str) -> str | None:
+    """Why the configurations cannot run on `device` (one line), or None."""
+    import torch
+
+    if device == "cpu":
+        return None
+    if device != "cuda" and not device.startswith("cuda:"):
+        return f"unknown device {device!r}; expected cpu, cuda or cuda:N"
+    if not torch.cuda.is_available():
+        return f"--device {device}: CUDA is not available on this machine (torch {torch.__version__})"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.child:
         print("RESULT " + json.dumps(run_child(Spec(**json.loads(args.child)))), flush=True)
         return 0
+    problem = device_problem(args.device)
+    if problem:
+        print(f"bench.py: {problem}", file=sys.stderr)
+        return 2
 
     allocators = {None: [False], "both": [False, True], "only": [True]}[args.glibc_keep_freed]
     base = Spec(preset="", mode="", impl="", batch=args.batch, threads=args.threads, warmup=args.warmup,
-                steps=args.steps, match_reference=args.match_reference, routing=tuple(args.routing))
+                steps=args.steps, match_reference=args.match_reference, routing=tuple(args.routing),
+                device=args.device)
     records = []
     for preset in args.presets:
         for mode in args.modes:

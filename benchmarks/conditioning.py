@@ -24,7 +24,7 @@ import torch
 from emcaps.diagnostics import precision_error
 from emcaps.losses import spread_loss
 from emcaps.models import create_model
-from emcaps.routing import PARAMETERISATIONS, RoutingConfig
+from emcaps.routing import PARAMETERISATIONS, RoutingConfig, Runtime
 
 
 def trained_steps(model: torch.nn.Module, steps: int, seed: int, batch: int = 16, lr: float = 1e-2) -> None:
@@ -46,7 +46,8 @@ def trained_steps(model: torch.nn.Module, steps: int, seed: int, batch: int = 16
 def measure(preset: str, parameterisation: str, seed: int, steps: int, images: int,
             fields: dict) -> dict:
     torch.manual_seed(seed)
-    model = create_model(preset, routing=RoutingConfig.named(parameterisation, backend="torch"), **fields)
+    model = create_model(preset, routing=RoutingConfig.named(parameterisation), runtime=Runtime(backend="torch"),
+                         **fields)
     trained_steps(model, steps, seed)
     x = torch.randn(images, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -64,8 +65,7 @@ def measure_run(run: str, images: int) -> dict:
     from emcaps.training.checkpoint import model_from_checkpoint
 
     model, config, state = model_from_checkpoint(run)
-    for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
-        layer.routing = replace(layer.routing, backend="torch")
+    model.set_runtime(Runtime(backend="torch"))
     data = load_split(replace(config.data, test_limit=images), "test")
     x = center_crop(data.images, config.data.crop)
     with torch.no_grad():

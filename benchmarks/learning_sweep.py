@@ -36,7 +36,7 @@ from emcaps.evaluate import error_rate, predict
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
 from emcaps.models import INITIALISATIONS
-from emcaps.routing import DEFAULT_PARAMETERISATION, PARAMETERISATIONS
+from emcaps.routing import DEFAULT_PARAMETERISATION, PARAMETERISATIONS, RoutingConfig
 from emcaps.training.build import build_model
 
 
@@ -66,7 +66,7 @@ def run(variant: dict, data, train, test, familiar, steps: int, every: int, mode
     stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None),
             "transform_gain": v.pop("gain", None)}
     init.update({k: x for k, x in stds.items() if x is not None})
-    routing = common.whole_batch_routing(**{**PARAMETERISATIONS[name], **v})
+    routing = RoutingConfig(**{**PARAMETERISATIONS[name], **v})
     config = common.run_config("sweep", role, data, model_name, common.Budget(steps, 32, lr, schedule), seed,
                                routing=routing, loss=loss or "auto")
     config = cfgmod.with_updates(config, model=init)

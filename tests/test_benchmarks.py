@@ -193,10 +193,12 @@ def test_bench_routing_overrides_reach_the_emcaps_model_and_are_checked(monkeypa
     bench = _load("bench")
     args = bench.parse_args(["--routing", "detach_assignments=true", "--routing", "iterations=2"])
     assert args.routing == ["detach_assignments=true", "iterations=2"]
-    routing = bench.routing_config(False, "emcaps-torch", tuple(args.routing))
-    assert routing.detach_assignments and routing.iterations == 2 and routing.backend == "torch"
-    matched = bench.routing_config(True, "emcaps", ("iterations=1",))
+    routing, runtime = bench.routing_config(False, "emcaps-torch", tuple(args.routing))
+    assert routing.detach_assignments and routing.iterations == 2 and runtime.backend == "torch"
+    matched, _ = bench.routing_config(True, "emcaps", ("iterations=1",))
     assert matched == RoutingConfig.named("paper", compete_positions=False, iterations=1)
+    _, runtime = bench.routing_config(False, "emcaps", ("native_chunk_mb=48",))
+    assert runtime.native_chunk_mb == 48 and runtime.backend == "auto"
     with pytest.raises(ValueError, match="routing.iterations"):
         bench.routing_config(False, "emcaps", ("iterations=0",))
     spec = bench.Spec(preset="small", mode="train", impl="emcaps-torch", batch=2, routing=("iterations=1",))
@@ -217,3 +219,15 @@ def test_bench_kernels_compare_times_both_sources_and_their_outputs_agree(capsys
             if line.split() and line.split()[0] in ("mstep", "estep_assign", "estep_backward", "mstep_backward")]
     assert [row[0] for row in rows] == ["mstep", "estep_assign", "estep_backward", "mstep_backward"]
     assert all(row[-2].endswith("x") and float(row[-1]) == 0.0 for row in rows)
+
+
+def test_bench_on_a_device_without_cuda_is_a_one_line_error(capsys):
+    """`bench.py --device cuda` where CUDA is missing exits non-zero with one line, and runs nothing."""
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    bench = _load("bench")
+    assert bench.main(["--device", "cuda", "--presets", "small"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("bench.py: --device cuda: CUDA is not available") and "\n" not in err
+    assert bench.main(["--device", "tpu"]) == 2
+    assert "unknown device 'tpu'" in capsys.readouterr().err

@@ -11,15 +11,16 @@ import torch
 from emcaps.diagnostics import precision_error
 from emcaps.losses import spread_loss
 from emcaps.models import create_model
-from emcaps.routing import PARAMETERISATIONS, RoutingConfig
+from emcaps.routing import PARAMETERISATIONS, RoutingConfig, Runtime
 
+TORCH = Runtime(backend="torch")       # the PyTorch-ops path, the one a GPU runs
 FLOAT32_BOUND = 1e-4
 BF16_BOUND = 5e-2
 
 
 def _model(preset: str, name: str, seed: int, steps: int) -> torch.nn.Module:
     torch.manual_seed(seed)
-    model = create_model(preset, routing=RoutingConfig.named(name, backend="torch"))
+    model = create_model(preset, routing=RoutingConfig.named(name), runtime=TORCH)
     if steps:
         gen = torch.Generator().manual_seed(seed + 1)
         x, y = torch.randn(8, 1, 32, 32, generator=gen), torch.randint(0, 5, (8,), generator=gen)
@@ -62,7 +63,7 @@ def test_the_check_sees_an_ill_conditioned_routing():
     """The measure itself can fail: a variance floor far above the class layer's vote spread at initialisation
     makes the class costs differ in their fifth digit, and standardising them amplifies the rounding."""
     torch.manual_seed(0)
-    model = create_model("small", routing=RoutingConfig(backend="torch", var_floor=5e-4)).eval()
+    model = create_model("small", routing=RoutingConfig(var_floor=5e-4), runtime=TORCH).eval()
     f32, _ = _errors(model, 0)
     assert f32 > 3 * FLOAT32_BOUND
 

@@ -56,7 +56,7 @@ def test_each_shipped_capsule_config_starts_alive(name):
 
     from emcaps.training.build import build_model
 
-    c = config.load(config.named_config_path(name), ["routing.backend=torch"])
+    c = config.load(config.named_config_path(name), ["runtime.backend=torch"])
     channels = 2 if c.data.cameras == "both" and c.data.dataset != "mnist" else 1
     torch.manual_seed(c.train.seed)
     model = build_model(c, 10 if c.data.dataset == "mnist" else 5, channels).eval()

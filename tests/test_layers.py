@@ -6,7 +6,7 @@ import torch
 
 from emcaps.capsules import Capsules
 from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps, coordinate_offsets
-from emcaps.routing import RoutingConfig, em_routing
+from emcaps.routing import RoutingConfig, Runtime, em_routing
 from emcaps.routing.native import native_available
 
 R = RoutingConfig(final_lambda=1.0)
@@ -21,9 +21,10 @@ def random_caps(n=2, h=5, w=5, types=3, seed=0, dtype=torch.float64):
                     torch.rand(n, h, w, types, generator=g, dtype=dtype))
 
 
-def conv_layer(b, c, k, s, **routing):
+def conv_layer(b, c, k, s, backend="auto", **routing):
     torch.manual_seed(1)
     layer = ConvCaps(b, c, kernel=k, stride=s, routing=RoutingConfig(final_lambda=1.0, **routing)).double()
+    layer.runtime = Runtime(backend=backend)
     with torch.no_grad():
         layer.beta_u.normal_()
         layer.beta_a.normal_()
@@ -213,9 +214,10 @@ def test_chunked_recomputed_routing_equals_whole_batch():
 
     x = torch.randn(5, 1, 32, 32, dtype=torch.float64)
     results = []
-    for chunk, recompute in [(100, False), (2, True), (3, False), (0, True)]:
+    for chunk, recompute in [(100, "no"), (2, "yes"), (3, "no"), (0, "yes")]:
         torch.manual_seed(0)
-        model = create_model("tiny", routing=RoutingConfig(final_lambda=1.0, chunk=chunk, recompute=recompute))
+        model = create_model("tiny", routing=RoutingConfig(final_lambda=1.0),
+                             runtime=Runtime(backend="torch", chunk=chunk, recompute=recompute))
         model = model.double()
         out = model(x)
         out.pow(2).sum().backward()
@@ -237,8 +239,8 @@ def test_routing_backends_in_layers_match_torch(backend, name):
     results = []
     for be in ("torch", backend):
         torch.manual_seed(0)
-        routing = RoutingConfig.named(name, final_lambda=1.0, backend=be)
-        model = create_model("tiny", routing=routing, **INITIALISATIONS[name]).double()
+        routing = RoutingConfig.named(name, final_lambda=1.0)
+        model = create_model("tiny", routing=routing, runtime=Runtime(backend=be), **INITIALISATIONS[name]).double()
         with torch.no_grad():                 # beta_a = -5000 * 0.5 would switch every capsule off
             for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
                 layer.beta_a.mul_(1e-3 if name == "authors" else 1.0)

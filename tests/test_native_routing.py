@@ -11,7 +11,7 @@ import torch
 import emcaps.layers
 from emcaps.capsules import Capsules
 from emcaps.layers import ClassCaps, ConvCaps
-from emcaps.routing import PositionCompetition, RoutingConfig, em_routing_fused
+from emcaps.routing import PositionCompetition, RoutingConfig, Runtime, em_routing_fused
 from emcaps.routing.native import conv_routing, native_available
 
 pytestmark = pytest.mark.skipif(not native_available(torch.device("cpu")),
@@ -141,7 +141,9 @@ def test_native_float32_wide_layers_are_close_to_float64(c, b, detach, compete, 
 @pytest.mark.parametrize("k,s,h", [(3, 2, 7), (2, 1, 4), (1, 1, 3)])
 def test_native_matches_torch_other_geometries_and_cost_scale(k, s, h):
     config = RoutingConfig(final_lambda=0.3, schedule="linear")
-    assert_same(run_both(problem(h=h, k=k, s=s, seed=3), config, True, scale=0.37), atol=1e-10, rtol=1e-9)
+    # A 1x1 kernel gives parents of one or two children, whose variances sit near the 1e-9 floor: there the
+    # torch path's variance from centred moments keeps about 7 fewer digits than the kernels' two passes.
+    assert_same(run_both(problem(h=h, k=k, s=s, seed=3), config, True, scale=0.37), atol=1e-9, rtol=1e-8)
 
 
 @pytest.mark.parametrize("damping", [0.0, 0.1])
@@ -196,7 +198,7 @@ def test_native_graph_is_freed_after_each_step():
     from emcaps.models import create_model
 
     torch.manual_seed(0)
-    model = create_model("tiny", classes=5, in_channels=1, routing=RoutingConfig(backend="native"))
+    model = create_model("tiny", classes=5, in_channels=1, runtime=Runtime(backend="native"))
     x = torch.randn(2, 1, 32, 32)
 
     def live_tensors() -> int:
@@ -225,7 +227,7 @@ def test_backend_choice_in_layers(monkeypatch):
     caps = Capsules(torch.randn(2, 5, 5, 2, 4, 4, dtype=torch.float64),
                     torch.rand(2, 5, 5, 2, dtype=torch.float64))
     torch.manual_seed(0)
-    layer = ConvCaps(2, 3, kernel=3, stride=1, routing=RoutingConfig(backend="auto")).double()
+    layer = ConvCaps(2, 3, kernel=3, stride=1).double()
     assert layer.uses_native(caps.pose)
     assert not layer.uses_native(caps.pose, trace=[])                    # pictures need every iteration
     native = layer(caps)
@@ -234,18 +236,19 @@ def test_backend_choice_in_layers(monkeypatch):
     fallback = layer(caps)
     torch.testing.assert_close(native.pose, fallback.pose)
     torch.testing.assert_close(native.activation, fallback.activation)
-    layer.routing = RoutingConfig(backend="native")
+    layer.runtime = Runtime(backend="native")
     with pytest.raises(RuntimeError, match="backend 'native' needs a CPU tensor and the emcaps kernels"):
         layer(caps)
     with pytest.raises(ValueError, match="unknown routing backend 'gpu'"):
-        RoutingConfig(backend="gpu")
+        Runtime(backend="gpu")
 
 
 def class_caps_run(backend, dtype=torch.float64, coord_add=True, name="emcaps", **fields):
     """Outputs and gradients (poses, activations, transforms, beta_u, beta_a) of a ClassCaps layer."""
-    routing = RoutingConfig.named(name, backend=backend, **fields)
+    routing = RoutingConfig.named(name, **fields)
     torch.manual_seed(1)
     layer = ClassCaps(3, 4, coord_add=coord_add, routing=routing).to(dtype)
+    layer.runtime = Runtime(backend=backend)
     with torch.no_grad():
         layer.beta_u.normal_()
         layer.beta_a.normal_(0, 0.3 if name == "emcaps" else 3e-4)     # authors: beta_a = -5000 act_b

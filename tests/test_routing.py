@@ -9,17 +9,19 @@ from emcaps.routing import (
     EPS,
     PositionCompetition,
     RoutingConfig,
+    Runtime,
     em_routing,
     em_routing_fused,
     inverse_temperatures,
 )
 
-FLOOR = 5e-4
+FLOOR = RoutingConfig().var_floor
 PAPER = {"activation": "paper", "estep_temperature": 1.0}     # the paper's formula, as numpy_em transcribes it
 
 
 # The true gradient of EM (through every E-step): what gradcheck and the dense reference compute.
 FULL = {"detach_assignments": False}
+COMPILE = Runtime(backend="compile").on(torch.device("cpu"))
 
 
 def numpy_em(votes, act, beta_u, beta_a, iterations, final_lambda=0.01, floor=FLOOR, scale=1.0,
@@ -308,13 +310,13 @@ def test_competition_edge_scale_turns_per_edge_assignments_into_the_normalisatio
 
 
 def test_compiled_kernel_matches_dense():
-    """The torch.compile path (RoutingConfig(backend="compile")) computes what the dense reference does."""
+    """The torch.compile path (Runtime(backend="compile")) computes what the dense reference does."""
     votes, act, bu, ba = random_problem(n=3, n_in=10, n_out=4, seed=8)
     for t in (votes, act, bu, ba):
         t.requires_grad_(True)
     pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=1.0, **FULL)
-    compiled = RoutingConfig(final_lambda=1.0, backend="compile", **FULL)
-    cpose, ca = em_routing_fused(dense_to_fused(votes), act, bu, ba, compiled)
+    compiled = RoutingConfig(final_lambda=1.0, **FULL)
+    cpose, ca = em_routing_fused(dense_to_fused(votes), act, bu, ba, compiled, settings=COMPILE)
     torch.testing.assert_close(cpose, pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(ca, a, atol=1e-9, rtol=1e-9)
     g = torch.autograd.grad((pose.sum() + a.sum()), (votes, act, bu, ba))
@@ -324,17 +326,18 @@ def test_compiled_kernel_matches_dense():
 
 
 def test_images_per_chunk():
-    assert RoutingConfig(chunk_mb=1).images_per_chunk(32, 300_000) == 3
-    assert RoutingConfig(chunk_mb=1).images_per_chunk(2, 300_000) == 2
-    assert RoutingConfig(chunk_mb=1).images_per_chunk(32, 5_000_000) == 1
-    assert RoutingConfig(chunk=5).images_per_chunk(32, 5_000_000) == 5
-    assert RoutingConfig(chunk_mb=1, native_chunk_mb=4).images_per_chunk(32, 300_000, native=True) == 13
+    cpu = torch.device("cpu")
+    assert Runtime(chunk_mb=1).on(cpu).images_per_chunk(32, 300_000) == 3
+    assert Runtime(chunk_mb=1).on(cpu).images_per_chunk(2, 300_000) == 2
+    assert Runtime(chunk_mb=1).on(cpu).images_per_chunk(32, 5_000_000) == 1
+    assert Runtime(chunk=5).on(cpu).images_per_chunk(32, 5_000_000) == 5
+    assert Runtime(chunk_mb=1, native_chunk_mb=4).on(cpu).images_per_chunk(32, 300_000, native=True) == 13
     with pytest.raises(ValueError, match="chunk"):
-        RoutingConfig(chunk=-1)
+        Runtime(chunk=-1)
     with pytest.raises(ValueError, match=r"native_chunk_mb must be > 0 \(MB\), got 0"):
-        RoutingConfig(native_chunk_mb=0)
-    with pytest.raises(ValueError, match="chunk_mb must be > 0"):
-        RoutingConfig(chunk_mb=float("nan"))
+        Runtime(native_chunk_mb=0)
+    with pytest.raises(ValueError, match="chunk_mb must be >= 0"):
+        Runtime(chunk_mb=float("nan"))
 
 
 PARAMETERISATIONS = [{"activation": "standardised", "estep_temperature": 1.0, **FULL},
@@ -373,9 +376,10 @@ def test_fused_and_compiled_match_dense_values_and_gradients(fields, backend):
     votes, act, bu, ba = random_problem(n=3, n_in=10, n_out=4, seed=22)
     leaves = [t.requires_grad_(True) for t in (votes, act, bu, ba)]
     pose, a = em_routing(votes, act, bu, ba, 3, final_lambda=2.0, **fields)
-    cfg = RoutingConfig(final_lambda=2.0, backend=backend, **fields)
+    cfg = RoutingConfig(final_lambda=2.0, **fields)
     scale = dense_cost_scale(fields, 4, 10)
-    fpose, fa = em_routing_fused(dense_to_fused(votes), act, bu, ba, cfg, cost_scale=scale)
+    fpose, fa = em_routing_fused(dense_to_fused(votes), act, bu, ba, cfg, cost_scale=scale,
+                                 settings=Runtime(backend=backend).on(torch.device("cpu")))
     torch.testing.assert_close(fpose, pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(fa, a, atol=1e-9, rtol=1e-9)
     g = torch.Generator().manual_seed(3)

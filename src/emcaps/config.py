@@ -19,7 +19,7 @@ from typing import Any
 
 from emcaps.layers import BIAS_INITS
 from emcaps.models import INITIALISATIONS, MODEL_NAMES, CapsNetConfig
-from emcaps.routing import PARAMETERISATIONS, RoutingConfig
+from emcaps.routing import PARAMETERISATIONS, RoutingConfig, Runtime
 from emcaps.routing.config import CUSTOM, named_fields
 
 if sys.version_info >= (3, 11):
@@ -241,12 +241,14 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that decides a run. `name` labels the run directory and logs."""
+    """Everything that decides a run. `name` labels the run directory and logs. `routing` is the routing's
+    mathematics; `runtime` only how it runs on the run's device (0 / 'auto': chosen for it)."""
 
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    runtime: Runtime = field(default_factory=Runtime)
     optim: OptimConfig = field(default_factory=OptimConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -311,10 +313,34 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
 RENAMED_KEYS = {"routing.normalize_cost": "normalise_cost"}
 
 
+# How routing runs was part of [routing] before it became [runtime]: the old keys move there, and the values
+# every config then saved (its defaults, chosen for a CPU) are dropped so that the device chooses.
+MOVED_TO_RUNTIME = {"chunk": 0, "chunk_mb": 12.0, "native_chunk_mb": 12.0, "recompute": True, "backend": "auto"}
+
+
+def _move_runtime_keys(data: dict[str, Any]) -> dict[str, Any]:
+    routing = data.get("routing")
+    if not isinstance(routing, dict) or not MOVED_TO_RUNTIME.keys() & routing.keys():
+        return data
+    runtime = dict(data.get("runtime", {})) if isinstance(data.get("runtime"), dict) else data.get("runtime", {})
+    for key, old_default in MOVED_TO_RUNTIME.items():
+        if key in routing:
+            value = routing[key]
+            if value != old_default and isinstance(runtime, dict):
+                runtime.setdefault(key, {True: "yes", False: "no"}[value] if key == "recompute" and
+                                   isinstance(value, bool) else value)
+    out = {**data, "routing": {k: v for k, v in routing.items() if k not in MOVED_TO_RUNTIME}}
+    if runtime:
+        out["runtime"] = runtime
+    return out
+
+
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """A (nested) config dataclass from a dict, rejecting unknown keys and ill-typed values."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
+    if cls is RunConfig:
+        data = _move_runtime_keys(data)
     types = _field_types(cls)
     values = {}
     for key, value in data.items():

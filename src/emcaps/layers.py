@@ -14,6 +14,7 @@ from torch.utils.checkpoint import checkpoint
 from emcaps.capsules import Capsules, conv_output_size, gather_windows
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
 from emcaps.routing.native import conv_routing, native_available
+from emcaps.routing.runtime import Runtime, Settings
 
 
 def _trunc_normal(shape: tuple[int, ...], std: float) -> nn.Parameter:
@@ -60,21 +61,21 @@ def _transform(poses: Tensor, weight: Tensor) -> Tensor:
     return votes.view(n_in, m, 4, n_out, 4).permute(1, 3, 0, 2, 4).reshape(m, n_out, n_in, 16)
 
 
-def _uses_native(routing: RoutingConfig, pose: Tensor, trace: list[RoutingStep] | None) -> bool:
-    """Whether a layer routes this call with the native kernels (see `RoutingConfig.backend`)."""
+def _uses_native(settings: Settings, pose: Tensor, trace: list[RoutingStep] | None) -> bool:
+    """Whether a layer routes this call with the native kernels (see `Runtime.backend`)."""
     if trace is not None:
         return False                      # a trace records every iteration's tensors: PyTorch ops
-    if routing.backend == "native":
+    if settings.backend == "native":
         if not native_available(pose.device):
             raise RuntimeError(f"routing backend 'native' needs a CPU tensor and the emcaps kernels "
                                f"(got a {pose.device.type} tensor; see emcaps.kernels)")
         return True
-    return routing.backend == "auto" and native_available(pose.device)
+    return settings.backend == "auto" and native_available(pose.device)
 
 
-def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, routing: RoutingConfig,
+def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, settings: Settings,
                      trace: list[RoutingStep] | None, votes_per_image: int, native: bool) -> tuple[Tensor, Tensor]:
-    """Run `route(pose, activation)` on chunks of images and concatenate the results.
+    """Run `route(pose, activation)` on chunks of images and concatenate the results, outside autocast.
 
     Images route independently, so chunking changes nothing but the working set. The native kernels never
     store votes: their largest tensors are the assignments (1/16 of the votes), budgeted by
@@ -83,7 +84,20 @@ def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules
     EM iterations are recomputed in the backward pass. A trace needs the whole batch in one piece.
     """
     with torch.autocast(caps.pose.device.type, enabled=False):
-        return _route_chunks(route, _at_least_float32(caps), routing, trace, votes_per_image, native)
+        caps = _at_least_float32(caps)
+        n = caps.pose.shape[0]
+        if trace is not None:
+            return route(caps.pose, caps.activation, trace)
+        per_image = (votes_per_image // 16 if native else votes_per_image) * caps.pose.element_size()
+        step = settings.images_per_chunk(n, per_image, native=native)
+        recompute = settings.recompute or (settings.recompute_if_chunked and step < n)
+        save_all = native or not (recompute and torch.is_grad_enabled())
+        parts = [route(caps.pose[s:s + step], caps.activation[s:s + step]) if save_all
+                 else checkpoint(route, caps.pose[s:s + step], caps.activation[s:s + step], use_reentrant=False)
+                 for s in range(0, n, step)]
+    if len(parts) == 1:
+        return parts[0]
+    return torch.cat([p for p, _ in parts]), torch.cat([a for _, a in parts])
 
 
 def _at_least_float32(caps: Capsules) -> Capsules:
@@ -94,21 +108,20 @@ def _at_least_float32(caps: Capsules) -> Capsules:
     return caps
 
 
-def _route_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, routing: RoutingConfig,
-                  trace: list[RoutingStep] | None, votes_per_image: int, native: bool) -> tuple[Tensor, Tensor]:
-    """`_route_in_chunks` outside autocast."""
-    n = caps.pose.shape[0]
-    if trace is not None:
-        return route(caps.pose, caps.activation, trace)
-    per_image = (votes_per_image // 16 if native else votes_per_image) * caps.pose.element_size()
-    step = routing.images_per_chunk(n, per_image, native=native)
-    save_all = native or not (routing.recompute and torch.is_grad_enabled())
-    parts = [route(caps.pose[s:s + step], caps.activation[s:s + step]) if save_all
-             else checkpoint(route, caps.pose[s:s + step], caps.activation[s:s + step], use_reentrant=False)
-             for s in range(0, n, step)]
-    if len(parts) == 1:
-        return parts[0]
-    return torch.cat([p for p, _ in parts]), torch.cat([a for _, a in parts])
+class _Routed(nn.Module):
+    """What ConvCaps and ClassCaps share: the routing's mathematics (`routing`, saved with a model's config)
+    and how it runs (`runtime`, chosen per device and never saved: set it with `MatrixCapsNet.set_runtime`)."""
+
+    routing: RoutingConfig
+    runtime: Runtime = Runtime()
+
+    def settings(self, device: torch.device) -> Settings:
+        """The runtime's settings on `device` (emcaps.routing.runtime)."""
+        return self.runtime.on(device)
+
+    def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
+        """Whether this call routes with the native kernels (see `Runtime.backend`)."""
+        return _uses_native(self.settings(pose.device), pose, trace)
 
 
 class PrimaryCaps(nn.Module):
@@ -137,7 +150,7 @@ class PrimaryCaps(nn.Module):
         return Capsules(pose, act)
 
 
-class ConvCaps(nn.Module):
+class ConvCaps(_Routed):
     """Capsule convolution: each KxK window of child capsules votes for C parent types, routed by EM.
 
     Capsules(pose (N, H, W, B, 4, 4)) -> Capsules(pose (N, H', W', C, 4, 4)), H' = (H - K) // S + 1
@@ -179,10 +192,6 @@ class ConvCaps(nn.Module):
         """The transforms the votes use, (K*K*B, C, 4, 4): the parameters times the fixed `gain`."""
         return self.weight * self.gain if self.gain != 1.0 else self.weight
 
-    def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
-        """Whether this call routes with the native kernels (see `RoutingConfig.backend`)."""
-        return _uses_native(self.routing, pose, trace)
-
     def _route(self, pose: Tensor, act: Tensor, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
         """(N, H, W, B, 4, 4), (N, H, W, B) -> pose (N, H', W', C, 4, 4), activation (N, H', W', C)"""
         n, h, w = pose.shape[:3]
@@ -205,19 +214,20 @@ class ConvCaps(nn.Module):
                                      a_in, beta_u, beta_a, self.routing, initial, comp, scale)
         else:
             votes, a_in = self.votes(Capsules(pose, act))
-            pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing,
-                                         cost_scale=scale, initial=initial, normalise=comp, trace=trace)
+            pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing, cost_scale=scale,
+                                         initial=initial, normalise=comp, trace=trace,
+                                         settings=self.settings(pose.device))
         return pose.view(n, oh, ow, self.out_types, 4, 4), act.view(n, oh, ow, self.out_types)
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
         h, w = caps.pose.shape[1:3]
         positions = ((h - self.kernel) // self.stride + 1) * ((w - self.kernel) // self.stride + 1)
         per_image = max(positions, 1) * self.out_types * self.kernel ** 2 * self.in_types * 16
-        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image,
-                                          self.uses_native(caps.pose, trace)))
+        return Capsules(*_route_in_chunks(self._route, caps, self.settings(caps.pose.device), trace,
+                                          per_image, self.uses_native(caps.pose, trace)))
 
 
-class ClassCaps(nn.Module):
+class ClassCaps(_Routed):
     """Class capsules: one transform per (input type, class) shared across positions, with coordinate
     addition, routed by EM over every input capsule of the grid.
 
@@ -255,10 +265,6 @@ class ClassCaps(nn.Module):
         """The shared transforms the votes use, (D, E, 4, 4): the parameters times the fixed `gain`."""
         return self.weight * self.gain if self.gain != 1.0 else self.weight
 
-    def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
-        """Whether this call routes with the native kernels (see `RoutingConfig.backend`)."""
-        return _uses_native(self.routing, pose, trace)
-
     def _route(self, pose: Tensor, act: Tensor, trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
         """(N, H, W, D, 4, 4), (N, H, W, D) -> pose (N, E, 4, 4), activation (N, E)"""
         if pose.dim() != 6 or pose.shape[3] != self.in_types:
@@ -282,13 +288,13 @@ class ClassCaps(nn.Module):
         else:
             votes, a_in = self.votes(Capsules(pose, act))
             pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing.class_layer(),
-                                         cost_scale=scale, trace=trace)
+                                         cost_scale=scale, trace=trace, settings=self.settings(pose.device))
         return pose.view(n, self.classes, 4, 4), act
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
         per_image = caps.pose[0, ..., 0, 0].numel() * self.classes * 16 if caps.pose.shape[0] else 0
-        return Capsules(*_route_in_chunks(self._route, caps, self.routing, trace, per_image,
-                                          self.uses_native(caps.pose, trace)))
+        return Capsules(*_route_in_chunks(self._route, caps, self.settings(caps.pose.device), trace,
+                                          per_image, self.uses_native(caps.pose, trace)))
 
 
 def routed_biases(layer: nn.Module, routing: RoutingConfig) -> tuple[Tensor, Tensor]:

@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from emcaps.capsules import Capsules
 from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps
-from emcaps.routing import RoutingConfig, RoutingStep
+from emcaps.routing import RoutingConfig, RoutingStep, Runtime
 
 
 @dataclass(frozen=True)
@@ -104,6 +104,13 @@ class MatrixCapsNet(nn.Module):
                                     std=c.class_transform_std, bias_init=c.bias_init, gain=c.transform_gain)
         self.decoder = (ReconstructionDecoder(c.classes, (c.in_channels, c.image_size, c.image_size))
                         if c.decoder else None)
+
+    def set_runtime(self, runtime: Runtime) -> MatrixCapsNet:
+        """Route with `runtime` (backend, chunks, recomputation; emcaps.routing.runtime) from now on: how the
+        routing runs, not what it computes, so it is not part of the config and not saved. Returns self."""
+        for layer in (self.conv_caps1, self.conv_caps2, self.class_caps):
+            layer.runtime = runtime
+        return self
 
     def capsules(self, x: Tensor, trace: list[RoutingStep] | None = None) -> Capsules:
         """Class capsules for images (N, C, H, W): pose (N, E, 4, 4), activation (N, E).
@@ -193,13 +200,15 @@ INITIALISATIONS: dict[str, dict[str, object]] = {
 
 
 def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,
-                 coord_add: bool | None = None, **fields) -> nn.Module:
+                 coord_add: bool | None = None, runtime: Runtime | None = None, **fields) -> nn.Module:
     """A model by name: a capsule preset ('paper', 'small', 'tiny') or 'cnn' (the baseline). Other
     CapsNetConfig `fields` (e.g. class_transform_std, decoder) override the preset's. With `routing`, the
-    initialisation is the one its parameterisation names (INITIALISATIONS), as in a run config."""
+    initialisation is the one its parameterisation names (INITIALISATIONS), as in a run config. `runtime`
+    says how the routing runs (default: chosen per device; see MatrixCapsNet.set_runtime)."""
     if name == "cnn":
-        if fields:
-            raise ValueError(f"the baseline CNN takes no capsule settings, got {sorted(fields)}")
+        if fields or routing is not None or runtime is not None:
+            raise ValueError(f"the baseline CNN takes no capsule settings, got "
+                             f"{sorted([*fields, *(['routing'] if routing else []), *(['runtime'] if runtime else [])])}")
         return BaselineCNN(classes=classes, in_channels=in_channels)
     if name not in PRESETS:
         raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
@@ -211,7 +220,8 @@ def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: Rou
         config = replace(config, routing=routing)
     if coord_add is not None:
         config = replace(config, coord_add=coord_add)
-    return MatrixCapsNet(replace(config, **fields))
+    model = MatrixCapsNet(replace(config, **fields))
+    return model.set_runtime(runtime) if runtime is not None else model
 
 
 def count_parameters(model: nn.Module) -> int:

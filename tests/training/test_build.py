@@ -28,12 +28,12 @@ def test_routing_path_names_what_a_run_will_route_with(monkeypatch):
     cpu = torch.device("cpu")
     capsules = build_model(toy_config(), classes=5, in_channels=1)
     assert routing_path(build_model(toy_config("model.name=cnn"), classes=5, in_channels=1), cpu) is None
-    assert routing_path(build_model(toy_config("routing.backend=torch"), classes=5, in_channels=1), cpu) == \
-        "routing with PyTorch ops (torch backend)"
+    assert routing_path(build_model(toy_config("runtime.backend=torch"), classes=5, in_channels=1), cpu) == \
+        "routing with PyTorch ops (torch backend; chunks of 12 MB of votes, recomputed for the backward pass)"
     if kernels.library() is not None:
         threads = "OpenMP" if kernels.library().openmp else "a thread pool"
         assert routing_path(capsules, cpu) == f"routing on the native kernels ({threads})"
     from emcaps.routing import native
     for module in (kernels, native):                                # no compiler: the fallback says so
         monkeypatch.setattr(module, "library", lambda: None)
-    assert routing_path(capsules, cpu) == "routing with PyTorch ops (auto backend)"
+    assert routing_path(capsules, cpu).startswith("routing with PyTorch ops (auto backend; ")

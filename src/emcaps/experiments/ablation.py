@@ -16,6 +16,7 @@ from emcaps.config import ConfigError
 from emcaps.data.splits import eval_batches
 from emcaps.evaluate import error_rate, predict
 from emcaps.experiments import common
+from emcaps.routing import RoutingConfig
 
 GROUPS = ("iterations", "coord", "loss")
 
@@ -64,7 +65,7 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
     runs: dict[str, dict[str, Any]] = {}
     for v in dict.fromkeys(v for vs in groups.values() for v in vs):
         config = common.run_config("ablation", v.key, data_cfg, cfg["capsnet"], cfg["capsules"], seed, device,
-                                   routing=common.whole_batch_routing(iterations=v.iterations),
+                                   routing=RoutingConfig(iterations=v.iterations),
                                    coord_add=v.coord_add, loss=v.loss)
         model, fitted = common.fit(config, out, v.key, quiet=quiet)
         err = error_rate(predict(model, eval_batches(test, 64, 32))[0].argmax(1), test.labels)

@@ -30,7 +30,7 @@ from emcaps.config import (
 )
 from emcaps.data.splits import ImageSet, load_split
 from emcaps.models import count_parameters
-from emcaps.routing import RoutingConfig
+from emcaps.routing import RoutingConfig, Runtime
 from emcaps.training.checkpoint import model_from_checkpoint
 from emcaps.training.distributed import resolve_device
 from emcaps.training.loop import train
@@ -85,7 +85,7 @@ def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = No
         cfg["capsules"] = replace(cfg["capsules"], lr=capsnet_lr)
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
         raise ConfigError(f"--routing-iterations must be a positive integer, got {iterations}")
-    cfg["routing"] = whole_batch_routing(iterations=ITERATIONS if iterations is None else iterations)
+    cfg["routing"] = RoutingConfig(iterations=ITERATIONS if iterations is None else iterations)
     return cfg
 
 
@@ -115,21 +115,20 @@ def load(cfg: DataConfig, split: str) -> ImageSet:
     return load_split(cfg, split)
 
 
-def whole_batch_routing(**fields: Any) -> RoutingConfig:
-    """RoutingConfig(**fields) that routes the whole batch at once and keeps its tensors for the backward
-    pass: on a CPU several times faster than the chunked default, and the experiments' batches are small."""
-    return RoutingConfig(**{"chunk": 0, "recompute": False, **fields})
+# The experiments' models route whole batches and keep their tensors for the backward pass: on a CPU several
+# times faster than recomputing chunks, and the experiments' batches are small.
+WHOLE_BATCH = Runtime(recompute="no")
 
 
 def run_config(experiment: str, role: str, data: DataConfig, model: str, budget: Budget, seed: int = 0,
                device: str = "cpu", routing: RoutingConfig | None = None, coord_add: bool = True,
                loss: str = "auto") -> RunConfig:
     """The RunConfig (named EXPERIMENT-ROLE) of one model an experiment trains: `model` a preset of
-    emcaps.models or 'cnn', budget.steps Adam steps; routing defaults to `whole_batch_routing()`. The loop
+    emcaps.models or 'cnn', budget.steps Adam steps, routing whole batches (WHOLE_BATCH). The loop
     tests the model only at the end: the experiments measure what they need themselves."""
     return RunConfig(
         name=f"{experiment}-{role}", data=data, model=ModelConfig(name=model, coord_add=coord_add),
-        routing=routing or whole_batch_routing(),
+        routing=routing or RoutingConfig(), runtime=WHOLE_BATCH,
         optim=OptimConfig(optimizer="adam", lr=budget.lr, lr_schedule=budget.schedule),
         loss=LossConfig(name=loss),
         train=TrainConfig(max_steps=budget.steps, batch_size=budget.batch_size, seed=seed, device=device,

@@ -6,13 +6,14 @@ is a logistic function of how cheaply its Gaussian explains the data assigned to
 
 The forms that compute it, one module each, all held to the same float64 values and gradients by the tests:
 - `reference.em_routing`: the dense reference, written to read like the paper. Votes (N, I, J, D). Its loop
-  form over the layers' layout is what RoutingConfig(backend='compile') hands to torch.compile.
+  form over the layers' layout is what Runtime(backend='compile') hands to torch.compile.
 - `fused.em_routing_fused`: PyTorch ops in the layers' layout (M, J, I, D): every M-step and E-step is one
   batched matrix product over the votes and their squares, and the E-step normalisation is pluggable
   (`fused.PositionCompetition`: convolutional layers normalise a child over every position it feeds).
 - `native.conv_routing`: capsule convolutions with the C++ kernels of emcaps.kernels, which recompute the
   votes in every pass and never store them, with a hand-written backward.
-`config` holds RoutingConfig and the named parameterisations ('emcaps', 'paper', 'authors', 'ibm').
+`config` holds RoutingConfig and the named parameterisations ('emcaps', 'paper', 'authors', 'ibm'): the
+mathematics. `runtime` holds how it runs on a device (backend, chunks, recomputation), chosen per device.
 
 Numerical choices, shared by every form so that they agree:
 - variances get a floor `var_floor` and the log-likelihood uses log(variance), never sqrt, so a parent
@@ -24,7 +25,6 @@ Numerical choices, shared by every form so that they agree:
 
 from emcaps.routing.config import (
     ACTIVATIONS,
-    BACKENDS,
     DEFAULT_ACTIVATION,
     DEFAULT_ESTEP_TEMPERATURE,
     DEFAULT_FINAL_LAMBDA,
@@ -39,11 +39,14 @@ from emcaps.routing.config import (
     inverse_temperatures,
 )
 from emcaps.routing.fused import PositionCompetition, em_routing_fused
+from emcaps.routing import runtime
+from emcaps.routing.runtime import BACKENDS, Runtime, Settings
 from emcaps.routing.reference import Normaliser, RoutingStep, em_routing, parent_logit
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "DEFAULT_ACTIVATION", "DEFAULT_ESTEP_TEMPERATURE", "DEFAULT_FINAL_LAMBDA",
     "DEFAULT_PARAMETERISATION", "DEFAULT_VAR_FLOOR", "EPS", "INITIAL_ASSIGNMENTS", "PARAMETERISATIONS",
-    "SCHEDULES", "STD_FLOOR", "Normaliser", "PositionCompetition", "RoutingConfig", "RoutingStep", "em_routing",
+    "SCHEDULES", "STD_FLOOR", "Normaliser", "PositionCompetition", "RoutingConfig", "RoutingStep", "Runtime",
+    "Settings", "em_routing",
     "em_routing_fused", "inverse_temperatures", "parent_logit",
 ]

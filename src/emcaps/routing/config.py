@@ -28,7 +28,6 @@ SCHEDULES = ("authors", "linear", "constant")
 ACTIVATIONS = ("paper", "standardised")
 DEFAULT_PARAMETERISATION = "emcaps"
 CUSTOM = "custom"         # the label of routing fields that no named parameterisation sets all of
-BACKENDS = ("auto", "native", "torch", "compile")
 INITIAL_ASSIGNMENTS = ("uniform", "per_window")
 _LOG_2PI = math.log(2 * math.pi)
 
@@ -80,25 +79,7 @@ class RoutingConfig:
                       configs fill the fields a name sets, and the model's initialisation, from it
                       (emcaps.config); so does `create_model` for the initialisation.
 
-    How it runs (the result does not depend on these):
-    chunk:            route this many images at a time; 0 (default) picks as many as keep one chunk's
-                      votes under `chunk_mb`. Small chunks keep the working set in cache and below
-                      glibc's mmap threshold (32 MB at most), so the allocator reuses the same blocks
-                      instead of mapping and zero-filling fresh pages every step.
-    chunk_mb:         the votes budget of an automatic chunk, in MB.
-    native_chunk_mb:  the same on the native path, for its largest tensors, the assignments (1/16 of the
-                      votes it never stores). 12 keeps them under the mmap threshold too: on the kernels'
-                      OpenMP threads, 12 and 48 train and infer about equally fast, and 48 doubles inference's
-                      peak memory (`benchmarks/bench.py --routing native_chunk_mb=48` measures the difference).
-    recompute:        when training, keep only each layer's inputs and recompute votes and routing in
-                      the backward pass, chunk by chunk, instead of storing every iteration's tensors.
-    backend:          how capsule convolutions route. 'native': C++ kernels that recompute the votes
-                      in every pass and never store them, with a hand-written backward (CPU only; built
-                      with the system compiler on first use, see emcaps.kernels); 'torch': PyTorch ops
-                      (the fused form below); 'compile': a torch.compile'd kernel (fused loops, no
-                      votes-sized temporaries; the first call of each shape pays the compile time);
-                      'auto' (default): native where it is available, else torch. Class capsules,
-                      whose votes are small, and traced calls always route with PyTorch ops.
+    How it runs (backend, chunking, recomputation) is not part of it: see emcaps.routing.runtime.Runtime.
     """
 
     iterations: int = 3
@@ -118,26 +99,14 @@ class RoutingConfig:
     beta_a_scale: float = 1.0
     detach_assignments: bool = True
     parameterisation: str = ""
-    chunk: int = 0
-    chunk_mb: float = 12.0
-    native_chunk_mb: float = 12.0
-    recompute: bool = True
-    backend: str = "auto"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.chunk, int) or self.chunk < 0:
-            raise ValueError(f"routing chunk must be an integer >= 0, got {self.chunk!r}")
         if not isinstance(self.iterations, int) or self.iterations < 1:
             raise ValueError(f"routing iterations must be an integer >= 1, got {self.iterations!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown inverse-temperature schedule {self.schedule!r}; expected one of {SCHEDULES}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"unknown routing backend {self.backend!r}; expected one of {BACKENDS}")
         if not self.final_lambda > 0:
             raise ValueError(f"final_lambda must be > 0, got {self.final_lambda}")
-        for name in ("chunk_mb", "native_chunk_mb"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be > 0 (MB), got {getattr(self, name)}")
         if not self.var_floor > 0:
             raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
         if self.activation not in ACTIVATIONS:
@@ -205,13 +174,6 @@ class RoutingConfig:
             return self
         return dataclasses.replace(self, final_lambda=self.final_lambda * self.class_lambda_scale,
                                    class_lambda_scale=1.0, parameterisation=CUSTOM)
-
-    def images_per_chunk(self, batch: int, bytes_per_image: int, native: bool = False) -> int:
-        """How many images of a batch to route at once: `bytes_per_image` of votes (native: of assignments)."""
-        if self.chunk > 0:
-            return self.chunk
-        budget = self.native_chunk_mb if native else self.chunk_mb
-        return max(1, min(batch, int(budget * 2**20 // max(bytes_per_image, 1))))
 
     @property
     def inverse_temperatures(self) -> list[float]:

@@ -9,13 +9,15 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from emcaps.routing.config import _LOG_2PI, EPS, RoutingConfig
+from emcaps.routing.runtime import Settings, note_compile_failure
 from emcaps.routing.reference import Normaliser, RoutingStep, _compiled_kernel, _compute_dtype, parent_logit
 
 
 def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
                      config: RoutingConfig, *, cost_scale: float = 1.0,
                      initial: Tensor | None = None, normalise: Normaliser | None = None,
-                     trace: list[RoutingStep] | None = None) -> tuple[Tensor, Tensor]:
+                     trace: list[RoutingStep] | None = None, settings: Settings | None = None
+                     ) -> tuple[Tensor, Tensor]:
     """EM routing in the layout the layers use; computes what `em_routing` computes.
 
     votes:       (M, J, I, D)   M independent routing problems (images, or image-positions)
@@ -30,11 +32,33 @@ def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a:
     The votes are centred per parent once and stored beside their squares, (M, J, I, 2D); each M-step is
     then one batched product (weights @ [v, v^2]) and each E-step one more ([v, v^2] @ coefficients),
     with no (votes - mean)^2 temporary. Centring keeps the moment formula exact for large votes.
-    With `config.backend == "compile"`, a compiled kernel (`_em_direct`) runs instead: it fuses the
-    broadcasts into loops and needs neither the stored squares nor the batched products.
+    With `settings.backend == "compile"` (emcaps.routing.runtime), a compiled kernel (`_em_direct`) runs
+    instead: it fuses the broadcasts into loops and needs neither the stored squares nor the batched products.
+    Where the runtime chose compile itself and compiling fails, this says so once and uses PyTorch ops.
     """
     with torch.autocast(votes.device.type, enabled=False):     # the statistics stay in float32 (or float64)
+        if settings is not None and settings.backend == "compile" and trace is None:
+            try:
+                return _compiled(votes, activations, beta_u, beta_a, config, cost_scale, initial, normalise)
+            except Exception as error:                           # noqa: BLE001 - any compiler failure
+                if not settings.compile_fallback:
+                    raise
+                note_compile_failure(error)
         return _fused(votes, activations, beta_u, beta_a, config, cost_scale, initial, normalise, trace)
+
+
+def _compiled(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, config: RoutingConfig,
+              cost_scale: float, initial: Tensor | None, normalise: Normaliser | None) -> tuple[Tensor, Tensor]:
+    """em_routing_fused with the torch.compile'd kernel: votes (M, J, I, D) -> pose (M, J, D), activation (M, J)."""
+    n_out = votes.shape[1]
+    out_dtype = votes.dtype
+    cd = _compute_dtype(out_dtype)
+    r = initial if initial is not None else votes.new_full((1, 1, 1), 1.0 / n_out, dtype=cd)
+    mean, act = _compiled_kernel()(votes.to(cd), activations.to(cd), beta_u.to(cd), beta_a.to(cd),
+                                   tuple(config.inverse_temperatures), config.var_floor, cost_scale,
+                                   r, normalise, config.activation, config.estep_temperature,
+                                   config.centre_damping, config.detach_assignments)
+    return mean.to(out_dtype), act.to(out_dtype)
 
 
 def _fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, config: RoutingConfig,
@@ -45,12 +69,6 @@ def _fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, c
     out_dtype = votes.dtype
     cd = _compute_dtype(out_dtype)
     r = initial if initial is not None else votes.new_full((1, 1, 1), 1.0 / n_out, dtype=cd)
-    if config.backend == "compile" and trace is None:
-        mean, act = _compiled_kernel()(votes.to(cd), activations.to(cd), beta_u.to(cd), beta_a.to(cd),
-                                       tuple(config.inverse_temperatures), config.var_floor, cost_scale,
-                                       r, normalise, config.activation, config.estep_temperature,
-                                       config.centre_damping, config.detach_assignments)
-        return mean.to(out_dtype), act.to(out_dtype)
     v = votes.to(cd)
     a = activations.to(cd).unsqueeze(1)                                 # (M, 1, I)
     bu, ba = beta_u.to(cd), beta_a.to(cd)

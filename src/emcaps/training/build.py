@@ -34,8 +34,10 @@ def routing_path(model: nn.Module, device: torch.device) -> str | None:
     layers = [m for m in model.modules() if hasattr(m, "uses_native")]
     if not layers:
         return None
+    settings = layers[0].settings(device)
     if not layers[0].uses_native(torch.empty(0, device=device)):
-        return f"routing with PyTorch ops ({layers[0].routing.backend} backend)"
+        kind = "torch.compile" if settings.backend == "compile" else "PyTorch ops"
+        return f"routing with {kind} ({layers[0].runtime.backend} backend; {settings.describe()})"
     lib = kernels.library()
     return f"routing on the native kernels ({'OpenMP' if lib.openmp else 'a thread pool'})"
 
@@ -65,7 +67,7 @@ def build_model(config: RunConfig, classes: int, in_channels: int) -> nn.Module:
     if config.model.name == "cnn":
         return create_model("cnn", classes=classes, in_channels=in_channels)
     return create_model(config.model.name, classes=classes, in_channels=in_channels, routing=config.routing,
-                        image_size=config.data.crop, **config.model.capsule_fields())
+                        runtime=config.runtime, image_size=config.data.crop, **config.model.capsule_fields())
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:

@@ -203,9 +203,9 @@ def run_child(spec: Spec) -> dict:
 
 def votes_bytes_per_image(preset: str) -> int:
     """float32 bytes of the votes of every routed layer for one image (the reference's big tensors)."""
-    from emcaps.models import PRESETS as MODEL_PRESETS
+    from emcaps.models import CAPSULE_PRESETS
 
-    c = MODEL_PRESETS["paper" if preset == "routing" else preset]
+    c = CAPSULE_PRESETS["paper" if preset == "routing" else preset]
     conv1 = 6 * 6 * (3 * 3 * c.B) * c.C            # 14x14 -> 6x6 positions, K*K*B children, C parents
     conv2 = 4 * 4 * (3 * 3 * c.C) * c.D            # 6x6 -> 4x4
     classes = 4 * 4 * c.D * c.classes

@@ -6,6 +6,7 @@ optimiser steps (or for a trained run).
     python benchmarks/conditioning.py --presets paper --seeds 0,1,2 --steps 0,20
     python benchmarks/conditioning.py --run runs/convergence/converge  # a trained checkpoint, its test images
     python benchmarks/conditioning.py --set conv_transform_std=1.0     # a model field changed
+    python benchmarks/conditioning.py --parameterisations emcaps --routing var_floor=5e-4   # a routing field
 
 The routed layers run on the PyTorch-ops path (`backend=torch`), the path a GPU runs; bf16 autocasts the
 convolutions, and the capsule layers route in float32 as they always do. 'spread' is the mean over images of
@@ -44,10 +45,10 @@ def trained_steps(model: torch.nn.Module, steps: int, seed: int, batch: int = 16
 
 
 def measure(preset: str, parameterisation: str, seed: int, steps: int, images: int,
-            fields: dict) -> dict:
+            fields: dict, routing: dict) -> dict:
     torch.manual_seed(seed)
-    model = create_model(preset, routing=RoutingConfig.named(parameterisation), runtime=Runtime(backend="torch"),
-                         **fields)
+    model = create_model(preset, routing=RoutingConfig.named(parameterisation, **routing),
+                         runtime=Runtime(backend="torch"), **fields)
     trained_steps(model, steps, seed)
     x = torch.randn(images, 1, 32, 32, generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -91,6 +92,8 @@ def main() -> None:
     p.add_argument("--images", type=int, default=16)
     p.add_argument("--set", action="append", default=[], metavar="FIELD=JSON",
                    help="a CapsNetConfig field of every model (repeatable)")
+    p.add_argument("--routing", action="append", default=[], metavar="FIELD=JSON",
+                   help="a RoutingConfig field changed from the named parameterisation (repeatable)")
     p.add_argument("--run", action="append", default=[], help="a trained run directory or checkpoint")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -100,7 +103,8 @@ def main() -> None:
     fields = parse_fields(args.set)
     rows = [measure_run(run, args.images) for run in args.run]
     if not args.run:
-        rows = [measure(preset, name, int(seed), int(steps), args.images, fields)
+        routing = parse_fields(args.routing)
+        rows = [measure(preset, name, int(seed), int(steps), args.images, fields, routing)
                 for preset in args.presets.split(",") for name in args.parameterisations.split(",")
                 for seed in args.seeds.split(",") for steps in args.steps.split(",")]
     if args.json:

@@ -7,7 +7,8 @@
 
 Each config trains in OUT/NAME with `emcaps train` (checkpoints, log.jsonl); a run that is there already
 resumes, so a killed benchmark continues where it stopped. `--minutes` stops each run after that much training
-time and checkpoints the model it reached (test it on every test image with `emcaps eval OUT/NAME`). The curves come from the runs' 'eval' events (every
+time and checkpoints the model it reached (test it on every test image with `emcaps eval OUT/NAME`).
+The curves come from the runs' 'eval' events (every
 `train.eval_steps`) and 'epoch' events: OUT/curves.json and OUT/curves.png (with --plot-only, a config
 whose run folder is not in OUT keeps its curve from OUT/curves.json). `--set` applies to every config
 (routing settings included, which the CNN ignores). Not a timing benchmark: the minutes are this machine's.

@@ -142,7 +142,8 @@ def test_routing_parameterisation_by_name_sets_routing_and_model(name, tmp_path)
 def test_a_config_that_contradicts_its_named_parameterisation_says_so(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[routing]\nparameterisation = "authors"\nfinal_lambda = 0.02\n')
-    with pytest.raises(ConfigError, match=r"parameterisation 'authors' contradicts final_lambda = 0.02 \(it sets 0.01\)"):
+    contradiction = r"parameterisation 'authors' contradicts final_lambda = 0.02 \(it sets 0.01\)"
+    with pytest.raises(ConfigError, match=contradiction):
         config.load(path)
     with pytest.raises(ConfigError, match="parameterisation 'ibm' contradicts var_floor"):
         config.load(None, ["routing.parameterisation=ibm", "routing.var_floor=1e-6"])

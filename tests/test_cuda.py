@@ -72,3 +72,20 @@ def test_deterministic_cuda_resume_is_exact(tmp_path):
     b = checkpoint.load_checkpoint(tmp_path / "split")["model"]
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def test_torchrun_on_cuda_uses_nccl_with_one_gpu_per_rank(tmp_path):
+    """One rank where one GPU exists (the most this test can ask for): nccl, cuda:0, one summary line."""
+    import json
+    import subprocess
+    import sys
+
+    ranks = min(torch.cuda.device_count(), 2)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
+           "emcaps", "train", *[a for s in TOY for a in ("--set", s)], "--run-dir", str(tmp_path / "run"),
+           "--quiet"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert len([line for line in done.stdout.splitlines() if line.startswith("{")]) == 1
+    start = json.loads((tmp_path / "run" / "log.jsonl").read_text().splitlines()[0])
+    assert start["process_group"] == "nccl" and start["device"] == "cuda:0" and start["world"] == ranks

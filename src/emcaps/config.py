@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from emcaps.layers import BIAS_INITS
-from emcaps.models import INITIALISATIONS, MODEL_NAMES, CapsNetConfig
+from emcaps.models import INITIALISATIONS, CapsNetConfig, is_capsule_model, list_models
 from emcaps.routing import PARAMETERISATIONS, RoutingConfig, Runtime
 from emcaps.routing.config import CUSTOM, named_fields
 
@@ -112,13 +112,13 @@ class ModelConfig:
     decoder: bool = False
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, MODEL_NAMES)
+        _choice("model.name", self.name, tuple(list_models()))
         _positive("model.conv_transform_std", self.conv_transform_std)
         _positive("model.class_transform_std", self.class_transform_std)
         _choice("model.bias_init", self.bias_init, BIAS_INITS)
-        if self.decoder and self.name == "cnn":
-            raise ConfigError("model.decoder reconstructs from class capsule poses: it needs a capsule "
-                              "model, not 'cnn'")
+        if self.decoder and not is_capsule_model(self.name):
+            raise ConfigError(f"model.decoder reconstructs from class capsule poses: it needs a capsule "
+                              f"model, not {self.name!r}")
 
     def capsule_fields(self) -> dict[str, Any]:
         """What create_model takes for a capsule network."""
@@ -304,7 +304,8 @@ def _coerce(key: str, value: Any, kind: Any) -> Any:
 def _unknown(key: str, known: list[str]) -> ConfigError:
     prefix, _, leaf = key.rpartition(".")
     close = difflib.get_close_matches(leaf, known, n=1)
-    hint = f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close else f"; known: {', '.join(known)}"
+    hint = (f" (did you mean {(prefix + '.' if prefix else '') + close[0]!r}?)" if close
+            else f"; known: {', '.join(known)}")
     return ConfigError(f"unknown config key {key!r}{hint}")
 
 

@@ -1,4 +1,4 @@
-"""Models: the matrix capsule network of the paper, its baseline CNN, and a registry of named presets.
+"""Models: the matrix capsule network of the paper, its baseline CNN, and a registry of named models.
 
 Every model maps images (N, C, 32, 32) to class scores (N, E). `score_kind` tells losses and attacks
 what the scores are: "activation" (capsule activations in [0, 1]) or "logit".
@@ -7,6 +7,7 @@ what the scores are: "activation" (capsule activations in [0, 1]) or "logit".
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
@@ -176,12 +177,78 @@ class BaselineCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-PRESETS: dict[str, CapsNetConfig] = {
+@dataclass(frozen=True)
+class ModelEntry:
+    """A registered model: `build(classes, in_channels, **options)` and whether it is a capsule network."""
+
+    build: Callable[..., nn.Module]
+    capsules: bool
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, capsules: bool = True, description: str = "") -> Callable:
+    """Decorator: register `build(classes=..., in_channels=..., **options) -> nn.Module` under `name`, so that
+    create_model, list_models, run configs (`model.name`) and the CLI know it."""
+    def register(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _REGISTRY:
+            raise ValueError(f"a model named {name!r} is already registered")
+        _REGISTRY[name] = ModelEntry(build, capsules, description or (build.__doc__ or "").strip().split("\n")[0])
+        return build
+    return register
+
+
+def list_models(capsules: bool | None = None) -> list[str]:
+    """The registered model names (only capsule networks, or only the others, if `capsules` says so)."""
+    return [n for n, e in _REGISTRY.items() if capsules is None or e.capsules == capsules]
+
+
+def is_capsule_model(name: str) -> bool:
+    return _entry(name).capsules
+
+
+def _entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def _capsule_preset(preset: CapsNetConfig) -> Callable[..., nn.Module]:
+    def build(classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,
+              coord_add: bool | None = None, runtime: Runtime | None = None, **fields) -> MatrixCapsNet:
+        config = replace(preset, classes=classes, in_channels=in_channels)
+        if routing is not None:
+            # The initialisation goes with the routing's parameterisation, as `--set routing.parameterisation`
+            # gives it: fields passed here override it.
+            fields = {**INITIALISATIONS.get(routing.parameterisation, {}), **fields}
+            config = replace(config, routing=routing)
+        if coord_add is not None:
+            config = replace(config, coord_add=coord_add)
+        model = MatrixCapsNet(replace(config, **fields))
+        return model.set_runtime(runtime) if runtime is not None else model
+    return build
+
+
+CAPSULE_PRESETS: dict[str, CapsNetConfig] = {
     "paper": CapsNetConfig(A=32, B=32, C=32, D=32),
     "small": CapsNetConfig(A=64, B=8, C=16, D=16),
     "tiny": CapsNetConfig(A=16, B=4, C=4, D=4),
 }
-MODEL_NAMES = (*PRESETS, "cnn")
+_ABOUT = {"paper": "the paper's smallNORB network, A=B=C=D=32 (about 310K parameters)",
+          "small": "the paper's small network, A=64, B=8, C=D=16 (about 68K parameters)",
+          "tiny": "A=16, B=C=D=4: for tests and quick runs"}
+for _name, _preset in CAPSULE_PRESETS.items():
+    register_model(_name, description=_ABOUT[_name])(_capsule_preset(_preset))
+
+
+@register_model("cnn", capsules=False, description="the paper's baseline CNN (about 4.2M parameters)")
+def _baseline_cnn(classes: int = 5, in_channels: int = 1, **options) -> BaselineCNN:
+    if options:
+        raise ValueError(f"the baseline CNN takes no capsule settings, got {sorted(options)}")
+    return BaselineCNN(classes=classes, in_channels=in_channels)
+
 
 # The initialisation that goes with each routing parameterisation (emcaps.routing.PARAMETERISATIONS): a run
 # config naming `routing.parameterisation` takes these model fields unless it sets them itself.
@@ -199,29 +266,15 @@ INITIALISATIONS: dict[str, dict[str, object]] = {
 }
 
 
-def create_model(name: str, classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,
-                 coord_add: bool | None = None, runtime: Runtime | None = None, **fields) -> nn.Module:
-    """A model by name: a capsule preset ('paper', 'small', 'tiny') or 'cnn' (the baseline). Other
-    CapsNetConfig `fields` (e.g. class_transform_std, decoder) override the preset's. With `routing`, the
-    initialisation is the one its parameterisation names (INITIALISATIONS), as in a run config. `runtime`
-    says how the routing runs (default: chosen per device; see MatrixCapsNet.set_runtime)."""
-    if name == "cnn":
-        if fields or routing is not None or runtime is not None:
-            raise ValueError(f"the baseline CNN takes no capsule settings, got "
-                             f"{sorted([*fields, *(['routing'] if routing else []), *(['runtime'] if runtime else [])])}")
-        return BaselineCNN(classes=classes, in_channels=in_channels)
-    if name not in PRESETS:
-        raise ValueError(f"unknown model {name!r}; expected one of {', '.join(MODEL_NAMES)}")
-    config = replace(PRESETS[name], classes=classes, in_channels=in_channels)
-    if routing is not None:
-        # The initialisation goes with the routing's parameterisation, as `--set routing.parameterisation`
-        # gives it: fields passed here override it.
-        fields = {**INITIALISATIONS.get(routing.parameterisation, {}), **fields}
-        config = replace(config, routing=routing)
-    if coord_add is not None:
-        config = replace(config, coord_add=coord_add)
-    model = MatrixCapsNet(replace(config, **fields))
-    return model.set_runtime(runtime) if runtime is not None else model
+def create_model(name: str, classes: int = 5, in_channels: int = 1, **options) -> nn.Module:
+    """A registered model by name (list_models()): a capsule preset ('paper', 'small', 'tiny') or 'cnn'.
+
+    Capsule networks take `routing` (a RoutingConfig; the initialisation is then the one its parameterisation
+    names, INITIALISATIONS, as in a run config), `runtime` (how the routing runs; default: chosen per device,
+    see MatrixCapsNet.set_runtime), `coord_add`, and CapsNetConfig fields (e.g. class_transform_std, decoder)
+    that override the preset's. (N, in_channels, 32, 32) -> scores (N, classes).
+    """
+    return _entry(name).build(classes=classes, in_channels=in_channels, **options)
 
 
 def count_parameters(model: nn.Module) -> int:

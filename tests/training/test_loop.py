@@ -39,7 +39,8 @@ def test_run_directory_contents(tmp_path):
     summary = loop.train(toy_config(), tmp_path / "run", quiet=True)
     run = tmp_path / "run"
     assert summary["finished"] and summary["steps"] == 8 and 0 <= summary["test_error"] <= 1
-    assert sorted(p.name for p in run.iterdir() if p.name != "tensorboard") == ["checkpoint.pt", "config.toml", "log.jsonl"]
+    made = sorted(p.name for p in run.iterdir() if p.name != "tensorboard")
+    assert made == ["checkpoint.pt", "config.toml", "log.jsonl"]
     assert config.load(run / "config.toml") == toy_config()
     state = checkpoint.load_checkpoint(run)
     assert state["format"] == checkpoint.CHECKPOINT_FORMAT and state["version"] == checkpoint.CHECKPOINT_VERSION
@@ -84,7 +85,7 @@ def test_corrupt_truncated_and_foreign_checkpoints_fail_clearly(tmp_path):
         "garbage": (b"not a checkpoint at all" * 10, "not a readable emcaps checkpoint"),
         "truncated": (good[: len(good) // 2], "not a readable emcaps checkpoint"),
     }
-    for name, (data, message) in cases.items():
+    for data, message in cases.values():
         (tmp_path / "run" / "checkpoint.pt").write_bytes(data)
         with pytest.raises(CheckpointError, match=message):
             loop.resume(tmp_path / "run", quiet=True)

@@ -53,7 +53,8 @@ def _parse_header(path: Path, head: bytes, total_size: int) -> tuple[np.dtype, t
     if found < expected:
         raise IdxFormatError(path, f"data truncated: dims {dims} of {dtype} need {expected} bytes, file holds {found}")
     if found > expected:
-        raise IdxFormatError(path, f"{found - expected} bytes of trailing data after the {expected} bytes that dims {dims} need")
+        raise IdxFormatError(path, f"{found - expected} bytes of trailing data after the {expected} bytes "
+                                   f"that dims {dims} need")
     return dtype, dims, offset
 
 

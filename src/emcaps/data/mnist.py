@@ -31,9 +31,11 @@ MNIST_URL = "https://storage.googleapis.com/cvdf-datasets/mnist/"
 # Sizes and SHA-256 of the gzipped files, as recorded by TensorFlow Datasets
 # (tensorflow_datasets/url_checksums/mnist.txt).
 MNIST_REMOTE = (
-    RemoteFile("train-images-idx3-ubyte.gz", 9912422, "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
+    RemoteFile("train-images-idx3-ubyte.gz", 9912422,
+               "440fcabf73cc546fa21475e81ea370265605f56be210a4024d2ca8f203523609"),
     RemoteFile("train-labels-idx1-ubyte.gz", 28881, "3552534a0a558bbed6aed32b30c495cca23d567ec52cac8be1a0730e8010255c"),
-    RemoteFile("t10k-images-idx3-ubyte.gz", 1648877, "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
+    RemoteFile("t10k-images-idx3-ubyte.gz", 1648877,
+               "8d422c7b0a1c1c79245a5bcf07fe86e33eeafee792b84584aec276f5a2dbc4e6"),
     RemoteFile("t10k-labels-idx1-ubyte.gz", 4542, "f7ae60f92e00ec6debd23a6088c31dbd2371eca3ffa0defaefb259924204aec6"),
 )
 # Sizes and SHA-256 of the same files uncompressed, for copies put in place by hand (measured on a copy whose MD5s

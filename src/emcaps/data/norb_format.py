@@ -166,7 +166,8 @@ def create_norb_memmap(path: str | os.PathLike, dtype: np.dtype, shape: tuple[in
     return np.memmap(path, dtype=dtype, mode="r+", offset=len(header), shape=tuple(shape))
 
 
-def validate_norb(path: str | os.PathLike, gzipped: bool | None = None, chunk_size: int = 1 << 20) -> tuple[np.dtype, tuple[int, ...]]:
+def validate_norb(path: str | os.PathLike, gzipped: bool | None = None,
+                  chunk_size: int = 1 << 20) -> tuple[np.dtype, tuple[int, ...]]:
     """Check a whole file (header, size, gzip stream) without holding it in memory; return (dtype, shape).
 
     ``gzipped`` defaults to the file name (``.gz``); pass it for names like ``x.mat.gz.part``.

@@ -113,7 +113,8 @@ class SmallNORB(Dataset):
             raise NorbFormatError(files["dat"], f"expected uint8 images (N={n}, 2, H, W), got "
                                                 f"{self._images.dtype} {self._images.shape}")
         if labels.shape != (n,) or labels.dtype.kind != "i":
-            raise NorbFormatError(files["cat"], f"expected int labels of shape ({n},), got {labels.dtype} {labels.shape}")
+            raise NorbFormatError(files["cat"],
+                                  f"expected int labels of shape ({n},), got {labels.dtype} {labels.shape}")
         if info.shape != (n, 4) or info.dtype.kind != "i":
             raise NorbFormatError(files["info"], f"expected int info of shape ({n}, 4), got {info.dtype} {info.shape}")
         keep = np.ones(n, dtype=bool)

@@ -23,6 +23,7 @@ Numerical choices, shared by every form so that they agree:
   zero means and weights otherwise sum to exactly one.
 """
 
+from emcaps.routing import runtime  # noqa: F401  (emcaps.routing.runtime, the module)
 from emcaps.routing.config import (
     ACTIVATIONS,
     DEFAULT_ACTIVATION,
@@ -39,9 +40,8 @@ from emcaps.routing.config import (
     inverse_temperatures,
 )
 from emcaps.routing.fused import PositionCompetition, em_routing_fused
-from emcaps.routing import runtime
-from emcaps.routing.runtime import BACKENDS, Runtime, Settings
 from emcaps.routing.reference import Normaliser, RoutingStep, em_routing, parent_logit
+from emcaps.routing.runtime import BACKENDS, Runtime, Settings
 
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "DEFAULT_ACTIVATION", "DEFAULT_ESTEP_TEMPERATURE", "DEFAULT_FINAL_LAMBDA",

@@ -221,19 +221,6 @@ def named_fields(label: str) -> dict[str, Any] | None:
     return _LABELS.get(label)
 
 
-# Earlier definitions of a name, under the label their saved configs get when they load: a run saved as
-# 'emcaps' before its floor changed is 'emcaps-0.1' (its fields are kept; only the label moves).
-EARLIER_PARAMETERISATIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "emcaps": ("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR}),
-}
-_LABELS = {**PARAMETERISATIONS, **dict(EARLIER_PARAMETERISATIONS.values())}
-
-
-def named_fields(label: str) -> dict[str, Any] | None:
-    """The routing fields a label sets: a named parameterisation or an earlier one; None for others."""
-    return _LABELS.get(label)
-
-
 def inverse_temperatures(iterations: int, final_lambda: float = DEFAULT_FINAL_LAMBDA,
                          schedule: str = "authors") -> list[float]:
     """The inverse temperature lambda for each iteration; it rises each iteration."""

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from emcaps.routing.config import _LOG_2PI, EPS, RoutingConfig
-from emcaps.routing.runtime import Settings, note_compile_failure
 from emcaps.routing.reference import Normaliser, RoutingStep, _compiled_kernel, _compute_dtype, parent_logit
+from emcaps.routing.runtime import Settings, note_compile_failure
 
 
 def em_routing_fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,

@@ -98,7 +98,7 @@ def _group_sums(x: Tensor, competition: PositionCompetition | None) -> Tensor:
 class _ConvRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, W, a, beta_u, beta_a, initial, config: RoutingConfig,
-                competition: PositionCompetition | None, cost_scale: float, lib: Library, O: Tensor | None):
+                competition: PositionCompetition | None, cost_scale: float, lib: Library, off: Tensor | None):
         m, n_in, _ = P.shape
         n_out = W.shape[1]
         lambdas = config.inverse_temperatures
@@ -111,7 +111,7 @@ class _ConvRouting(torch.autograd.Function):
         for t, lam in enumerate(lambdas):
             mean, var, s = P.new_empty(m, n_out, D), P.new_empty(m, n_out, D), P.new_empty(m, n_out)
             lib.call("mstep", P.dtype,
-                     [P, W, O, r, r.stride(0), r.stride(1), a, m, n_out, n_in, EPS, mean, var, s], m, range_at=10)
+                     [P, W, off, r, r.stride(0), r.stride(1), a, m, n_out, n_in, EPS, mean, var, s], m, range_at=10)
             var += config.var_floor
             if damping:
                 centre, var = _damp(mean, var, s, centre, damping)
@@ -129,7 +129,7 @@ class _ConvRouting(torch.autograd.Function):
             tau = config.estep_temperature
             const = tau * (F.logsigmoid(logit) - 0.5 * (log_var_sum + D * _LOG_2PI))  # (M, J)
             r, lse = P.new_empty(m, n_out, n_in), P.new_empty(m, n_in)
-            lib.call("estep_assign", P.dtype, [P, W, O, centre, 1.0 / var, const.contiguous(), m, n_out, n_in,
+            lib.call("estep_assign", P.dtype, [P, W, off, centre, 1.0 / var, const.contiguous(), m, n_out, n_in,
                                                0.5 * tau, r, lse], m, range_at=9)
             if competition is not None:
                 r.mul_(competition.edge_scale(lse).unsqueeze(1))
@@ -141,7 +141,7 @@ class _ConvRouting(torch.autograd.Function):
             steps[-1][1] = None
         ctx.save_for_backward(P, W, a, beta_u, beta_a, centre)
         ctx.steps, ctx.lambdas, ctx.config = steps, lambdas, config
-        ctx.competition, ctx.cost_scale, ctx.lib, ctx.offsets = competition, cost_scale, lib, O
+        ctx.competition, ctx.cost_scale, ctx.lib, ctx.offsets = competition, cost_scale, lib, off
         return centre, torch.sigmoid(logit)
 
     @staticmethod
@@ -149,7 +149,7 @@ class _ConvRouting(torch.autograd.Function):
     def backward(ctx, g_mean_out, g_act_out):
         P, W, a, beta_u, beta_a, mean_out = ctx.saved_tensors
         steps, lambdas, lib, cs, config = ctx.steps, ctx.lambdas, ctx.lib, ctx.cost_scale, ctx.config
-        O = ctx.offsets
+        off = ctx.offsets
         m, n_in, _ = P.shape
         n_out = W.shape[1]
         g_P = torch.zeros_like(P)
@@ -195,7 +195,7 @@ class _ConvRouting(torch.autograd.Function):
                 g_log_var = -0.5 * g_const
                 g_maha = g_log_r.mul_(-0.5)
                 g_mean, g_inv_var = torch.empty_like(mean), torch.empty_like(var)
-                lib.call("estep_backward", P.dtype, [P, W, O, centre, inv_var, g_maha, m, n_out, n_in,
+                lib.call("estep_backward", P.dtype, [P, W, off, centre, inv_var, g_maha, m, n_out, n_in,
                                                      g_mean, g_inv_var], m, range_at=9)
                 g_var = -g_inv_var * inv_var * inv_var
             # activation and cost: the logit is small, (M, J), so autograd differentiates the shared formula
@@ -221,7 +221,7 @@ class _ConvRouting(torch.autograd.Function):
             # M-step (and the E-step's share of the vote gradients)
             g_r = P.new_empty(m, n_out, n_in) if t > 0 and not detach else None
             lib.call("mstep_backward", P.dtype,
-                     [P, W, O, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean.contiguous(),
+                     [P, W, off, W_t, r, r.stride(0), r.stride(1), a, mean, s, g_mean.contiguous(),
                       g_var.contiguous(), g_s.contiguous(), inv_var if g_maha is not None else None, g_maha,
                       centre if g_maha is not None else None, m, n_out, n_in, EPS, g_P, PerThread(g_W), g_r,
                       g_a], m, range_at=19)

@@ -99,7 +99,7 @@ def _free_memory(device_type: str) -> int:
     return free
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _settings(runtime: Runtime, device_type: str, free_bytes: int | None) -> Settings:
     if device_type == "cuda":
         if free_bytes is None:

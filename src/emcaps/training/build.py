@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from emcaps import kernels
 from emcaps.config import LossConfig, OptimConfig, RunConfig
 from emcaps.losses import LOSSES, linear_margin, sigmoid_margin
-from emcaps.models import create_model
+from emcaps.models import create_model, is_capsule_model
 
 
 def lr_factor(cfg: OptimConfig, total_steps: int) -> Callable[[int], float]:
@@ -64,8 +64,8 @@ def compute_loss(name: str, scores: Tensor, target: Tensor, margin: float) -> Te
 
 
 def build_model(config: RunConfig, classes: int, in_channels: int) -> nn.Module:
-    if config.model.name == "cnn":
-        return create_model("cnn", classes=classes, in_channels=in_channels)
+    if not is_capsule_model(config.model.name):
+        return create_model(config.model.name, classes=classes, in_channels=in_channels)
     return create_model(config.model.name, classes=classes, in_channels=in_channels, routing=config.routing,
                         runtime=config.runtime, image_size=config.data.crop, **config.model.capsule_fields())
 

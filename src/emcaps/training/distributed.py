@@ -25,9 +25,10 @@ class Distributed:
 
 
 def setup_distributed(device: str) -> Distributed:
-    """Join the torchrun process group if launched by torchrun (WORLD_SIZE > 1): nccl on GPU, else gloo."""
+    """Join the torchrun process group if launched by torchrun (also with one process): nccl with one GPU per
+    rank where the run's device is CUDA, else gloo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    if world <= 1 and "TORCHELASTIC_RUN_ID" not in os.environ:
         return Distributed()
     global _OWN_GROUP
     if not dist.is_initialized():
@@ -42,6 +43,11 @@ def setup_distributed(device: str) -> Distributed:
 # The default process group is process-wide; this records whether emcaps created it (and so ends it), so a
 # caller's own group is left alone.
 _OWN_GROUP = False
+
+
+def backend_name() -> str:
+    """The process group's backend ('nccl', 'gloo'), or 'none' outside torchrun."""
+    return dist.get_backend() if dist.is_initialized() else "none"
 
 
 def end_distributed() -> None:

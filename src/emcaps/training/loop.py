@@ -60,11 +60,18 @@ from emcaps.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from emcaps.training.distributed import Distributed, end_distributed, resolve_device, setup_distributed
+from emcaps.training.distributed import (
+    Distributed,
+    backend_name,
+    end_distributed,
+    resolve_device,
+    setup_distributed,
+)
 from emcaps.training.divergence import TrainingDiverged, diagnose, first_nonfinite_parameter
 from emcaps.training.log import Logger, say
 
-# callback(step, model) after every optimiser step (model: the weight average when the run keeps one); a true result stops the run there (checkpointed).
+# callback(step, model) after every optimiser step (model: the weight average when the run keeps one); a true
+# result stops the run there (checkpointed).
 Callback = Callable[[int, nn.Module], Any]
 
 
@@ -221,7 +228,8 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
                   f"{device} with {torch.get_num_threads()} thread(s)" + (f", {path}" if path else ""))
         logger.log("start", step=0, params=count_parameters(model), train_images=len(train_set),
                    test_images=len(test_set), world=dd.world, device=str(device), steps=total_steps,
-                   source=train_set.source, threads=torch.get_num_threads(), routing=path)
+                   source=train_set.source, threads=torch.get_num_threads(), routing=path,
+                   process_group=backend_name())
     else:
         say(show, f"{config.name}: resuming at step {run.step} (epoch {run.epoch + 1}, batch {run.position})")
         logger.log("resume", step=run.step, epoch=run.epoch, position=run.position)

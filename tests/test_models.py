@@ -83,3 +83,18 @@ def test_initialisation_follows_the_parameterisation():
         model = authors if name == "authors" else ibm
         out = model(torch.randn(2, 1, 32, 32))
         assert out.shape == (2, 5) and torch.isfinite(out).all()
+
+
+def test_transform_gain_scales_the_transforms_the_votes_use():
+    """gain g with transforms W routes as gain 1 with transforms g W (the parameters stay at their init scale,
+    so Adam's steps keep their size relative to them)."""
+    torch.manual_seed(0)
+    gained = create_model("tiny", transform_gain=2.0).double().eval()
+    plain = create_model("tiny").double().eval()
+    plain.load_state_dict(gained.state_dict())
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    assert not torch.allclose(gained(x), plain(x))
+    with torch.no_grad():
+        for layer in (plain.conv_caps1, plain.conv_caps2, plain.class_caps):
+            layer.weight.mul_(2.0)
+    torch.testing.assert_close(gained(x), plain(x))

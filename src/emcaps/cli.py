@@ -90,7 +90,14 @@ def _shared_run_dir(config) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from emcaps.evaluate import evaluate_run
 
-    result = evaluate_run(args.path, multi_crop=args.multi_crop, out_dir=args.out, device=args.device,
+    path, out = args.path, args.out
+    if (path is None) == (args.pretrained is None):
+        raise UsageError("emcaps eval: give a checkpoint or run directory, or --pretrained NAME")
+    if args.pretrained is not None:
+        from emcaps.pretrained import weights_path
+
+        path, out = weights_path(args.pretrained), out or f"eval-{args.pretrained}"
+    result = evaluate_run(path, multi_crop=args.multi_crop, out_dir=out, device=args.device,
                           overrides=args.set, batch_size=args.batch_size, quiet=args.quiet)
     crops = f" ({result['crops']} crops)" if args.multi_crop else ""
     recon = (f", reconstruction error {result['reconstruction_mse']:.3f} per pixel"
@@ -149,8 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="evaluate a checkpoint on its test split", description=(
         "Test error, confusion matrix and per-viewpoint error of a checkpoint (or run directory); writes "
-        "results.json and PNG figures."))
-    p.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR")
+        "results.json and PNG figures. --pretrained NAME tests weights shipped with emcaps instead."))
+    p.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR", nargs="?")
+    p.add_argument("--pretrained", metavar="NAME", help="weights shipped with emcaps (e.g. synthnorb)")
     p.add_argument("--multi-crop", action="store_true", help="average scores over the authors' 13 test crops")
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/eval)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")

@@ -266,14 +266,24 @@ INITIALISATIONS: dict[str, dict[str, object]] = {
 }
 
 
-def create_model(name: str, classes: int = 5, in_channels: int = 1, **options) -> nn.Module:
+def create_model(name: str, classes: int = 5, in_channels: int = 1, pretrained: str | None = None,
+                 **options) -> nn.Module:
     """A registered model by name (list_models()): a capsule preset ('paper', 'small', 'tiny') or 'cnn'.
 
     Capsule networks take `routing` (a RoutingConfig; the initialisation is then the one its parameterisation
     names, INITIALISATIONS, as in a run config), `runtime` (how the routing runs; default: chosen per device,
     see MatrixCapsNet.set_runtime), `coord_add`, and CapsNetConfig fields (e.g. class_transform_std, decoder)
     that override the preset's. (N, in_channels, 32, 32) -> scores (N, classes).
+    `pretrained` names weights shipped with emcaps (emcaps.pretrained.list_pretrained()): the trained network,
+    in eval mode, with the classes, channels and settings it was trained with.
     """
+    if pretrained is not None:
+        from emcaps import pretrained as shipped
+
+        if options:
+            raise ValueError(f"pretrained weights come with the settings they were trained with; got {sorted(options)}")
+        _entry(name)
+        return shipped.load(pretrained, model=name)
     return _entry(name).build(classes=classes, in_channels=in_channels, **options)
 
 

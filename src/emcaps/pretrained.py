@@ -1,0 +1,77 @@
+"""Trained weights that ship inside the package: `create_model(name, pretrained=WEIGHTS)`, `emcaps eval
+--pretrained WEIGHTS`.
+
+Each file is an emcaps checkpoint cut to what a user needs (the run's averaged weights, its config, its
+step): it loads offline with `torch.load(weights_only=True)` and carries the command that trained it and the
+test error it measured, which `emcaps eval --pretrained` reproduces.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from emcaps.config import ConfigError
+from emcaps.training.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    model_from_checkpoint,
+)
+
+# name -> what it is (the files are emcaps/weights/NAME.pt)
+ABOUT = {
+    "synthnorb": "the small capsule network trained by the `converge` recipe on the full SynthNORB "
+                 "(both cameras, 48x48 images, 32x32 crops)",
+}
+
+
+def weights_dir() -> Path:
+    return Path(str(importlib.resources.files("emcaps") / "weights"))
+
+
+def list_pretrained() -> list[str]:
+    """The weights this installation ships."""
+    return [name for name in ABOUT if (weights_dir() / f"{name}.pt").is_file()]
+
+
+def weights_path(name: str) -> Path:
+    """The file of the shipped weights `name`; a ValueError naming the ones there are otherwise."""
+    if name not in list_pretrained():
+        raise ConfigError(f"no pretrained weights named {name!r}; this emcaps ships: "
+                         f"{', '.join(list_pretrained()) or 'none'}")
+    return weights_dir() / f"{name}.pt"
+
+
+def info(name: str) -> dict[str, Any]:
+    """What the file says of itself: model, config, step, test_error, test_images, command."""
+    state = load_checkpoint(weights_path(name))
+    return {k: state.get(k) for k in ("step", "test_error", "test_images", "command")} | {
+        "model": state["config"]["model"]["name"], "config": state["config"]}
+
+
+def load(name: str, model: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
+    """The network of the shipped weights `name` in eval mode; with `model`, check that it is that model."""
+    net, config, _ = model_from_checkpoint(weights_path(name), device)
+    if model is not None and config.model.name != model:
+        raise ValueError(f"pretrained weights {name!r} are for model {config.model.name!r}, not {model!r}")
+    return net
+
+
+def export(run_dir: str | Path, out: str | Path, command: str, test_error: float | None = None,
+           test_images: int | None = None) -> Path:
+    """Write a run's averaged weights (its weights if it kept no average), config and step to `out`, with the
+    command that trained it and the test error measured on `test_images` images."""
+    state = load_checkpoint(run_dir)
+    slim = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "config": state["config"],
+            "model": {k: v.clone() for k, v in state.get("ema_model", state["model"]).items()},
+            "step": state["step"], "epoch": state["epoch"], "data_shape": state.get("data_shape", {}),
+            "command": command, "test_error": test_error, "test_images": test_images}
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(slim, out)
+    return out

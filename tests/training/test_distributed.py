@@ -1,5 +1,6 @@
 """Two processes under torchrun on the CPU (gloo): replicas stay identical, only rank 0 writes."""
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -54,7 +55,8 @@ def test_torchrun_module_entry_point(tmp_path):
     sets = [a for s in SETS for a in ("--set", s)]
     done = torchrun("-m", "emcaps", "train", *sets, "--set", "train.epochs=1", "--quiet", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count('"finished": true') == 2            # both ranks report, on the same run dir
-    run_dirs = {line for line in done.stdout.splitlines() if '"run_dir"' in line}
-    assert len({line.split('"run_dir": ')[1].split(",")[0] for line in run_dirs}) == 1
-    assert [p.name.startswith("ddp-") for p in (tmp_path / "runs").iterdir()] == [True]
+    lines = done.stdout.splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["finished"]   # rank 0 alone prints the summary, once
+    assert [p.name.startswith("ddp-") for p in (tmp_path / "runs").iterdir()] == [True]   # one shared run dir
+    start = json.loads((next((tmp_path / "runs").iterdir()) / "log.jsonl").read_text().splitlines()[0])
+    assert start["world"] == 2 and start["process_group"] == "gloo"

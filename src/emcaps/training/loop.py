@@ -159,132 +159,163 @@ def deterministic_algorithms(on: bool) -> Iterator[None]:
 
 def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, Any] | None, quiet: bool,
            stop_at_step: int | None, callback: Callback | None) -> dict[str, Any]:
-    if dd.main:
-        _check_run_dir(run_dir, resuming=state is not None)
-    device = resolve_device(config.train.device, dd.local_rank)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)            # nccl and the default cuda stream follow this process's GPU
-    if config.train.threads:
-        torch.set_num_threads(config.train.threads)
-    tc = config.train
-    show = dd.main and not quiet
+    run = _Run(config, run_dir, dd, state, quiet, callback)
+    try:
+        return run.loop(stop_at_step)
+    finally:
+        run.logger.close()
 
-    # Every rank builds the same data and the same initial weights from the seed.
-    torch.manual_seed(tc.seed)
-    np.random.seed(tc.seed % 2**32)
-    random.seed(tc.seed)
-    if dd.world > 1 and not dd.main:
-        dist.barrier()                           # let rank 0 render / unpack data sets first
-    train_set = load_split(config.data, "train", seed=tc.seed, progress=show and sys.stderr.isatty())
-    test_set = load_split(config.data, "test", seed=tc.seed, progress=show and sys.stderr.isatty())
-    if dd.world > 1 and dd.main:
-        dist.barrier()
-    in_channels = train_set.images.shape[1]
-    model = build_model(config, train_set.classes, in_channels).to(device)
-    loss_kind = loss_name(config, model)
-    if loss_kind in ("spread", "margin") and getattr(model, "score_kind", "") != "activation":
-        raise ConfigError(f"loss.name {loss_kind!r} needs a capsule model (activations in [0, 1]); "
-                          f"model {config.model.name!r} gives logits: use 'cross_entropy'")
-    if dd.main:                                  # only now: a run that cannot start leaves no folder behind
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(run_dir / "config.toml", config.to_toml().encode())
-    optimizer = build_optimizer(config.optim, model.parameters())
-    batches_per_epoch = math.ceil((len(train_set) // dd.world) / tc.batch_size)
-    if batches_per_epoch == 0:
-        raise ConfigError(f"training split has {len(train_set)} images: too few for {dd.world} processes")
-    total_steps = tc.max_steps or batches_per_epoch * tc.epochs
-    epochs = math.ceil(total_steps / batches_per_epoch)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(config.optim, total_steps))
 
-    average = WeightAverage(model, tc.ema_decay) if tc.ema_decay else None
-    run = RunState()
-    if state is not None:
-        model.load_state_dict(state["model"])
-        if average is not None:
-            average.load_state_dict(state.get("ema_model", state["model"]))
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        run = RunState(step=state["step"], epoch=state["epoch"], position=state["position"],
-                       order_state=state["order_state"], totals=list(state["totals"]),
-                       seconds=state["seconds"], best_error=state.get("best_error"),
-                       last_loss=state.get("last_loss", math.nan))
+class _Run:
+    """One process's part of a run: what it trains with and where it stands, and the pieces of the loop
+    (restore, one step, end of epoch, checkpoint), each a method."""
+
+    def __init__(self, config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, Any] | None,
+                 quiet: bool, callback: Callback | None) -> None:
+        self.config, self.run_dir, self.dd, self.callback = config, run_dir, dd, callback
+        self.tc = tc = config.train
+        if dd.main:
+            _check_run_dir(run_dir, resuming=state is not None)
+        self.device = device = resolve_device(tc.device, dd.local_rank)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)        # nccl and the default cuda stream follow this process's GPU
+        if tc.threads:
+            torch.set_num_threads(tc.threads)
+        self.show = dd.main and not quiet
+        self._build(state is None)
+        self.run = RunState()
+        if state is not None:
+            self.restore(state)
+        self.reported = self.average.average if self.average is not None else self.model   # tested and saved
+        self.decoder = getattr(self.model, "decoder", None) is not None
+        net = Reconstructing(self.model) if self.decoder else self.model
+        if dd.world > 1:
+            net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
+                                                      else None)
+        self.net = net
+        self.logger = Logger(run_dir, dd.main, state.get("log_offset") if state else None, self.run.step)
+        self.data_shape = {"classes": self.train_set.classes, "in_channels": self.train_set.images.shape[1],
+                           "class_names": list(self.train_set.class_names), "source": self.train_set.source}
+        self._announce(state is not None)
+        self.started = self.last_save = time.monotonic()
+        self.last_test: dict[str, float] = {}
+
+    def _build(self, fresh: bool) -> None:
+        """Data, model, optimiser and schedules; every rank builds the same ones from the seed."""
+        config, tc, dd, show = self.config, self.tc, self.dd, self.show
+        torch.manual_seed(tc.seed)
+        np.random.seed(tc.seed % 2**32)
+        random.seed(tc.seed)
+        if dd.world > 1 and not dd.main:
+            dist.barrier()                       # let rank 0 render / unpack data sets first
+        progress = show and sys.stderr.isatty()
+        self.train_set = load_split(config.data, "train", seed=tc.seed, progress=progress)
+        self.test_set = load_split(config.data, "test", seed=tc.seed, progress=progress)
+        if dd.world > 1 and dd.main:
+            dist.barrier()
+        self.model = model = build_model(config, self.train_set.classes, self.train_set.images.shape[1])
+        model.to(self.device)
+        self.loss_kind = loss_name(config, model)
+        if self.loss_kind in ("spread", "margin") and getattr(model, "score_kind", "") != "activation":
+            raise ConfigError(f"loss.name {self.loss_kind!r} needs a capsule model (activations in [0, 1]); "
+                              f"model {config.model.name!r} gives logits: use 'cross_entropy'")
+        if dd.main:                              # only now: a run that cannot start leaves no folder behind
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.run_dir / "config.toml", config.to_toml().encode())
+        self.optimizer = build_optimizer(config.optim, model.parameters())
+        self.batches_per_epoch = math.ceil((len(self.train_set) // dd.world) / tc.batch_size)
+        if self.batches_per_epoch == 0:
+            raise ConfigError(f"training split has {len(self.train_set)} images: too few for {dd.world} processes")
+        self.total_steps = tc.max_steps or self.batches_per_epoch * tc.epochs
+        self.epochs = math.ceil(self.total_steps / self.batches_per_epoch)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(config.optim,
+                                                                                     self.total_steps))
+        self.average = WeightAverage(model, tc.ema_decay) if tc.ema_decay else None
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Continue from a checkpoint: weights, average, optimiser, schedule, position and this rank's RNGs."""
+        self.model.load_state_dict(state["model"])
+        if self.average is not None:
+            self.average.load_state_dict(state.get("ema_model", state["model"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.run = RunState(step=state["step"], epoch=state["epoch"], position=state["position"],
+                            order_state=state["order_state"], totals=list(state["totals"]),
+                            seconds=state["seconds"], best_error=state.get("best_error"),
+                            last_loss=state.get("last_loss", math.nan))
         rng = state["rng"]
-        set_rng_state(rng[dd.rank % len(rng)])
-    reported = average.average if average is not None else model     # what the run tests, saves and returns
-    decoder = getattr(model, "decoder", None) is not None
-    net = Reconstructing(model) if decoder else model
-    if dd.world > 1:
-        net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda"
-                                                  else None)
+        set_rng_state(rng[self.dd.rank % len(rng)])
 
-    logger = Logger(run_dir, dd.main, state.get("log_offset") if state else None, run.step)
-    data_shape = {"classes": train_set.classes, "in_channels": in_channels,
-                  "class_names": list(train_set.class_names), "source": train_set.source}
-    if state is None:
+    def _announce(self, resumed: bool) -> None:
+        config, run, model, dd = self.config, self.run, self.model, self.dd
+        if resumed:
+            say(self.show, f"{config.name}: resuming at step {run.step} (epoch {run.epoch + 1}, batch {run.position})")
+            self.logger.log("resume", step=run.step, epoch=run.epoch, position=run.position)
+            return
+        train_set, test_set = self.train_set, self.test_set
         source = f" of {train_set.source}" if train_set.source else ""
-        path = routing_path(model, device)
-        say(show, f"{config.name}: {config.model.name} model, {count_parameters(model):,} parameters, "
-                  f"{len(train_set)} train / {len(test_set)} test images{source}, {dd.world} process(es) on "
-                  f"{device} with {torch.get_num_threads()} thread(s)" + (f", {path}" if path else ""))
-        logger.log("start", step=0, params=count_parameters(model), train_images=len(train_set),
-                   test_images=len(test_set), world=dd.world, device=str(device), steps=total_steps,
-                   source=train_set.source, threads=torch.get_num_threads(), routing=path,
-                   process_group=backend_name())
-    else:
-        say(show, f"{config.name}: resuming at step {run.step} (epoch {run.epoch + 1}, batch {run.position})")
-        logger.log("resume", step=run.step, epoch=run.epoch, position=run.position)
+        path = routing_path(model, self.device)
+        say(self.show, f"{config.name}: {config.model.name} model, {count_parameters(model):,} parameters, "
+                       f"{len(train_set)} train / {len(test_set)} test images{source}, {dd.world} process(es) on "
+                       f"{self.device} with {torch.get_num_threads()} thread(s)" + (f", {path}" if path else ""))
+        self.logger.log("start", step=0, params=count_parameters(model), train_images=len(train_set),
+                        test_images=len(test_set), world=dd.world, device=str(self.device),
+                        steps=self.total_steps, source=train_set.source, threads=torch.get_num_threads(),
+                        routing=path, process_group=backend_name())
 
-    started = time.monotonic()
-    last_save = started
-    last_test: dict[str, float] = {}
+    def elapsed(self) -> float:
+        return self.run.seconds + time.monotonic() - self.started
 
-    def elapsed() -> float:
-        return run.seconds + time.monotonic() - started
-
-    def save(reason: str, stopped: bool = False) -> None:
+    def save(self, reason: str, stopped: bool = False) -> None:
         """Gather every rank's RNG state; rank 0 writes, unless the weights are no longer finite."""
+        run, dd = self.run, self.dd
         rng = [rng_state()]
         if dd.world > 1:
             gathered: list[Any] = [None] * dd.world
             dist.all_gather_object(gathered, rng[0])
             rng = gathered
-        bad = first_nonfinite_parameter(model)
+        bad = first_nonfinite_parameter(self.model)
         if bad:
             raise TrainingDiverged(f"parameter {bad} became non-finite by step {run.step}; checkpoint not "
-                                   f"written, the last good one is kept in {run_dir}")
+                                   f"written, the last good one is kept in {self.run_dir}")
         if not dd.main:
             return
-        save_checkpoint(run_dir / CHECKPOINT_NAME, {
-            "config": config.to_dict(), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(), "rng": rng, "step": run.step, "epoch": run.epoch,
-            "position": run.position, "order_state": run.order_state, "totals": list(run.totals),
-            "margin": margin_at(config.loss, run.step, total_steps), "seconds": elapsed(),
-            "best_error": run.best_error, "world_size": dd.world, "data_shape": data_shape,
-            "log_offset": logger.offset(), "finished": stopped or run.step >= total_steps, "reason": reason,
-            "stopped_early": stopped, "last_loss": run.last_loss, "params": count_parameters(model),
-            "last_test": last_test,
-            **({"ema_model": average.state_dict()} if average is not None else {}),
+        save_checkpoint(self.run_dir / CHECKPOINT_NAME, {
+            "config": self.config.to_dict(), "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(), "rng": rng,
+            "step": run.step, "epoch": run.epoch, "position": run.position, "order_state": run.order_state,
+            "totals": list(run.totals), "margin": margin_at(self.config.loss, run.step, self.total_steps),
+            "seconds": self.elapsed(), "best_error": run.best_error, "world_size": dd.world,
+            "data_shape": self.data_shape, "log_offset": self.logger.offset(),
+            "finished": stopped or run.step >= self.total_steps, "reason": reason, "stopped_early": stopped,
+            "last_loss": run.last_loss, "params": count_parameters(self.model), "last_test": self.last_test,
+            **({"ema_model": self.average.state_dict()} if self.average is not None else {}),
         })
 
-    def save_due() -> bool:
-        due = torch.tensor([time.monotonic() - last_save >= 60 * tc.checkpoint_minutes], dtype=torch.uint8)
-        if dd.world > 1:
+    def save_due(self) -> bool:
+        due = torch.tensor([time.monotonic() - self.last_save >= 60 * self.tc.checkpoint_minutes],
+                           dtype=torch.uint8)
+        if self.dd.world > 1:
             dist.broadcast(due, 0)                       # rank 0's clock decides, so all ranks gather together
-        return bool(due.item()) or (tc.checkpoint_steps > 0 and run.step % tc.checkpoint_steps == 0)
+        return bool(due.item()) or (self.tc.checkpoint_steps > 0 and self.run.step % self.tc.checkpoint_steps == 0)
 
-    def stop_asked(answer: Any) -> bool:
+    def stop_asked(self, answer: Any) -> bool:
         stop = torch.tensor([bool(answer)], dtype=torch.uint8)
-        if dd.world > 1:
+        if self.dd.world > 1:
             dist.broadcast(stop, 0)                      # rank 0's answer decides, so all ranks stop together
         return bool(stop.item())
 
-    def summary(finished: bool, stopped: bool = False) -> dict[str, Any]:
-        return {"name": config.name, "model": config.model.name, "params": count_parameters(model),
+    def summary(self, finished: bool, stopped: bool = False) -> dict[str, Any]:
+        run, config = self.run, self.config
+        return {"name": config.name, "model": config.model.name, "params": count_parameters(self.model),
                 "steps": run.step, "epochs": run.epoch, "finished": finished, "stopped_early": stopped,
-                "final_loss": run.last_loss, "seconds": elapsed(), "run_dir": str(run_dir), **last_test}
+                "final_loss": run.last_loss, "seconds": self.elapsed(), "run_dir": str(self.run_dir),
+                **self.last_test}
 
-    try:
-        while run.epoch < epochs and run.step < total_steps:
+    def loop(self, stop_at_step: int | None) -> dict[str, Any]:
+        """Epochs until the budget is spent (or a callback stops the run, or `stop_at_step`)."""
+        run, tc = self.run, self.tc
+        while run.epoch < self.epochs and run.step < self.total_steps:
             epoch = run.epoch
             order = torch.Generator()
             if run.order_state is not None and run.position > 0:
@@ -292,98 +323,106 @@ def _train(config: RunConfig, run_dir: Path, dd: Distributed, state: dict[str, A
             else:
                 order.manual_seed(tc.seed * 1_000_003 + epoch)
                 run.order_state = order.get_state()
-            batches = epoch_order(len(train_set), order, dd.rank, dd.world, tc.batch_size)
-            last = min(len(batches), run.position + total_steps - run.step)      # batches this epoch runs
-            bar = progress_bar(last, f"epoch {epoch + 1}/{epochs}", show, unit="batch", initial=run.position)
+            batches = epoch_order(len(self.train_set), order, self.dd.rank, self.dd.world, tc.batch_size)
+            last = min(len(batches), run.position + self.total_steps - run.step)    # batches this epoch runs
+            bar = progress_bar(last, f"epoch {epoch + 1}/{self.epochs}", self.show, unit="batch",
+                               initial=run.position)
             epoch_start, epoch_images = time.monotonic(), 0
-            net.train()
+            self.net.train()
             for b in range(run.position, last):
-                index = batches[b]
-                images = train_set.images[index]
-                x = (train_augment(images, config.data.crop, batch_generator(tc.seed, epoch, b, dd.rank))
-                     if config.data.augment else center_crop(images, config.data.crop))
-                x, y = x.to(device), train_set.labels[index].to(device)       # (B, C, crop, crop), (B,)
-                margin = margin_at(config.loss, run.step, total_steps)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
-                    if decoder:
-                        scores, _, redrawn = net(x, y)                   # (B, E), _, (B, C, crop, crop)
-                        loss = (compute_loss(loss_kind, scores, y, margin)
-                                + config.loss.reconstruction_weight * F.mse_loss(redrawn.float(), x))
-                    else:
-                        scores = net(x)                                          # (B, E)
-                        loss = compute_loss(loss_kind, scores, y, margin)
-                scores, loss = scores.float(), loss.float()
-                stats = torch.stack([loss.detach() * len(y), (scores.argmax(1) == y).sum().to(loss.dtype),
-                                     torch.tensor(float(len(y)), device=device)]).double()
-                if dd.world > 1:
-                    dist.all_reduce(stats)
-                if not torch.isfinite(stats[0]):
-                    raise TrainingDiverged(
-                        f"non-finite loss at step {run.step + 1} (epoch {epoch + 1}, batch {b + 1}); "
-                        f"{diagnose(model, x)}; the last good checkpoint is kept in {run_dir}")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                if config.optim.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.optim.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                run.step += 1
-                if average is not None:
-                    average.update(model, run.step)
-                run.position = b + 1
-                run.totals = [t + s for t, s in zip(run.totals, stats.tolist())]
-                run.last_loss = stats[0].item() / stats[2].item()
-                epoch_images += int(stats[2].item())
-                stopped = callback is not None and stop_asked(callback(run.step, reported))
-                if not stopped and tc.eval_steps and run.step % tc.eval_steps == 0 and b + 1 < last:
-                    # A learning curve between epochs; the epoch's own test (below) covers its last step.
-                    curve = evaluate_split(reported, test_set, config, device, dd, loss_kind, margin)
-                    logger.log("eval", step=run.step, epoch=epoch + 1, elapsed=elapsed(), **curve)
-                    net.train()
-                run_loss, run_acc = run.totals[0] / run.totals[2], run.totals[1] / run.totals[2]
-                bar.set_postfix(loss=f"{run_loss:.4f}", acc=f"{100 * run_acc:.1f}%", refresh=False)
-                bar.update()
-                if run.step % tc.log_every == 0:
-                    logger.log("step", step=run.step, epoch=epoch + 1, loss=run.last_loss,
-                               acc=stats[1].item() / stats[2].item(), lr=scheduler.get_last_lr()[0],
-                               margin=margin)
+                images, stopped = self.step(epoch, b, batches[b], last, bar)
+                epoch_images += images
                 if stopped:
                     bar.close()
-                    logger.log("stop", step=run.step, epoch=epoch + 1, elapsed=elapsed())
-                    save("stopped", stopped=True)
-                    return summary(finished=True, stopped=True)
+                    self.logger.log("stop", step=run.step, epoch=epoch + 1, elapsed=self.elapsed())
+                    self.save("stopped", stopped=True)
+                    return self.summary(finished=True, stopped=True)
                 stopping = stop_at_step is not None and run.step >= stop_at_step
-                if b + 1 < last and (stopping or save_due()):
-                    save("interval")
-                    last_save = time.monotonic()
+                if b + 1 < last and (stopping or self.save_due()):
+                    self.save("interval")
+                    self.last_save = time.monotonic()
                 if stopping and b + 1 < last:
                     bar.close()
-                    return summary(finished=False)
+                    return self.summary(finished=False)
             bar.close()
-            seconds = time.monotonic() - epoch_start
-            train_loss, train_acc = run.totals[0] / run.totals[2], run.totals[1] / run.totals[2]
-            run.epoch, run.position, run.totals, run.order_state = epoch + 1, 0, [0.0, 0.0, 0.0], None
-            record = {"step": run.step, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
-                      "lr": scheduler.get_last_lr()[0], "seconds": seconds,
-                      "img_per_s": epoch_images / max(seconds, 1e-9), "elapsed": elapsed()}
-            if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or run.step >= total_steps:
-                last_test = evaluate_split(reported, test_set, config, device, dd, loss_kind,
-                                           margin_at(config.loss, run.step, total_steps))
-                record.update(last_test)
-                if run.best_error is None or last_test["test_error"] < run.best_error:
-                    run.best_error = last_test["test_error"]
-                net.train()
-            logger.log("epoch", **record)
-            test_text = f", test error {100 * last_test['test_error']:.2f}%" if "test_error" in record else ""
-            say(show, f"epoch {epoch + 1}/{epochs}: loss {train_loss:.4f}, train acc {100 * train_acc:.1f}%"
-                      f"{test_text}, {record['img_per_s']:.1f} img/s")
-            save("epoch")
-            last_save = time.monotonic()
+            self.end_epoch(epoch, time.monotonic() - epoch_start, epoch_images)
             if stop_at_step is not None and run.step >= stop_at_step:
                 break
-    finally:
-        logger.close()
-    return summary(finished=run.step >= total_steps)
+        return self.summary(finished=run.step >= self.total_steps)
+
+    def step(self, epoch: int, b: int, index: Tensor, last: int, bar: Any) -> tuple[int, bool]:
+        """One optimiser step on batch `b` of the epoch (image indices `index`); -> (images, stop asked)."""
+        run, tc, config, device = self.run, self.tc, self.config, self.device
+        images = self.train_set.images[index]
+        x = (train_augment(images, config.data.crop, batch_generator(tc.seed, epoch, b, self.dd.rank))
+             if config.data.augment else center_crop(images, config.data.crop))
+        x, y = x.to(device), self.train_set.labels[index].to(device)       # (B, C, crop, crop), (B,)
+        margin = margin_at(config.loss, run.step, self.total_steps)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
+            if self.decoder:
+                scores, _, redrawn = self.net(x, y)                      # (B, E), _, (B, C, crop, crop)
+                loss = (compute_loss(self.loss_kind, scores, y, margin)
+                        + config.loss.reconstruction_weight * F.mse_loss(redrawn.float(), x))
+            else:
+                scores = self.net(x)                                     # (B, E)
+                loss = compute_loss(self.loss_kind, scores, y, margin)
+        scores, loss = scores.float(), loss.float()
+        stats = torch.stack([loss.detach() * len(y), (scores.argmax(1) == y).sum().to(loss.dtype),
+                             torch.tensor(float(len(y)), device=device)]).double()
+        if self.dd.world > 1:
+            dist.all_reduce(stats)
+        if not torch.isfinite(stats[0]):
+            raise TrainingDiverged(
+                f"non-finite loss at step {run.step + 1} (epoch {epoch + 1}, batch {b + 1}); "
+                f"{diagnose(self.model, x)}; the last good checkpoint is kept in {self.run_dir}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if config.optim.grad_clip:
+            nn.utils.clip_grad_norm_(self.model.parameters(), config.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        run.step += 1
+        if self.average is not None:
+            self.average.update(self.model, run.step)
+        run.position = b + 1
+        run.totals = [t + s for t, s in zip(run.totals, stats.tolist())]
+        run.last_loss = stats[0].item() / stats[2].item()
+        stopped = self.callback is not None and self.stop_asked(self.callback(run.step, self.reported))
+        if not stopped and tc.eval_steps and run.step % tc.eval_steps == 0 and b + 1 < last:
+            # A learning curve between epochs; the epoch's own test (end_epoch) covers its last step.
+            curve = evaluate_split(self.reported, self.test_set, config, device, self.dd, self.loss_kind, margin)
+            self.logger.log("eval", step=run.step, epoch=epoch + 1, elapsed=self.elapsed(), **curve)
+            self.net.train()
+        run_loss, run_acc = run.totals[0] / run.totals[2], run.totals[1] / run.totals[2]
+        bar.set_postfix(loss=f"{run_loss:.4f}", acc=f"{100 * run_acc:.1f}%", refresh=False)
+        bar.update()
+        if run.step % tc.log_every == 0:
+            self.logger.log("step", step=run.step, epoch=epoch + 1, loss=run.last_loss,
+                            acc=stats[1].item() / stats[2].item(), lr=self.scheduler.get_last_lr()[0],
+                            margin=margin)
+        return int(stats[2].item()), stopped
+
+    def end_epoch(self, epoch: int, seconds: float, epoch_images: int) -> None:
+        """Log the epoch, test it when due (always after the last step), and checkpoint."""
+        run, tc, config = self.run, self.tc, self.config
+        train_loss, train_acc = run.totals[0] / run.totals[2], run.totals[1] / run.totals[2]
+        run.epoch, run.position, run.totals, run.order_state = epoch + 1, 0, [0.0, 0.0, 0.0], None
+        record = {"step": run.step, "epoch": epoch + 1, "train_loss": train_loss, "train_acc": train_acc,
+                  "lr": self.scheduler.get_last_lr()[0], "seconds": seconds,
+                  "img_per_s": epoch_images / max(seconds, 1e-9), "elapsed": self.elapsed()}
+        if (tc.eval_every and (epoch + 1) % tc.eval_every == 0) or run.step >= self.total_steps:
+            self.last_test = evaluate_split(self.reported, self.test_set, config, self.device, self.dd,
+                                            self.loss_kind, margin_at(config.loss, run.step, self.total_steps))
+            record.update(self.last_test)
+            if run.best_error is None or self.last_test["test_error"] < run.best_error:
+                run.best_error = self.last_test["test_error"]
+            self.net.train()
+        self.logger.log("epoch", **record)
+        test_text = f", test error {100 * self.last_test['test_error']:.2f}%" if "test_error" in record else ""
+        say(self.show, f"epoch {epoch + 1}/{self.epochs}: loss {train_loss:.4f}, train acc {100 * train_acc:.1f}%"
+                       f"{test_text}, {record['img_per_s']:.1f} img/s")
+        self.save("epoch")
+        self.last_save = time.monotonic()
 
 
 def budget_reached(state: dict[str, Any], config: RunConfig) -> bool:

@@ -37,9 +37,12 @@ def _errors(model: torch.nn.Module, seed: int, images: int = 8) -> tuple[float, 
     return precision_error(model, x, "float32"), precision_error(model, x, "bf16")
 
 
-# IBM's formula (cost x 100 J / I, floor 1e-9, one-hot assignments within an iteration or two) loses digits of
-# its own: its bound is what it measures, with room (`benchmarks/conditioning.py --parameterisations ibm`).
-FLOAT32_BOUNDS = {"ibm": 1e-2}
+# The targets hold for emcaps' parameterisation (the default) and the authors'. IBM's formula (cost x 100 J / I,
+# floor 1e-9, assignments one-hot within an iteration or two) loses digits of its own, and the paper's formula
+# at the authors' small inverse temperature moves by about 5e-2 in bf16 after a few steps: their bounds are
+# what `benchmarks/conditioning.py` measures for them, with room.
+FLOAT32_BOUNDS = {"ibm": 2e-2}
+BF16_BOUNDS = {"ibm": 0.15, "paper": 0.1}
 CASES = [(preset, name, seed, steps) for preset in ("tiny", "small") for name in PARAMETERISATIONS
          for seed in ((0, 1) if name == "emcaps" else (0,)) for steps in (0, 3)]
 
@@ -49,7 +52,7 @@ def test_float32_and_bf16_stay_near_float64(preset, name, seed, steps):
     f32, bf16 = _errors(_model(preset, name, seed, steps), seed)
     bound = FLOAT32_BOUNDS.get(name, FLOAT32_BOUND)
     assert f32 <= bound, f"float32 moved {preset}/{name} class activations by {f32:.1e}"
-    assert bf16 <= BF16_BOUND, f"bf16 autocast moved {preset}/{name} class activations by {bf16:.1e}"
+    assert bf16 <= BF16_BOUNDS.get(name, BF16_BOUND), f"bf16 autocast moved {preset}/{name} by {bf16:.1e}"
 
 
 @pytest.mark.parametrize("steps", [0, 2])

@@ -129,7 +129,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from emcaps.demo import run_demo
 
-    run_demo(args.out, quick=args.quick, quiet=args.quiet)
+    run_demo(args.out, quick=args.quick, quiet=args.quiet, capsules=args.set)
     return 0
 
 
@@ -186,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
         "for a few minutes, test both on unseen object instances and write a Markdown report with figures."))
     p.add_argument("--quick", action="store_true", help="tiny data and models: well under a minute")
     p.add_argument("--out", metavar="DIR", default="demo-report", help="report directory (default demo-report)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="change the capsule network's run, e.g. --set routing.var_floor=5e-4 (repeatable)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_demo)
 

@@ -11,6 +11,7 @@ import json
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,10 +50,12 @@ COMMON = ["train.seed=0", "train.checkpoint_minutes=5", "train.log_every=2"]
 LABELS = {"capsules": "capsules", "cnn": "CNN"}
 
 
-def demo_configs(quick: bool = False) -> dict[str, RunConfig]:
-    """The two runs of the demo: 'capsules' and 'cnn' (a run's own overrides come last, so they win)."""
+def demo_configs(quick: bool = False, capsules: Sequence[str] = ()) -> dict[str, RunConfig]:
+    """The two runs of the demo: 'capsules' and 'cnn' (a run's own overrides come last, so they win; then
+    `capsules`, overrides of the capsule network's run, e.g. 'routing.var_floor=5e-4')."""
     size = "quick" if quick else "full"
-    return {name: cfgmod.from_dict({"name": f"demo-{name}"}, DATA[size] + COMMON + overrides)
+    extra = {"capsules": list(capsules), "cnn": []}
+    return {name: cfgmod.from_dict({"name": f"demo-{name}"}, DATA[size] + COMMON + overrides + extra[name])
             for name, overrides in MODELS[size].items()}
 
 
@@ -75,7 +78,8 @@ def _montage(cfg: RunConfig, out: Path) -> Path:
                             title="test images of unseen object instances, before cropping")
 
 
-def run_demo(out_dir: str | Path = "demo-report", quick: bool = False, quiet: bool = False) -> dict[str, Any]:
+def run_demo(out_dir: str | Path = "demo-report", quick: bool = False, quiet: bool = False,
+             capsules: Sequence[str] = ()) -> dict[str, Any]:
     """Train and test both models, write the report into out_dir; returns the results."""
     t0 = time.monotonic()
     out = Path(out_dir)
@@ -83,7 +87,7 @@ def run_demo(out_dir: str | Path = "demo-report", quick: bool = False, quiet: bo
     if runs.exists():
         shutil.rmtree(runs)                   # a demo always starts fresh; only its own run folders go
     out.mkdir(parents=True, exist_ok=True)
-    configs = demo_configs(quick)
+    configs = demo_configs(quick, capsules)
     first = next(iter(configs.values()))
 
     def note(text: str) -> None:

@@ -33,11 +33,12 @@ def one_error_line(err: str) -> str:
     (["train", "--config", "quick", "--resume", "x"], 2, "not both"),
     (["train", "--bogus"], 2, "unrecognized arguments"),
     (["frobnicate"], 2, "invalid choice"),
-    (["eval"], 2, "required"),
+    (["eval"], 2, "give a checkpoint or run directory, or --pretrained NAME"),
+    (["eval", "--pretrained", "imagenet"], 2, "no pretrained weights named 'imagenet'"),
     (["eval", "/no/such/run"], 1, "no checkpoint or run directory"),
     (["train", "--resume", "/no/such/run"], 1, "no checkpoint or run directory"),
     (["train", "--set", "data.dataset=smallnorb", "--set", "data.root=/no/such/dir"], 1, "does not exist"),
-    (["train", "--config", "quik"], 2, "named configs: converge, converge-cnn, mnist, paper, quick, small"),
+    (["train", "--config", "quik"], 2, "named configs: converge, converge-cnn, converge-gpu, mnist, paper, quick, small"),
     (["experiment", "adversarial", "--eps", "0.1,x"], 2, "--eps takes comma-separated numbers"),
     (["report", "/no/such/results"], 1, "is not a directory of results"),
 ])
@@ -71,7 +72,7 @@ def test_train_help_lists_the_named_configs(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--help"])
     help_text = " ".join(capsys.readouterr().out.split())
-    assert "converge, converge-cnn, mnist, paper, quick, small" in help_text
+    assert "converge, converge-cnn, converge-gpu, mnist, paper, quick, small" in help_text
 
 
 def test_corrupt_checkpoint_is_an_error(capsys, tmp_path):

@@ -38,7 +38,8 @@ def one_error_line(err: str) -> str:
     (["eval", "/no/such/run"], 1, "no checkpoint or run directory"),
     (["train", "--resume", "/no/such/run"], 1, "no checkpoint or run directory"),
     (["train", "--set", "data.dataset=smallnorb", "--set", "data.root=/no/such/dir"], 1, "does not exist"),
-    (["train", "--config", "quik"], 2, "named configs: converge, converge-cnn, converge-gpu, mnist, paper, quick, small"),
+    (["train", "--config", "quik"], 2,
+     "named configs: converge, converge-cnn, converge-gpu, mnist, paper, quick, small"),
     (["experiment", "adversarial", "--eps", "0.1,x"], 2, "--eps takes comma-separated numbers"),
     (["report", "/no/such/results"], 1, "is not a directory of results"),
 ])

@@ -23,7 +23,6 @@ Numerical choices, shared by every form so that they agree:
   zero means and weights otherwise sum to exactly one.
 """
 
-from emcaps.routing import runtime  # noqa: F401  (emcaps.routing.runtime, the module)
 from emcaps.routing.config import (
     ACTIVATIONS,
     DEFAULT_ACTIVATION,

@@ -94,16 +94,13 @@ class Settings:
         return f"chunks of {chunk}, {kept} for the backward pass"
 
 
-def _free_memory(device_type: str) -> int:
-    free, _ = torch.cuda.mem_get_info()
-    return free
 
 
 @functools.cache
 def _settings(runtime: Runtime, device_type: str, free_bytes: int | None) -> Settings:
     if device_type == "cuda":
         if free_bytes is None:
-            free_bytes = _free_memory(device_type)
+            free_bytes, _ = torch.cuda.mem_get_info()
         chunk_mb = runtime.chunk_mb or max(CPU_CHUNK_MB, CUDA_MEMORY_SHARE * free_bytes / 2**20)
         backend = runtime.backend
         if backend == "auto":
@@ -111,7 +108,7 @@ def _settings(runtime: Runtime, device_type: str, free_bytes: int | None) -> Set
         return Settings(backend, runtime.chunk, chunk_mb, runtime.native_chunk_mb, runtime.recompute == "yes",
                         recompute_if_chunked=runtime.recompute == "auto",
                         compile_fallback=runtime.backend == "auto" and backend == "compile")
-    return Settings(runtime.backend if runtime.backend != "auto" else "auto", runtime.chunk,
+    return Settings(runtime.backend, runtime.chunk,
                     runtime.chunk_mb or CPU_CHUNK_MB, runtime.native_chunk_mb, runtime.recompute != "no")
 
 

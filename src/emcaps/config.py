@@ -137,7 +137,7 @@ class OptimConfig:
                  'cosine' (from lr down to lr * min_lr_ratio over the run; the default: in runs of hours,
                  not the authors' days, the exponential form barely decays). warmup_steps ramp linearly.
     lr:          the peak learning rate. The default suits the capsule networks (at least as good as 3e-3 in
-                 every run the README reports, and better in short ones); the baseline CNN trains best at 1e-3
+                 every run docs/experiments.md reports, and better in short ones); the baseline CNN trains best at 1e-3
                  (the converge-cnn config).
     grad_clip:   clip the global gradient norm to this (0 = off).
     """

@@ -51,12 +51,12 @@ class Budget:
 
 
 # The capsule network routes as the library's default RoutingConfig does: the paper's 3 EM iterations with
-# emcaps' parameterisation (README, "Three routing iterations that learn").
+# emcaps' parameterisation (docs/experiments.md, "Three routing iterations that learn").
 ITERATIONS = RoutingConfig().iterations
 
 # Fast mode: tiny SynthNORB at 32 px (no resizing), 'tiny' capsules; full mode: 48 px data, 'small' capsules.
 # Both models follow the library's cosine lr schedule over their budget; the capsule network at peak lr 1e-2,
-# the CNN at 1e-3 (each model's best in the README's runs).
+# the CNN at 1e-3 (each model's best in the runs of docs/experiments.md).
 FAST = {"capsnet": "tiny", "capsules": Budget(4, 8, 1e-2), "cnn": Budget(8, 16, 1e-3), "check_every": 2,
         "test_limit": 64}
 FULL = {"capsnet": "small", "capsules": Budget(3000, 32, 1e-2), "cnn": Budget(3000, 32, 1e-3),

@@ -34,7 +34,7 @@ from emcaps.experiments import common
 SPLITS = ("azimuth", "elevation")
 LABELS = {"cnn": "CNN", "capsules": "capsules", "cnn_matched": "CNN, stopped to match"}
 # The capsule network's budget here is a ceiling (it stops when matched): 3,000 steps were too few to match
-# the CNN (README, "Novel viewpoints").
+# the CNN (docs/experiments.md, "Novel viewpoints").
 CAPSNET_STEPS = 6000
 NEAR = 0.02            # CNN checks this near the capsule network's familiar error show the match's spread
 

@@ -140,12 +140,13 @@ def test_unmatched_capsules_are_compared_with_the_cnn_stopped_to_match(norb, tmp
 
 def test_models_start_from_the_seed_whatever_drew_random_numbers_before(norb, tmp_path, capsys):
     """Both models of a run are initialised from --seed: a second run in the same process, after other
-    code has drawn random numbers, gives the same results."""
+    code has drawn random numbers, gives the same results (on the CPU: bit-equal results on CUDA need
+    train.deterministic, tests/test_cuda.py)."""
     results = []
     for run in range(2):
         torch.rand(run * 7 + 1)
         out = tmp_path / f"run{run}"
-        _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb",
+        _run(["experiment", "viewpoint", "--fast", "--quiet", "--data", "smallnorb", "--device", "cpu",
               "--root", str(norb), "--out", str(out)], capsys)
         models = json.loads((out / "results.json").read_text())["models"]
         results.append({name: (models[name]["final_loss"], models[name]["familiar_error"])
@@ -273,10 +274,10 @@ def test_ablation_fast(norb, tmp_path, capsys):
 
 def test_steps_replace_the_training_budget(norb, tmp_path, capsys):
     """--steps N trains every model for N steps and says so in results.json; the RunConfig written beside
-    the results (train.max_steps N) trains the same model with `emcaps train`'s loop."""
+    the results (train.max_steps N) trains the same model with `emcaps train`'s loop (bit-equal: on the CPU)."""
     out = tmp_path / "abl"
     _run(["experiment", "ablation", "--fast", "--quiet", "--only", "coord", "--steps", "3", "--data",
-          "smallnorb", "--root", str(norb), "--out", str(out)], capsys)
+          "smallnorb", "--device", "cpu", "--root", str(norb), "--out", str(out)], capsys)
     results = json.loads((out / "results.json").read_text())
     assert results["budget"] == {"steps": 3, "batch_size": common.FAST["capsules"].batch_size,
                                  "lr": common.FAST["capsules"].lr, "schedule": "cosine"}

@@ -54,10 +54,18 @@ def _compiled(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor
     out_dtype = votes.dtype
     cd = _compute_dtype(out_dtype)
     r = initial if initial is not None else votes.new_full((1, 1, 1), 1.0 / n_out, dtype=cd)
-    mean, act = _compiled_kernel()(votes.to(cd), activations.to(cd), beta_u.to(cd), beta_a.to(cd),
-                                   tuple(config.inverse_temperatures), config.var_floor, cost_scale,
-                                   r, normalise, config.activation, config.estep_temperature,
-                                   config.centre_damping, config.detach_assignments)
+    v, a = votes.to(cd), activations.to(cd)
+    # One graph per layer and grad mode whatever the batch: M (images x positions) is symbolic, the layer's
+    # (J, I, D) stay static. Without this, every new batch size (a last partial batch, an eval batch)
+    # compiled anew, and past dynamo's recompile limit (raised here: a batch of 1 specialises M=1) the
+    # routing silently ran uncompiled.
+    for t in (v, a, r):
+        if t.dim() > 0 and t.shape[0] > 1:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+        mean, act = _compiled_kernel()(v, a, beta_u.to(cd), beta_a.to(cd), tuple(config.inverse_temperatures),
+                                       config.var_floor, cost_scale, r, normalise, config.activation,
+                                       config.estep_temperature, config.centre_damping, config.detach_assignments)
     return mean.to(out_dtype), act.to(out_dtype)
 
 

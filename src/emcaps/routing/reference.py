@@ -177,4 +177,4 @@ def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
 @functools.cache
 def _compiled_kernel() -> Callable[..., tuple[Tensor, Tensor]]:
     """torch.compile(_em_direct), built once per process on first use."""
-    return torch.compile(_em_direct, dynamic=False)
+    return torch.compile(_em_direct)

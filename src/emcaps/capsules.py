@@ -81,8 +81,8 @@ def gather_windows(x: Tensor, kernel: int, stride: int) -> Tensor:
     """The windows of `extract_patches`, copied out by one index_select over the flattened grid.
 
     x: (N, H, W, *rest) -> (N, H', W', K, K, *rest), contiguous. Why a copy: the layers need the windows
-    contiguous anyway, and the backward of index_select (an index_add of whole rows) is about 4x faster on
-    a CPU than the backward of two unfolds.
+    contiguous anyway, and the backward of index_select (an index_add of whole rows) is much faster on a
+    CPU than the backward of two unfolds.
     """
     if x.dim() < 3:
         raise ValueError(f"gather_windows needs (N, H, W, ...), got {tuple(x.shape)}")

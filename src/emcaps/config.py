@@ -136,9 +136,8 @@ class OptimConfig:
     lr_schedule: 'constant'; 'exponential' (lr * lr_decay ** (step / decay_steps), the authors' form);
                  'cosine' (from lr down to lr * min_lr_ratio over the run; the default: in runs of hours,
                  not the authors' days, the exponential form barely decays). warmup_steps ramp linearly.
-    lr:          the peak learning rate. The default suits the capsule networks (at least as good as 3e-3 in
-                 every run docs/experiments.md reports, and better in short ones); the baseline CNN trains best at 1e-3
-                 (the converge-cnn config).
+    lr:          the peak learning rate. The default suits the capsule networks; the baseline CNN trains best
+                 at 1e-3 (the converge-cnn config).
     grad_clip:   clip the global gradient norm to this (0 = off).
     """
 

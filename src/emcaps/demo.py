@@ -1,4 +1,4 @@
-"""`emcaps demo`: the README's main job, offline, in a few minutes on a laptop CPU.
+"""`emcaps demo`: the quick start's main job, offline, in a few minutes on a laptop CPU.
 
 It renders SynthNORB at low resolution (once, into the user cache), trains the small capsule network
 and the baseline CNN on the training instances, tests both on unseen object instances, and writes a

@@ -34,7 +34,7 @@ class CapsNetConfig:
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     conv_transform_std: float = 0.3       # initial std of the ConvCaps transforms (truncated at 2 std)
     class_transform_std: float = 0.3      # and of the class capsules' shared transforms (the authors' 0.01
-                                          # leaves votes that are mostly coordinate offsets: docs/experiments.md)
+                                          # leaves votes that are mostly coordinate offsets: docs/research.md)
     transform_gain: float = 1.0           # routed layers' votes use gain * transforms (a fixed factor)
     bias_init: str = "zeros"              # the routed layers' beta_u, beta_a: 'zeros', 'authors', 'ibm' (layers)
     primary_activation_offset: float = 0.0  # primary activations sigmoid(x - offset) (the authors': 1)

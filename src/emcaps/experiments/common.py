@@ -51,12 +51,12 @@ class Budget:
 
 
 # The capsule network routes as the library's default RoutingConfig does: the paper's 3 EM iterations with
-# emcaps' parameterisation (docs/experiments.md, "Three routing iterations that learn").
+# emcaps' parameterisation (docs/research.md, "The default parameterisation").
 ITERATIONS = RoutingConfig().iterations
 
 # Fast mode: tiny SynthNORB at 32 px (no resizing), 'tiny' capsules; full mode: 48 px data, 'small' capsules.
 # Both models follow the library's cosine lr schedule over their budget; the capsule network at peak lr 1e-2,
-# the CNN at 1e-3 (each model's best in the runs of docs/experiments.md).
+# the CNN at 1e-3 (each model's best in the runs of docs/research.md).
 FAST = {"capsnet": "tiny", "capsules": Budget(4, 8, 1e-2), "cnn": Budget(8, 16, 1e-3), "check_every": 2,
         "test_limit": 64}
 FULL = {"capsnet": "small", "capsules": Budget(3000, 32, 1e-2), "cnn": Budget(3000, 32, 1e-3),
@@ -115,8 +115,8 @@ def load(cfg: DataConfig, split: str) -> ImageSet:
     return load_split(cfg, split)
 
 
-# The experiments' models route whole batches and keep their tensors for the backward pass: on a CPU several
-# times faster than recomputing chunks, and the experiments' batches are small.
+# The experiments' models route whole batches and keep their tensors for the backward pass: on a CPU faster
+# than recomputing chunks, and the experiments' batches are small.
 WHOLE_BATCH = Runtime(recompute="no")
 
 

@@ -19,7 +19,7 @@ STD_FLOOR = 1e-6        # added to the variance of the costs before standardisin
 # into the activations (docs: "Conditioning").
 DEFAULT_VAR_FLOOR = 1e-9
 AUTHORS_VAR_FLOOR = 5e-4
-# The default parameterisation (docs/experiments.md, "Three routing iterations that learn"): costs standardised over the
+# The default parameterisation (docs/research.md, "The default parameterisation"): costs standardised over the
 # parent types, inverse temperature 10 * (1 - 0.95**(i+1)), and an E-step at a tenth of its log-posterior.
 DEFAULT_ACTIVATION = "standardised"
 DEFAULT_FINAL_LAMBDA = 10.0
@@ -70,9 +70,10 @@ class RoutingConfig:
                       votes by them, not through how the E-steps chose them (as k-means' gradient ignores
                       how the clusters were picked). The forward pass is unchanged; the native backward then
                       differentiates only the last M-step (the damped centres' chain where damping is on).
-                      On by default (emcaps' parameterisation): about twice as fast a training step, 40%
-                      less memory, and over a long schedule it learned better (docs/experiments.md); the paper, the
-                      authors' and IBM's code differentiate through every E-step ('paper', 'authors', 'ibm').
+                      On by default (emcaps' parameterisation): the backward pass keeps and differentiates one
+                      M-step instead of every iteration, so a training step costs less time and memory
+                      (docs/performance.md, docs/research.md); the paper, the authors' and IBM's code
+                      differentiate through every E-step ('paper', 'authors', 'ibm').
     parameterisation: which named parameterisation (a key of PARAMETERISATIONS) the fields are, or 'custom'.
                       Left empty it is derived from the fields; given, every field the name sets must have
                       its value (a ValueError names those that do not), so the label never lies. Run
@@ -192,7 +193,7 @@ _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBD
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
                 "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR}
 PARAMETERISATIONS: dict[str, dict[str, Any]] = {
-    # emcaps' own (docs/experiments.md, "Three routing iterations that learn"): the RoutingConfig defaults.
+    # emcaps' own (docs/research.md, "The default parameterisation"): the RoutingConfig defaults.
     "emcaps": _EMCAPS,
     # The paper's formula as written, with the authors' inverse temperature 0.01 * (1 - 0.95**(i+1)).
     "paper": _PAPER_LOGIT,

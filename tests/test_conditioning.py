@@ -62,13 +62,33 @@ def test_the_paper_network_is_well_conditioned_by_default(steps):
     assert f32 <= FLOAT32_BOUND and bf16 <= BF16_BOUND, (f32, bf16)
 
 
-def test_the_check_sees_an_ill_conditioned_routing():
-    """The measure itself can fail: a variance floor far above the class layer's vote spread at initialisation
-    makes the class costs differ in their fifth digit, and standardising them amplifies the rounding."""
+def test_the_class_layer_routes_in_float64_because_float32_loses_its_costs():
+    """The measure can fail, and why the class capsules route in float64: their 5e-4 floor sits above a fresh
+    network's class votes, so the classes' costs differ in digits that float32 routing drops."""
+    from emcaps.capsules import Capsules
+    from emcaps.routing import em_routing_fused
+
     torch.manual_seed(0)
-    model = create_model("small", routing=RoutingConfig(var_floor=5e-4), runtime=TORCH).eval()
-    f32, _ = _errors(model, 0)
-    assert f32 > 3 * FLOAT32_BOUND
+    model = create_model("paper", runtime=TORCH).double().eval()
+    feed = {}
+    model.class_caps.register_forward_pre_hook(lambda module, args: feed.setdefault("caps", args[0]))
+    with torch.no_grad():
+        model(torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(100), dtype=torch.float64))
+        layer, caps = model.class_caps, feed["caps"]
+        votes, act = layer.votes(caps)
+        config = layer.routing.class_layer()
+        n, j = votes.shape[:2]
+        scale = layer.routing.layer_cost_scale(j, votes.shape[2], j / votes.shape[2])
+
+        def route(dtype):
+            return em_routing_fused(votes.to(dtype), act.to(dtype), layer.beta_u.to(dtype),
+                                    layer.beta_a.to(dtype), config, cost_scale=scale)[1].double()
+
+        in_float32 = float((route(torch.float32) - route(torch.float64)).abs().max())
+        float32_layer = layer.float()(Capsules(caps.pose.float(), caps.activation.float())).activation
+        layer.double()
+        by_layer = float((float32_layer.double() - layer(caps).activation).abs().max())
+    assert in_float32 > 3 * FLOAT32_BOUND and by_layer < 1e-6, (in_float32, by_layer)
 
 
 def test_precision_error_rejects_an_unknown_precision():

@@ -200,3 +200,29 @@ def test_the_old_spelling_of_a_renamed_key_still_loads():
     old = config.from_dict({"routing": {"normalize_cost": True}})
     assert old.routing.normalise_cost and old == config.load(None, ["routing.normalise_cost=true"])
     assert config.load(None, ["routing.normalize_cost=true"]).routing.normalise_cost
+
+
+@pytest.mark.parametrize("floor, label", [(5e-4, "emcaps-0.1"), (1e-9, "emcaps-0.2")])
+def test_a_config_saved_before_the_class_floor_keeps_its_one_floor(floor, label):
+    """Runs saved as 'emcaps' before `class_var_floor` existed routed every layer with one floor: they load
+    with that maths (class_var_floor 0 = var_floor) under the label of that earlier definition."""
+    saved = config.load(None).to_dict()
+    saved["routing"] = {k: v for k, v in saved["routing"].items() if k != "class_var_floor"}
+    saved["routing"].update(var_floor=floor, parameterisation="emcaps")
+    routing = config.from_saved(saved).routing
+    assert (routing.class_var_floor, routing.var_floor, routing.parameterisation) == (0.0, floor, label)
+    assert routing.class_layer().var_floor == floor
+    assert config.from_saved(config.load(None).to_dict()).routing.parameterisation == "emcaps"
+
+
+def test_the_class_capsules_floor():
+    from emcaps.routing import RoutingConfig
+
+    default = RoutingConfig()
+    assert (default.var_floor, default.class_var_floor, default.class_layer().var_floor) == (1e-9, 5e-4, 5e-4)
+    assert RoutingConfig.named("authors").class_layer().var_floor == 5e-4
+    assert RoutingConfig(class_var_floor=1e-9).parameterisation == "custom"
+    with pytest.raises(ValueError, match="class_var_floor must be >= 0"):
+        RoutingConfig(class_var_floor=-1.0)
+    with pytest.raises(ConfigError, match="contradicts class_var_floor"):
+        config.load(None, ["routing.parameterisation=emcaps", "routing.class_var_floor=1e-3"])

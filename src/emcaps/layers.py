@@ -255,7 +255,7 @@ class ClassCaps(_Routed):
             raise ValueError(f"ClassCaps expects pose (N, H, W, {self.in_types}, 4, 4), got {tuple(pose.shape)}")
         n, h, w = pose.shape[:3]
         poses = pose.permute(3, 0, 1, 2, 4, 5).reshape(self.in_types, n * h * w, 4, 4)   # (D, N*H*W, 4, 4)
-        votes = _transform(poses, self.transforms())                      # (N*H*W, E, D, 16)
+        votes = _transform(poses, self.transforms().to(pose.dtype))       # (N*H*W, E, D, 16)
         votes = votes.view(n, h * w, self.classes, self.in_types, 16).transpose(1, 2)  # (N, E, H*W, D, 16)
         if self.coord_add:
             votes = votes + coordinate_offsets(h, w, votes.dtype, votes.device).view(1, 1, h * w, 1, 16)
@@ -273,10 +273,14 @@ class ClassCaps(_Routed):
         n_in = h * w * self.in_types
         scale = self.routing.layer_cost_scale(self.classes, n_in, self.classes / n_in)
         beta_u, beta_a = routed_biases(self, self.routing)
+        # In float64: the classes' costs can differ in digits float32 drops (RoutingConfig.class_var_floor),
+        # and this layer is a small part of the network's work.
+        dtype = pose.dtype
+        pose, act, beta_u, beta_a = (t.to(torch.float64) for t in (pose, act, beta_u, beta_a))
         if self.uses_native(pose, trace):
             # One routing problem per image; child i = (position, type) uses its type's transform, and the
             # coordinate addition is a constant offset on each child's votes.
-            weight = self.transforms().view(1, self.in_types, self.classes, 16).expand(h * w, -1, -1, -1)
+            weight = self.transforms().to(pose.dtype).view(1, self.in_types, self.classes, 16).expand(h * w, -1, -1, -1)
             offsets = None
             if self.coord_add:
                 offsets = coordinate_offsets(h, w, pose.dtype, pose.device).view(h * w, 1, 16)
@@ -289,7 +293,7 @@ class ClassCaps(_Routed):
             votes, a_in = self.votes(Capsules(pose, act))
             pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing.class_layer(),
                                          cost_scale=scale, trace=trace, settings=self.settings(pose.device))
-        return pose.view(n, self.classes, 4, 4), act
+        return pose.view(n, self.classes, 4, 4).to(dtype), act.to(dtype)
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
         per_image = caps.pose[0, ..., 0, 0].numel() * self.classes * 16 if caps.pose.shape[0] else 0

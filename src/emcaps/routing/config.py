@@ -41,6 +41,10 @@ class RoutingConfig:
     schedule:         'authors' (lambda_i = final * (1 - 0.95**(i+1))), 'linear' (final * (i+1)/T),
                       or 'constant' (final every iteration).
     var_floor:        added to every variance.
+    class_var_floor:  the class capsules' floor instead, where > 0 (0: var_floor). emcaps' 5e-4 sits above the
+                      spread of a fresh network's class votes, so that a class's activation follows the data
+                      routed to it rather than the width of its votes until the votes spread; those costs then
+                      differ in digits float32 drops, so the class capsules route in float64.
     normalise_cost:   scale each parent's share of the data by n_parents / n_children (Gritzman 2019),
                       so the cost has the same size in layers with very different fan-in.
     compete_positions: in convolutional layers, a child's assignments are normalised over every parent
@@ -87,6 +91,7 @@ class RoutingConfig:
     final_lambda: float = DEFAULT_FINAL_LAMBDA
     schedule: str = "authors"
     var_floor: float = DEFAULT_VAR_FLOOR
+    class_var_floor: float = AUTHORS_VAR_FLOOR
     normalise_cost: bool = False
     compete_positions: bool = True
     initial_assignments: str = "uniform"
@@ -110,6 +115,8 @@ class RoutingConfig:
             raise ValueError(f"final_lambda must be > 0, got {self.final_lambda}")
         if not self.var_floor > 0:
             raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
+        if not self.class_var_floor >= 0:
+            raise ValueError(f"class_var_floor must be >= 0 (0 = var_floor), got {self.class_var_floor}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if not self.estep_temperature > 0:
@@ -142,10 +149,11 @@ class RoutingConfig:
                 raise ValueError(f"unknown routing parameterisation {self.parameterisation!r}; expected one of "
                                  f"{', '.join((*PARAMETERISATIONS, CUSTOM))}")
             named = _LABELS[self.parameterisation]
-            earlier, earlier_fields = EARLIER_PARAMETERISATIONS.get(self.parameterisation, ("", {}))
-            if not matches(named) and earlier and matches(earlier_fields):
-                object.__setattr__(self, "parameterisation", earlier)        # a config saved before the change
-                return
+            if not matches(named):
+                for earlier, earlier_fields in EARLIER_PARAMETERISATIONS.get(self.parameterisation, []):
+                    if matches(earlier_fields):                              # a config saved before a change
+                        object.__setattr__(self, "parameterisation", earlier)
+                        return
             wrong = [f"{k} = {getattr(self, k)!r} (it sets {v!r})" for k, v in named.items() if getattr(self, k) != v]
             if wrong:
                 raise ValueError(f"routing parameterisation {self.parameterisation!r} contradicts "
@@ -170,11 +178,14 @@ class RoutingConfig:
         return scale
 
     def class_layer(self) -> RoutingConfig:
-        """The config the class capsules route with: the inverse temperature times `class_lambda_scale`."""
-        if self.class_lambda_scale == 1.0:
+        """The config the class capsules route with: the inverse temperature times `class_lambda_scale`, and
+        `class_var_floor` (where set) as the floor."""
+        floor = self.class_var_floor or self.var_floor
+        if self.class_lambda_scale == 1.0 and floor == self.var_floor:
             return self
         return dataclasses.replace(self, final_lambda=self.final_lambda * self.class_lambda_scale,
-                                   class_lambda_scale=1.0, parameterisation=CUSTOM)
+                                   class_lambda_scale=1.0, var_floor=floor, class_var_floor=0.0,
+                                   parameterisation=CUSTOM)
 
     @property
     def inverse_temperatures(self) -> list[float]:
@@ -185,13 +196,15 @@ class RoutingConfig:
 # M-step moves the centres. The model's initialisation that goes with each is emcaps.models.INITIALISATIONS.
 # Every name sets every one of these fields, so that switching names leaves nothing of the previous one.
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
-           "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR, "normalise_cost": False,
+           "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR,
+           "class_var_floor": AUTHORS_VAR_FLOOR, "normalise_cost": False,
            "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
            "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform",
            "detach_assignments": True}
 # The paper, the authors' and IBM's code all differentiate through every E-step.
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
-                "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR}
+                "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR,
+                "class_var_floor": 0.0}
 PARAMETERISATIONS: dict[str, dict[str, Any]] = {
     # emcaps' own (docs/research.md, "The default parameterisation"): the RoutingConfig defaults.
     "emcaps": _EMCAPS,
@@ -209,12 +222,15 @@ PARAMETERISATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-# Earlier definitions of a name, under the label their saved configs get when they load: a run saved as
-# 'emcaps' before its floor changed is 'emcaps-0.1' (its fields are kept; only the label moves).
-EARLIER_PARAMETERISATIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "emcaps": ("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR}),
+# Earlier definitions of a name, under the labels their saved configs get when they load: a run saved as
+# 'emcaps' with one floor of 5e-4 everywhere is 'emcaps-0.1', with one of 1e-9 'emcaps-0.2' (their fields are
+# kept; only the label moves).
+EARLIER_PARAMETERISATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "emcaps": [("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR, "class_var_floor": 0.0}),
+               ("emcaps-0.2", {**_EMCAPS, "class_var_floor": 0.0})],
 }
-_LABELS = {**PARAMETERISATIONS, **dict(EARLIER_PARAMETERISATIONS.values())}
+_LABELS = {**PARAMETERISATIONS, **{label: fields for versions in EARLIER_PARAMETERISATIONS.values()
+                                   for label, fields in versions}}
 
 
 def named_fields(label: str) -> dict[str, Any] | None:

@@ -102,9 +102,10 @@ def _fused(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor, c
             # sum_i w (vc - mean)^2 below holds for any mean, so the damped centre needs nothing else.
             mean = (1 - damping) * mean + damping * previous
             previous = mean
-        var = (ex2 - 2 * mean * m1 + mean * mean * w_sum).clamp_min(0) + config.var_floor
+        excess = (ex2 - 2 * mean * m1 + mean * mean * w_sum).clamp_min(0)       # (M, J, D)
+        var = excess + config.var_floor
         log_var = torch.log(var)
-        logit = parent_logit(bu, ba, log_var.sum(-1), r_sum, lam, cost_scale, d, config.activation)  # (M, J)
+        logit = parent_logit(bu, ba, excess, config.var_floor, r_sum, lam, cost_scale, config.activation)
         act = torch.sigmoid(logit)
         if trace is not None:
             trace.append(RoutingStep(r.expand(m, n_out, n_in), mean + centre, var, act, lam, logit))

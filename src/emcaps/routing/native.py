@@ -112,16 +112,17 @@ class _ConvRouting(torch.autograd.Function):
             mean, var, s = P.new_empty(m, n_out, D), P.new_empty(m, n_out, D), P.new_empty(m, n_out)
             lib.call("mstep", P.dtype,
                      [P, W, off, r, r.stride(0), r.stride(1), a, m, n_out, n_in, EPS, mean, var, s], m, range_at=10)
-            var += config.var_floor
+            excess, var = var, var + config.var_floor                               # the kernel's var: no floor
             if damping:
                 centre, var = _damp(mean, var, s, centre, damping)
+                excess = var - config.var_floor
             else:
                 centre = mean
             log_var_sum = torch.log(var).sum(-1)                                     # (M, J)
-            logit = parent_logit(beta_u, beta_a, log_var_sum, s, lam, cost_scale, D, config.activation)
+            logit = parent_logit(beta_u, beta_a, excess, config.var_floor, s, lam, cost_scale, config.activation)
             if config.detach_assignments and not damping and steps:
                 steps[-1] = None              # constant assignments: the backward pass needs the last step only
-            steps.append([r, mean, centre, var, s, logit])
+            steps.append([r, mean, centre, var, excess, s, logit])
             if t == len(lambdas) - 1:
                 break
             # E-step and its normalisation over types in one kernel pass; then, where parents at other
@@ -166,12 +167,11 @@ class _ConvRouting(torch.autograd.Function):
         for t in range(last, -1, -1):
             if detach and t < last and not damping:
                 break                         # constant assignments: earlier iterations reach nothing
-            r, mean, centre, var, s, logit = steps[t]
+            r, mean, centre, var, excess, s, logit = steps[t]
             centre = mean_out if centre is None else centre
             mean = centre if mean is None else mean
             lam = lambdas[t]
             inv_var = 1.0 / var
-            log_var_sum = torch.log(var).sum(-1)
             if t == last:
                 act = torch.sigmoid(logit)
                 g_logit = (g_act_out if g_act_out is not None else torch.zeros_like(act)) * act * (1 - act)
@@ -200,12 +200,12 @@ class _ConvRouting(torch.autograd.Function):
                 g_var = -g_inv_var * inv_var * inv_var
             # activation and cost: the logit is small, (M, J), so autograd differentiates the shared formula
             with torch.enable_grad():
-                inputs = [x.detach().requires_grad_() for x in (beta_u, beta_a, log_var_sum, s)]
-                out = parent_logit(*inputs, lam, cs, D, config.activation)
-                g_bu_t, g_ba_t, g_lvs, g_s = torch.autograd.grad(out, inputs, g_logit)
+                bu, ba, ex, s_in = [x.detach().requires_grad_() for x in (beta_u, beta_a, excess, s)]
+                out = parent_logit(bu, ba, ex, config.var_floor, s_in, lam, cs, config.activation)
+                g_bu_t, g_ba_t, g_excess, g_s = torch.autograd.grad(out, (bu, ba, ex, s_in), g_logit)
             g_bu += g_bu_t
             g_ba += g_ba_t
-            g_var += (g_log_var + g_lvs).unsqueeze(-1) * inv_var
+            g_var += g_log_var.unsqueeze(-1) * inv_var + g_excess       # d excess = d var
             if damping:
                 # g_mean and g_var so far are with respect to the damped centre and the variance around it
                 if g_previous is not None:

@@ -8,6 +8,7 @@ maths over the layers' (M, J, I, D) layout, written as plain broadcasts so that 
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,18 +21,36 @@ from emcaps.routing.config import _LOG_2PI, EPS, STD_FLOOR, RoutingConfig, inver
 Normaliser = Callable[[Tensor], Tensor]
 
 
-def parent_logit(beta_u: Tensor, beta_a: Tensor, log_var_sum: Tensor, r_sum: Tensor, lam: float,
-                 cost_scale: float, d: int, activation: str = "paper") -> Tensor:
+def parent_logit(beta_u: Tensor, beta_a: Tensor, var_excess: Tensor, var_floor: float, r_sum: Tensor, lam: float,
+                 cost_scale: float, activation: str = "paper") -> Tensor:
     """The logit of each parent's activation; every routing form calls this one function.
 
-    log_var_sum: (.., J)  sum over the D pose entries of log(variance)
-    r_sum:       (.., J)  the data assigned to each parent, sum_i r_ij a_i
-    -> (.., J). The cost of explaining the data is (D beta_u + 0.5 log_var_sum) * cost_scale * r_sum.
+    var_excess: (.., J, D)  the parents' variances without the floor (variance = var_excess + var_floor)
+    r_sum:      (.., J)     the data assigned to each parent, sum_i r_ij a_i
+    -> (.., J). The cost of explaining the data is (D beta_u + 0.5 sum_d log(variance)) * cost_scale * r_sum.
+
+    Why the variance comes without its floor: where the floor dominates the votes' spread (a fresh network's
+    class capsules), every parent's sum of log-variances is D log(floor) plus differences a million times
+    smaller, which float32 cannot hold beside it. So the log-variances are D log(floor) + log1p(excess/floor),
+    and the standardised activation, which only sees differences between parents, takes every cost relative
+    to the first parent's before adding up: no term that is common to all parents is ever rounded.
     """
-    cost = (d * beta_u + 0.5 * log_var_sum) * (cost_scale * r_sum)
-    if activation == "standardised":
-        centred = cost - cost.mean(-1, keepdim=True)
-        cost = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + STD_FLOOR)
+    d = var_excess.shape[-1]
+    per_unit = d * beta_u + 0.5 * d * math.log(var_floor)               # (J,) or scalar: cost per unit data,
+    if activation != "standardised":                                    # less the log-variances' excess
+        rel = torch.log1p(var_excess / var_floor).sum(-1)              # (.., J) sum_d log(variance / floor)
+        return lam * (beta_a - (per_unit + 0.5 * rel) * (cost_scale * r_sum))
+    # cost_j - cost_0, every difference formed before anything common to the parents is added to it: the
+    # entries that carry coordinate offsets have a large variance that is the same for every class.
+    x0 = var_excess[..., :1, :]                                         # (.., 1, D)
+    rel0 = torch.log1p(x0 / var_floor).sum(-1)                          # (.., 1)
+    rel_diff = torch.log1p((var_excess - x0) / (var_floor + x0)).sum(-1)   # (.., J) rel_j - rel_0
+    per_unit = torch.as_tensor(per_unit, dtype=rel_diff.dtype, device=rel_diff.device).expand_as(rel_diff)
+    r0, k0 = r_sum[..., :1], per_unit[..., :1]
+    r_diff = r_sum - r0
+    diff = (per_unit * r_diff + (per_unit - k0) * r0 + 0.5 * (r_sum * rel_diff + rel0 * r_diff)) * cost_scale
+    centred = diff - diff.mean(-1, keepdim=True)
+    cost = centred * torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + STD_FLOOR)
     return lam * (beta_a - cost)
 
 
@@ -124,8 +143,9 @@ def em_routing(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         w = ra / r_sum.clamp_min(EPS).unsqueeze(1)                             # (N, I, J)
         mean = (1 - centre_damping) * (w.unsqueeze(-1) * v).sum(1) + centre_damping * mean   # (N, J, D)
         sq = (v - mean.unsqueeze(1)) ** 2                               # (N, I, J, D)
-        var = (w.unsqueeze(-1) * sq).sum(1) + var_floor                 # (N, J, D)
-        logit = parent_logit(bu, ba, torch.log(var).sum(-1), r_sum, lam, scale, v.shape[-1], activation)
+        excess = (w.unsqueeze(-1) * sq).sum(1)                          # (N, J, D)
+        var = excess + var_floor
+        logit = parent_logit(bu, ba, excess, var_floor, r_sum, lam, scale, activation)
         act = torch.sigmoid(logit)                                      # (N, J)
         if trace is not None:
             trace.append(RoutingStep(r.expand(n, -1, -1), mean, var, act, lam, logit))
@@ -161,9 +181,10 @@ def _em_direct(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tenso
         w = (ra / r_sum.clamp_min(EPS).unsqueeze(-1)).unsqueeze(-1)     # (M, J, I, 1)
         mean = (1 - centre_damping) * (w * votes).sum(2) + centre_damping * mean   # (M, J, D)
         sq = (votes - mean.unsqueeze(2)) ** 2                           # (M, J, I, D), fused away
-        var = (w * sq).sum(2) + var_floor
+        excess = (w * sq).sum(2)                                        # (M, J, D)
+        var = excess + var_floor
         log_var = torch.log(var)
-        logit = parent_logit(beta_u, beta_a, log_var.sum(-1), r_sum, lam, cost_scale, d, activation)
+        logit = parent_logit(beta_u, beta_a, excess, var_floor, r_sum, lam, cost_scale, activation)
         act = torch.sigmoid(logit)
         if it == len(lambdas) - 1:
             break

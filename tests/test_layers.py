@@ -131,7 +131,8 @@ def test_class_caps_coordinate_addition_and_dense_agreement():
     offsets[..., 1, 3] = 0
     assert offsets.abs().max() == 0
     out = layer(caps)
-    pose, act = em_routing(votes.transpose(1, 2), a_in, layer.beta_u, layer.beta_a, 3, final_lambda=1.0)
+    pose, act = em_routing(votes.transpose(1, 2), a_in, layer.beta_u, layer.beta_a, 3, final_lambda=1.0,
+                           var_floor=layer.routing.class_layer().var_floor)       # the class capsules' floor
     torch.testing.assert_close(out.pose.view(2, 4, 16), pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out.activation, act, atol=1e-9, rtol=1e-9)
 
@@ -152,7 +153,7 @@ def test_class_caps_route_at_their_share_of_the_inverse_temperature_with_scaled_
     votes, a_in = layer.votes(caps)
     pose, act = em_routing(votes.transpose(1, 2), a_in, 1.4 * layer.beta_u, -3.0 * layer.beta_a, 3,
                            final_lambda=1.0, activation="paper", estep_temperature=1.0, centre_damping=0.1,
-                           cost_scale=2.0, fan_in_cost_scale=3.0)
+                           cost_scale=2.0, fan_in_cost_scale=3.0, var_floor=cfg.class_layer().var_floor)
     torch.testing.assert_close(out.pose.view(2, 4, 16), pose, atol=1e-9, rtol=1e-9)
     torch.testing.assert_close(out.activation, act, atol=1e-9, rtol=1e-9)
     untraced = layer(caps)

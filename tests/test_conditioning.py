@@ -63,13 +63,13 @@ def test_the_paper_network_is_well_conditioned_by_default(steps):
 
 
 def test_the_class_layer_routes_in_float64_because_float32_loses_its_costs():
-    """The measure can fail, and why the class capsules route in float64: their 5e-4 floor sits above a fresh
-    network's class votes, so the classes' costs differ in digits that float32 routing drops."""
+    """The measure can fail, and why the class capsules route in float64: a floor of 5e-4 (class_var_floor)
+    sits above a fresh network's class votes, so the classes' costs differ in digits float32 routing drops."""
     from emcaps.capsules import Capsules
     from emcaps.routing import em_routing_fused
 
     torch.manual_seed(0)
-    model = create_model("paper", runtime=TORCH).double().eval()
+    model = create_model("paper", routing=RoutingConfig(class_var_floor=5e-4), runtime=TORCH).double().eval()
     feed = {}
     model.class_caps.register_forward_pre_hook(lambda module, args: feed.setdefault("caps", args[0]))
     with torch.no_grad():

@@ -442,6 +442,7 @@ def from_saved(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
     routing = data.get("routing")
     if isinstance(routing, dict) and "var_floor" in routing and "class_var_floor" not in routing:
         data = {**data, "routing": {**routing, "class_var_floor": 0.0}}   # saved before it existed: one floor
+        # (today's default too; explicit, so that a later default cannot change what an old run computes)
     return from_dict(_without_label(data), overrides)
 
 

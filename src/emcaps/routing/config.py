@@ -41,10 +41,11 @@ class RoutingConfig:
     schedule:         'authors' (lambda_i = final * (1 - 0.95**(i+1))), 'linear' (final * (i+1)/T),
                       or 'constant' (final every iteration).
     var_floor:        added to every variance.
-    class_var_floor:  the class capsules' floor instead, where > 0 (0: var_floor). emcaps' 5e-4 sits above the
-                      spread of a fresh network's class votes, so that a class's activation follows the data
-                      routed to it rather than the width of its votes until the votes spread; those costs then
-                      differ in digits float32 drops, so the class capsules route in float64.
+    class_var_floor:  the class capsules' floor instead, where > 0 (0: var_floor). A floor above the spread of
+                      a fresh network's class votes (5e-4) makes a class's activation follow the data routed to
+                      it rather than the width of its votes: shorter runs learn faster, the `converge` recipe
+                      ends worse (docs/research.md). Those costs differ in digits float32 drops, so the class
+                      capsules always route in float64.
     normalise_cost:   scale each parent's share of the data by n_parents / n_children (Gritzman 2019),
                       so the cost has the same size in layers with very different fan-in.
     compete_positions: in convolutional layers, a child's assignments are normalised over every parent
@@ -91,7 +92,7 @@ class RoutingConfig:
     final_lambda: float = DEFAULT_FINAL_LAMBDA
     schedule: str = "authors"
     var_floor: float = DEFAULT_VAR_FLOOR
-    class_var_floor: float = AUTHORS_VAR_FLOOR
+    class_var_floor: float = 0.0
     normalise_cost: bool = False
     compete_positions: bool = True
     initial_assignments: str = "uniform"
@@ -197,7 +198,7 @@ class RoutingConfig:
 # Every name sets every one of these fields, so that switching names leaves nothing of the previous one.
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
            "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR,
-           "class_var_floor": AUTHORS_VAR_FLOOR, "normalise_cost": False,
+           "class_var_floor": 0.0, "normalise_cost": False,
            "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
            "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform",
            "detach_assignments": True}
@@ -223,11 +224,9 @@ PARAMETERISATIONS: dict[str, dict[str, Any]] = {
 
 
 # Earlier definitions of a name, under the labels their saved configs get when they load: a run saved as
-# 'emcaps' with one floor of 5e-4 everywhere is 'emcaps-0.1', with one of 1e-9 'emcaps-0.2' (their fields are
-# kept; only the label moves).
+# 'emcaps' with the floor at 5e-4 is 'emcaps-0.1' (its fields are kept; only the label moves).
 EARLIER_PARAMETERISATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "emcaps": [("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR, "class_var_floor": 0.0}),
-               ("emcaps-0.2", {**_EMCAPS, "class_var_floor": 0.0})],
+    "emcaps": [("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR})],
 }
 _LABELS = {**PARAMETERISATIONS, **{label: fields for versions in EARLIER_PARAMETERISATIONS.values()
                                    for label, fields in versions}}

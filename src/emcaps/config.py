@@ -439,10 +439,6 @@ def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ())
 def from_saved(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """A RunConfig from a saved one (a checkpoint's), whose every field is set: its routing label is derived
     from those fields, so a run saved under a name whose definition later changed still loads."""
-    routing = data.get("routing")
-    if isinstance(routing, dict) and "var_floor" in routing and "class_var_floor" not in routing:
-        data = {**data, "routing": {**routing, "class_var_floor": 0.0}}   # saved before it existed: one floor
-        # (today's default too; explicit, so that a later default cannot change what an old run computes)
     return from_dict(_without_label(data), overrides)
 
 

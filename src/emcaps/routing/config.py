@@ -150,11 +150,10 @@ class RoutingConfig:
                 raise ValueError(f"unknown routing parameterisation {self.parameterisation!r}; expected one of "
                                  f"{', '.join((*PARAMETERISATIONS, CUSTOM))}")
             named = _LABELS[self.parameterisation]
-            if not matches(named):
-                for earlier, earlier_fields in EARLIER_PARAMETERISATIONS.get(self.parameterisation, []):
-                    if matches(earlier_fields):                              # a config saved before a change
-                        object.__setattr__(self, "parameterisation", earlier)
-                        return
+            earlier, earlier_fields = EARLIER_PARAMETERISATIONS.get(self.parameterisation, ("", {}))
+            if not matches(named) and earlier and matches(earlier_fields):
+                object.__setattr__(self, "parameterisation", earlier)        # a config saved before the change
+                return
             wrong = [f"{k} = {getattr(self, k)!r} (it sets {v!r})" for k, v in named.items() if getattr(self, k) != v]
             if wrong:
                 raise ValueError(f"routing parameterisation {self.parameterisation!r} contradicts "
@@ -204,8 +203,7 @@ _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBD
            "detach_assignments": True}
 # The paper, the authors' and IBM's code all differentiate through every E-step.
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
-                "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR,
-                "class_var_floor": 0.0}
+                "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR}
 PARAMETERISATIONS: dict[str, dict[str, Any]] = {
     # emcaps' own (docs/research.md, "The default parameterisation"): the RoutingConfig defaults.
     "emcaps": _EMCAPS,
@@ -223,13 +221,12 @@ PARAMETERISATIONS: dict[str, dict[str, Any]] = {
 }
 
 
-# Earlier definitions of a name, under the labels their saved configs get when they load: a run saved as
-# 'emcaps' with the floor at 5e-4 is 'emcaps-0.1' (its fields are kept; only the label moves).
-EARLIER_PARAMETERISATIONS: dict[str, list[tuple[str, dict[str, Any]]]] = {
-    "emcaps": [("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR})],
+# Earlier definitions of a name, under the label their saved configs get when they load: a run saved as
+# 'emcaps' before its floor changed is 'emcaps-0.1' (its fields are kept; only the label moves).
+EARLIER_PARAMETERISATIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "emcaps": ("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR}),
 }
-_LABELS = {**PARAMETERISATIONS, **{label: fields for versions in EARLIER_PARAMETERISATIONS.values()
-                                   for label, fields in versions}}
+_LABELS = {**PARAMETERISATIONS, **dict(EARLIER_PARAMETERISATIONS.values())}
 
 
 def named_fields(label: str) -> dict[str, Any] | None:

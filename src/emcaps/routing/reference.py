@@ -36,8 +36,9 @@ def parent_logit(beta_u: Tensor, beta_a: Tensor, var_excess: Tensor, var_floor: 
     to the first parent's before adding up: no term that is common to all parents is ever rounded.
     """
     d = var_excess.shape[-1]
-    per_unit = d * beta_u + 0.5 * d * math.log(var_floor)               # (J,) or scalar: cost per unit data,
-    if activation != "standardised":                                    # less the log-variances' excess
+    # (J,) or scalar: the cost per unit of data, less the part of the log-variances above the floor
+    per_unit = d * beta_u + 0.5 * d * math.log(var_floor)
+    if activation != "standardised":
         rel = torch.log1p(var_excess / var_floor).sum(-1)              # (.., J) sum_d log(variance / floor)
         return lam * (beta_a - (per_unit + 0.5 * rel) * (cost_scale * r_sum))
     # cost_j - cost_0, every difference formed before anything common to the parents is added to it: the

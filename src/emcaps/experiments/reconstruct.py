@@ -23,9 +23,9 @@ from emcaps import plots, viz
 from emcaps.config import ConfigError, RunConfig
 from emcaps.data.splits import ImageSet, eval_batches, load_split
 from emcaps.data.transforms import center_crop
-from emcaps.evaluate import predict_reconstructing
 from emcaps.experiments.common import markdown_table, pct, write_results
 from emcaps.models import MatrixCapsNet
+from emcaps.predict import predict_reconstructing
 from emcaps.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
 from emcaps.training.loop import resume, train
 

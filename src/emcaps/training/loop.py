@@ -38,8 +38,8 @@ from torch import Tensor, nn
 from emcaps.config import ConfigError, RunConfig
 from emcaps.data.splits import ImageSet, batch_generator, epoch_order, eval_batches, load_split
 from emcaps.data.transforms import center_crop, train_augment
-from emcaps.evaluate import predict, predict_reconstructing
 from emcaps.models import Reconstructing, count_parameters
+from emcaps.predict import predict, predict_reconstructing
 from emcaps.progress import progress_bar
 from emcaps.training.averaging import WeightAverage
 from emcaps.training.build import (

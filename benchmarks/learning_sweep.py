@@ -9,7 +9,7 @@ A variant is JSON: RoutingConfig fields, plus 'lr' (Adam, default 1e-2), 'schedu
 'cosine'), 'loss' (spread / margin /
 cross_entropy), 'conv_std' and 'class_std' (initial std of the ConvCaps and class capsule transforms).
 'parameterisation' names one of emcaps.routing.PARAMETERISATIONS ('emcaps', 'paper', 'authors', 'ibm'): its
-routing fields and its initialisation (emcaps.models.INITIALISATIONS), which the variant's other keys override:
+routing fields and its initialisation (its `init`), which the variant's other keys override:
 
     python benchmarks/learning_sweep.py --threads 1 --steps 300 --every 150 \
         --variant '{"parameterisation": "authors"}' --variant '{"parameterisation": "ibm"}'
@@ -35,8 +35,7 @@ from emcaps.diagnostics import gradient_norms
 from emcaps.evaluate import error_rate, predict
 from emcaps.experiments import common
 from emcaps.experiments.viewpoint import familiar_mask
-from emcaps.models import INITIALISATIONS
-from emcaps.routing import DEFAULT_PARAMETERISATION, PARAMETERISATIONS, RoutingConfig
+from emcaps.routing import DEFAULT_PARAMETERISATION, PARAMETERISATIONS
 from emcaps.training.build import build_model
 
 
@@ -62,11 +61,11 @@ def run(variant: dict, data, train, test, familiar, steps: int, every: int, mode
     v = dict(variant)
     lr, loss, schedule = v.pop("lr", 1e-2), v.pop("loss", None), v.pop("schedule", "constant")
     name = v.pop("parameterisation", DEFAULT_PARAMETERISATION)
-    init = dict(INITIALISATIONS[name])
+    init = dict(PARAMETERISATIONS[name].init)
     stds = {"conv_transform_std": v.pop("conv_std", None), "class_transform_std": v.pop("class_std", None),
             "transform_gain": v.pop("gain", None)}
     init.update({k: x for k, x in stds.items() if x is not None})
-    routing = RoutingConfig(**{**PARAMETERISATIONS[name], **v})
+    routing = PARAMETERISATIONS[name].config(**v)
     config = common.run_config("sweep", role, data, model_name, common.Budget(steps, 32, lr, schedule), seed,
                                routing=routing, loss=loss or "auto")
     config = cfgmod.with_updates(config, model=init)

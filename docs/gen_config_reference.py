@@ -333,21 +333,19 @@ def render() -> str:
 
     out += ["", "## What each routing parameterisation sets {#parameterisations}", "",
             "`routing.parameterisation = NAME` sets these routing fields (and the model's initialisation, "
-            "`emcaps.models.INITIALISATIONS`) wherever the config does not set them itself. A config that "
-            "names a parameterisation and gives one of these fields another value is refused.", ""]
+            "its `init` in `emcaps.routing.PARAMETERISATIONS`) wherever the config does not set them itself. A "
+            "config that names a parameterisation and gives one of these fields another value is refused.", ""]
     names = list(PARAMETERISATIONS)
-    keys = list(dict.fromkeys(k for fields_ in PARAMETERISATIONS.values() for k in fields_))
+    keys = list(dict.fromkeys(k for p in PARAMETERISATIONS.values() for k in p.routing))
     out += ["| field | " + " | ".join(f"`{n}`" for n in names) + " |",
             "| --- | " + " | ".join("---" for _ in names) + " |"]
     for key in keys:
-        out.append(f"| `routing.{key}` | " + " | ".join(f"`{_toml(PARAMETERISATIONS[n].get(key))}`"
+        out.append(f"| `routing.{key}` | " + " | ".join(f"`{_toml(PARAMETERISATIONS[n].routing.get(key))}`"
                                                           for n in names) + " |")
-    from emcaps.models import INITIALISATIONS
-
-    model_keys = list(dict.fromkeys(k for fields_ in INITIALISATIONS.values() for k in fields_))
+    model_keys = list(dict.fromkeys(k for p in PARAMETERISATIONS.values() for k in p.init))
     for key in model_keys:
         out.append(f"| `model.{key}` | " + " | ".join(
-            f"`{_toml(INITIALISATIONS[n][key])}`" if key in INITIALISATIONS.get(n, {}) else "default"
+            f"`{_toml(PARAMETERISATIONS[n].init[key])}`" if key in PARAMETERISATIONS[n].init else "default"
             for n in names) + " |")
     return "\n".join(out) + "\n"
 

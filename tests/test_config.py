@@ -44,7 +44,7 @@ def test_each_shipped_config_is_the_parameterisation_it_names(name):
     assert claimed is not None, f"{name}.toml does not name its routing parameterisation"
     assert c.routing.parameterisation == claimed
     if claimed != "custom":
-        for key, value in PARAMETERISATIONS[claimed].items():
+        for key, value in PARAMETERISATIONS[claimed].routing.items():
             assert getattr(c.routing, key) == value, key
 
 
@@ -125,14 +125,13 @@ def test_with_updates_validates():
 
 @pytest.mark.parametrize("name", ["emcaps", "paper", "authors", "ibm"])
 def test_routing_parameterisation_by_name_sets_routing_and_model(name, tmp_path):
-    from emcaps.models import INITIALISATIONS
     from emcaps.routing import PARAMETERISATIONS, RoutingConfig
 
     c = config.load(None, [f"routing.parameterisation={name}"])
     assert c.routing == RoutingConfig.named(name)
-    for key, value in INITIALISATIONS[name].items():
+    for key, value in PARAMETERISATIONS[name].init.items():
         assert getattr(c.model, key) == value, key
-    for key, value in PARAMETERISATIONS[name].items():
+    for key, value in PARAMETERISATIONS[name].routing.items():
         assert getattr(c.routing, key) == value, key
     path = tmp_path / "run.toml"
     path.write_text(c.to_toml())

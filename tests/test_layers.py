@@ -234,14 +234,14 @@ def test_chunked_recomputed_routing_equals_whole_batch():
 def test_routing_backends_in_layers_match_torch(backend, name):
     """ConvCaps (positions competing) and ClassCaps give the same outputs and gradients on every backend,
     with emcaps' parameterisation and with the authors' (damped centres, bias scales, class lambda / 4)."""
-    from emcaps.models import INITIALISATIONS, create_model
+    from emcaps.models import create_model
 
     x = torch.randn(3, 1, 32, 32, dtype=torch.float64)
     results = []
     for be in ("torch", backend):
         torch.manual_seed(0)
         routing = RoutingConfig.named(name, final_lambda=1.0)
-        model = create_model("tiny", routing=routing, runtime=Runtime(backend=be), **INITIALISATIONS[name]).double()
+        model = create_model("tiny", routing=routing, runtime=Runtime(backend=be)).double()
         with torch.no_grad():                 # beta_a = -5000 * 0.5 would switch every capsule off
             for layer in (model.conv_caps1, model.conv_caps2, model.class_caps):
                 layer.beta_a.mul_(1e-3 if name == "authors" else 1.0)

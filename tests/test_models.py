@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from emcaps.models import INITIALISATIONS, BaselineCNN, MatrixCapsNet, count_parameters, create_model
+from emcaps.models import BaselineCNN, MatrixCapsNet, count_parameters, create_model
 from emcaps.routing import RoutingConfig
 
 
@@ -70,12 +70,12 @@ def test_initialisation_follows_the_parameterisation():
     """The authors' biases (0.5 / 0.5 in capsule convolutions, 2.0 / 1.0 in the class layer), IBM's far-negative
     beta_a, the transform stds, conv1 bias and the primary activations' offset reach the layers."""
     torch.manual_seed(0)
-    authors = create_model("tiny", routing=RoutingConfig.named("authors"), **INITIALISATIONS["authors"])
+    authors = create_model("tiny", routing=RoutingConfig.named("authors"))
     assert authors.conv_caps1.beta_u[0].item() == 0.5 and authors.conv_caps2.beta_a[0].item() == 0.5
     assert authors.class_caps.beta_u[0].item() == 2.0 and authors.class_caps.beta_a[0].item() == 1.0
     assert authors.conv1.bias[0].item() == pytest.approx(0.1) and authors.primary.activation_offset == 1.0
     assert float(authors.class_caps.weight.detach().std()) < 0.02
-    ibm = create_model("small", routing=RoutingConfig.named("ibm"), **INITIALISATIONS["ibm"])
+    ibm = create_model("small", routing=RoutingConfig.named("ibm"))
     beta_a = torch.cat([ibm.conv_caps1.beta_a, ibm.conv_caps2.beta_a, ibm.class_caps.beta_a]).detach()
     assert float(beta_a.max()) <= 0 and float(beta_a.min()) >= -2000 and float(beta_a.mean()) < -500
     assert 0.8 < float(ibm.conv_caps1.weight.detach().std()) < 1.0           # std 1.0 truncated at 2 std

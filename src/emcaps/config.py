@@ -19,9 +19,9 @@ from typing import Any
 from emcaps.checks import ConfigError, at_least, choice, positive
 from emcaps.data.config import DataConfig
 from emcaps.layers import BIAS_INITS
-from emcaps.models import INITIALISATIONS, CapsNetConfig, is_capsule_model, list_models
+from emcaps.models import CapsNetConfig, is_capsule_model, list_models
 from emcaps.routing import PARAMETERISATIONS, RoutingConfig, Runtime
-from emcaps.routing.config import CUSTOM, named_fields
+from emcaps.routing.config import CUSTOM, parameterisation
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -37,7 +37,7 @@ class ModelConfig:
     """name: a capsule preset of emcaps.models ('paper', 'small', 'tiny') or 'cnn' (the baseline);
     conv_transform_std, class_transform_std: initial std of the capsule transforms (capsule models only);
     bias_init, primary_activation_offset, conv1_bias: see emcaps.models.CapsNetConfig; these and the
-    transform stds follow `routing.parameterisation` unless set (emcaps.models.INITIALISATIONS);
+    transform stds follow `routing.parameterisation` unless set (its `init`, emcaps.routing.PARAMETERISATIONS);
     decoder: also redraw each image from its class capsule's pose, trained together with the network
     (capsule models only; see loss.reconstruction_weight)."""
 
@@ -314,8 +314,8 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 
 def resolve_parameterisation(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill the routing and model fields that `routing.parameterisation` names (emcaps.routing.PARAMETERISATIONS,
-    emcaps.models.INITIALISATIONS) wherever the config does not set them itself. A new dict.
+    """Fill the routing and model fields that `routing.parameterisation` names (emcaps.routing.PARAMETERISATIONS:
+    its routing fields and its initialisation) wherever the config does not set them itself. A new dict.
 
     A config that names a parameterisation and sets one of its routing fields to another value contradicts
     itself: RoutingConfig refuses it (a ConfigError when it loads). Without the name the label is derived
@@ -327,7 +327,7 @@ def resolve_parameterisation(data: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(routing, dict) or "parameterisation" not in routing:
         return data
     name = routing["parameterisation"]
-    if not isinstance(name, str) or (name != CUSTOM and named_fields(name) is None):
+    if not isinstance(name, str) or (name != CUSTOM and parameterisation(name) is None):
         raise ConfigError(f"routing.parameterisation must be one of "
                           f"{', '.join(repr(n) for n in (*PARAMETERISATIONS, CUSTOM))}; got {name!r}")
     model = data.get("model", {})
@@ -335,16 +335,15 @@ def resolve_parameterisation(data: dict[str, Any]) -> dict[str, Any]:
         return data                      # build() names the ill-formed section
     if name == CUSTOM:
         return data
-    return {**data, "routing": {**named_fields(name), **routing},
-            "model": {**INITIALISATIONS.get(name, {}), **model}}
+    named = parameterisation(name)
+    return {**data, "routing": {**named.routing, **routing}, "model": {**named.init, **model}}
 
 
 def _without_named_fields(data: dict[str, Any]) -> dict[str, Any]:
     """`data` less the routing and model fields a parameterisation sets, so that a newly named one sets them."""
     out = dict(data)
-    for section, named in (("routing", PARAMETERISATIONS), ("model", INITIALISATIONS)):
+    for section, keys in (("routing", _NAMED_ROUTING_FIELDS), ("model", _NAMED_MODEL_FIELDS)):
         if isinstance(out.get(section), dict):
-            keys = {key for fields_ in named.values() for key in fields_}
             out[section] = {k: v for k, v in out[section].items() if k not in keys}
     return out
 
@@ -367,7 +366,8 @@ def from_saved(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
     return from_dict(_without_label(data), overrides)
 
 
-_NAMED_ROUTING_FIELDS = {key for named in PARAMETERISATIONS.values() for key in named}
+_NAMED_ROUTING_FIELDS = {key for named in PARAMETERISATIONS.values() for key in named.routing}
+_NAMED_MODEL_FIELDS = {key for named in PARAMETERISATIONS.values() for key in named.init}
 
 
 def _without_label(data: dict[str, Any]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from emcaps.capsules import Capsules
 from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps
-from emcaps.routing import RoutingConfig, RoutingStep, Runtime
+from emcaps.routing import RoutingConfig, RoutingStep, Runtime, parameterisation
 
 
 @dataclass(frozen=True)
@@ -222,7 +222,8 @@ def _capsule_preset(preset: CapsNetConfig) -> Callable[..., nn.Module]:
         if routing is not None:
             # The initialisation goes with the routing's parameterisation, as `--set routing.parameterisation`
             # gives it: fields passed here override it.
-            fields = {**INITIALISATIONS.get(routing.parameterisation, {}), **fields}
+            named = parameterisation(routing.parameterisation)
+            fields = {**(named.init if named else {}), **fields}
             config = replace(config, routing=routing)
         if coord_add is not None:
             config = replace(config, coord_add=coord_add)
@@ -250,30 +251,14 @@ def _baseline_cnn(classes: int = 5, in_channels: int = 1, **options) -> Baseline
     return BaselineCNN(classes=classes, in_channels=in_channels)
 
 
-# The initialisation that goes with each routing parameterisation (emcaps.routing.PARAMETERISATIONS): a run
-# config naming `routing.parameterisation` takes these model fields unless it sets them itself.
-_EMCAPS_INIT = {"conv_transform_std": 0.3, "class_transform_std": 0.3, "bias_init": "zeros",
-                "primary_activation_offset": 0.0, "conv1_bias": 0.0}
-INITIALISATIONS: dict[str, dict[str, object]] = {
-    "emcaps": _EMCAPS_INIT,
-    "paper": _EMCAPS_INIT,
-    # capsule_em: conv caps 0.3, class caps 0.01, biases 0.5 / 0.5 and 2.0 / 1.0, sigmoid(x - 1), conv1 bias 0.1
-    "authors": {"conv_transform_std": 0.3, "class_transform_std": 0.01, "bias_init": "authors",
-                "primary_activation_offset": 1.0, "conv1_bias": 0.1},
-    # IBM: every transform std 1.0, beta_a far negative
-    "ibm": {"conv_transform_std": 1.0, "class_transform_std": 1.0, "bias_init": "ibm",
-            "primary_activation_offset": 0.0, "conv1_bias": 0.0},
-}
-
-
 def create_model(name: str, classes: int = 5, in_channels: int = 1, pretrained: str | None = None,
                  **options) -> nn.Module:
     """A registered model by name (list_models()): a capsule preset ('paper', 'small', 'tiny') or 'cnn'.
 
     Capsule networks take `routing` (a RoutingConfig; the initialisation is then the one its parameterisation
-    names, INITIALISATIONS, as in a run config), `runtime` (how the routing runs; default: chosen per device,
-    see MatrixCapsNet.set_runtime), `coord_add`, and CapsNetConfig fields (e.g. class_transform_std, decoder)
-    that override the preset's. (N, in_channels, 32, 32) -> scores (N, classes).
+    names, emcaps.routing.PARAMETERISATIONS, as in a run config), `runtime` (how the routing runs; default:
+    chosen per device, see MatrixCapsNet.set_runtime), `coord_add`, and CapsNetConfig fields (e.g.
+    class_transform_std, decoder) that override the preset's. (N, in_channels, 32, 32) -> scores (N, classes).
     `pretrained` names weights shipped with emcaps (emcaps.pretrained.list_pretrained()): the trained network,
     in eval mode, with the classes, channels and settings it was trained with.
     """

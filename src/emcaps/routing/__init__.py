@@ -35,8 +35,10 @@ from emcaps.routing.config import (
     PARAMETERISATIONS,
     SCHEDULES,
     STD_FLOOR,
+    Parameterisation,
     RoutingConfig,
     inverse_temperatures,
+    parameterisation,
 )
 from emcaps.routing.fused import PositionCompetition, em_routing_fused
 from emcaps.routing.reference import Normaliser, RoutingStep, em_routing, parent_logit
@@ -45,7 +47,7 @@ from emcaps.routing.runtime import BACKENDS, Runtime, Settings
 __all__ = [
     "ACTIVATIONS", "BACKENDS", "DEFAULT_ACTIVATION", "DEFAULT_ESTEP_TEMPERATURE", "DEFAULT_FINAL_LAMBDA",
     "DEFAULT_PARAMETERISATION", "DEFAULT_VAR_FLOOR", "EPS", "INITIAL_ASSIGNMENTS", "PARAMETERISATIONS",
-    "SCHEDULES", "STD_FLOOR", "Normaliser", "PositionCompetition", "RoutingConfig", "RoutingStep", "Runtime",
-    "Settings", "em_routing",
-    "em_routing_fused", "inverse_temperatures", "parent_logit",
+    "SCHEDULES", "STD_FLOOR", "Normaliser", "Parameterisation", "PositionCompetition", "RoutingConfig",
+    "RoutingStep", "Runtime", "Settings", "em_routing", "em_routing_fused", "inverse_temperatures",
+    "parameterisation", "parent_logit",
 ]

@@ -143,16 +143,16 @@ class RoutingConfig:
             return all(getattr(self, k) == v for k, v in named.items())
 
         if self.parameterisation == "":
-            label = next((name for name, named in _LABELS.items() if matches(named)), CUSTOM)
+            label = next((name for name, named in _LABELS.items() if matches(named.routing)), CUSTOM)
             object.__setattr__(self, "parameterisation", label)
         elif self.parameterisation != CUSTOM:
             if self.parameterisation not in _LABELS:
                 raise ValueError(f"unknown routing parameterisation {self.parameterisation!r}; expected one of "
                                  f"{', '.join((*PARAMETERISATIONS, CUSTOM))}")
-            named = _LABELS[self.parameterisation]
-            earlier, earlier_fields = EARLIER_PARAMETERISATIONS.get(self.parameterisation, ("", {}))
-            if not matches(named) and earlier and matches(earlier_fields):
-                object.__setattr__(self, "parameterisation", earlier)        # a config saved before the change
+            named = _LABELS[self.parameterisation].routing
+            earlier = EARLIER_PARAMETERISATIONS.get(self.parameterisation)
+            if not matches(named) and earlier and matches(earlier.routing):
+                object.__setattr__(self, "parameterisation", earlier.name)   # a config saved before the change
                 return
             wrong = [f"{k} = {getattr(self, k)!r} (it sets {v!r})" for k, v in named.items() if getattr(self, k) != v]
             if wrong:
@@ -162,11 +162,12 @@ class RoutingConfig:
 
     @classmethod
     def named(cls, name: str, **fields: Any) -> RoutingConfig:
-        """A named parameterisation (see PARAMETERISATIONS), with `fields` overriding any of its settings."""
+        """A named parameterisation's routing (see PARAMETERISATIONS), with `fields` overriding any of its settings;
+        `create_model(..., routing=RoutingConfig.named(NAME))` gives the initialisation that goes with it too."""
         if name not in PARAMETERISATIONS:
             raise ValueError(f"unknown routing parameterisation {name!r}; expected one of "
                              f"{', '.join(PARAMETERISATIONS)}")
-        return cls(**{**PARAMETERISATIONS[name], "parameterisation": "", **fields})
+        return PARAMETERISATIONS[name].config(**fields)
 
     def layer_cost_scale(self, parents: int, children: int, layer_ratio: float) -> float:
         """The factor on one layer's cost: `cost_scale`, times `layer_ratio` (parents / children over the
@@ -192,9 +193,27 @@ class RoutingConfig:
         return inverse_temperatures(self.iterations, self.final_lambda, self.schedule)
 
 
-# Named parameterisations: how the activation follows from the cost, how sharp the E-step is, and how the
-# M-step moves the centres. The model's initialisation that goes with each is emcaps.models.INITIALISATIONS.
-# Every name sets every one of these fields, so that switching names leaves nothing of the previous one.
+@dataclass(frozen=True)
+class Parameterisation:
+    """A named way to parameterise EM routing, kept whole: the routing fields it sets and the initialisation of
+    the capsule network that goes with it, so that naming it anywhere (a run config's `routing.parameterisation`,
+    `RoutingConfig.named` passed to `create_model`) gives the same model.
+
+    routing: RoutingConfig fields; every name sets every one of them, so switching names leaves nothing behind.
+    init:    CapsNetConfig fields (the run config's `model.*`): transform stds, bias initialisation, offsets.
+    """
+
+    name: str
+    about: str
+    routing: dict[str, Any]
+    init: dict[str, Any]
+
+    def config(self, **fields: Any) -> RoutingConfig:
+        """Its RoutingConfig, with `fields` overriding any of its settings."""
+        return RoutingConfig(**{**self.routing, "parameterisation": "", **fields})
+
+
+# How the activation follows from the cost, how sharp the E-step is, and how the M-step moves the centres.
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
            "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR,
            "class_var_floor": 0.0, "normalise_cost": False,
@@ -204,33 +223,46 @@ _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBD
 # The paper, the authors' and IBM's code all differentiate through every E-step.
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
                 "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR}
-PARAMETERISATIONS: dict[str, dict[str, Any]] = {
+_EMCAPS_INIT = {"conv_transform_std": 0.3, "class_transform_std": 0.3, "bias_init": "zeros",
+                "primary_activation_offset": 0.0, "conv1_bias": 0.0}
+PARAMETERISATIONS: dict[str, Parameterisation] = {p.name: p for p in (
     # emcaps' own (docs/research.md, "The default parameterisation"): the RoutingConfig defaults.
-    "emcaps": _EMCAPS,
+    Parameterisation("emcaps", "costs standardised over the parent types, softened E-step (the default)",
+                     _EMCAPS, _EMCAPS_INIT),
     # The paper's formula as written, with the authors' inverse temperature 0.01 * (1 - 0.95**(i+1)).
-    "paper": _PAPER_LOGIT,
+    Parameterisation("paper", "the paper's activation formula and the authors' inverse temperatures",
+                     _PAPER_LOGIT, _EMCAPS_INIT),
     # google-research capsule_em (em_layers.py): logit = lambda * (S * (-sum_h log var_h - sigma_b * D *
     # (ln 2pi + 1)) - 5000 act_b) = lambda * (beta_a - 2 (D beta_u + 0.5 sum_h log var_h) S) with
     # beta_u = sigma_b (ln 2pi + 1) / 2 and beta_a = -5000 act_b; class layer at lambda / 4; centres damped;
     # a capsule convolution's first assignments 1/C in every window (softmax of zeros per window).
-    "authors": {**_PAPER_LOGIT, "var_floor": AUTHORS_VAR_FLOOR, "cost_scale": 2.0, "centre_damping": 0.1,
-                "class_lambda_scale": 0.25, "beta_u_scale": (_LOG_2PI + 1) / 2, "beta_a_scale": -5000.0,
-                "initial_assignments": "per_window"},
-    # IBM/matrix-capsules-with-em-routing (Gritzman 2019): cost times 100 * J / I per layer, floor 1e-9.
-    "ibm": {**_PAPER_LOGIT, "var_floor": 1e-9, "fan_in_cost_scale": 100.0},
-}
+    # Initialisation: conv caps 0.3, class caps 0.01, biases 0.5 / 0.5 and 2.0 / 1.0, sigmoid(x - 1), conv1 bias 0.1.
+    Parameterisation("authors", "the authors' code (google-research capsule_em)",
+                     {**_PAPER_LOGIT, "var_floor": AUTHORS_VAR_FLOOR, "cost_scale": 2.0, "centre_damping": 0.1,
+                      "class_lambda_scale": 0.25, "beta_u_scale": (_LOG_2PI + 1) / 2, "beta_a_scale": -5000.0,
+                      "initial_assignments": "per_window"},
+                     {"conv_transform_std": 0.3, "class_transform_std": 0.01, "bias_init": "authors",
+                      "primary_activation_offset": 1.0, "conv1_bias": 0.1}),
+    # IBM/matrix-capsules-with-em-routing (Gritzman 2019): cost times 100 * J / I per layer, floor 1e-9; every
+    # transform std 1.0, beta_a far negative.
+    Parameterisation("ibm", "IBM's code (Gritzman 2019)",
+                     {**_PAPER_LOGIT, "var_floor": 1e-9, "fan_in_cost_scale": 100.0},
+                     {"conv_transform_std": 1.0, "class_transform_std": 1.0, "bias_init": "ibm",
+                      "primary_activation_offset": 0.0, "conv1_bias": 0.0}),
+)}
 
 
 # Earlier definitions of a name, under the label their saved configs get when they load: a run saved as
 # 'emcaps' before its floor changed is 'emcaps-0.1' (its fields are kept; only the label moves).
-EARLIER_PARAMETERISATIONS: dict[str, tuple[str, dict[str, Any]]] = {
-    "emcaps": ("emcaps-0.1", {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR}),
+EARLIER_PARAMETERISATIONS: dict[str, Parameterisation] = {
+    "emcaps": Parameterisation("emcaps-0.1", "emcaps' parameterisation before its floor fell to 1e-9",
+                               {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR}, _EMCAPS_INIT),
 }
-_LABELS = {**PARAMETERISATIONS, **dict(EARLIER_PARAMETERISATIONS.values())}
+_LABELS = {p.name: p for p in (*PARAMETERISATIONS.values(), *EARLIER_PARAMETERISATIONS.values())}
 
 
-def named_fields(label: str) -> dict[str, Any] | None:
-    """The routing fields a label sets: a named parameterisation or an earlier one; None for others."""
+def parameterisation(label: str) -> Parameterisation | None:
+    """The parameterisation a label names, a current or an earlier one; None for 'custom' and unknown labels."""
     return _LABELS.get(label)
 
 

@@ -194,18 +194,18 @@ def field_comments(cls: type) -> dict[str, str]:
 def meanings(cls: type) -> dict[str, str]:
     """Every field of `cls` with its meaning."""
     from emcaps.config import ModelConfig
-    from emcaps.models import CapsNetConfig
+    from emcaps.models import CapsuleOptions
 
     names = [f.name for f in dataclasses.fields(cls)]
     entries, _, loose = docstring_entries(cls.__doc__ or "", set(names))
     comments = field_comments(cls)
-    if cls is ModelConfig:                      # its capsule fields are CapsNetConfig's, commented there
-        comments = {**field_comments(CapsNetConfig), **comments}
+    if cls is ModelConfig:                      # its capsule fields are CapsuleOptions', commented there
+        comments = {**field_comments(CapsuleOptions), **comments}
     out = {}
     for name in names:
         text = entries.get(name) or comments.get(name)
         if name in entries and entries[name].startswith("see ") and name in comments:
-            # 'see emcaps.models.CapsNetConfig; ...': the comment there, then the rest of the entry
+            # 'see emcaps.models.CapsuleOptions; ...': the comment there, then the rest of the entry
             rest = entries[name].partition(";")[2].strip()
             text = comments[name] + (f"; {rest}" if rest else "")
         if not text:
@@ -319,7 +319,8 @@ def render() -> str:
         out.append(f"| `{name}` | {_cell(comment)} | {_cell(keys)} |")
     for section, cls in config_classes():
         hints = typing.get_type_hints(cls)
-        fields = dataclasses.fields(cls)
+        own = set(cls.__annotations__)         # a section's own fields first, then those it inherits
+        fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
         title = f"`[{section}]`: `{cls.__name__}`" if section else f"Top level: `{cls.__name__}`"
         anchor = section or "top-level"
         where = f"{cls.__module__}.{cls.__qualname__}"

@@ -18,8 +18,7 @@ from typing import Any
 
 from emcaps.checks import ConfigError, at_least, choice, positive
 from emcaps.data.config import DataConfig
-from emcaps.layers import BIAS_INITS
-from emcaps.models import CapsNetConfig, is_capsule_model, list_models
+from emcaps.models import CapsuleOptions, is_capsule_model, list_models
 from emcaps.routing import PARAMETERISATIONS, RoutingConfig, Runtime
 from emcaps.routing.config import CUSTOM, parameterisation
 
@@ -33,40 +32,23 @@ PRECISIONS = ("float32", "bf16")
 
 
 @dataclass(frozen=True)
-class ModelConfig:
-    """name: a capsule preset of emcaps.models ('paper', 'small', 'tiny') or 'cnn' (the baseline);
-    conv_transform_std, class_transform_std: initial std of the capsule transforms (capsule models only);
-    bias_init, primary_activation_offset, conv1_bias: see emcaps.models.CapsNetConfig; these and the
-    transform stds follow `routing.parameterisation` unless set (its `init`, emcaps.routing.PARAMETERISATIONS);
-    decoder: also redraw each image from its class capsule's pose, trained together with the network
-    (capsule models only; see loss.reconstruction_weight)."""
+class ModelConfig(CapsuleOptions):
+    """name: a registered model (emcaps.models.list_models()): a capsule preset ('paper', 'small', 'tiny') or
+    'cnn' (the baseline). The other fields are emcaps.models.CapsuleOptions, for capsule models only.
+    conv_transform_std, class_transform_std, bias_init, primary_activation_offset, conv1_bias: see
+    emcaps.models.CapsuleOptions; they follow `routing.parameterisation` unless set (its `init`,
+    emcaps.routing.PARAMETERISATIONS).
+    decoder: also redraw each image from its class capsule's pose, trained together with the network (see
+    loss.reconstruction_weight)."""
 
     name: str = "small"
-    coord_add: bool = True
-    conv_transform_std: float = CapsNetConfig.conv_transform_std
-    class_transform_std: float = CapsNetConfig.class_transform_std
-    transform_gain: float = CapsNetConfig.transform_gain
-    bias_init: str = CapsNetConfig.bias_init
-    primary_activation_offset: float = CapsNetConfig.primary_activation_offset
-    conv1_bias: float = CapsNetConfig.conv1_bias
-    decoder: bool = False
 
     def __post_init__(self) -> None:
         choice("model.name", self.name, tuple(list_models()))
-        positive("model.conv_transform_std", self.conv_transform_std)
-        positive("model.class_transform_std", self.class_transform_std)
-        choice("model.bias_init", self.bias_init, BIAS_INITS)
+        super().__post_init__()
         if self.decoder and not is_capsule_model(self.name):
             raise ConfigError(f"model.decoder reconstructs from class capsule poses: it needs a capsule "
                               f"model, not {self.name!r}")
-
-    def capsule_fields(self) -> dict[str, Any]:
-        """What create_model takes for a capsule network."""
-        return {"coord_add": self.coord_add, "conv_transform_std": self.conv_transform_std,
-                "class_transform_std": self.class_transform_std, "transform_gain": self.transform_gain,
-                "bias_init": self.bias_init,
-                "primary_activation_offset": self.primary_activation_offset, "conv1_bias": self.conv1_bias,
-                "decoder": self.decoder}
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,50 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import NamedTuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from emcaps.capsules import Capsules
-from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps
+from emcaps.checks import choice, positive
+from emcaps.layers import BIAS_INITS, ClassCaps, ConvCaps, PrimaryCaps
 from emcaps.routing import RoutingConfig, RoutingStep, Runtime, parameterisation
 
 
 @dataclass(frozen=True)
-class CapsNetConfig:
-    """A = conv1 channels, B = primary capsule types, C and D = ConvCaps1/2 types, classes = E."""
+class CapsuleOptions:
+    """What a user sets on a capsule network beyond its size: coordinate addition, the initialisation (which a
+    routing parameterisation names, emcaps.routing.PARAMETERISATIONS) and the decoder. A run config's `model`
+    section is these and the model's name."""
+
+    coord_add: bool = True
+    conv_transform_std: float = 0.3       # initial std of the ConvCaps transforms (truncated at 2 std)
+    class_transform_std: float = 0.3      # initial std of the class capsules' shared transforms (the authors'
+                                          # 0.01 leaves votes that are mostly coordinate offsets: docs/research.md)
+    transform_gain: float = 1.0           # routed layers' votes use gain * transforms (a fixed factor)
+    bias_init: str = "zeros"              # the routed layers' beta_u, beta_a: 'zeros', 'authors', 'ibm' (layers)
+    primary_activation_offset: float = 0.0  # primary activations sigmoid(x - offset) (the authors': 1)
+    conv1_bias: float = 0.0               # initial bias of ReLU Conv1 (the authors': 0.1)
+    decoder: bool = False                 # a ReconstructionDecoder from class poses to images
+
+    def __post_init__(self) -> None:
+        for name in ("conv_transform_std", "class_transform_std"):
+            positive(f"model.{name}", getattr(self, name))
+        choice("model.bias_init", self.bias_init, BIAS_INITS)
+
+    def capsule_options(self) -> dict[str, Any]:
+        """These fields alone, as keyword arguments of create_model."""
+        return {f.name: getattr(self, f.name) for f in fields(CapsuleOptions)}
+
+
+@dataclass(frozen=True)
+class CapsNetConfig(CapsuleOptions):
+    """A capsule network: its options, and A = conv1 channels, B = primary capsule types, C and D = ConvCaps1/2
+    types, classes = E, the input channels, the routing, and the side of the input images (what the decoder
+    draws)."""
 
     A: int = 32
     B: int = 32
@@ -30,17 +59,8 @@ class CapsNetConfig:
     D: int = 32
     classes: int = 5
     in_channels: int = 1
-    coord_add: bool = True
     routing: RoutingConfig = field(default_factory=RoutingConfig)
-    conv_transform_std: float = 0.3       # initial std of the ConvCaps transforms (truncated at 2 std)
-    class_transform_std: float = 0.3      # and of the class capsules' shared transforms (the authors' 0.01
-                                          # leaves votes that are mostly coordinate offsets: docs/research.md)
-    transform_gain: float = 1.0           # routed layers' votes use gain * transforms (a fixed factor)
-    bias_init: str = "zeros"              # the routed layers' beta_u, beta_a: 'zeros', 'authors', 'ibm' (layers)
-    primary_activation_offset: float = 0.0  # primary activations sigmoid(x - offset) (the authors': 1)
-    conv1_bias: float = 0.0               # initial bias of ReLU Conv1 (the authors': 0.1)
-    decoder: bool = False                 # a ReconstructionDecoder from class poses to images
-    image_size: int = 32                  # side of the input images (what the decoder draws)
+    image_size: int = 32
 
 
 class Reconstruction(NamedTuple):

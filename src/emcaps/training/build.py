@@ -67,7 +67,7 @@ def build_model(config: RunConfig, classes: int, in_channels: int) -> nn.Module:
     if not is_capsule_model(config.model.name):
         return create_model(config.model.name, classes=classes, in_channels=in_channels)
     return create_model(config.model.name, classes=classes, in_channels=in_channels, routing=config.routing,
-                        runtime=config.runtime, image_size=config.data.crop, **config.model.capsule_fields())
+                        runtime=config.runtime, image_size=config.data.crop, **config.model.capsule_options())
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:

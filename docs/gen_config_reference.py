@@ -74,13 +74,16 @@ SECTIONS = ("data", "model", "routing", "runtime", "optim", "loss", "train")
 
 
 def config_classes() -> list[tuple[str, type]]:
-    """(section, class) for the top level and each section of a RunConfig."""
+    """(section, class) for the top level, each section of a RunConfig and each table within a section."""
     from emcaps.config import RunConfig
 
     out: list[tuple[str, type]] = [("", RunConfig)]
     by_name = {f.name: f for f in dataclasses.fields(RunConfig)}
     for section in SECTIONS:
-        out.append((section, by_name[section].default_factory))
+        cls = by_name[section].default_factory
+        out.append((section, cls))
+        out += [(f"{section}.{f.name}", f.default_factory) for f in dataclasses.fields(cls)
+                if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(f.default_factory)]
     return out
 
 
@@ -319,10 +322,9 @@ def render() -> str:
         out.append(f"| `{name}` | {_cell(comment)} | {_cell(keys)} |")
     for section, cls in config_classes():
         hints = typing.get_type_hints(cls)
-        own = set(cls.__annotations__)         # a section's own fields first, then those it inherits
-        fields = sorted(dataclasses.fields(cls), key=lambda f: f.name not in own)
+        fields = dataclasses.fields(cls)
         title = f"`[{section}]`: `{cls.__name__}`" if section else f"Top level: `{cls.__name__}`"
-        anchor = section or "top-level"
+        anchor = section.replace(".", "-") or "top-level"
         where = f"{cls.__module__}.{cls.__qualname__}"
         out += ["", f"## {title} {{#{anchor}}}", "", f"`{where}`. {_intro(cls)}".rstrip(), ""]
         out += ["| field | type | default | meaning |", "| --- | --- | --- | --- |"]

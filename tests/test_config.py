@@ -201,6 +201,37 @@ def test_the_old_spelling_of_a_renamed_key_still_loads():
     assert config.load(None, ["routing.normalize_cost=true"]).routing.normalise_cost
 
 
+def test_the_viewpoint_filters_are_one_table_and_their_old_keys_still_load(tmp_path):
+    """The novel-viewpoint experiment's split is [data.viewpoints]; files and checkpoints that set the filters
+    in [data] itself, and overrides that name them there, land in it."""
+    old = tmp_path / "old.toml"
+    old.write_text('name = "run"\n[data]\ndataset = "synthnorb"\ntrain_azimuths = "familiar"\n')
+    c = config.load(old, ["data.test_azimuths=novel"])
+    assert (c.data.viewpoints.train_azimuths, c.data.viewpoints.test_azimuths) == ("familiar", "novel")
+    assert c == config.load(None, ["data.viewpoints.train_azimuths=familiar", "data.viewpoints.test_azimuths=novel"])
+    assert "[data.viewpoints]" in c.to_toml()
+    saved = tmp_path / "saved.toml"
+    saved.write_text(c.to_toml())
+    assert config.load(saved) == c
+    with pytest.raises(config.ConfigError, match="data.viewpoints.test_elevations must be one of"):
+        config.load(None, ["data.viewpoints.test_elevations=sideways"])
+
+
+def test_the_model_section_is_the_name_and_the_capsule_options():
+    """ModelConfig does not restate CapsNetConfig: both are emcaps.models.CapsuleOptions, the name aside."""
+    from dataclasses import fields
+
+    from emcaps.models import CapsNetConfig, CapsuleOptions
+
+    options = [f.name for f in fields(CapsuleOptions)]
+    assert [f.name for f in fields(config.ModelConfig)] == ["name", *options]
+    assert set(options) < {f.name for f in fields(CapsNetConfig)}
+    c = config.load(None, ["model.class_transform_std=0.1"])
+    assert c.model.capsule_options()["class_transform_std"] == 0.1
+    with pytest.raises(config.ConfigError, match="model.conv_transform_std must be a finite number > 0"):
+        config.load(None, ["model.conv_transform_std=-1"])
+
+
 @pytest.mark.parametrize("floor, label", [(5e-4, "emcaps-0.1"), (1e-9, "emcaps")])
 def test_a_config_saved_before_the_class_floor_keeps_its_one_floor(floor, label):
     """Runs saved as 'emcaps' before `class_var_floor` existed routed every layer with one floor: they load

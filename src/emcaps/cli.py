@@ -164,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
-                   help="change the test data, e.g. --set data.test_azimuths=novel (repeatable)")
+                   help="change the test data, e.g. --set data.viewpoints.test_azimuths=novel (repeatable)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_eval)
 

@@ -32,7 +32,12 @@ PRECISIONS = ("float32", "bf16")
 
 
 @dataclass(frozen=True)
-class ModelConfig(CapsuleOptions):
+class _ModelName:
+    name: str = "small"
+
+
+@dataclass(frozen=True)
+class ModelConfig(CapsuleOptions, _ModelName):       # fields: the name first, then the capsule options
     """name: a registered model (emcaps.models.list_models()): a capsule preset ('paper', 'small', 'tiny') or
     'cnn' (the baseline). The other fields are emcaps.models.CapsuleOptions, for capsule models only.
     conv_transform_std, class_transform_std, bias_init, primary_activation_offset, conv1_bias: see
@@ -40,8 +45,6 @@ class ModelConfig(CapsuleOptions):
     emcaps.routing.PARAMETERISATIONS).
     decoder: also redraw each image from its class capsule's pose, trained together with the network (see
     loss.reconstruction_weight)."""
-
-    name: str = "small"
 
     def __post_init__(self) -> None:
         choice("model.name", self.name, tuple(list_models()))
@@ -242,12 +245,27 @@ def _move_runtime_keys(data: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+# The viewpoint filters were keys of [data] before they became [data.viewpoints]: they move there.
+MOVED_TO_VIEWPOINTS = ("train_azimuths", "train_elevations", "test_azimuths", "test_elevations")
+
+
+def _move_viewpoint_keys(data: dict[str, Any]) -> dict[str, Any]:
+    moved = {k: data[k] for k in MOVED_TO_VIEWPOINTS if k in data}
+    if not moved:
+        return data
+    views = data.get("viewpoints", {})
+    views = {**moved, **views} if isinstance(views, dict) else views
+    return {**{k: v for k, v in data.items() if k not in moved}, "viewpoints": views}
+
+
 def build(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
     """A (nested) config dataclass from a dict, rejecting unknown keys and ill-typed values."""
     if not isinstance(data, dict):
         raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table, got {data!r}")
     if cls is RunConfig:
         data = _move_runtime_keys(data)
+    if cls is DataConfig:
+        data = _move_viewpoint_keys(data)
     types = _field_types(cls)
     values = {}
     for key, value in data.items():
@@ -418,9 +436,10 @@ def _toml_value(value: Any) -> str:
     raise TypeError(f"cannot write {value!r} as a TOML value")
 
 
-def dumps_toml(data: dict[str, Any]) -> str:
+def dumps_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """A table's keys, then each of its sub-tables as [prefix.name]."""
     top = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    tables = [f"\n[{k}]\n" + "\n".join(f"{kk} = {_toml_value(vv)}" for kk, vv in v.items())
+    tables = [f"\n[{prefix}{k}]\n" + dumps_toml(v, f"{prefix}{k}.").rstrip("\n")
               for k, v in data.items() if isinstance(v, dict)]
     return "\n".join(top) + "\n" + "\n".join(tables) + "\n"
 

@@ -83,7 +83,7 @@ def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path
                  quiet: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory) on its test split; write results.json and PNG figures.
 
-    overrides change the data section of the run's config (e.g. data.test_azimuths=novel).
+    overrides change the data section of the run's config (e.g. data.viewpoints.test_azimuths=novel).
     out_dir defaults to RUN_DIR/eval. Returns the results dict that results.json holds; for a capsule
     network with a decoder, tested on centre crops, it includes reconstruction_mse: the mean squared error
     per (standardised) pixel of the test images redrawn from their predicted class's pose (a blank image

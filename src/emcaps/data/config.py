@@ -5,13 +5,38 @@ It lives with the data code, below the models, so that loading data never import
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from emcaps.checks import ConfigError, at_least, choice
 
 DATASETS = ("synthnorb", "smallnorb", "mnist", "toy")
 MNIST_SOURCES = ("auto", "full", "sample")
 VIEWPOINTS = ("", "familiar", "novel")
+
+
+@dataclass(frozen=True)
+class ViewpointSplit:
+    """Which viewpoints each split keeps (NORB-format data only): the novel-viewpoint experiment trains on the
+    familiar azimuths (300..40) or elevations (the 3 lowest) and tests on the novel ones.
+
+    train_azimuths, train_elevations: the training split's: '' (all), 'familiar' or 'novel'.
+    test_azimuths, test_elevations: the test split's: '' (all), 'familiar' or 'novel'.
+    """
+
+    train_azimuths: str = ""
+    train_elevations: str = ""
+    test_azimuths: str = ""
+    test_elevations: str = ""
+
+    def __post_init__(self) -> None:
+        for name in ("train_azimuths", "train_elevations", "test_azimuths", "test_elevations"):
+            choice(f"data.viewpoints.{name}", getattr(self, name), VIEWPOINTS)
+
+    def of(self, split: str) -> tuple[str | None, str | None]:
+        """(azimuths, elevations) of 'train' or 'test', None where the split keeps all."""
+        if split == "train":
+            return self.train_azimuths or None, self.train_elevations or None
+        return self.test_azimuths or None, self.test_elevations or None
 
 
 @dataclass(frozen=True)
@@ -31,7 +56,7 @@ class DataConfig:
     resize:    side the images are downsampled to before cropping (0 = keep).
     crop:      side of the crops the model sees (random for training, centre for testing).
     train_limit, test_limit: keep a random subset of this many images (0 = all).
-    train_azimuths, train_elevations, test_azimuths, test_elevations: '' (all), 'familiar' or 'novel'.
+    viewpoints: the viewpoints each split keeps (ViewpointSplit: the novel-viewpoint experiment's split).
     """
 
     dataset: str = "synthnorb"
@@ -47,17 +72,12 @@ class DataConfig:
     augment: bool = True
     train_limit: int = 0
     test_limit: int = 0
-    train_azimuths: str = ""
-    train_elevations: str = ""
-    test_azimuths: str = ""
-    test_elevations: str = ""
+    viewpoints: ViewpointSplit = field(default_factory=ViewpointSplit)
 
     def __post_init__(self) -> None:
         choice("data.dataset", self.dataset, DATASETS)
         choice("data.mnist_source", self.mnist_source, MNIST_SOURCES)
         choice("data.cameras", self.cameras, ("left", "right", "both"))
-        for name in ("train_azimuths", "train_elevations", "test_azimuths", "test_elevations"):
-            choice(f"data.{name}", getattr(self, name), VIEWPOINTS)
         at_least("data.synth_size", self.synth_size, 8)
         at_least("data.crop", self.crop, 8)
         at_least("data.resize", self.resize, 0)

@@ -89,15 +89,10 @@ def _norb_root(cfg: DataConfig, progress: bool) -> Path:
     return root
 
 
-def _view_filter(value: str) -> str | None:
-    return value or None
-
-
 def load_split(cfg: DataConfig, split: str, seed: int = 0, progress: bool = False) -> ImageSet:
     """One split ('train' or 'test') of the configured data set, preprocessed into memory."""
     limit = cfg.train_limit if split == "train" else cfg.test_limit
-    azimuths = _view_filter(cfg.train_azimuths if split == "train" else cfg.test_azimuths)
-    elevations = _view_filter(cfg.train_elevations if split == "train" else cfg.test_elevations)
+    azimuths, elevations = cfg.viewpoints.of(split)
     if cfg.dataset == "toy":
         n = limit or (2000 if split == "train" else 500)
         images, labels = toy_images(n, cfg.resize or cfg.crop, seed=cfg.synth_seed * 2 + (split == "test"))

@@ -28,6 +28,7 @@ from emcaps.config import (
     RunConfig,
     TrainConfig,
 )
+from emcaps.data.config import ViewpointSplit
 from emcaps.data.splits import ImageSet, load_split
 from emcaps.models import count_parameters
 from emcaps.routing import RoutingConfig, Runtime
@@ -103,12 +104,13 @@ def device_of(name: str) -> torch.device:
 
 def data_config(dataset: str = "synthnorb", root: str = "", fast: bool = False, **views: str) -> DataConfig:
     """The data of an experiment: fast = the tiny SynthNORB subset at 32x32, else 48x48 with 32x32 crops.
-    `views` are DataConfig viewpoint filters, e.g. train_azimuths='familiar'."""
+    `views` are ViewpointSplit fields, e.g. train_azimuths='familiar'."""
     if dataset not in DATASETS:
         raise ConfigError(f"unknown data set {dataset!r}; expected one of {', '.join(DATASETS)}")
     size = 32 if fast else 48
     return DataConfig(dataset=dataset, root=root, synth_size=size, synth_subset="tiny" if fast else "small",
-                      resize=size, crop=32, cameras="left", test_limit=settings(fast)["test_limit"], **views)
+                      resize=size, crop=32, cameras="left", test_limit=settings(fast)["test_limit"],
+                      viewpoints=ViewpointSplit(**views))
 
 
 def load(cfg: DataConfig, split: str) -> ImageSet:

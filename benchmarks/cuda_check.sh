@@ -1,19 +1,24 @@
 #!/usr/bin/env bash
-# The checks that need a CUDA GPU, in one pass (about 9 minutes on one H200):
-#   1. bench.py --device cuda with the defaults alone: the paper network (train with the public-style
-#      reference beside it, and infer, batch 256), the small network (train, batch 256), the paper network
-#      at batch 32;
-#   2. tests/test_cuda.py (every backend against the CPU float64 reference, training, bf16, deterministic
-#      runs, torchrun on NCCL);
-#   3. the converge-gpu recipe on the full SynthNORB, then its test error on all 24,300 test pairs;
-#   4. a profile of one paper training step (benchmarks/profile_routing.py), by CUDA time.
-# Usage: bash benchmarks/cuda_check.sh [DIR [TARBALL]]
+# The checks that need a CUDA GPU (about 16 minutes on one H200 in all; each torch.compile'd routing config
+# compiles for 20-60 s on its first step):
+#   tests:    tests/test_cuda.py (every backend against the CPU float64 reference, training, bf16,
+#             deterministic runs, torchrun on NCCL), up to 400 s;
+#   converge: the converge-gpu recipe on the full SynthNORB, then its test error on all 24,300 test pairs;
+#   bench:    bench.py --device cuda with the defaults alone: the paper network (train with the public-style
+#             reference beside it, and infer, batch 256), the small network (train, batch 256), the paper
+#             network at batch 32;
+#   profile:  one paper training step (benchmarks/profile_routing.py), by CUDA time.
+# Usage: bash benchmarks/cuda_check.sh [DIR [TARBALL [STEPS]]]
 #   logs and JSON records land in DIR (default ./cuda-check); with TARBALL, DIR is packed into it after each
-#   step, so that a run cut short still hands back what it measured.
+#   step, so that a run cut short still hands back what it measured. STEPS: a comma-separated subset of
+#   tests,converge,bench,profile (default all, in that order), e.g. two calls of under 10 minutes each:
+#   'tests,converge' then 'bench,profile'.
 # Each step has its own time limit, so one that hangs leaves the others their time.
 set -u
 OUT=${1:-cuda-check}
 TARBALL=${2:-}
+STEPS=${3:-tests,converge,bench,profile}
+wants() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -27,8 +32,10 @@ stamp "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/device.txt"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
 
-stamp "render SynthNORB (full, 48 px) into the cache"
-timeout 120 $PY -m emcaps data synth --subset full --size 48 --quiet
+if wants converge; then
+    stamp "render SynthNORB (full, 48 px) into the cache"
+    timeout 120 $PY -m emcaps data synth --subset full --size 48 --quiet
+fi
 
 bench() {   # NAME ARGS...: one bench.py invocation, its JSON records in $OUT/bench-NAME.json
     local name=$1; shift
@@ -36,26 +43,34 @@ bench() {   # NAME ARGS...: one bench.py invocation, its JSON records in $OUT/be
     timeout 200 $PY benchmarks/bench.py --device cuda --json --warmup 3 --steps 10 --timeout 180 "$@" \
         > "$OUT/bench-$name.json" 2> >(tee "$OUT/bench-$name.log" >&2)
 }
-bench paper256 --presets paper --modes train --batch 256 --impl emcaps,reference --ref-mem-budget-gb 130
-bench paper256-infer --presets paper --modes infer --batch 256 --impl emcaps
-bench small256 --presets small --modes train --batch 256 --impl emcaps
-bench paper32 --presets paper --modes train --batch 32 --impl emcaps
+if wants tests; then
+    stamp "tests/test_cuda.py"
+    timeout 400 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -15
+fi
 
-stamp "tests/test_cuda.py"
-timeout 150 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/test_cuda.txt" | tail -15
+if wants converge; then
+    stamp "converge-gpu"
+    timeout 300 $PY -m emcaps train --config converge-gpu --run-dir "$OUT/converge-gpu" --quiet \
+        > "$OUT/converge-gpu.txt" 2>&1
+    tail -3 "$OUT/converge-gpu.txt"
+    stamp "converge-gpu: all 24,300 test pairs"
+    timeout 60 $PY -m emcaps eval "$OUT/converge-gpu" --set data.test_limit=0 --batch-size 500 --quiet \
+        --out "$OUT/converge-gpu-eval" > "$OUT/converge-gpu-eval.txt" 2>&1
+    tail -2 "$OUT/converge-gpu-eval.txt"
+fi
 
-stamp "converge-gpu"
-timeout 260 $PY -m emcaps train --config converge-gpu --run-dir "$OUT/converge-gpu" --quiet \
-    > "$OUT/converge-gpu.txt" 2>&1
-tail -3 "$OUT/converge-gpu.txt"
-stamp "converge-gpu: all 24,300 test pairs"
-timeout 60 $PY -m emcaps eval "$OUT/converge-gpu" --set data.test_limit=0 --batch-size 500 --quiet \
-    --out "$OUT/converge-gpu-eval" > "$OUT/converge-gpu-eval.txt" 2>&1
-tail -2 "$OUT/converge-gpu-eval.txt"
+if wants bench; then
+    bench paper256 --presets paper --modes train --batch 256 --impl emcaps,reference --ref-mem-budget-gb 130
+    bench paper256-infer --presets paper --modes infer --batch 256 --impl emcaps
+    bench small256 --presets small --modes train --batch 256 --impl emcaps
+    bench paper32 --presets paper --modes train --batch 32 --impl emcaps
+fi
 
-stamp "profile: one paper training step at batch 256"
-timeout 45 $PY benchmarks/profile_routing.py --device cuda --preset paper --batch 256 --warmup 3 --rows 25 \
-    > "$OUT/profile-paper256.txt" 2>&1
+if wants profile; then
+    stamp "profile: one paper training step at batch 256"
+    timeout 45 $PY benchmarks/profile_routing.py --device cuda --preset paper --batch 256 --warmup 3 --rows 25 \
+        > "$OUT/profile-paper256.txt" 2>&1
+fi
 
 stamp "summary"
 $PY - "$OUT" <<'EOF'

@@ -257,3 +257,19 @@ def test_the_class_capsules_floor():
         RoutingConfig(class_var_floor=-1.0)
     with pytest.raises(ConfigError, match="contradicts class_var_floor"):
         config.load(None, ["routing.parameterisation=emcaps", "routing.class_var_floor=1e-3"])
+
+
+def test_the_class_floor_anneal_schedule():
+    from emcaps.routing import RoutingConfig
+
+    r = RoutingConfig(class_floor_start=1e-3, class_floor_anneal=0.5, var_floor=1e-9)
+    assert r.class_floor_at(0.0) == pytest.approx(1e-3)
+    assert r.class_floor_at(0.25) == pytest.approx(1e-3 ** 0.5 * 1e-9 ** 0.5)
+    assert r.class_floor_at(0.5) == r.class_floor_at(1.0) == 1e-9
+    assert RoutingConfig(class_floor_start=1e-3, class_var_floor=1e-6).class_floor_at(0.9) == 1e-6
+    assert RoutingConfig().class_floor_at(0.0) == RoutingConfig().class_layer().var_floor
+    assert r.class_layer(2e-4).var_floor == 2e-4 and r.class_layer().var_floor == 1e-9
+    with pytest.raises(ValueError, match="class_floor_anneal must be in"):
+        RoutingConfig(class_floor_anneal=0.0)
+    with pytest.raises(ConfigError, match="class_floor_start must be >= 0"):
+        config.load(None, ["routing.class_floor_start=-1"])

@@ -5,6 +5,7 @@ Each layer takes and returns `Capsules`; the pose grid is channels-last, (N, H, 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import torch
@@ -242,6 +243,7 @@ class ClassCaps(_Routed):
         self.gain = gain
         self.coord_add = coord_add
         self.routing = routing
+        self.floor: float | None = None       # while training anneals it (RoutingConfig.class_floor_at); else None
         self.weight = _trunc_normal((in_types, classes, 4, 4), std=std)
         self.beta_u, self.beta_a = _biases(classes, bias_init, "class")
 
@@ -277,6 +279,7 @@ class ClassCaps(_Routed):
         # and this layer is a small part of the network's work.
         dtype = pose.dtype
         pose, act, beta_u, beta_a = (t.to(torch.float64) for t in (pose, act, beta_u, beta_a))
+        routing = self.routing.class_layer(self.floor)
         if self.uses_native(pose, trace):
             # One routing problem per image; child i = (position, type) uses its type's transform, and the
             # coordinate addition is a constant offset on each child's votes.
@@ -287,12 +290,14 @@ class ClassCaps(_Routed):
                 offsets = offsets.expand(-1, self.in_types, -1).reshape(n_in, 16)
             initial = pose.new_full((1, 1, 1), 1.0 / self.classes)
             pose, act = conv_routing(pose.reshape(n, n_in, 16), weight.reshape(n_in, self.classes, 16),
-                                     act.reshape(n, n_in), beta_u, beta_a, self.routing.class_layer(), initial,
-                                     None, scale, offsets)
+                                     act.reshape(n, n_in), beta_u, beta_a, routing, initial, None, scale, offsets)
         else:
             votes, a_in = self.votes(Capsules(pose, act))
-            pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing.class_layer(),
-                                         cost_scale=scale, trace=trace, settings=self.settings(pose.device))
+            settings = self.settings(pose.device)
+            if self.floor is not None and settings.backend == "compile":
+                settings = dataclasses.replace(settings, backend="torch")   # a new floor each step would recompile
+            pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, routing, cost_scale=scale, trace=trace,
+                                         settings=settings)
         return pose.view(n, self.classes, 4, 4).to(dtype), act.to(dtype)
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:

@@ -133,6 +133,13 @@ class MatrixCapsNet(nn.Module):
             layer.runtime = runtime
         return self
 
+    def set_class_floor(self, floor: float | None) -> MatrixCapsNet:
+        """Route the class capsules with this variance floor until set again (None: the config's). The training
+        loop anneals it (RoutingConfig.class_floor_start); it is not part of the config and not saved. Returns
+        self."""
+        self.class_caps.floor = floor
+        return self
+
     def capsules(self, x: Tensor, trace: list[RoutingStep] | None = None) -> Capsules:
         """Class capsules for images (N, C, H, W): pose (N, E, 4, 4), activation (N, E).
 

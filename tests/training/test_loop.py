@@ -218,3 +218,26 @@ def test_deterministic_runs_repeat_and_leave_the_global_mode_as_it_was(tmp_path)
     b = loop.train(toy_config("train.epochs=1", "train.deterministic=true"), tmp_path / "b", quiet=True)
     assert a["final_loss"] == b["final_loss"]
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+
+
+def test_the_class_capsules_floor_anneals_over_training_and_resumes_exactly(tmp_path):
+    """routing.class_floor_start: the class capsules start at that floor and reach their own by the given
+    fraction of the run, geometrically; the saved model and its config route with their own floor."""
+    anneal = ["routing.class_floor_start=5e-4", "routing.class_floor_anneal=0.5", "train.ema_decay=0.5"]
+    floors = []
+
+    def seen(step, model):
+        floors.append(model.class_caps.floor)
+
+    loop.train(toy_config(*anneal), tmp_path / "run", quiet=True, callback=seen)
+    # the floor the step ran with, seen after it: 5e-4 at step 1, 1e-9 ** (1/4) * 5e-4 ** (3/4) at step 2, ...
+    expected = [5e-4 * (1e-9 / 5e-4) ** (k / 4) for k in range(4)]
+    assert floors[:4] == pytest.approx(expected, rel=1e-12) and floors[4:] == [None] * 4
+    model, cfg, _ = checkpoint.model_from_checkpoint(tmp_path / "run")
+    assert model.class_caps.floor is None and cfg.routing.class_layer().var_floor == 1e-9
+    loop.train(toy_config(*anneal), tmp_path / "split", quiet=True, stop_at_step=2)
+    loop.resume(tmp_path / "split", quiet=True)
+    assert_same_weights(weights(tmp_path / "run"), weights(tmp_path / "split"))
+    loop.train(toy_config("train.ema_decay=0.5"), tmp_path / "plain", quiet=True)     # the same run, no anneal
+    key = "class_caps.weight"
+    assert not torch.equal(weights(tmp_path / "plain")[key], weights(tmp_path / "run")[key])

@@ -46,6 +46,14 @@ class RoutingConfig:
                       it rather than the width of its votes: shorter runs learn faster, the `converge` recipe
                       ends worse (docs/research.md). Those costs differ in digits float32 drops, so the class
                       capsules always route in float64.
+    class_floor_start: where > 0, training starts the class capsules at this floor and anneals it
+                      geometrically to their own (class_var_floor, else var_floor) over the first
+                      `class_floor_anneal` of its steps; the training loop does this, and a model routes with its
+                      own floor everywhere else. A floor above a fresh network's class votes' spread makes the
+                      class activations follow the data routed to each class, which short runs learn from fast;
+                      the small floor the anneal ends at keeps how well each class's votes agree
+                      (docs/research.md). 0: no annealing.
+    class_floor_anneal: the fraction of the training steps the anneal takes (0 < f <= 1).
     normalise_cost:   scale each parent's share of the data by n_parents / n_children (Gritzman 2019),
                       so the cost has the same size in layers with very different fan-in.
     compete_positions: in convolutional layers, a child's assignments are normalised over every parent
@@ -93,6 +101,8 @@ class RoutingConfig:
     schedule: str = "authors"
     var_floor: float = DEFAULT_VAR_FLOOR
     class_var_floor: float = 0.0
+    class_floor_start: float = 0.0
+    class_floor_anneal: float = 0.5
     normalise_cost: bool = False
     compete_positions: bool = True
     initial_assignments: str = "uniform"
@@ -118,6 +128,10 @@ class RoutingConfig:
             raise ValueError(f"var_floor must be > 0, got {self.var_floor}")
         if not self.class_var_floor >= 0:
             raise ValueError(f"class_var_floor must be >= 0 (0 = var_floor), got {self.class_var_floor}")
+        if not self.class_floor_start >= 0:
+            raise ValueError(f"class_floor_start must be >= 0 (0 = no annealing), got {self.class_floor_start}")
+        if not 0 < self.class_floor_anneal <= 1:
+            raise ValueError(f"class_floor_anneal must be in (0, 1], got {self.class_floor_anneal}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if not self.estep_temperature > 0:
@@ -178,15 +192,24 @@ class RoutingConfig:
             scale *= self.fan_in_cost_scale * parents / children
         return scale
 
-    def class_layer(self) -> RoutingConfig:
+    def class_layer(self, floor: float | None = None) -> RoutingConfig:
         """The config the class capsules route with: the inverse temperature times `class_lambda_scale`, and
-        `class_var_floor` (where set) as the floor."""
-        floor = self.class_var_floor or self.var_floor
+        as the floor `floor` where given (the training loop's anneal, `class_floor_at`), else
+        `class_var_floor` where set, else `var_floor`."""
+        floor = floor or self.class_var_floor or self.var_floor
         if self.class_lambda_scale == 1.0 and floor == self.var_floor:
             return self
         return dataclasses.replace(self, final_lambda=self.final_lambda * self.class_lambda_scale,
                                    class_lambda_scale=1.0, var_floor=floor, class_var_floor=0.0,
-                                   parameterisation=CUSTOM)
+                                   class_floor_start=0.0, parameterisation=CUSTOM)
+
+    def class_floor_at(self, progress: float) -> float:
+        """The class capsules' floor a fraction `progress` (0..1) of the way through training."""
+        end = self.class_var_floor or self.var_floor
+        if not self.class_floor_start or progress >= self.class_floor_anneal:
+            return end
+        t = max(progress, 0.0) / self.class_floor_anneal
+        return math.exp((1 - t) * math.log(self.class_floor_start) + t * math.log(end))
 
     @property
     def inverse_temperatures(self) -> list[float]:
@@ -216,7 +239,7 @@ class Parameterisation:
 # How the activation follows from the cost, how sharp the E-step is, and how the M-step moves the centres.
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
            "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR,
-           "class_var_floor": 0.0, "normalise_cost": False,
+           "class_var_floor": 0.0, "class_floor_start": 0.0, "class_floor_anneal": 0.5, "normalise_cost": False,
            "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
            "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform",
            "detach_assignments": True}

@@ -292,6 +292,18 @@ class _Run:
             **({"ema_model": self.average.state_dict()} if self.average is not None else {}),
         })
 
+    def anneal_class_floor(self) -> None:
+        """The class capsules' floor for the coming step (RoutingConfig.class_floor_start): the trained model
+        and its average route with it until the anneal ends, then with their own (None)."""
+        routing = self.config.routing
+        if not routing.class_floor_start or not hasattr(self.model, "set_class_floor"):
+            return
+        progress = self.run.step / self.total_steps
+        floor = routing.class_floor_at(progress) if progress < routing.class_floor_anneal else None
+        for model in (self.model, self.average.average if self.average is not None else None):
+            if model is not None:
+                model.set_class_floor(floor)
+
     def save_due(self) -> bool:
         due = torch.tensor([time.monotonic() - self.last_save >= 60 * self.tc.checkpoint_minutes],
                            dtype=torch.uint8)
@@ -358,6 +370,7 @@ class _Run:
              if config.data.augment else center_crop(images, config.data.crop))
         x, y = x.to(device), self.train_set.labels[index].to(device)       # (B, C, crop, crop), (B,)
         margin = margin_at(config.loss, run.step, self.total_steps)
+        self.anneal_class_floor()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tc.precision == "bf16"):
             if self.decoder:
                 scores, _, redrawn = self.net(x, y)                      # (B, E), _, (B, C, crop, crop)

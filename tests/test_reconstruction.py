@@ -144,6 +144,9 @@ def test_experiment_reconstruct_draws_from_shipped_weights_without_training(digi
     pretrained.export(tmp_path / "plain", tmp_path / "weights" / "synthnorb.pt", command="emcaps train")
     monkeypatch.setattr(pretrained, "weights_dir", lambda: tmp_path / "weights")
     assert pretrained.with_decoder() == ["mnist"]
+    stored = torch.load(tmp_path / "weights" / "mnist.pt", weights_only=True)["model"]
+    assert stored["decoder.net.0.weight"].dtype == torch.float16
+    assert stored["decoder.norm.running_var"].dtype == stored["class_caps.weight"].dtype == torch.float32
     args = ["experiment", "reconstruct", "--root", str(digits), "--out", str(tmp_path / "out"), "--runs",
             str(tmp_path / "none"), "--digits", "2", "--quiet"]
     assert cli.main([*args, "--pretrained", "mnist"]) == 0, capsys.readouterr().err

@@ -513,3 +513,21 @@ def test_standardised_logits_have_zero_mean_and_lambda_spread_over_the_parents()
     trace = []
     em_routing(votes * 1e-2, act, bu, ba * 0, 3, final_lambda=0.01, trace=trace, **PAPER)
     assert float(trace[-1].logit.std(-1).max()) < 0.1
+
+
+@pytest.mark.parametrize("tight", [0.0, 1e-12, 1e-7])
+def test_standardised_logits_stay_finite_when_a_parent_is_far_tighter_than_the_first(tight):
+    """A parent whose variance sits at a 1e-9 floor while the first parent's is 0.1: the quotient of their
+    variances, 1e-8, is below float32's resolution near 1, so 1 + (quotient - 1) rounds it to 0 (a log of
+    0: the run's loss turned NaN); the logits must match float64, with finite gradients."""
+    from emcaps.routing import parent_logit
+
+    excess = torch.tensor([[[0.1] * 16, [tight] * 16, [0.2] * 16, [0.05] * 16]], dtype=torch.float64)
+    r_sum = torch.tensor([[3.0, 0.0, 1.5, 2.0]], dtype=torch.float64)
+    bu, ba = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
+    want = parent_logit(bu, ba, excess, 1e-9, r_sum, 1.0, 1.0, "standardised")
+    x32 = excess.float().requires_grad_()
+    got = parent_logit(bu.float(), ba.float(), x32, 1e-9, r_sum.float(), 1.0, 1.0, "standardised")
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=0)
+    got.sum().backward()
+    assert torch.isfinite(x32.grad).all()

@@ -45,7 +45,15 @@ def parent_logit(beta_u: Tensor, beta_a: Tensor, var_excess: Tensor, var_floor: 
     # entries that carry coordinate offsets have a large variance that is the same for every class.
     x0 = var_excess[..., :1, :]                                         # (.., 1, D)
     rel0 = torch.log1p(x0 / var_floor).sum(-1)                          # (.., 1)
-    rel_diff = torch.log1p((var_excess - x0) / (var_floor + x0)).sum(-1)   # (.., J) rel_j - rel_0
+    # log((floor + x_j) / (floor + x_0)) per entry: log1p of the quotient less one keeps its digits near 1; far
+    # below 1 (a parent much tighter than the first: the quotient is about floor / x_0), 1 + that loses them,
+    # and even rounds to 0, so there the quotient's own log is taken. Both branches stay finite for the
+    # backward pass of torch.where.
+    base = var_floor + x0
+    ratio = (var_excess - x0) / base
+    near = ratio > -0.5
+    rel_diff = torch.where(near, torch.log1p(ratio.clamp_min(-0.5)),
+                           torch.log((var_floor + var_excess) / base)).sum(-1)   # (.., J) rel_j - rel_0
     per_unit = torch.as_tensor(per_unit, dtype=rel_diff.dtype, device=rel_diff.device).expand_as(rel_diff)
     r0, k0 = r_sum[..., :1], per_unit[..., :1]
     r_diff = r_sum - r0

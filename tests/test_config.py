@@ -232,12 +232,13 @@ def test_the_model_section_is_the_name_and_the_capsule_options():
         config.load(None, ["model.conv_transform_std=-1"])
 
 
-@pytest.mark.parametrize("floor, label", [(5e-4, "emcaps-0.1"), (1e-9, "emcaps")])
+@pytest.mark.parametrize("floor, label", [(5e-4, "emcaps-0.1"), (1e-9, "custom")])
 def test_a_config_saved_before_the_class_floor_keeps_its_one_floor(floor, label):
-    """Runs saved as 'emcaps' before `class_var_floor` existed routed every layer with one floor: they load
-    with that maths (class_var_floor 0 = var_floor) under the label of that earlier definition."""
+    """Runs saved as 'emcaps' before `class_var_floor` and the anneal existed routed every layer with one floor:
+    they load with that maths (class_var_floor 0 = var_floor, no anneal), under the label of the earlier
+    definition they match (the floor of 1e-9 without the anneal was never a released 'emcaps')."""
     saved = config.load(None).to_dict()
-    saved["routing"] = {k: v for k, v in saved["routing"].items() if k != "class_var_floor"}
+    saved["routing"] = {k: v for k, v in saved["routing"].items() if k not in ("class_var_floor", "class_floor_start")}
     saved["routing"].update(var_floor=floor, parameterisation="emcaps")
     routing = config.from_saved(saved).routing
     assert (routing.class_var_floor, routing.var_floor, routing.parameterisation) == (0.0, floor, label)
@@ -259,6 +260,14 @@ def test_the_class_capsules_floor():
         config.load(None, ["routing.parameterisation=emcaps", "routing.class_var_floor=1e-3"])
 
 
+def test_a_config_saved_before_the_anneal_keeps_training_without_it():
+    """Runs saved before `class_floor_start` existed trained without the anneal: resumed, they go on so."""
+    saved = config.load(None).to_dict()
+    saved["routing"] = {k: v for k, v in saved["routing"].items() if k != "class_floor_start"}
+    assert config.from_saved(saved).routing.class_floor_start == 0.0
+    assert config.load(None).routing.class_floor_start == 5e-4            # a new run anneals
+
+
 def test_the_class_floor_anneal_schedule():
     from emcaps.routing import RoutingConfig
 
@@ -267,7 +276,8 @@ def test_the_class_floor_anneal_schedule():
     assert r.class_floor_at(0.25) == pytest.approx(1e-3 ** 0.5 * 1e-9 ** 0.5)
     assert r.class_floor_at(0.5) == r.class_floor_at(1.0) == 1e-9
     assert RoutingConfig(class_floor_start=1e-3, class_var_floor=1e-6).class_floor_at(0.9) == 1e-6
-    assert RoutingConfig().class_floor_at(0.0) == RoutingConfig().class_layer().var_floor
+    assert RoutingConfig(class_floor_start=0.0).class_floor_at(0.0) == RoutingConfig().class_layer().var_floor == 1e-9
+    assert RoutingConfig().class_floor_at(0.0) == pytest.approx(5e-4) and RoutingConfig().class_floor_at(0.5) == 1e-9
     assert r.class_layer(2e-4).var_floor == 2e-4 and r.class_layer().var_floor == 1e-9
     with pytest.raises(ValueError, match="class_floor_anneal must be in"):
         RoutingConfig(class_floor_anneal=0.0)

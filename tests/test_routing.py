@@ -492,7 +492,8 @@ def test_named_parameterisations():
     assert authors.class_layer().final_lambda == pytest.approx(0.0025)
     assert authors.class_layer().class_lambda_scale == 1.0
     assert RoutingConfig().class_layer() == RoutingConfig()
-    assert RoutingConfig(class_var_floor=5e-4).class_layer() == RoutingConfig(var_floor=5e-4, parameterisation="custom")
+    assert RoutingConfig(class_var_floor=5e-4).class_layer() == RoutingConfig(var_floor=5e-4, class_floor_start=0.0,
+                                                                                parameterisation="custom")
     # emcaps detaches the E-steps' assignments; the paper and both public codes differentiate through them
     assert RoutingConfig().detach_assignments
     assert not any(RoutingConfig.named(name).detach_assignments for name in ("paper", "authors", "ibm"))

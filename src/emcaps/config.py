@@ -363,7 +363,11 @@ def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ())
 def from_saved(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """A RunConfig from a saved one (a checkpoint's), whose every field is set: its routing label is derived
     from those fields, so a run saved under a name whose definition later changed still loads."""
-    return from_dict(_without_label(data), overrides)
+    data = _without_label(data)
+    routing = data.get("routing")
+    if isinstance(routing, dict) and "class_floor_start" not in routing:
+        data = {**data, "routing": {**routing, "class_floor_start": 0.0}}    # saved before the anneal existed
+    return from_dict(data, overrides)
 
 
 _NAMED_ROUTING_FIELDS = {key for named in PARAMETERISATIONS.values() for key in named.routing}

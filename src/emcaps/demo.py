@@ -38,7 +38,7 @@ DATA = {
 CAPSULES = ["train.batch_size=32", "train.eval_every=2"]
 MODELS = {
     "full": {
-        "capsules": ["model.name=small", *CAPSULES, "train.epochs=8"],
+        "capsules": ["model.name=small", *CAPSULES, "train.epochs=12"],
         "cnn": ["model.name=cnn", "optim.lr=1e-3", "train.batch_size=32", "train.epochs=6"],
     },
     "quick": {

@@ -19,6 +19,9 @@ STD_FLOOR = 1e-6        # added to the variance of the costs before standardisin
 # into the activations (docs: "Conditioning").
 DEFAULT_VAR_FLOOR = 1e-9
 AUTHORS_VAR_FLOOR = 5e-4
+# Training starts the class capsules at the authors' floor, above their votes' spread, and anneals it to
+# DEFAULT_VAR_FLOOR over the first half of the steps (RoutingConfig.class_floor_start; docs/research.md).
+DEFAULT_CLASS_FLOOR_START = AUTHORS_VAR_FLOOR
 # The default parameterisation (docs/research.md, "The default parameterisation"): costs standardised over the
 # parent types, inverse temperature 10 * (1 - 0.95**(i+1)), and an E-step at a tenth of its log-posterior.
 DEFAULT_ACTIVATION = "standardised"
@@ -101,7 +104,7 @@ class RoutingConfig:
     schedule: str = "authors"
     var_floor: float = DEFAULT_VAR_FLOOR
     class_var_floor: float = 0.0
-    class_floor_start: float = 0.0
+    class_floor_start: float = DEFAULT_CLASS_FLOOR_START
     class_floor_anneal: float = 0.5
     normalise_cost: bool = False
     compete_positions: bool = True
@@ -239,13 +242,15 @@ class Parameterisation:
 # How the activation follows from the cost, how sharp the E-step is, and how the M-step moves the centres.
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
            "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR,
-           "class_var_floor": 0.0, "class_floor_start": 0.0, "class_floor_anneal": 0.5, "normalise_cost": False,
+           "class_var_floor": 0.0, "class_floor_start": DEFAULT_CLASS_FLOOR_START, "class_floor_anneal": 0.5,
+           "normalise_cost": False,
            "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
            "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform",
            "detach_assignments": True}
 # The paper, the authors' and IBM's code all differentiate through every E-step.
 _PAPER_LOGIT = {**_EMCAPS, "activation": "paper", "final_lambda": 0.01, "schedule": "authors",
-                "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR}
+                "estep_temperature": 1.0, "detach_assignments": False, "var_floor": AUTHORS_VAR_FLOOR,
+                "class_floor_start": 0.0}
 _EMCAPS_INIT = {"conv_transform_std": 0.3, "class_transform_std": 0.3, "bias_init": "zeros",
                 "primary_activation_offset": 0.0, "conv1_bias": 0.0}
 PARAMETERISATIONS: dict[str, Parameterisation] = {p.name: p for p in (
@@ -279,7 +284,7 @@ PARAMETERISATIONS: dict[str, Parameterisation] = {p.name: p for p in (
 # 'emcaps' before its floor changed is 'emcaps-0.1' (its fields are kept; only the label moves).
 EARLIER_PARAMETERISATIONS: dict[str, Parameterisation] = {
     "emcaps": Parameterisation("emcaps-0.1", "emcaps' parameterisation before its floor fell to 1e-9",
-                               {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR}, _EMCAPS_INIT),
+                               {**_EMCAPS, "var_floor": AUTHORS_VAR_FLOOR, "class_floor_start": 0.0}, _EMCAPS_INIT),
 }
 _LABELS = {p.name: p for p in (*PARAMETERISATIONS.values(), *EARLIER_PARAMETERISATIONS.values())}
 

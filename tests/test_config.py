@@ -1,5 +1,6 @@
 """Config files, overrides and validation: every mistake names the key and what was expected."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -265,6 +266,8 @@ def test_a_config_saved_before_the_anneal_keeps_training_without_it():
     saved = config.load(None).to_dict()
     saved["routing"] = {k: v for k, v in saved["routing"].items() if k != "class_floor_start"}
     assert config.from_saved(saved).routing.class_floor_start == 0.0
+    saved["routing"] = {k: v for k, v in saved["routing"].items() if k != "class_floor_steps"}
+    assert config.from_saved(saved).routing.class_floor_steps == 0                # nor with the cap
     assert config.load(None).routing.class_floor_start == 5e-4            # a new run anneals
 
 
@@ -272,14 +275,21 @@ def test_the_class_floor_anneal_schedule():
     from emcaps.routing import RoutingConfig
 
     r = RoutingConfig(class_floor_start=1e-3, class_floor_anneal=0.5, var_floor=1e-9)
-    assert r.class_floor_at(0.0) == pytest.approx(1e-3)
-    assert r.class_floor_at(0.25) == pytest.approx(1e-3 ** 0.5 * 1e-9 ** 0.5)
-    assert r.class_floor_at(0.5) == r.class_floor_at(1.0) == 1e-9
-    assert RoutingConfig(class_floor_start=1e-3, class_var_floor=1e-6).class_floor_at(0.9) == 1e-6
-    assert RoutingConfig(class_floor_start=0.0).class_floor_at(0.0) == RoutingConfig().class_layer().var_floor == 1e-9
-    assert RoutingConfig().class_floor_at(0.0) == pytest.approx(5e-4) and RoutingConfig().class_floor_at(0.5) == 1e-9
+    assert r.class_floor_at(0, 100) == pytest.approx(1e-3)
+    assert r.class_floor_at(25, 100) == pytest.approx(1e-3 ** 0.5 * 1e-9 ** 0.5)
+    assert r.class_floor_at(50, 100) is None and r.class_floor_at(100, 100) is None      # the class floor's own
+    assert RoutingConfig(class_floor_start=1e-3, class_var_floor=1e-6).class_floor_at(49, 100) > 1e-6
+    assert RoutingConfig(class_floor_start=0.0).class_floor_at(0, 100) is None
+    assert RoutingConfig().class_floor_at(0, 100) == pytest.approx(5e-4)
     assert r.class_layer(2e-4).var_floor == 2e-4 and r.class_layer().var_floor == 1e-9
+    # class_floor_steps caps the anneal's length in a long run and leaves a short run's half alone
+    capped = dataclasses.replace(r, class_floor_steps=600)
+    assert capped.class_floor_at(300, 10_000) == pytest.approx(1e-3 ** 0.5 * 1e-9 ** 0.5)
+    assert capped.class_floor_at(600, 10_000) is None and r.class_floor_at(600, 10_000) is not None
+    assert all(capped.class_floor_at(k, 1000) == r.class_floor_at(k, 1000) for k in range(1000))
     with pytest.raises(ValueError, match="class_floor_anneal must be in"):
         RoutingConfig(class_floor_anneal=0.0)
+    with pytest.raises(ValueError, match="class_floor_steps must be an integer >= 0"):
+        RoutingConfig(class_floor_steps=-1)
     with pytest.raises(ConfigError, match="class_floor_start must be >= 0"):
         config.load(None, ["routing.class_floor_start=-1"])

@@ -366,7 +366,11 @@ def from_saved(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
     data = _without_label(data)
     routing = data.get("routing")
     if isinstance(routing, dict) and "class_floor_start" not in routing:
-        data = {**data, "routing": {**routing, "class_floor_start": 0.0}}    # saved before the anneal existed
+        routing = {**routing, "class_floor_start": 0.0}                     # saved before the anneal existed
+    if isinstance(routing, dict) and "class_floor_steps" not in routing:
+        routing = {**routing, "class_floor_steps": 0}                       # saved before the anneal's cap
+    if isinstance(routing, dict):
+        data = {**data, "routing": routing}
     return from_dict(data, overrides)
 
 

@@ -57,6 +57,8 @@ class RoutingConfig:
                       the small floor the anneal ends at keeps how well each class's votes agree
                       (docs/research.md). 0: no annealing.
     class_floor_anneal: the fraction of the training steps the anneal takes (0 < f <= 1).
+    class_floor_steps: where > 0, the anneal takes at most this many steps: the phase it serves is a fresh
+                      network's, which a longer run does not lengthen. 0: no cap.
     normalise_cost:   scale each parent's share of the data by n_parents / n_children (Gritzman 2019),
                       so the cost has the same size in layers with very different fan-in.
     compete_positions: in convolutional layers, a child's assignments are normalised over every parent
@@ -106,6 +108,7 @@ class RoutingConfig:
     class_var_floor: float = 0.0
     class_floor_start: float = DEFAULT_CLASS_FLOOR_START
     class_floor_anneal: float = 0.5
+    class_floor_steps: int = 0
     normalise_cost: bool = False
     compete_positions: bool = True
     initial_assignments: str = "uniform"
@@ -135,6 +138,8 @@ class RoutingConfig:
             raise ValueError(f"class_floor_start must be >= 0 (0 = no annealing), got {self.class_floor_start}")
         if not 0 < self.class_floor_anneal <= 1:
             raise ValueError(f"class_floor_anneal must be in (0, 1], got {self.class_floor_anneal}")
+        if not isinstance(self.class_floor_steps, int) or self.class_floor_steps < 0:
+            raise ValueError(f"class_floor_steps must be an integer >= 0 (0 = no cap), got {self.class_floor_steps!r}")
         if self.activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {self.activation!r}; expected one of {ACTIVATIONS}")
         if not self.estep_temperature > 0:
@@ -206,12 +211,20 @@ class RoutingConfig:
                                    class_lambda_scale=1.0, var_floor=floor, class_var_floor=0.0,
                                    class_floor_start=0.0, parameterisation=CUSTOM)
 
-    def class_floor_at(self, progress: float) -> float:
-        """The class capsules' floor a fraction `progress` (0..1) of the way through training."""
+    def class_floor_at(self, step: int, total_steps: int) -> float | None:
+        """The class capsules' floor at training step `step` of `total_steps` while the anneal lasts; None
+        after it (and without one): the class capsules' own floor."""
+        if not self.class_floor_start:
+            return None
+        steps = self.class_floor_anneal * total_steps
+        if self.class_floor_steps and self.class_floor_steps < steps:
+            t = step / self.class_floor_steps
+        else:
+            t = step / total_steps / self.class_floor_anneal
+        if t >= 1:
+            return None
         end = self.class_var_floor or self.var_floor
-        if not self.class_floor_start or progress >= self.class_floor_anneal:
-            return end
-        t = max(progress, 0.0) / self.class_floor_anneal
+        t = max(t, 0.0)
         return math.exp((1 - t) * math.log(self.class_floor_start) + t * math.log(end))
 
     @property
@@ -243,7 +256,7 @@ class Parameterisation:
 _EMCAPS = {"activation": DEFAULT_ACTIVATION, "final_lambda": DEFAULT_FINAL_LAMBDA, "schedule": "authors",
            "estep_temperature": DEFAULT_ESTEP_TEMPERATURE, "var_floor": DEFAULT_VAR_FLOOR,
            "class_var_floor": 0.0, "class_floor_start": DEFAULT_CLASS_FLOOR_START, "class_floor_anneal": 0.5,
-           "normalise_cost": False,
+           "class_floor_steps": 0, "normalise_cost": False,
            "centre_damping": 0.0, "cost_scale": 1.0, "fan_in_cost_scale": 0.0, "class_lambda_scale": 1.0,
            "beta_u_scale": 1.0, "beta_a_scale": 1.0, "initial_assignments": "uniform",
            "detach_assignments": True}

@@ -298,8 +298,7 @@ class _Run:
         routing = self.config.routing
         if not routing.class_floor_start or not hasattr(self.model, "set_class_floor"):
             return
-        progress = self.run.step / self.total_steps
-        floor = routing.class_floor_at(progress) if progress < routing.class_floor_anneal else None
+        floor = routing.class_floor_at(self.run.step, self.total_steps)
         for model in (self.model, self.average.average if self.average is not None else None):
             if model is not None:
                 model.set_class_floor(floor)

@@ -45,6 +45,16 @@ def test_an_unknown_pretrained_name_is_a_one_line_error(capsys):
     assert "give a checkpoint or run directory, or --pretrained NAME" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("name, recipe", [("synthnorb", "converge"), ("mnist", "mnist")])
+def test_the_shipped_weights_were_trained_under_their_recipes_routing_of_today(name, recipe):
+    """Weights match the default: when a recipe's routing (the default parameterisation's included) changes,
+    its shipped weights are retrained, and this fails until they are."""
+    if name not in pretrained.list_pretrained():
+        pytest.skip(f"the {name} weights do not ship")
+    trained = config.from_saved(pretrained.info(name)["config"]).routing
+    assert trained == config.load(config.named_config_path(recipe)).routing
+
+
 @pytest.mark.skipif("synthnorb" not in pretrained.list_pretrained(), reason="the synthnorb weights do not ship")
 def test_the_shipped_synthnorb_weights_keep_their_stated_error():
     """On 600 of the 24,300 test pairs under today's routing: the stated error (all pairs) within the

@@ -1,8 +1,8 @@
 """The demo's capsule run over several seeds: how far one routing setting takes the small capsule network in
-the demo's budget (848 steps of SynthNORB's small subset), and how much that moves from seed to seed.
+the demo's budget (1,272 steps of SynthNORB's small subset), and how much that moves from seed to seed.
 
     python benchmarks/demo_seeds.py --seeds 0,1,2 --threads 1
-    python benchmarks/demo_seeds.py --seeds 0,1,2 --threads 1 --set routing.class_var_floor=5e-4
+    python benchmarks/demo_seeds.py --seeds 0,1,2 --threads 1 --set routing.class_floor_start=0   # no anneal
 
 Each seed trains exactly the capsule run `emcaps demo --set train.seed=S --set KEY=VALUE` trains (the CNN's
 run is left out) into OUT/seedS, then tests it on the demo's 1,000 unseen-instance test images. Prints one

@@ -364,13 +364,8 @@ def from_saved(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
     """A RunConfig from a saved one (a checkpoint's), whose every field is set: its routing label is derived
     from those fields, so a run saved under a name whose definition later changed still loads."""
     data = _without_label(data)
-    routing = data.get("routing")
-    if isinstance(routing, dict) and "class_floor_start" not in routing:
-        routing = {**routing, "class_floor_start": 0.0}                     # saved before the anneal existed
-    if isinstance(routing, dict) and "class_floor_steps" not in routing:
-        routing = {**routing, "class_floor_steps": 0}                       # saved before the anneal's cap
-    if isinstance(routing, dict):
-        data = {**data, "routing": routing}
+    if isinstance(data.get("routing"), dict):     # saved before the anneal (or its cap) existed: trained without
+        data = {**data, "routing": {"class_floor_start": 0.0, "class_floor_steps": 0, **data["routing"]}}
     return from_dict(data, overrides)
 
 

@@ -72,3 +72,16 @@ def test_changelog_page_includes_the_changelog():
     page = (DOCS / "changelog.md").read_text()
     assert '--8<-- "CHANGELOG.md"' in page
     assert (ROOT / "CHANGELOG.md").is_file()
+
+
+def test_every_stored_run_config_retrains_with_emcaps_train():
+    """The docs say `emcaps train --config docs/results/.../NAME.toml` reruns a stored run: each must load as
+    a --config file does (label and fields agreeing), and say whether its class capsules' floor annealed."""
+    from emcaps import config
+
+    files = sorted((DOCS / "results").rglob("*.toml"))
+    assert len(files) > 40
+    for path in files:
+        text = path.read_text()
+        loaded = config.load(path)
+        assert "class_floor_start" in text or loaded.model.name == "cnn", path

@@ -326,6 +326,41 @@ def test_capsnet_lr_and_routing_iterations_reach_the_capsule_network(norb, tmp_p
     assert full["capsules"].schedule == full["cnn"].schedule == "cosine"
 
 
+def test_set_routing_reaches_the_capsule_network_alone(norb, tmp_path, capsys):
+    """--set routing.KEY=VALUE changes the capsule network's routing as `emcaps train --set` does (a named
+    parameterisation brings its initialisation), leaves the CNN alone, and the page says it."""
+    out = tmp_path / "adv"
+    sets = ["routing.var_floor=5e-4", "routing.class_floor_start=0", "routing.parameterisation=authors"]
+    _run(["experiment", "adversarial", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
+          "--out", str(out), *(a for s in sets for a in ("--set", s))], capsys)
+    caps, cnn = config.load(out / "capsules.toml"), config.load(out / "cnn.toml")
+    fresh = config.load(out / "capsules.toml", [])
+    like_train = config.from_dict({**fresh.to_dict(), "routing": config.RunConfig().to_dict()["routing"],
+                                   "model": {"name": "tiny"}}, sets)
+    assert (caps.routing.var_floor, caps.routing.class_floor_start) == (5e-4, 0.0)
+    assert caps.routing == like_train.routing and caps.model == like_train.model      # initialisation too
+    assert caps.model != config.ModelConfig(name="tiny")
+    assert cnn.routing == config.RunConfig().routing
+    budgets = json.loads((out / "results.json").read_text())["budgets"]
+    assert budgets["capsules"]["routing_overrides"] == sets
+    assert "routing.var_floor=5e-4" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["viewpoint", "--set", "optim.lr=1"], "--set 'optim.lr=1': an experiment takes routing.KEY=VALUE only"),
+    (["adversarial", "--set", "routing.var_floor=-1"], "routing: var_floor must be > 0, got -1.0"),
+    (["adversarial", "--set", "routing.no_such_field=1"], "no_such_field"),
+    (["ablation", "--set", "routing.iterations=2"], "the ablation sets each variant's iterations itself"),
+    (["reconstruct", "--pretrained", "mnist", "--set", "routing.var_floor=1e-3"],
+     "shipped weights (--pretrained) keep their routing")])
+def test_bad_routing_settings_are_one_clear_line(args, message, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert cli.main(["experiment", *args, "--fast", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("option, value, message", [
     ("--routing-iterations", "0", "--routing-iterations must be a positive integer, got 0"),
     ("--capsnet-lr", "-1", "--capsnet-lr must be a positive learning rate, got -1.0"),

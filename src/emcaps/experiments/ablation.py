@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from emcaps import config as cfgmod
 from emcaps import plots
 from emcaps.config import ConfigError
 from emcaps.data.splits import eval_batches
@@ -53,11 +54,14 @@ def variants(only: Sequence[str] | None = None) -> dict[str, list[Variant]]:
 def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: str = "synthnorb",
                  root: str = "", seed: int = 0, only: Sequence[str] | None = None,
                  quiet: bool = True, device: str = "cpu", steps: int | None = None,
-                 capsnet_lr: float | None = None) -> dict[str, Any]:
+                 capsnet_lr: float | None = None, routing: Sequence[str] = ()) -> dict[str, Any]:
     """Train every distinct variant, test it; writes results.json, results.md and test-error.png.
-    `steps` and `capsnet_lr` replace each variant's training budget (see `common.settings`)."""
+    `steps` and `capsnet_lr` replace each variant's training budget, `routing` ('routing.KEY=VALUE') every
+    variant's routing but its iterations (see `common.settings`)."""
     groups = variants(only)
-    cfg = common.settings(fast, steps, capsnet_lr)
+    if any(cfgmod.parse_override(text)[0] == ["routing", "iterations"] for text in routing):
+        raise ConfigError("--set routing.iterations: the ablation sets each variant's iterations itself")
+    cfg = common.settings(fast, steps, capsnet_lr, routing=routing)
     data_cfg = common.data_config(dataset, root, fast)
     train, test = common.load(data_cfg, "train"), common.load(data_cfg, "test")
     say = (lambda text: None) if quiet else (lambda text: print(text, flush=True))
@@ -66,7 +70,7 @@ def run_ablation(out_dir: str | Path = "ablation", fast: bool = False, dataset: 
     for v in dict.fromkeys(v for vs in groups.values() for v in vs):
         config = common.run_config("ablation", v.key, data_cfg, cfg["capsnet"], cfg["capsules"], seed, device,
                                    routing=RoutingConfig(iterations=v.iterations),
-                                   coord_add=v.coord_add, loss=v.loss)
+                                   coord_add=v.coord_add, loss=v.loss, overrides=cfg["overrides"])
         model, fitted = common.fit(config, out, v.key, quiet=quiet)
         err = error_rate(predict(model, eval_batches(test, 64, 32))[0].argmax(1), test.labels)
         paper = PAPER.get(v)

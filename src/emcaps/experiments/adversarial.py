@@ -59,8 +59,10 @@ def _trained(data, cfg: dict[str, Any], seed: int, device: str, out: Path,
     `out`), the model under 'net'."""
     models = {}
     for name, arch in (("cnn", "cnn"), ("capsules", cfg["capsnet"])):
+        routed = arch != "cnn"                              # the CNN's config keeps the default routing
         config = common.run_config("adversarial", name, data, arch, cfg[name], seed, device,
-                                   routing=cfg["routing"])
+                                   routing=cfg["routing"] if routed else None,
+                                   overrides=cfg["overrides"] if routed else ())
         model, fitted = common.fit(config, out, name, quiet=quiet)
         models[name] = {**common.describe_model(model, arch), **fitted, "source": "trained", "net": model}
     return models
@@ -71,13 +73,15 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
                     eps: Sequence[float] | None = None, images: int | None = None,
                     bim_steps: int | None = None, quiet: bool = True, device: str = "cpu",
                     steps: int | None = None, capsnet_lr: float | None = None,
-                    iterations: int | None = None, capsnet_steps: int | None = None) -> dict[str, Any]:
+                    iterations: int | None = None, capsnet_steps: int | None = None,
+                    routing: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or load) both models, attack them, write results.json, results.md and four PNGs.
-    `steps`, `capsnet_lr`, `iterations` and `capsnet_steps` replace the defaults of `common.settings`."""
+    `steps`, `capsnet_lr`, `iterations`, `capsnet_steps` and `routing` replace the defaults of
+    `common.settings`."""
     eps = list(eps if eps is not None else (FAST_ATTACK_EPS if fast else ATTACK_EPS))
     images = images or (8 if fast else 500)
     bim_steps = bim_steps or (2 if fast else 10)
-    cfg = common.settings(fast, steps, capsnet_lr, iterations, capsnet_steps)
+    cfg = common.settings(fast, steps, capsnet_lr, iterations, capsnet_steps, routing)
     if bool(capsnet) != bool(cnn):
         raise ConfigError("give both --capsnet CKPT and --cnn CKPT, or neither (to train both)")
     dev = common.device_of(device)
@@ -124,10 +128,6 @@ def run_adversarial(out_dir: str | Path = "adversarial", fast: bool = False, dat
     return common.write_results(out, results, _markdown(results))
 
 
-def _iterations_text(budget: dict[str, Any]) -> str:
-    return f", {budget['routing_iterations']} routing iterations" if "routing_iterations" in budget else ""
-
-
 def _markdown(r: dict[str, Any]) -> str:
     parts = ["# Adversarial robustness", "",
              f"{r['attack_images']} test images of {r['dataset']}; BIM takes {r['bim_steps']} steps; eps in "
@@ -138,7 +138,7 @@ def _markdown(r: dict[str, Any]) -> str:
     parts += ["Models: " + "; ".join(
         f"{LABELS[k]} ({m[k]['model']}, {m[k]['params']:,} params, "
         + (f"trained here for {m[k]['steps']} steps of batch {r['budgets'][k]['batch_size']}, Adam lr "
-           f"{r['budgets'][k]['lr']:g}{_iterations_text(r['budgets'][k])})"
+           f"{r['budgets'][k]['lr']:g}{common.routing_text(r['budgets'][k])})"
            if m[k].get("source") == "trained" and r.get("budgets") else f"from {m[k]['source']})")
         for k in ("cnn", "capsules")) + ".", ""]
     for method, c in r["curves"].items():

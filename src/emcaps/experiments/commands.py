@@ -29,6 +29,13 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _routing(p)
+
+
+def _routing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="routing.KEY=VALUE", dest="routing",
+                   help="a routing field of the capsule network, as `emcaps train --set` (repeatable; e.g. "
+                        "--set routing.var_floor=5e-4)")
 
 
 def _capsnet(p: argparse.ArgumentParser, steps: str) -> None:
@@ -50,7 +57,7 @@ def cmd_viewpoint(args: argparse.Namespace) -> int:
     return _finish(run_viewpoint(args.split, args.out, fast=args.fast, dataset=args.data, root=args.root,
                                  seed=args.seed, quiet=args.quiet, device=args.device, steps=args.steps,
                                  capsnet_lr=args.capsnet_lr, iterations=args.routing_iterations,
-                                 capsnet_steps=args.capsnet_steps))
+                                 capsnet_steps=args.capsnet_steps, routing=args.routing))
 
 
 def _floats(text: str) -> list[float]:
@@ -71,7 +78,8 @@ def cmd_adversarial(args: argparse.Namespace) -> int:
                                    seed=args.seed,
                                    capsnet=args.capsnet, cnn=args.cnn, eps=eps, quiet=args.quiet,
                                    device=args.device, steps=args.steps, capsnet_lr=args.capsnet_lr,
-                                   iterations=args.routing_iterations, capsnet_steps=args.capsnet_steps))
+                                   iterations=args.routing_iterations, capsnet_steps=args.capsnet_steps,
+                                   routing=args.routing))
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
@@ -80,7 +88,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     return _finish(run_ablation(args.out, fast=args.fast, dataset=args.data, root=args.root, seed=args.seed,
                                 only=only, quiet=args.quiet, device=args.device, steps=args.steps,
-                                capsnet_lr=args.capsnet_lr))
+                                capsnet_lr=args.capsnet_lr, routing=args.routing))
 
 
 def cmd_reconstruct(args: argparse.Namespace) -> int:
@@ -90,7 +98,7 @@ def cmd_reconstruct(args: argparse.Namespace) -> int:
                                    root=args.root, epochs=args.epochs, seed=args.seed, device=args.device,
                                    threads=args.threads, reconstruction_weight=args.reconstruction_weight,
                                    digits=args.digits, spread=args.spread, quiet=args.quiet,
-                                   pretrained=args.pretrained))
+                                   pretrained=args.pretrained, routing=args.routing))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -176,6 +184,7 @@ def add_experiment_parser(sub) -> None:
     q.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch threads (default: torch's choice); 1 is much faster on a CPU other jobs share")
     q.add_argument("--quiet", action="store_true", help="no progress lines")
+    _routing(q)
     q.set_defaults(func=cmd_reconstruct)
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from emcaps import config as cfgmod
 from emcaps.config import (
     ConfigError,
     DataConfig,
@@ -64,12 +65,27 @@ FULL = {"capsnet": "small", "capsules": Budget(3000, 32, 1e-2), "cnn": Budget(30
         "check_every": 200, "test_limit": 2000}
 
 
+def routing_overrides(overrides: Sequence[str]) -> tuple[str, ...]:
+    """`--set` strings of an experiment, checked: each must set a `routing.` field (the capsule network's
+    routing; the rest of every model is the experiment's protocol)."""
+    for text in overrides:
+        path, _ = cfgmod.parse_override(text)
+        if len(path) != 2 or path[0] != "routing":
+            raise ConfigError(f"--set {text!r}: an experiment takes routing.KEY=VALUE only (the capsule "
+                              f"network's routing)")
+    return tuple(overrides)
+
+
 def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = None,
-             iterations: int | None = None, capsnet_steps: int | None = None) -> dict[str, Any]:
+             iterations: int | None = None, capsnet_steps: int | None = None,
+             routing: Sequence[str] = ()) -> dict[str, Any]:
     """The fast or full settings. `steps` replaces the training steps of the CNN and the capsule network,
     `capsnet_steps` then those of the capsule network alone (the early-stopping check runs at least 10
     times over the shorter budget), `capsnet_lr` the capsule network's Adam learning rate, `iterations`
-    its routing iterations (default ITERATIONS)."""
+    its routing iterations (default ITERATIONS), `routing` ('routing.KEY=VALUE' strings, applied after
+    `iterations`) its routing fields: cfg['routing'] is the RoutingConfig they give, cfg['overrides'] the
+    strings, which `run_config` applies to the whole capsule network config (a named parameterisation
+    brings its initialisation)."""
     cfg = dict(FAST if fast else FULL)
     for option, value, names in (("--steps", steps, ("capsules", "cnn")),
                                  ("--capsnet-steps", capsnet_steps, ("capsules",))):
@@ -86,7 +102,9 @@ def settings(fast: bool, steps: int | None = None, capsnet_lr: float | None = No
         cfg["capsules"] = replace(cfg["capsules"], lr=capsnet_lr)
     if iterations is not None and (not isinstance(iterations, int) or iterations < 1):
         raise ConfigError(f"--routing-iterations must be a positive integer, got {iterations}")
-    cfg["routing"] = RoutingConfig(iterations=ITERATIONS if iterations is None else iterations)
+    cfg["overrides"] = routing_overrides(routing)
+    base = RunConfig(routing=RoutingConfig(iterations=ITERATIONS if iterations is None else iterations))
+    cfg["routing"] = cfgmod.from_dict(base.to_dict(), cfg["overrides"]).routing     # checked here, before data
     return cfg
 
 
@@ -94,7 +112,17 @@ def budgets(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """What each model's training was given, for results.json."""
     out = {name: asdict(cfg[name]) for name in ("cnn", "capsules")}
     out["capsules"]["routing_iterations"] = cfg["routing"].iterations
+    out["capsules"]["routing_overrides"] = list(cfg["overrides"])
     return out
+
+
+def routing_text(budget: dict[str, Any]) -> str:
+    """', 3 routing iterations, routing.var_floor=5e-4' for a results page: the capsule network's routing
+    iterations and the routing fields its command set ('' for the CNN)."""
+    if "routing_iterations" not in budget:
+        return ""
+    return "".join([f", {budget['routing_iterations']} routing iterations",
+                    *(f", {text}" for text in budget.get("routing_overrides", []))])
 
 
 def device_of(name: str) -> torch.device:
@@ -124,17 +152,19 @@ WHOLE_BATCH = Runtime(recompute="no")
 
 def run_config(experiment: str, role: str, data: DataConfig, model: str, budget: Budget, seed: int = 0,
                device: str = "cpu", routing: RoutingConfig | None = None, coord_add: bool = True,
-               loss: str = "auto") -> RunConfig:
+               loss: str = "auto", overrides: Sequence[str] = ()) -> RunConfig:
     """The RunConfig (named EXPERIMENT-ROLE) of one model an experiment trains: `model` a preset of
-    emcaps.models or 'cnn', budget.steps Adam steps, routing whole batches (WHOLE_BATCH). The loop
-    tests the model only at the end: the experiments measure what they need themselves."""
-    return RunConfig(
+    emcaps.models or 'cnn', budget.steps Adam steps, routing whole batches (WHOLE_BATCH), then
+    `overrides` ('routing.KEY=VALUE', as `emcaps train --set`). The loop tests the model only at the end:
+    the experiments measure what they need themselves."""
+    config = RunConfig(
         name=f"{experiment}-{role}", data=data, model=ModelConfig(name=model, coord_add=coord_add),
         routing=routing or RoutingConfig(), runtime=WHOLE_BATCH,
         optim=OptimConfig(optimizer="adam", lr=budget.lr, lr_schedule=budget.schedule),
         loss=LossConfig(name=loss),
         train=TrainConfig(max_steps=budget.steps, batch_size=budget.batch_size, seed=seed, device=device,
                           eval_every=0))
+    return cfgmod.from_dict(config.to_dict(), overrides) if overrides else config
 
 
 def fit(config: RunConfig, out: Path, role: str, check_every: int = 0,

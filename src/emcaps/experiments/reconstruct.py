@@ -12,6 +12,7 @@ digits' mean image for every test digit).
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ from emcaps import plots, viz
 from emcaps.config import ConfigError, RunConfig
 from emcaps.data.splits import ImageSet, eval_batches, load_split
 from emcaps.data.transforms import center_crop
-from emcaps.experiments.common import markdown_table, pct, write_results
+from emcaps.experiments.common import markdown_table, pct, routing_overrides, write_results
 from emcaps.models import MatrixCapsNet
 from emcaps.predict import predict_reconstructing
 from emcaps.training.checkpoint import CHECKPOINT_NAME, load_checkpoint, model_from_checkpoint
@@ -42,10 +43,12 @@ SCALE_IMAGES = 1000                      # training digits whose poses set each 
 
 def experiment_configs(source: str = "sample", root: str = "", epochs: int | None = None, seed: int = 0,
                        device: str = "auto", fast: bool = False, threads: int = 0,
-                       reconstruction_weight: float | None = None) -> dict[str, RunConfig]:
+                       reconstruction_weight: float | None = None,
+                       routing: Sequence[str] = ()) -> dict[str, RunConfig]:
     """The runs of the experiment: {'capsules': capsule network with decoder, 'cnn': the baseline}.
     epochs: both models' (None: the mnist config's 30; fast: 1); reconstruction_weight: the capsule
-    network's loss.reconstruction_weight (None: RECONSTRUCTION_WEIGHT)."""
+    network's loss.reconstruction_weight (None: RECONSTRUCTION_WEIGHT); routing: 'routing.KEY=VALUE'
+    strings for the capsule network."""
     weight = RECONSTRUCTION_WEIGHT if reconstruction_weight is None else reconstruction_weight
     common = [f"data.mnist_source={source}", f"data.root={root}", f"train.seed={seed}",
               f"train.device={device}", f"train.threads={threads}", *(FAST if fast else [])]
@@ -53,7 +56,7 @@ def experiment_configs(source: str = "sample", root: str = "", epochs: int | Non
         common.append(f"train.epochs={epochs}")
     mnist = cfgmod.named_config_path("mnist")
     capsules = cfgmod.load(mnist, [*common, "name=reconstruct-capsules", "model.decoder=true",
-                                   f"loss.reconstruction_weight={weight}"])
+                                   f"loss.reconstruction_weight={weight}", *routing_overrides(routing)])
     cnn = cfgmod.load(mnist, [*common, "name=reconstruct-cnn", "model.name=cnn", f"optim.lr={CNN_LR}"])
     return {"capsules": capsules, "cnn": cnn}
 
@@ -125,11 +128,12 @@ def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast
                     source: str = "sample", root: str = "", epochs: int | None = None, seed: int = 0,
                     device: str = "auto", threads: int = 0, reconstruction_weight: float | None = None,
                     digits: int = 4, spread: float = 2.0, quiet: bool = False,
-                    pretrained: str | None = None) -> dict[str, Any]:
+                    pretrained: str | None = None, routing: Sequence[str] = ()) -> dict[str, Any]:
     """Train (or reuse, under `runs`) the capsule network with decoder and the CNN, then write
     results.json, results.md, reconstructions.png, pose-perturbation.png and the two runs' configs
     (capsules.toml, cnn.toml) to `out`. With `pretrained` (weights shipped with emcaps, e.g. 'mnist'), draw
-    from those instead, training nothing: the page then has no CNN row.
+    from those instead, training nothing: the page then has no CNN row. routing: 'routing.KEY=VALUE'
+    strings for the capsule network (not with `pretrained`, whose routing is the weights').
 
     spread: each pose entry moves through +-spread standard deviations (of that entry over the training
     digits of the class) in STEPS steps. digits: how many test digits get a panel.
@@ -140,9 +144,12 @@ def run_reconstruct(out: str | Path, runs: str | Path = "runs/reconstruct", fast
         raise ConfigError(f"--digits must be 1..10 (one digit per class), got {digits}")
     out = Path(out)
     if pretrained is not None:
+        if routing:
+            raise ConfigError("--set routing.* trains a model; shipped weights (--pretrained) keep their routing")
         model, configs, models = _shipped(pretrained, root)
     else:
-        configs = experiment_configs(source, root, epochs, seed, device, fast, threads, reconstruction_weight)
+        configs = experiment_configs(source, root, epochs, seed, device, fast, threads, reconstruction_weight,
+                                     routing)
         models = _train_both(configs, Path(runs), quiet)
         model, _, _ = model_from_checkpoint(Path(runs) / "capsules", "cpu")
     config = configs["capsules"]

@@ -17,6 +17,7 @@ test image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,16 +50,17 @@ def familiar_mask(split: str, meta: dict[str, np.ndarray]) -> np.ndarray:
 def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fast: bool = False,
                   dataset: str = "synthnorb", root: str = "", seed: int = 0, quiet: bool = True,
                   device: str = "cpu", steps: int | None = None, capsnet_lr: float | None = None,
-                  iterations: int | None = None, capsnet_steps: int | None = None) -> dict[str, Any]:
+                  iterations: int | None = None, capsnet_steps: int | None = None,
+                  routing: Sequence[str] = ()) -> dict[str, Any]:
     """Run the protocol for one split; writes results.json, results.md, error-per-<split>.png and the
     capsule network's pictures (routing-histograms.png, parse-map.png).
-    `steps`, `capsnet_lr`, `iterations` and `capsnet_steps` replace the defaults of `common.settings`
+    `steps`, `capsnet_lr`, `iterations`, `capsnet_steps` and `routing` replace the defaults of `common.settings`
     (the capsule network's budget is CAPSNET_STEPS unless a step count is given, or in fast mode)."""
     if split not in SPLITS:
         raise ConfigError(f"unknown viewpoint split {split!r}; expected one of {', '.join(SPLITS)}")
     if capsnet_steps is None and steps is None and not fast:
         capsnet_steps = CAPSNET_STEPS
-    cfg = common.settings(fast, steps, capsnet_lr, iterations, capsnet_steps)
+    cfg = common.settings(fast, steps, capsnet_lr, iterations, capsnet_steps, routing)
     dev = common.device_of(device)
     key = "train_azimuths" if split == "azimuth" else "train_elevations"
     data_cfg = common.data_config(dataset, root, fast, **{key: "familiar"})
@@ -103,7 +105,7 @@ def run_viewpoint(split: str = "azimuth", out_dir: str | Path = "viewpoint", fas
         return checks[-1]["familiar_error"] <= target
 
     config = common.run_config("viewpoint", "capsules", data_cfg, cfg["capsnet"], cfg["capsules"], seed,
-                               device, routing=cfg["routing"])
+                               device, routing=cfg["routing"], overrides=cfg["overrides"])
     caps, fitted = common.fit(config, out, "capsules", check_every=cfg["check_every"], check=matched,
                               quiet=quiet)
     models["capsules"] = {**common.describe_model(caps, cfg["capsnet"]), **fitted, **evaluate(caps)}
@@ -176,8 +178,8 @@ def _markdown(r: dict[str, Any]) -> str:
         common.markdown_table(["model", "familiar error", "novel error", "steps"], rows), "",
         f"Budgets: CNN {r['budgets']['cnn']['steps']} steps (Adam, lr {r['budgets']['cnn']['lr']:g}), "
         f"capsules at most {r['budgets']['capsules']['steps']} steps (Adam, lr "
-        f"{r['budgets']['capsules']['lr']:g}, {r['budgets']['capsules']['routing_iterations']} "
-        f"routing iterations), batch {r['budgets']['capsules']['batch_size']}.", "",
+        f"{r['budgets']['capsules']['lr']:g}{common.routing_text(r['budgets']['capsules'])}), "
+        f"batch {r['budgets']['capsules']['batch_size']}.", "",
         f"The capsule network {stop}. The paper, smallNORB {r['split']}, novel / familiar: CNN "
         f"{'20% / 3.7%' if r['split'] == 'azimuth' else '17.8% / 4.3%'}, capsules "
         f"{'13.5% / 3.7%' if r['split'] == 'azimuth' else '12.3% / 4.3%'}.", "",

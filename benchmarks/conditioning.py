@@ -7,9 +7,11 @@ optimiser steps (or for a trained run).
     python benchmarks/conditioning.py --run runs/convergence/converge  # a trained checkpoint, its test images
     python benchmarks/conditioning.py --set conv_transform_std=1.0     # a model field changed
     python benchmarks/conditioning.py --parameterisations emcaps --routing var_floor=5e-4   # a routing field
+    python benchmarks/conditioning.py --class-routing float32      # the class capsules routed in float32
 
 The routed layers run on the PyTorch-ops path (`backend=torch`), the path a GPU runs; bf16 autocasts the
-convolutions, and the capsule layers route in float32 as they always do. 'spread' is the mean over images of
+convolutions, and the capsule layers route in float32 as they always do, the class capsules in float64
+(`--class-routing float32` routes them in float32 too: what that loses). 'spread' is the mean over images of
 the std of the class activations over classes (0: every class alike, a dead start). A network whose error
 is of rounding's size (1e-6 in float32) is well-conditioned; one whose routing divides by differences that
 rounding erases moves by orders of magnitude more.
@@ -23,6 +25,7 @@ import json
 import torch
 
 from emcaps.diagnostics import precision_error
+from emcaps.layers import ClassCaps
 from emcaps.losses import spread_loss
 from emcaps.models import create_model
 from emcaps.routing import PARAMETERISATIONS, RoutingConfig, Runtime
@@ -95,11 +98,14 @@ def main() -> None:
     p.add_argument("--routing", action="append", default=[], metavar="FIELD=JSON",
                    help="a RoutingConfig field changed from the named parameterisation (repeatable)")
     p.add_argument("--run", action="append", default=[], help="a trained run directory or checkpoint")
+    p.add_argument("--class-routing", choices=("float64", "float32"), default="float64",
+                   help="the precision the class capsules route in, at least (float64, as emcaps does)")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
+    ClassCaps.route_dtype = getattr(torch, args.class_routing)
     fields = parse_fields(args.set)
     rows = [measure_run(run, args.images) for run in args.run]
     if not args.run:

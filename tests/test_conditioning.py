@@ -71,7 +71,7 @@ def test_the_class_layer_routes_in_float64_because_float32_loses_its_costs():
     torch.manual_seed(0)
     model = create_model("paper", routing=RoutingConfig(class_var_floor=5e-4), runtime=TORCH).double().eval()
     feed = {}
-    model.class_caps.register_forward_pre_hook(lambda module, args: feed.setdefault("caps", args[0]))
+    model.class_caps.register_forward_pre_hook(lambda module, args: feed.setdefault("caps", args[0]) and None)
     with torch.no_grad():
         model(torch.randn(4, 1, 32, 32, generator=torch.Generator().manual_seed(100), dtype=torch.float64))
         layer, caps = model.class_caps, feed["caps"]
@@ -88,7 +88,13 @@ def test_the_class_layer_routes_in_float64_because_float32_loses_its_costs():
         float32_layer = layer.float()(Capsules(caps.pose.float(), caps.activation.float())).activation
         layer.double()
         by_layer = float((float32_layer.double() - layer(caps).activation).abs().max())
+        layer.route_dtype = torch.float32                  # what benchmarks/conditioning.py --class-routing sets
+        float32_routed = layer.float()(Capsules(caps.pose.float(), caps.activation.float())).activation
+        layer.double()
+        float64_routed = layer(caps).activation                  # a float64 model still routes in float64
+        by_float32_layer = float((float32_routed.double() - float64_routed).abs().max())
     assert in_float32 > 3 * FLOAT32_BOUND and by_layer < 1e-6, (in_float32, by_layer)
+    assert by_float32_layer == pytest.approx(in_float32, rel=1e-3), (by_float32_layer, in_float32)
 
 
 def test_precision_error_rejects_an_unknown_precision():

@@ -235,6 +235,10 @@ class ClassCaps(_Routed):
     Capsules(pose (N, H, W, D, 4, 4)) -> Capsules(pose (N, E, 4, 4), activation (N, E))
     """
 
+    # The precision the routing runs in, at least (a float64 model routes in float64 whatever this says);
+    # benchmarks/conditioning.py --class-routing float32 sets float32 to show what float64 keeps.
+    route_dtype: torch.dtype = torch.float64
+
     def __init__(self, in_types: int, classes: int, coord_add: bool = True,
                  routing: RoutingConfig = RoutingConfig(), std: float = 0.3, bias_init: str = "zeros",
                  gain: float = 1.0) -> None:
@@ -275,10 +279,11 @@ class ClassCaps(_Routed):
         n_in = h * w * self.in_types
         scale = self.routing.layer_cost_scale(self.classes, n_in, self.classes / n_in)
         beta_u, beta_a = routed_biases(self, self.routing)
-        # In float64: the classes' costs can differ in digits float32 drops (RoutingConfig.class_var_floor),
-        # and this layer is a small part of the network's work.
+        # In float64 (route_dtype): the classes' costs can differ in digits float32 drops, and this layer is a
+        # small part of the network's work.
         dtype = pose.dtype
-        pose, act, beta_u, beta_a = (t.to(torch.float64) for t in (pose, act, beta_u, beta_a))
+        route = torch.promote_types(dtype, self.route_dtype)
+        pose, act, beta_u, beta_a = (t.to(route) for t in (pose, act, beta_u, beta_a))
         routing = self.routing.class_layer(self.floor)
         if self.uses_native(pose, trace):
             # One routing problem per image; child i = (position, type) uses its type's transform, and the

@@ -334,8 +334,7 @@ def test_set_routing_reaches_the_capsule_network_alone(norb, tmp_path, capsys):
     _run(["experiment", "adversarial", "--fast", "--quiet", "--data", "smallnorb", "--root", str(norb),
           "--out", str(out), *(a for s in sets for a in ("--set", s))], capsys)
     caps, cnn = config.load(out / "capsules.toml"), config.load(out / "cnn.toml")
-    fresh = config.load(out / "capsules.toml", [])
-    like_train = config.from_dict({**fresh.to_dict(), "routing": config.RunConfig().to_dict()["routing"],
+    like_train = config.from_dict({**caps.to_dict(), "routing": config.RunConfig().to_dict()["routing"],
                                    "model": {"name": "tiny"}}, sets)
     assert (caps.routing.var_floor, caps.routing.class_floor_start) == (5e-4, 0.0)
     assert caps.routing == like_train.routing and caps.model == like_train.model      # initialisation too

@@ -334,8 +334,9 @@ def test_images_per_chunk():
     assert Runtime(chunk_mb=1, native_chunk_mb=4).on(cpu).images_per_chunk(32, 300_000, native=True) == 13
     with pytest.raises(ValueError, match="chunk"):
         Runtime(chunk=-1)
-    with pytest.raises(ValueError, match=r"native_chunk_mb must be > 0 \(MB\), got 0"):
-        Runtime(native_chunk_mb=0)
+    assert Runtime().on(cpu).native_chunk_mb == 12.0                          # 0: chosen for the device
+    with pytest.raises(ValueError, match=r"native_chunk_mb must be >= 0 \(MB; 0 = chosen for the device\), got -1"):
+        Runtime(native_chunk_mb=-1)
     with pytest.raises(ValueError, match="chunk_mb must be >= 0"):
         Runtime(chunk_mb=float("nan"))
 

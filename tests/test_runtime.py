@@ -24,6 +24,7 @@ def test_cuda_settings_take_whole_batches_from_free_memory_and_store_the_backwar
     s = Runtime().on(CUDA, free_bytes=100 * GB)
     assert s.chunk_mb == 25 * 1024 and not s.recompute and s.recompute_if_chunked
     assert s.backend == "compile" and s.compile_fallback
+    assert s.native_chunk_mb == s.chunk_mb / 4           # the triton path's assignments: a quarter of the budget
     # The paper network's ConvCaps1 votes (~31 MB an image) at batch 256 route in one piece.
     assert s.images_per_chunk(256, 31 * 2**20) == 256
     # Little free memory: chunks, and (recompute 'auto') the chunks are recomputed in the backward pass.

@@ -13,8 +13,10 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from emcaps.capsules import Capsules, conv_output_size, gather_windows
+from emcaps.kernels import library
+from emcaps.kernels.triton_kernels import triton_available, triton_kernels
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
-from emcaps.routing.native import conv_routing, native_available
+from emcaps.routing.native import Kernels, conv_routing, native_available
 from emcaps.routing.runtime import Runtime, Settings
 
 
@@ -62,16 +64,28 @@ def _transform(poses: Tensor, weight: Tensor) -> Tensor:
     return votes.view(n_in, m, 4, n_out, 4).permute(1, 3, 0, 2, 4).reshape(m, n_out, n_in, 16)
 
 
-def _uses_native(settings: Settings, pose: Tensor, trace: list[RoutingStep] | None) -> bool:
-    """Whether a layer routes this call with the native kernels (see `Runtime.backend`)."""
+def _route_kernels(settings: Settings, pose: Tensor, trace: list[RoutingStep] | None) -> Kernels | None:
+    """The kernels that route this call without storing votes (C++ on a CPU, Triton on CUDA; see
+    `Runtime.backend`), or None: PyTorch ops."""
     if trace is not None:
-        return False                      # a trace records every iteration's tensors: PyTorch ops
+        return None                       # a trace records every iteration's tensors: PyTorch ops
     if settings.backend == "native":
         if not native_available(pose.device):
             raise RuntimeError(f"routing backend 'native' needs a CPU tensor and the emcaps kernels "
                                f"(got a {pose.device.type} tensor; see emcaps.kernels)")
-        return True
-    return settings.backend == "auto" and native_available(pose.device)
+        return library()
+    if settings.backend == "triton":
+        if not triton_available(pose.device):
+            raise RuntimeError(f"routing backend 'triton' needs a CUDA tensor and the triton package (got a "
+                               f"{pose.device.type} tensor{'' if triton_kernels() else ', and no triton'}; on a "
+                               f"CPU, TRITON_INTERPRET=1 runs its kernels in Triton's interpreter)")
+        return triton_kernels()
+    return library() if settings.backend == "auto" and native_available(pose.device) else None
+
+
+def _uses_native(settings: Settings, pose: Tensor, trace: list[RoutingStep] | None) -> bool:
+    """Whether a layer routes this call with kernels that never store votes (see `_route_kernels`)."""
+    return _route_kernels(settings, pose, trace) is not None
 
 
 def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, settings: Settings,
@@ -121,8 +135,12 @@ class _Routed(nn.Module):
         return self.runtime.on(device)
 
     def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
-        """Whether this call routes with the native kernels (see `Runtime.backend`)."""
+        """Whether this call routes with kernels that never store votes, C++ or Triton (`Runtime.backend`)."""
         return _uses_native(self.settings(pose.device), pose, trace)
+
+    def route_kernels(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> Kernels | None:
+        """The kernels this call routes with (C++ or Triton), or None for PyTorch ops."""
+        return _route_kernels(self.settings(pose.device), pose, trace)
 
 
 class PrimaryCaps(nn.Module):
@@ -207,12 +225,13 @@ class ConvCaps(_Routed):
             comp = PositionCompetition(h, w, self.kernel, self.stride, self.in_types, device=pose.device)
             if self.routing.initial_assignments == "uniform":
                 initial = comp.initial(n, self.out_types, cd)
-        if self.uses_native(pose, trace):
+        kernels = self.route_kernels(pose, trace)
+        if kernels is not None:
             poses, a_in = self.windows(Capsules(pose, act))
             if initial is None:
                 initial = pose.new_full((1, 1, 1), 1.0 / self.out_types, dtype=cd)
             pose, act = conv_routing(poses.reshape(*a_in.shape, 16), self.transforms().view(a_in.shape[1], -1, 16),
-                                     a_in, beta_u, beta_a, self.routing, initial, comp, scale)
+                                     a_in, beta_u, beta_a, self.routing, initial, comp, scale, kernels=kernels)
         else:
             votes, a_in = self.votes(Capsules(pose, act))
             pose, act = em_routing_fused(votes, a_in, beta_u, beta_a, self.routing, cost_scale=scale,
@@ -285,7 +304,8 @@ class ClassCaps(_Routed):
         route = torch.promote_types(dtype, self.route_dtype)
         pose, act, beta_u, beta_a = (t.to(route) for t in (pose, act, beta_u, beta_a))
         routing = self.routing.class_layer(self.floor)
-        if self.uses_native(pose, trace):
+        kernels = self.route_kernels(pose, trace)
+        if kernels is not None:
             # One routing problem per image; child i = (position, type) uses its type's transform, and the
             # coordinate addition is a constant offset on each child's votes.
             weight = self.transforms().to(pose.dtype).view(1, self.in_types, self.classes, 16).expand(h * w, -1, -1, -1)
@@ -295,7 +315,8 @@ class ClassCaps(_Routed):
                 offsets = offsets.expand(-1, self.in_types, -1).reshape(n_in, 16)
             initial = pose.new_full((1, 1, 1), 1.0 / self.classes)
             pose, act = conv_routing(pose.reshape(n, n_in, 16), weight.reshape(n_in, self.classes, 16),
-                                     act.reshape(n, n_in), beta_u, beta_a, routing, initial, None, scale, offsets)
+                                     act.reshape(n, n_in), beta_u, beta_a, routing, initial, None, scale, offsets,
+                                     kernels=kernels)
         else:
             votes, a_in = self.votes(Capsules(pose, act))
             settings = self.settings(pose.device)

@@ -29,12 +29,14 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from emcaps.kernels import Library, PerThread, library
+from emcaps.kernels.triton_kernels import TritonKernels
 from emcaps.routing.config import EPS, RoutingConfig
 from emcaps.routing.fused import PositionCompetition
 from emcaps.routing.reference import parent_logit
 
 _LOG_2PI = math.log(2 * math.pi)
 D = 16
+Kernels = Library | TritonKernels           # the four passes over the votes, C++ (CPU) or Triton (CUDA)
 
 
 def native_available(device: torch.device) -> bool:
@@ -44,7 +46,8 @@ def native_available(device: torch.device) -> bool:
 
 def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
                  config: RoutingConfig, initial: Tensor, competition: PositionCompetition | None,
-                 cost_scale: float = 1.0, offsets: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                 cost_scale: float = 1.0, offsets: Tensor | None = None, *, kernels: Kernels | None = None
+                 ) -> tuple[Tensor, Tensor]:
     """EM routing of a capsule convolution (or of the class capsules) from child poses and transforms.
 
     poses:       (M, I, 16)   pose of child i of problem m (its window's capsules, flattened row-major)
@@ -54,9 +57,10 @@ def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Ten
     initial:     initial assignments, broadcastable to (M, J, I)
     competition: normalises the E-step over every parent a child feeds (positions too); None: over J
     offsets:     (I, 16) or None, a constant added to every vote of child i (coordinate addition)
+    kernels:     the kernels to run (default: the C++ ones, `emcaps.kernels.library()`)
     returns pose (M, J, 16) and activation (M, J).
     """
-    lib = library()
+    lib = kernels if kernels is not None else library()
     if lib is None:
         raise RuntimeError("the native routing kernels are not available (see emcaps.kernels)")
     m, n_in, _ = poses.shape
@@ -98,7 +102,7 @@ def _group_sums(x: Tensor, competition: PositionCompetition | None) -> Tensor:
 class _ConvRouting(torch.autograd.Function):
     @staticmethod
     def forward(ctx, P, W, a, beta_u, beta_a, initial, config: RoutingConfig,
-                competition: PositionCompetition | None, cost_scale: float, lib: Library, off: Tensor | None):
+                competition: PositionCompetition | None, cost_scale: float, lib: Kernels, off: Tensor | None):
         m, n_in, _ = P.shape
         n_out = W.shape[1]
         lambdas = config.inverse_temperatures

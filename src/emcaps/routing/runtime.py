@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-BACKENDS = ("auto", "native", "torch", "compile")
+BACKENDS = ("auto", "native", "triton", "torch", "compile")
 RECOMPUTE = ("auto", "yes", "no")
 CPU_CHUNK_MB = 12.0
 CUDA_MEMORY_SHARE = 0.25           # of the free device memory, as votes of one chunk
@@ -33,14 +33,16 @@ class Runtime:
     """How routing runs (RunConfig section [runtime]); 0 and 'auto' are chosen for the device (module doc).
 
     backend:          'native' (C++ kernels that recompute the votes in every pass and never store them, with
-                      a hand-written backward; CPU only, built with the system compiler on first use), 'torch'
+                      a hand-written backward; CPU only, built with the system compiler on first use), 'triton'
+                      (the same kernels in Triton, on CUDA, with the same backward; needs the triton package),
+                      'torch'
                       (PyTorch ops), 'compile' (a torch.compile'd kernel: fused loops, no votes-sized
                       temporaries; the first call of each shape pays the compile time), or 'auto'. Class
                       capsules on the native path use the same kernels; traced calls always use PyTorch ops.
     chunk:            route this many images at a time (0: as many as fit the budget below).
     chunk_mb:         the votes budget of a chunk, in MB (0: 12 on a CPU, a share of free memory on CUDA).
-    native_chunk_mb:  the same on the native path, for its largest tensors, the assignments (1/16 of the votes
-                      it never stores).
+    native_chunk_mb:  the same on the native and triton paths, for their largest tensors, the assignments
+                      (1/16 of the votes they never store) (0: 12 on a CPU, a quarter of chunk_mb on CUDA).
     recompute:        'yes': when training, keep only each layer's inputs and recompute votes and routing in the
                       backward pass, chunk by chunk; 'no': store what the backward pass needs; 'auto': yes on
                       a CPU, no on CUDA.
@@ -49,7 +51,7 @@ class Runtime:
     backend: str = "auto"
     chunk: int = 0
     chunk_mb: float = 0.0
-    native_chunk_mb: float = CPU_CHUNK_MB
+    native_chunk_mb: float = 0.0
     recompute: str = "auto"
 
     def __post_init__(self) -> None:
@@ -61,8 +63,9 @@ class Runtime:
             raise ValueError(f"routing chunk must be an integer >= 0, got {self.chunk!r}")
         if not self.chunk_mb >= 0:
             raise ValueError(f"chunk_mb must be >= 0 (MB; 0 = chosen for the device), got {self.chunk_mb}")
-        if not self.native_chunk_mb > 0:
-            raise ValueError(f"native_chunk_mb must be > 0 (MB), got {self.native_chunk_mb}")
+        if not self.native_chunk_mb >= 0:
+            raise ValueError(f"native_chunk_mb must be >= 0 (MB; 0 = chosen for the device), "
+                             f"got {self.native_chunk_mb}")
 
     def on(self, device: torch.device, free_bytes: int | None = None) -> Settings:
         """The settings a layer uses on `device`. `free_bytes` stands in for the device's free memory (tests)."""
@@ -73,7 +76,7 @@ class Runtime:
 class Settings:
     """Concrete routing settings on one device: what `Runtime.on` chose."""
 
-    backend: str                     # 'native', 'torch' or 'compile' ('auto' resolved, bar native's check)
+    backend: str                     # 'native', 'triton', 'torch' or 'compile' ('auto' resolved, bar native's check)
     chunk: int
     chunk_mb: float
     native_chunk_mb: float
@@ -105,11 +108,12 @@ def _settings(runtime: Runtime, device_type: str, free_bytes: int | None) -> Set
         backend = runtime.backend
         if backend == "auto":
             backend = "torch" if compile_failed() else "compile"
-        return Settings(backend, runtime.chunk, chunk_mb, runtime.native_chunk_mb, runtime.recompute == "yes",
+        native_mb = runtime.native_chunk_mb or chunk_mb / 4
+        return Settings(backend, runtime.chunk, chunk_mb, native_mb, runtime.recompute == "yes",
                         recompute_if_chunked=runtime.recompute == "auto",
                         compile_fallback=runtime.backend == "auto" and backend == "compile")
-    return Settings(runtime.backend, runtime.chunk,
-                    runtime.chunk_mb or CPU_CHUNK_MB, runtime.native_chunk_mb, runtime.recompute != "no")
+    return Settings(runtime.backend, runtime.chunk, runtime.chunk_mb or CPU_CHUNK_MB,
+                    runtime.native_chunk_mb or CPU_CHUNK_MB, runtime.recompute != "no")
 
 
 _COMPILE_FAILED: list[str] = []

@@ -27,9 +27,10 @@ from pathlib import Path
 PRESETS = ("paper", "small", "routing")
 MODES = ("train", "infer")
 # emcaps: its default (native kernels where they build); emcaps-torch: routing with PyTorch ops only;
-# emcaps-compile: the torch.compile'd routing kernel; reference: the public-style network in reference.py.
-IMPLS = ("emcaps", "emcaps-torch", "emcaps-compile", "reference")
-BACKEND = {"emcaps": "auto", "emcaps-torch": "torch", "emcaps-compile": "compile"}
+# emcaps-compile: the torch.compile'd routing kernel; emcaps-triton: the Triton kernels that never store votes
+# (CUDA); reference: the public-style network in reference.py.
+IMPLS = ("emcaps", "emcaps-torch", "emcaps-compile", "emcaps-triton", "reference")
+BACKEND = {"emcaps": "auto", "emcaps-torch": "torch", "emcaps-compile": "compile", "emcaps-triton": "triton"}
 KEEP_FREED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
 # Peak RSS of the reference per byte of its votes tensors (all routed layers), measured at batch 4 and
 # rounded up (see README.md); used to pick a batch that keeps the reference under the memory budget.
@@ -329,7 +330,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--presets", default=",".join(PRESETS), help="comma list of paper, small, routing")
     p.add_argument("--modes", default=",".join(MODES), help="comma list of train, infer")
     p.add_argument("--impl", default="emcaps,reference",
-                   help="comma list of emcaps, emcaps-torch, emcaps-compile, reference")
+                   help="comma list of emcaps, emcaps-torch, emcaps-compile, emcaps-triton, reference")
     p.add_argument("--compile", action="store_true",
                    help="add emcaps with its torch.compile'd routing kernel (impl emcaps-compile)")
     p.add_argument("--batch", type=int, default=None, help="batch size (default 32; 4 with --quick)")

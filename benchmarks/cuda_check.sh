@@ -7,17 +7,19 @@
 #   bench:    bench.py --device cuda with the defaults alone: the paper network (train with the public-style
 #             reference beside it, and infer, batch 256), the small network (train, batch 256), the paper
 #             network at batch 32;
-#   profile:  one paper training step (benchmarks/profile_routing.py), by CUDA time.
+#   profile:  one paper training step (benchmarks/profile_routing.py), by CUDA time;
+#   triton:   the Triton kernels (routing backend 'triton') against the default in the same runs: paper train
+#             and infer, small train, batch 256, and a profile of one paper training step with them.
 # Usage: bash benchmarks/cuda_check.sh [DIR [TARBALL [STEPS]]]
 #   logs and JSON records land in DIR (default ./cuda-check); with TARBALL, DIR is packed into it after each
 #   step, so that a run cut short still hands back what it measured. STEPS: a comma-separated subset of
-#   tests,converge,bench,profile (default all, in that order), e.g. two calls of under 10 minutes each:
+#   tests,converge,bench,profile,triton (default all, in that order), e.g. two calls of under 10 minutes each:
 #   'tests,converge' then 'bench,profile'.
 # Each step has its own time limit, so one that hangs leaves the others their time.
 set -u
 OUT=${1:-cuda-check}
 TARBALL=${2:-}
-STEPS=${3:-tests,converge,bench,profile}
+STEPS=${3:-tests,converge,bench,profile,triton}
 wants() { case ",$STEPS," in *",$1,"*) return 0;; *) return 1;; esac; }
 mkdir -p "$OUT"
 export PYTHONPATH=${PYTHONPATH:+$PYTHONPATH:}$PWD/src PYTHONUNBUFFERED=1
@@ -70,6 +72,15 @@ if wants profile; then
     stamp "profile: one paper training step at batch 256"
     timeout 45 $PY benchmarks/profile_routing.py --device cuda --preset paper --batch 256 --warmup 3 --rows 25 \
         > "$OUT/profile-paper256.txt" 2>&1
+fi
+
+if wants triton; then
+    bench triton-paper256 --presets paper --modes train --batch 256 --impl emcaps-triton,emcaps
+    bench triton-paper256-infer --presets paper --modes infer --batch 256 --impl emcaps-triton,emcaps
+    bench triton-small256 --presets small --modes train --batch 256 --impl emcaps-triton,emcaps
+    stamp "profile: one paper training step at batch 256, routing backend triton"
+    timeout 60 $PY benchmarks/profile_routing.py --device cuda --preset paper --batch 256 --warmup 3 --rows 25 \
+        --impl emcaps-triton > "$OUT/profile-triton-paper256.txt" 2>&1
 fi
 
 stamp "summary"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from emcaps import config
+from emcaps.kernels.triton_kernels import triton_kernels
 from emcaps.models import create_model
 from emcaps.routing import RoutingConfig, Runtime
 from emcaps.training import checkpoint, loop
@@ -21,7 +22,10 @@ def _outputs_and_grads(model, x):
     return out.detach().cpu().double(), [p.grad.detach().cpu().double() for p in model.parameters()]
 
 
-@pytest.mark.parametrize("backend", ["auto", "torch", "compile"])
+TRITON = pytest.param("triton", marks=pytest.mark.skipif(triton_kernels() is None, reason="no triton"))
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch", "compile", TRITON])
 @pytest.mark.parametrize("name", ["emcaps", "authors"])
 def test_cuda_backends_match_the_cpu_float64_reference(backend, name):
     routing = RoutingConfig.named(name, final_lambda=1.0)

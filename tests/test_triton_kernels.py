@@ -1,0 +1,71 @@
+"""The Triton routing kernels (backend 'triton') against the C++ kernels and PyTorch ops: values and every
+gradient, in float64 and float32, with and without competition across positions, offsets (the class
+capsules) and parent counts that are not powers of two. Without CUDA they run in Triton's interpreter
+(tests/conftest.py); without the triton package the module is skipped."""
+
+import pytest
+import torch
+from test_native_routing import assert_same, problem, run_both
+
+from emcaps.kernels.triton_kernels import interpreted, triton_available, triton_kernels
+from emcaps.models import create_model
+from emcaps.routing import RoutingConfig, Runtime
+from emcaps.routing.native import conv_routing
+
+pytestmark = [pytest.mark.skipif(triton_kernels() is None, reason="needs the triton package"),
+              pytest.mark.skipif(not interpreted(), reason="on CUDA, tests/test_cuda.py holds backend 'triton' to "
+                                                           "the float64 reference")]
+
+
+def triton_routing(*args, **kwargs):
+    return conv_routing(*args, kernels=triton_kernels(), **kwargs)
+
+
+@pytest.mark.parametrize("fields", [{}, {"detach_assignments": False},
+                                    {"activation": "paper", "estep_temperature": 1.0, "centre_damping": 0.2,
+                                     "detach_assignments": False}])
+@pytest.mark.parametrize("compete", [True, False])
+def test_triton_matches_torch_values_and_gradients(fields, compete, monkeypatch):
+    import test_native_routing
+    monkeypatch.setattr(test_native_routing, "conv_routing", triton_routing)
+    config = RoutingConfig(iterations=3, final_lambda=1.0, **fields)
+    assert_same(run_both(problem(n=1, h=4, c=5), config, compete, scale=0.5), atol=1e-10, rtol=1e-9)
+
+
+def test_triton_float32_and_offsets_match_the_cpp_kernels():
+    """float32 as training runs it, with a per-child offset (coordinate addition) and J = 5."""
+    poses, weight, act, bu, ba, _, _ = problem(n=1, h=4, c=5, seed=3, dtype=torch.float32)
+    offsets = torch.randn(weight.shape[0], 16)
+    initial = torch.full((1, 1, 1), 0.2)
+    config = RoutingConfig(final_lambda=1.0)
+    results = []
+    for kernels in (None, triton_kernels()):
+        leaves = [t.detach().clone().requires_grad_(True) for t in (poses, weight, act, bu, ba)]
+        mean, a = conv_routing(*leaves, config, initial, None, 1.0, offsets, kernels=kernels)
+        (mean.sum() + (a * torch.arange(5.0)).sum()).backward()
+        results.append((mean.detach(), a.detach(), [t.grad for t in leaves]))
+    assert_same(results, atol=2e-4, rtol=2e-4)
+
+
+def test_layers_route_with_triton_as_with_torch():
+    """A tiny network, forward and backward, in float64: backend 'triton' against PyTorch ops."""
+    x = torch.randn(1, 1, 32, 32, dtype=torch.float64)
+    outs = []
+    for backend in ("torch", "triton"):
+        torch.manual_seed(0)
+        model = create_model("tiny", classes=5, in_channels=1, runtime=Runtime(backend=backend)).double()
+        assert model.class_caps.uses_native(torch.zeros(1, dtype=torch.float64)) == (backend == "triton")
+        a = model(x)
+        (a * torch.arange(5.0, dtype=torch.float64)).sum().backward()
+        outs.append((a.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(outs[1][0], outs[0][0], atol=1e-9, rtol=1e-8)
+    for g, w in zip(outs[1][1], outs[0][1]):
+        torch.testing.assert_close(g, w, atol=1e-9, rtol=1e-8)
+
+
+def test_triton_backend_says_why_it_cannot_run(monkeypatch):
+    model = create_model("tiny", classes=5, in_channels=1, runtime=Runtime(backend="triton"))
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not triton_available(torch.device("cpu")) and not interpreted()
+    with pytest.raises(RuntimeError, match="routing backend 'triton' needs a CUDA tensor.*TRITON_INTERPRET=1"):
+        model(torch.randn(1, 1, 32, 32))

@@ -67,7 +67,7 @@ if triton is not None:
         variance (no floor) and weight sums S. MODE 1 (estep_backward): weights g_maha[m, j, i], c = `centre`
         (the parents' means); writes the raw sums, which the caller scales.
         """
-        m = tl.program_id(0)
+        m = tl.program_id(0).to(tl.int64)      # offsets past 2^31 elements at large batches
         j = tl.arange(0, BJ)
         e = tl.arange(0, 16)
         jm = j[:, None] * 16 + e[None, :]                                                   # (BJ, 16)
@@ -107,7 +107,7 @@ if triton is not None:
     def _estep_kernel(P, W, O, mean, inv_var, const, M, I, J, h, r, lse,
                       HAS_OFF: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
         """Children [BI block] of problem m: l_j = const_j - h maha_ji, softmax over j into r, lse per child."""
-        m = tl.program_id(0)
+        m = tl.program_id(0).to(tl.int64)      # offsets past 2^31 elements at large batches
         i = tl.program_id(1) * BI + tl.arange(0, BI)
         j = tl.arange(0, BJ)
         e = tl.arange(0, 16)
@@ -136,7 +136,7 @@ if triton is not None:
         """Problems [BM block] x children [BI block]: the vote gradients g of every parent, turned into pose
         gradients (added to gP), transform gradients (this block's sum, into gW_part[block]) and the per-vote
         sums gw[m, j, i] = sum_e gm v + g_var (v - mean)^2 from which the caller forms the weight gradients."""
-        mb = tl.program_id(0)
+        mb = tl.program_id(0).to(tl.int64)
         i = tl.program_id(1) * BI + tl.arange(0, BI)
         j = tl.arange(0, BJ)
         e = tl.arange(0, 16)

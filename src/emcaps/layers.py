@@ -83,11 +83,6 @@ def _route_kernels(settings: Settings, pose: Tensor, trace: list[RoutingStep] | 
     return library() if settings.backend == "auto" and native_available(pose.device) else None
 
 
-def _uses_native(settings: Settings, pose: Tensor, trace: list[RoutingStep] | None) -> bool:
-    """Whether a layer routes this call with kernels that never store votes (see `_route_kernels`)."""
-    return _route_kernels(settings, pose, trace) is not None
-
-
 def _route_in_chunks(route: Callable[..., tuple[Tensor, Tensor]], caps: Capsules, settings: Settings,
                      trace: list[RoutingStep] | None, votes_per_image: int, native: bool) -> tuple[Tensor, Tensor]:
     """Run `route(pose, activation)` on chunks of images and concatenate the results, outside autocast.
@@ -136,7 +131,7 @@ class _Routed(nn.Module):
 
     def uses_native(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> bool:
         """Whether this call routes with kernels that never store votes, C++ or Triton (`Runtime.backend`)."""
-        return _uses_native(self.settings(pose.device), pose, trace)
+        return self.route_kernels(pose, trace) is not None
 
     def route_kernels(self, pose: Tensor, trace: list[RoutingStep] | None = None) -> Kernels | None:
         """The kernels this call routes with (C++ or Triton), or None for PyTorch ops."""

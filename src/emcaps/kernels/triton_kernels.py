@@ -22,6 +22,8 @@ import os
 import torch
 from torch import Tensor
 
+from emcaps.kernels import PerThread
+
 try:                                        # an optional dependency: CUDA wheels of PyTorch bring it
     import triton
     import triton.language as tl
@@ -211,7 +213,7 @@ class TritonKernels:
         return 1                    # one slot of per-thread transform gradients: the blocks are summed here
 
     def call(self, name: str, dtype: torch.dtype, args: list, n_problems: int, range_at: int) -> None:
-        args = [a.tensor if hasattr(a, "tensor") else a for a in args]        # PerThread: one slot
+        args = [a.tensor if isinstance(a, PerThread) else a for a in args]    # one slot: threads() is 1
         with torch.profiler.record_function(f"emcaps::{name}"):
             getattr(self, name)(*args)
 

@@ -35,8 +35,7 @@ class Runtime:
     backend:          'native' (C++ kernels that recompute the votes in every pass and never store them, with
                       a hand-written backward; CPU only, built with the system compiler on first use), 'triton'
                       (the same kernels in Triton, on CUDA, with the same backward; needs the triton package),
-                      'torch'
-                      (PyTorch ops), 'compile' (a torch.compile'd kernel: fused loops, no votes-sized
+                      'torch' (PyTorch ops), 'compile' (a torch.compile'd kernel: fused loops, no votes-sized
                       temporaries; the first call of each shape pays the compile time), or 'auto'. Class
                       capsules on the native path use the same kernels; traced calls always use PyTorch ops.
     chunk:            route this many images at a time (0: as many as fit the budget below).

@@ -9,7 +9,8 @@
 #             network at batch 32;
 #   profile:  one paper training step (benchmarks/profile_routing.py), by CUDA time;
 #   triton:   the Triton kernels (routing backend 'triton') against the default in the same runs: paper train
-#             and infer, small train, batch 256, and a profile of one paper training step with them.
+#             and infer, small train, batch 256, a profile of one paper training step with them, and
+#             benchmarks/triton_blocks.py --time: each kernel's time per block choice (TritonBlocks).
 # Usage: bash benchmarks/cuda_check.sh [DIR [TARBALL [STEPS]]]
 #   logs and JSON records land in DIR (default ./cuda-check); with TARBALL, DIR is packed into it after each
 #   step, so that a run cut short still hands back what it measured. STEPS: a comma-separated subset of
@@ -81,6 +82,9 @@ if wants triton; then
     stamp "profile: one paper training step at batch 256, routing backend triton"
     timeout 60 $PY benchmarks/profile_routing.py --device cuda --preset paper --batch 256 --warmup 3 --rows 25 \
         --impl emcaps-triton > "$OUT/profile-triton-paper256.txt" 2>&1
+    stamp "triton blocks: each kernel of the paper network's layers, per block choice (batch 256)"
+    timeout 240 $PY benchmarks/triton_blocks.py --presets paper --time --batch 256 > "$OUT/triton-blocks.txt" 2>&1
+    tail -40 "$OUT/triton-blocks.txt"
 fi
 
 stamp "summary"

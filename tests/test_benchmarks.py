@@ -231,3 +231,36 @@ def test_bench_on_a_device_without_cuda_is_a_one_line_error(capsys):
     assert err.startswith("bench.py: --device cuda: CUDA is not available") and "\n" not in err
     assert bench.main(["--device", "tpu"]) == 2
     assert "unknown device 'tpu'" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
+def test_triton_kernels_compile_for_sm90_and_the_default_blocks_spill_nothing():
+    """Triton compiles every kernel for an H100/H200 without a GPU (ptxas included); the default TritonBlocks
+    keep each routed layer of the paper and small networks within the registers, with no spills."""
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR.parent / "src"), env.get("PYTHONPATH", "")])
+    done = subprocess.run([sys.executable, str(BENCH_DIR / "triton_blocks.py"), "--presets", "paper,small",
+                           "--default-only", "--json"], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert len(records) == 2 * 3 * 4                          # presets x routed layers x kernels
+    assert {r["kernel"] for r in records} == {"mstep", "estep_assign", "estep_backward", "mstep_backward"}
+    assert all(r["default"] for r in records)
+    spilled = [(r["layer"], r["kernel"], r["spill_bytes"]) for r in records if r["spill_bytes"]]
+    assert not spilled
+    assert all(0 < r["registers"] <= 255 for r in records)
+
+
+def test_triton_blocks_refuses_the_interpreter_and_time_without_cuda(monkeypatch, capsys):
+    pytest.importorskip("triton")
+    blocks = _load("triton_blocks")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert blocks.main(["--default-only"]) == 2
+    assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+        assert blocks.main(["--time"]) == 2
+        assert "--time needs a CUDA device" in capsys.readouterr().err

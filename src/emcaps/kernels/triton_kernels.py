@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -197,17 +198,43 @@ if triton is not None:
         tl.store(base + 12, gw3, mask=okw)
 
 
-def _blocks(n_out: int, n_in: int) -> tuple[int, int]:
-    """(BJ, BI): every parent type in one block, and as many children as keep a block near 4,096 votes."""
+@dataclass(frozen=True)
+class TritonBlocks:
+    """How the kernels cut their work: about `votes` votes (children x parent types) per block of the forward
+    passes and `backward_votes` per block of mstep_backward, which keeps more live per vote; `problems` routing
+    problems per mstep_backward program (its transform gradients are summed over them in registers); warps per
+    program of each. `benchmarks/triton_blocks.py` reports registers and spills of each choice (any machine) and
+    times them (CUDA). Compiled for sm_90 (H100, H200), these defaults use at most 255 registers per thread and
+    spill none in every routed layer of the paper and small networks; with 4 warps, the class layer's passes
+    spill (tests/test_triton_kernels.py checks)."""
+
+    votes: int = 256
+    backward_votes: int = 128
+    problems: int = 64
+    warps: int = 8
+    backward_warps: int = 8
+
+    def forward(self, n_out: int, n_in: int) -> tuple[int, int]:
+        """(BJ, BI) of the forward passes: every parent type in one block, children up to `votes` votes."""
+        return _blocks(n_out, n_in, self.votes)
+
+    def backward(self, n_out: int, n_in: int) -> tuple[int, int]:
+        """(BJ, BI) of mstep_backward."""
+        return _blocks(n_out, n_in, self.backward_votes)
+
+
+def _blocks(n_out: int, n_in: int, votes: int) -> tuple[int, int]:
+    """(BJ, BI): every parent type in one block, and as many children as keep a block near `votes` votes."""
     bj = triton.next_power_of_2(n_out)
-    bi = max(1, min(triton.next_power_of_2(n_in), 4096 // (bj * 16)))
+    bi = max(1, min(triton.next_power_of_2(n_in), votes // bj))
     return bj, bi
 
 
 class TritonKernels:
     """The four kernels with em_kernels.cpp's arguments (less the thread range), and `call` as `Library.call`."""
 
-    backward_problems = 64          # problems per program of mstep_backward (transform gradients summed over)
+    def __init__(self, blocks: TritonBlocks = TritonBlocks()):
+        self.blocks = blocks
 
     def threads(self, n_problems: int) -> int:
         return 1                    # one slot of per-thread transform gradients: the blocks are summed here
@@ -217,26 +244,30 @@ class TritonKernels:
         with torch.profiler.record_function(f"emcaps::{name}"):
             getattr(self, name)(*args)
 
+    def launch(self, kernel, grid: tuple[int, ...], *args, **meta) -> None:
+        """Runs `kernel` on `grid`; benchmarks/triton_blocks.py records the launches instead, to compile them."""
+        kernel[grid](*args, **meta)
+
     def mstep(self, P: Tensor, W: Tensor, O: Tensor | None, r: Tensor, r_sm: int, r_sj: int, act: Tensor,
               M: int, J: int, I: int, eps: float, mean: Tensor, var: Tensor, S: Tensor) -> None:
         """mean, var (M, J, 16) (no floor) and weight sums S (M, J) of every parent."""
-        bj, bi = _blocks(J, I)
-        _gather_kernel[(M,)](P, W, O if O is not None else P, r, r_sm, r_sj, act, P, M, I, J, eps, mean, var, S,
-                             MODE=0, HAS_OFF=O is not None, BI=bi, BJ=bj)
+        bj, bi = self.blocks.forward(J, I)
+        self.launch(_gather_kernel, (M,), P, W, O if O is not None else P, r, r_sm, r_sj, act, P, M, I, J, eps,
+                    mean, var, S, MODE=0, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
 
     def estep_assign(self, P: Tensor, W: Tensor, O: Tensor | None, mean: Tensor, inv_var: Tensor, const: Tensor,
                      M: int, J: int, I: int, h: float, r: Tensor, lse: Tensor) -> None:
         """r (M, J, I): the E-step normalised over parent types; lse (M, I), each child's log-normaliser."""
-        bj, bi = _blocks(J, I)
-        _estep_kernel[(M, triton.cdiv(I, bi))](P, W, O if O is not None else P, mean, inv_var, const, M, I, J, h,
-                                               r, lse, HAS_OFF=O is not None, BI=bi, BJ=bj)
+        bj, bi = self.blocks.forward(J, I)
+        self.launch(_estep_kernel, (M, triton.cdiv(I, bi)), P, W, O if O is not None else P, mean, inv_var, const,
+                    M, I, J, h, r, lse, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
 
     def estep_backward(self, P: Tensor, W: Tensor, O: Tensor | None, mean: Tensor, inv_var: Tensor,
                        g_maha: Tensor, M: int, J: int, I: int, g_mean: Tensor, g_inv_var: Tensor) -> None:
         """g_mean = -2 inv_var sum_i g_maha (v - mean), g_inv_var = sum_i g_maha (v - mean)^2, (M, J, 16)."""
-        bj, bi = _blocks(J, I)
-        _gather_kernel[(M,)](P, W, O if O is not None else P, g_maha, J * I, I, P, mean, M, I, J, 0.0,
-                             g_mean, g_inv_var, P, MODE=1, HAS_OFF=O is not None, BI=bi, BJ=bj)
+        bj, bi = self.blocks.forward(J, I)
+        self.launch(_gather_kernel, (M,), P, W, O if O is not None else P, g_maha, J * I, I, P, mean, M, I, J, 0.0,
+                    g_mean, g_inv_var, P, MODE=1, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
         g_mean.mul_(inv_var).mul_(-2.0)
 
     def mstep_backward(self, P: Tensor, W: Tensor, O: Tensor | None, WT: Tensor, r: Tensor, r_sm: int, r_sj: int,
@@ -249,16 +280,15 @@ class TritonKernels:
         # d var / d mean = -2 sum_i w_i (v_i - mean) = -2 mean (1 - sum_i w_i): zero unless S < eps
         gm = (g_mean - 2 * g_var * mean * (1 - S * inv).unsqueeze(-1)).contiguous()
         gw = P.new_empty(M, J, I)
-        bj, bi = _blocks(J, I)
-        bi = max(1, bi // 2)                                                              # more live per vote here
-        bm = self.backward_problems
+        bj, bi = self.blocks.backward(J, I)
+        bm = self.blocks.problems
         blocks = triton.cdiv(M, bm)
         part = P.new_empty(blocks, I, J, 16)
         has_e = g_maha is not None
-        _mstep_backward_kernel[(blocks, triton.cdiv(I, bi))](
-            P, W, O if O is not None else P, r, r_sm, r_sj, act, inv, mean, g_var, gm,
-            g_maha if has_e else P, inv_var if has_e else P, e_mean if has_e else P, M, I, J, gP, part, gw,
-            HAS_OFF=O is not None, HAS_E=has_e, BM=bm, BI=bi, BJ=bj)
+        self.launch(_mstep_backward_kernel, (blocks, triton.cdiv(I, bi)),
+                    P, W, O if O is not None else P, r, r_sm, r_sj, act, inv, mean, g_var, gm,
+                    g_maha if has_e else P, inv_var if has_e else P, e_mean if has_e else P, M, I, J, gP, part, gw,
+                    HAS_OFF=O is not None, HAS_E=has_e, BM=bm, BI=bi, BJ=bj, num_warps=self.blocks.backward_warps)
         gW[0] += part.sum(0)
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a
         a = act.unsqueeze(1)                                                              # (M, 1, I)

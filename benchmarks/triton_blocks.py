@@ -1,0 +1,241 @@
+"""Registers, spills and (on CUDA) times of the Triton routing kernels for each choice of TritonBlocks, on the
+routed layers of a preset network.
+
+    python benchmarks/triton_blocks.py [--presets paper,small] [--arch 90] [--time] [--batch 256] [--json]
+                                       [--votes 128,256,512] [--warps 4,8] [--backward-votes 64,128,256]
+                                       [--backward-warps 4,8] [--problems 16,64] [--default-only]
+
+Why: the kernels hold blocks of (children x parent types x 16) values in registers; too large a block spills
+them to local memory, too small a one leaves the GPU's lanes idle. Triton compiles for a named GPU architecture
+without one (its bundled ptxas does the last step), so the register and spill columns come from any machine
+with the triton package; `--time` (CUDA) adds each kernel's time at `--batch` images, best of `--repeat`
+calls. Each kernel is compiled from the very launch `TritonKernels` makes (same arguments, blocks and warps).
+Forward choices (votes per block, warps) apply to mstep, estep_assign and estep_backward; backward choices
+(votes, warps, problems per program) to mstep_backward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict
+
+os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")      # Triton's own default, without its warning
+
+import torch  # noqa: E402
+
+from emcaps.kernels import triton_kernels as tk  # noqa: E402
+from emcaps.models import CAPSULE_PRESETS  # noqa: E402
+
+KERNELS = ("mstep", "estep_assign", "estep_backward", "mstep_backward")
+
+
+def layers(preset: str) -> list[tuple[str, int, int, int, bool]]:
+    """(name, children I, parent types J, routing problems per image, offsets?) of each routed layer of a
+    preset on 32x32 inputs: ConvCaps1 (14x14 -> 6x6), ConvCaps2 (6x6 -> 4x4), class capsules."""
+    c = CAPSULE_PRESETS[preset]
+    return [(f"{preset}/conv1", 9 * c.B, c.C, 36, False), (f"{preset}/conv2", 9 * c.C, c.D, 16, False),
+            (f"{preset}/class", 16 * c.D, c.classes, 1, True)]
+
+
+def arguments(n_in: int, n_out: int, m: int, offsets: bool, device: str) -> dict:
+    """Plausible inputs of every kernel (routing state after a few iterations) for M=m problems."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, lo=0.0, hi=1.0):
+        return (lo + (hi - lo) * torch.rand(*shape, generator=g)).to(device) if device != "meta" else \
+            torch.empty(*shape, device="meta")
+
+    D = 16
+    t = dict(P=rand(m, n_in, D, lo=-1), W=rand(n_in, n_out, D, lo=-1), O=rand(n_in, D) if offsets else None,
+             r=rand(m, n_out, n_in), act=rand(m, n_in), mean=rand(m, n_out, D, lo=-1),
+             var=rand(m, n_out, D, lo=0.5, hi=2.0), S=rand(m, n_out, lo=1.0, hi=9.0), const=rand(m, n_out),
+             g_maha=rand(m, n_out, n_in, lo=-1), g_mean=rand(m, n_out, D, lo=-1), g_var=rand(m, n_out, D, lo=-1),
+             g_S=rand(m, n_out, lo=-1))
+    t["WT"] = t["W"].view(n_in, n_out, 4, 4).transpose(-1, -2).reshape(n_in, n_out, D)
+    t["inv_var"] = 1.0 / t["var"]
+    return t
+
+
+def calls(kernels: tk.TritonKernels, t: dict, m: int, n_out: int, n_in: int) -> dict:
+    """Each kernel called as emcaps.routing.native calls it: name -> a function of no arguments."""
+    P, W, off, r = t["P"], t["W"], t["O"], t["r"]
+    D = 16
+
+    def mstep():
+        kernels.mstep(P, W, off, r, r.stride(0), r.stride(1), t["act"], m, n_out, n_in, 1e-8,
+                      P.new_empty(m, n_out, D), P.new_empty(m, n_out, D), P.new_empty(m, n_out))
+
+    def estep_assign():
+        kernels.estep_assign(P, W, off, t["mean"], t["inv_var"], t["const"], m, n_out, n_in, 0.5,
+                             P.new_empty(m, n_out, n_in), P.new_empty(m, n_in))
+
+    def estep_backward():
+        kernels.estep_backward(P, W, off, t["mean"], t["inv_var"], t["g_maha"], m, n_out, n_in,
+                               P.new_empty(m, n_out, D), P.new_empty(m, n_out, D))
+
+    gP, gW, g_r, g_a = torch.zeros_like(P), W.new_zeros(1, n_in, n_out, D), torch.empty_like(r), t["act"] * 0
+
+    def mstep_backward():
+        kernels.mstep_backward(P, W, off, t["WT"], r, r.stride(0), r.stride(1), t["act"], t["mean"], t["S"],
+                               t["g_mean"], t["g_var"], t["g_S"], t["inv_var"], t["g_maha"], t["mean"], m, n_out,
+                               n_in, 1e-8, gP, gW, g_r, g_a)
+
+    return dict(mstep=mstep, estep_assign=estep_assign, estep_backward=estep_backward,
+                mstep_backward=mstep_backward)
+
+
+class _Recorder(tk.TritonKernels):
+    """Records each launch instead of running it."""
+
+    def __init__(self, blocks: tk.TritonBlocks):
+        super().__init__(blocks)
+        self.launches = []
+
+    def launch(self, kernel, grid, *args, **meta):
+        self.launches.append((kernel, args, meta))
+
+
+def _signature(kernel, args: tuple, meta: dict) -> tuple[dict, dict, dict, dict]:
+    """Triton's signature, constexprs, attributes and options for a launch, as its JIT specialises them:
+    float32 pointers (16-byte aligned), 32-bit ints (divisible by 16 where they are), float scalars."""
+    consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
+    options = {k: v for k, v in meta.items() if k not in kernel.arg_names}
+    names = [n for n in kernel.arg_names if n not in consts]
+    signature, attrs = {}, {}
+    for index, (name, value) in enumerate(zip(names, args)):
+        if isinstance(value, torch.Tensor):
+            signature[name] = "*fp32" if value.dtype == torch.float32 else "*fp64"
+            attrs[(index,)] = [["tt.divisibility", 16]]
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{kernel.__name__}: cannot describe argument {name}={value!r}")
+        elif isinstance(value, int):
+            signature[name] = "i32" if abs(value) < 2 ** 31 else "i64"
+            if value % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+        else:
+            signature[name] = "fp32"
+    signature.update({name: "constexpr" for name in consts})
+    return signature, consts, attrs, options
+
+
+def compile_report(kernel, args: tuple, meta: dict, arch: int) -> dict:
+    """Compiles one launch for sm_`arch` and reads ptxas's resource report: registers, spills, shared memory."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    signature, consts, attrs, options = _signature(kernel, args, meta)
+    source = triton.compiler.ASTSource(kernel, signature, constexprs=consts, attrs=attrs)
+    compiled = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+    suffix = "a" if arch >= 90 else ""
+    with tempfile.TemporaryDirectory() as d:
+        ptx = os.path.join(d, "k.ptx")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
+                              os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    return dict(registers=int(regs.group(1)) if regs else None,
+                spill_bytes=int(spill.group(1)) + int(spill.group(2)) if spill else 0,
+                shared=compiled.metadata.shared)
+
+
+def time_call(fn, repeat: int) -> float:
+    """Best of `repeat` calls in ms (CUDA events), after one that compiles."""
+    fn()
+    best = float("inf")
+    for _ in range(repeat):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        best = min(best, start.elapsed_time(end))
+    return best
+
+
+def choices(args) -> list[tuple[str, tk.TritonBlocks]]:
+    """(kernel group, blocks): the forward choices vary the forward fields, the backward ones the others."""
+    base = tk.TritonBlocks()
+    if args.default_only:
+        return [("forward", base), ("backward", base)]
+    out = [("forward", tk.TritonBlocks(**{**asdict(base), "votes": v, "warps": w}))
+           for v, w in itertools.product(args.votes, args.warps)]
+    out += [("backward", tk.TritonBlocks(**{**asdict(base), "backward_votes": v, "backward_warps": w,
+                                             "problems": p}))
+            for v, w, p in itertools.product(args.backward_votes, args.backward_warps, args.problems)]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ints = lambda s: [int(x) for x in s.split(",") if x]    # noqa: E731
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--presets", default="paper,small")
+    p.add_argument("--arch", type=int, default=90, help="compute capability x 10 to compile for (90: H100/H200)")
+    p.add_argument("--time", action="store_true", help="also time each kernel on CUDA")
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--votes", type=ints, default=[128, 256, 512])
+    p.add_argument("--warps", type=ints, default=[4, 8])
+    p.add_argument("--backward-votes", type=ints, default=[64, 128, 256])
+    p.add_argument("--backward-warps", type=ints, default=[4, 8])
+    p.add_argument("--problems", type=ints, default=[16, 64])
+    p.add_argument("--default-only", action="store_true", help="only TritonBlocks() (ignores the lists above)")
+    p.add_argument("--json", action="store_true", help="one JSON record per line instead of the table")
+    args = p.parse_args(argv)
+    if tk.triton is None:
+        print("triton_blocks: the triton package is missing (pip install 'emcaps[triton]')", file=sys.stderr)
+        return 2
+    if tk.interpreted():
+        print("triton_blocks: unset TRITON_INTERPRET (the report compiles for a GPU)", file=sys.stderr)
+        return 2
+    if args.time and not torch.cuda.is_available():
+        print("triton_blocks: --time needs a CUDA device (the compile report runs anywhere)", file=sys.stderr)
+        return 2
+    default = tk.TritonBlocks()
+    print(f"# default {default}; compiled for sm_{args.arch}" + (f"; times at batch {args.batch}" if args.time
+                                                                  else ""), flush=True)
+    if not args.json:
+        print(f"{'layer':14} {'kernel':15} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} {'spill B':>7} "
+              f"{'smem':>6} {'ms':>8}")
+    for preset in args.presets.split(","):
+        for name, n_in, n_out, per_image, offsets in layers(preset):
+            m = args.batch * per_image
+            meta_t = arguments(n_in, n_out, m, offsets, "meta")
+            real_t = arguments(n_in, n_out, m, offsets, "cuda") if args.time else None
+            for group, blocks in choices(args):
+                kernels = (("mstep", "estep_assign", "estep_backward") if group == "forward"
+                           else ("mstep_backward",))
+                recorder = _Recorder(blocks)
+                fns = calls(recorder, meta_t, m, n_out, n_in)
+                timed = calls(tk.TritonKernels(blocks), real_t, m, n_out, n_in) if args.time else None
+                for kernel in kernels:
+                    recorder.launches.clear()
+                    fns[kernel]()
+                    (fn, launch_args, meta), = recorder.launches
+                    record = dict(layer=name, kernel=kernel, votes=blocks.votes if group == "forward" else
+                                  blocks.backward_votes, warps=meta["num_warps"],
+                                  problems=blocks.problems if group == "backward" else None,
+                                  default=(blocks == default), **compile_report(fn, launch_args, meta, args.arch))
+                    record["ms"] = time_call(timed[kernel], args.repeat) if args.time else None
+                    if args.json:
+                        print(json.dumps(record), flush=True)
+                    else:
+                        ms = f"{record['ms']:8.3f}" if record["ms"] is not None else "       -"
+                        mark = " *" if record["default"] else ""
+                        print(f"{name:14} {kernel:15} {record['votes']:5d} {record['warps']:5d} "
+                              f"{record['problems'] or '-':>5} {record['registers']:4d} {record['spill_bytes']:7d} "
+                              f"{record['shared']:6d} {ms}{mark}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,8 +10,10 @@ them to local memory, too small a one leaves the GPU's lanes idle. Triton compil
 without one (its bundled ptxas does the last step), so the register and spill columns come from any machine
 with the triton package; `--time` (CUDA) adds each kernel's time at `--batch` images, best of `--repeat`
 calls. Each kernel is compiled from the very launch `TritonKernels` makes (same arguments, blocks and warps).
-Forward choices (votes per block, warps) apply to mstep, estep_assign and estep_backward; backward choices
-(votes, warps, problems per program) to mstep_backward.
+Forward choices (votes per block, warps) apply to mstep, estep_assign and estep_backward (and the weights'
+backward pass of mstep_backward); backward choices (votes, warps, problems per program) to mstep_backward's
+main kernel. One row per kernel launch; `ms` is the whole call (all its launches and its PyTorch glue), on the
+call's first row.
 """
 
 from __future__ import annotations
@@ -204,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# default {default}; compiled for sm_{args.arch}" + (f"; times at batch {args.batch}" if args.time
                                                                   else ""), flush=True)
     if not args.json:
-        print(f"{'layer':14} {'kernel':15} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} {'spill B':>7} "
-              f"{'smem':>6} {'ms':>8}")
+        print(f"{'layer':14} {'call':15} {'kernel':17} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} "
+              f"{'spill B':>7} {'smem':>6} {'ms':>8}")
     for preset in args.presets.split(","):
         for name, n_in, n_out, per_image, offsets in layers(preset):
             m = args.batch * per_image
@@ -220,20 +222,21 @@ def main(argv: list[str] | None = None) -> int:
                 for kernel in kernels:
                     recorder.launches.clear()
                     fns[kernel]()
-                    (fn, launch_args, meta), = recorder.launches
-                    record = dict(layer=name, kernel=kernel, votes=blocks.votes if group == "forward" else
-                                  blocks.backward_votes, warps=meta["num_warps"],
-                                  problems=blocks.problems if group == "backward" else None,
-                                  default=(blocks == default), **compile_report(fn, launch_args, meta, args.arch))
-                    record["ms"] = time_call(timed[kernel], args.repeat) if args.time else None
-                    if args.json:
-                        print(json.dumps(record), flush=True)
-                    else:
-                        ms = f"{record['ms']:8.3f}" if record["ms"] is not None else "       -"
-                        mark = " *" if record["default"] else ""
-                        print(f"{name:14} {kernel:15} {record['votes']:5d} {record['warps']:5d} "
-                              f"{record['problems'] or '-':>5} {record['registers']:4d} {record['spill_bytes']:7d} "
-                              f"{record['shared']:6d} {ms}{mark}", flush=True)
+                    ms = time_call(timed[kernel], args.repeat) if args.time else None
+                    for n, (fn, launch_args, meta) in enumerate(recorder.launches):
+                        record = dict(layer=name, call=kernel, kernel=fn.__name__.strip("_").removesuffix("_kernel"),
+                                      votes=meta["BI"] * meta["BJ"], warps=meta["num_warps"],
+                                      problems=meta.get("BM"), default=(blocks == default),
+                                      **compile_report(fn, launch_args, meta, args.arch),
+                                      ms=ms if n == 0 else None)
+                        if args.json:
+                            print(json.dumps(record), flush=True)
+                        else:
+                            shown = f"{ms:8.3f}" if n == 0 and ms is not None else "       -"
+                            mark = " *" if record["default"] else ""
+                            print(f"{name:14} {kernel:15} {record['kernel']:17} {record['votes']:5d} "
+                                  f"{record['warps']:5d} {record['problems'] or '-':>5} {record['registers']:4d} "
+                                  f"{record['spill_bytes']:7d} {record['shared']:6d} {shown}{mark}", flush=True)
     return 0
 
 

@@ -6,7 +6,8 @@ image; these kernels recompute each vote v = P_i @ W_ij (+ the child's offset) f
 where it is used, so no votes tensor is ever stored or read. One program handles one routing problem m (an
 image position) for the forward passes, and a block of problems and children for the backward pass, whose
 transform gradients are summed per block and then across blocks (no atomics: the result does not depend on
-scheduling, so runs repeat bit for bit).
+scheduling, so runs repeat bit for bit); a second, light kernel turns its per-vote sums into the gradients of
+the assignments and activations in one pass over the (M, J, I) tensors.
 
 Tensors are blocks of (children BI, parents BJ, pose entry e = 4 r + c); a vote's entry is
 v[i, j, 4r+c] = sum_k P[i, 4r+k] W[i, j, 4k+c], four products of gathered loads. `TRITON_INTERPRET=1` runs the
@@ -133,14 +134,17 @@ if triton is not None:
 
     @triton.jit
     def _mstep_backward_kernel(P, W, O, r, r_sm, r_sj, act, inv, mean, g_var, gm, g_maha, inv_var, e_mean,
-                               M, I, J, gP, gW_part, gw,
+                               M, I, J, gP, gW_part, gw, gw_sum,
                                HAS_OFF: tl.constexpr, HAS_E: tl.constexpr, BM: tl.constexpr,
                                BI: tl.constexpr, BJ: tl.constexpr):
         """Problems [BM block] x children [BI block]: the vote gradients g of every parent, turned into pose
-        gradients (added to gP), transform gradients (this block's sum, into gW_part[block]) and the per-vote
-        sums gw[m, j, i] = sum_e gm v + g_var (v - mean)^2 from which the caller forms the weight gradients."""
+        gradients (added to gP), transform gradients (this block's sum, into gW_part[block]), the per-vote sums
+        gw[m, j, i] = sum_e gm v + g_var (v - mean)^2 from which the weight gradients follow, and this block's
+        sum over children of gw r a, gw_sum[m, j, block] (the gradient through the weight sums S needs it)."""
         mb = tl.program_id(0).to(tl.int64)
-        i = tl.program_id(1) * BI + tl.arange(0, BI)
+        ib = tl.program_id(1)
+        NB = tl.num_programs(1)
+        i = ib * BI + tl.arange(0, BI)
         j = tl.arange(0, BJ)
         e = tl.arange(0, 16)
         i3, j3, e3 = i[:, None, None], j[None, :, None], e[None, None, :]
@@ -159,9 +163,9 @@ if triton is not None:
                 d = v - tl.load(mean + jm, mask=ok2, other=0.0)[None, :, :]
                 gv = tl.load(g_var + jm, mask=ok2, other=0.0)[None, :, :]
                 gmj = tl.load(gm + jm, mask=ok2, other=0.0)[None, :, :]
-                w = tl.load(r + m * r_sm + j[None, :] * r_sj + i[:, None], mask=ok, other=0.0)
-                w = w * tl.load(act + m * I + i, mask=i < I, other=0.0)[:, None]
-                w = w * tl.load(inv + m * J + j, mask=j < J, other=0.0)[None, :]
+                ra = tl.load(r + m * r_sm + j[None, :] * r_sj + i[:, None], mask=ok, other=0.0)
+                ra = ra * tl.load(act + m * I + i, mask=i < I, other=0.0)[:, None]                 # (BI, BJ)
+                w = ra * tl.load(inv + m * J + j, mask=j < J, other=0.0)[None, :]
                 g = w[:, :, None] * (gmj + 2.0 * gv * d)
                 if HAS_E:
                     c = 2.0 * tl.load(g_maha + (m * J + j[None, :]) * I + i[:, None], mask=ok, other=0.0)
@@ -171,6 +175,7 @@ if triton is not None:
                 g = tl.where(ok3, g, 0.0)
                 acc = tl.sum(gmj * v + gv * d * d, axis=2)                                 # (BI, BJ)
                 tl.store(gw + (m * J + j[None, :]) * I + i[:, None], acc, mask=ok)
+                tl.store(gw_sum + (m * J + j) * NB + ib, tl.sum(acc * ra, axis=0), mask=j < J)
                 # pose gradient gP[i, 4r+k] += sum_j sum_c g[i, j, 4r+c] W[i, j, 4k+c]; transform gradient
                 # gW[i, j, 4k+c] += sum_r P[i, 4r+k] g[i, j, 4r+c]
                 for k in tl.static_range(4):
@@ -197,6 +202,26 @@ if triton is not None:
         tl.store(base + 8, gw2, mask=okw)
         tl.store(base + 12, gw3, mask=okw)
 
+    @triton.jit
+    def _weights_backward_kernel(gw, r, r_sm, r_sj, act, inv, g_s, M, I, J, g_r, g_act,
+                                 HAS_GR: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+        """Children [BI block] of problem m: the gradient wrt each weight r_ji a_i, g_ra = gw inv + g_s (through
+        the mean/variance and through the weight sums S), into g_r = g_ra a (where wanted) and g_act += sum_j
+        g_ra r: one pass over the (M, J, I) tensors."""
+        m = tl.program_id(0).to(tl.int64)
+        i = tl.program_id(1) * BI + tl.arange(0, BI)
+        j = tl.arange(0, BJ)
+        ok = (i[:, None] < I) & (j[None, :] < J)
+        g_ra = tl.load(gw + (m * J + j[None, :]) * I + i[:, None], mask=ok, other=0.0)            # (BI, BJ)
+        g_ra = g_ra * tl.load(inv + m * J + j, mask=j < J, other=0.0)[None, :]
+        g_ra = tl.where(ok, g_ra + tl.load(g_s + m * J + j, mask=j < J, other=0.0)[None, :], 0.0)
+        a = tl.load(act + m * I + i, mask=i < I, other=0.0)                                       # (BI,)
+        if HAS_GR:
+            tl.store(g_r + (m * J + j[None, :]) * I + i[:, None], g_ra * a[:, None], mask=ok)
+        rr = tl.load(r + m * r_sm + j[None, :] * r_sj + i[:, None], mask=ok, other=0.0)
+        ptr = g_act + m * I + i
+        tl.store(ptr, tl.load(ptr, mask=i < I, other=0.0) + tl.sum(g_ra * rr, axis=1), mask=i < I)
+
 
 @dataclass(frozen=True)
 class TritonBlocks:
@@ -209,7 +234,7 @@ class TritonBlocks:
     spill (tests/test_triton_kernels.py checks)."""
 
     votes: int = 256
-    backward_votes: int = 128
+    backward_votes: int = 64
     problems: int = 64
     warps: int = 8
     backward_warps: int = 8
@@ -282,23 +307,23 @@ class TritonKernels:
         gw = P.new_empty(M, J, I)
         bj, bi = self.blocks.backward(J, I)
         bm = self.blocks.problems
-        blocks = triton.cdiv(M, bm)
+        blocks, n_ib = triton.cdiv(M, bm), triton.cdiv(I, bi)
         part = P.new_empty(blocks, I, J, 16)
+        gw_sum = P.new_empty(M, J, n_ib)
         has_e = g_maha is not None
-        self.launch(_mstep_backward_kernel, (blocks, triton.cdiv(I, bi)),
+        self.launch(_mstep_backward_kernel, (blocks, n_ib),
                     P, W, O if O is not None else P, r, r_sm, r_sj, act, inv, mean, g_var, gm,
                     g_maha if has_e else P, inv_var if has_e else P, e_mean if has_e else P, M, I, J, gP, part, gw,
-                    HAS_OFF=O is not None, HAS_E=has_e, BM=bm, BI=bi, BJ=bj, num_warps=self.blocks.backward_warps)
+                    gw_sum, HAS_OFF=O is not None, HAS_E=has_e, BM=bm, BI=bi, BJ=bj,
+                    num_warps=self.blocks.backward_warps)
         gW[0] += part.sum(0)
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a
-        a = act.unsqueeze(1)                                                              # (M, 1, I)
-        rr = r.expand(M, J, I)
-        g_sp = -(gw * rr * a).sum(-1) * inv                                               # (M, J)
+        g_sp = -gw_sum.sum(-1) * inv                                                      # (M, J)
         g_s = g_S + torch.where(S > eps, g_sp * inv, torch.zeros_like(g_sp))
-        g_ra = gw * inv.unsqueeze(-1) + g_s.unsqueeze(-1)                                 # (M, J, I)
-        if g_r is not None:
-            torch.mul(g_ra, a, out=g_r)
-        g_act += (g_ra * rr).sum(1)
+        bj, bi = self.blocks.forward(J, I)
+        self.launch(_weights_backward_kernel, (M, triton.cdiv(I, bi)), gw, r, r_sm, r_sj, act, inv,
+                    g_s.contiguous(), M, I, J, g_r if g_r is not None else gw, g_act, HAS_GR=g_r is not None,
+                    BI=bi, BJ=bj, num_warps=self.blocks.warps)
 
 
 @functools.cache

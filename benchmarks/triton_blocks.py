@@ -33,26 +33,30 @@ os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")      # Triton's own defau
 import torch  # noqa: E402
 
 from emcaps.kernels import triton_kernels as tk  # noqa: E402
+from emcaps.layers import ClassCaps  # noqa: E402
 from emcaps.models import CAPSULE_PRESETS  # noqa: E402
 
 KERNELS = ("mstep", "estep_assign", "estep_backward", "mstep_backward")
 
 
-def layers(preset: str) -> list[tuple[str, int, int, int, bool]]:
-    """(name, children I, parent types J, routing problems per image, offsets?) of each routed layer of a
-    preset on 32x32 inputs: ConvCaps1 (14x14 -> 6x6), ConvCaps2 (6x6 -> 4x4), class capsules."""
+def layers(preset: str) -> list[tuple[str, int, int, int, bool, torch.dtype]]:
+    """(name, children I, parent types J, routing problems per image, offsets?, dtype) of each routed layer of a
+    preset on 32x32 inputs: ConvCaps1 (14x14 -> 6x6), ConvCaps2 (6x6 -> 4x4), class capsules (which route in
+    ClassCaps.route_dtype, float64)."""
     c = CAPSULE_PRESETS[preset]
-    return [(f"{preset}/conv1", 9 * c.B, c.C, 36, False), (f"{preset}/conv2", 9 * c.C, c.D, 16, False),
-            (f"{preset}/class", 16 * c.D, c.classes, 1, True)]
+    return [(f"{preset}/conv1", 9 * c.B, c.C, 36, False, torch.float32),
+            (f"{preset}/conv2", 9 * c.C, c.D, 16, False, torch.float32),
+            (f"{preset}/class", 16 * c.D, c.classes, 1, True, ClassCaps.route_dtype)]
 
 
-def arguments(n_in: int, n_out: int, m: int, offsets: bool, device: str) -> dict:
+def arguments(n_in: int, n_out: int, m: int, offsets: bool, dtype: torch.dtype, device: str) -> dict:
     """Plausible inputs of every kernel (routing state after a few iterations) for M=m problems."""
     g = torch.Generator().manual_seed(0)
 
     def rand(*shape, lo=0.0, hi=1.0):
-        return (lo + (hi - lo) * torch.rand(*shape, generator=g)).to(device) if device != "meta" else \
-            torch.empty(*shape, device="meta")
+        if device == "meta":
+            return torch.empty(*shape, dtype=dtype, device="meta")
+        return (lo + (hi - lo) * torch.rand(*shape, generator=g, dtype=dtype)).to(device)
 
     D = 16
     t = dict(P=rand(m, n_in, D, lo=-1), W=rand(n_in, n_out, D, lo=-1), O=rand(n_in, D) if offsets else None,
@@ -164,6 +168,14 @@ def time_call(fn, repeat: int) -> float:
     return best
 
 
+def row(r: dict) -> str:
+    """One line of the table; `*` marks the default blocks."""
+    ms = f"{r['ms']:8.3f}" if r["ms"] is not None else "       -"
+    return (f"{r['layer']:14} {r['dtype']:7} {r['call']:15} {r['kernel']:17} {r['votes']:5d} {r['warps']:5d} "
+            f"{r['problems'] or '-':>5} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared']:6d} {ms}"
+            + (" *" if r["default"] else ""))
+
+
 def choices(args) -> list[tuple[str, tk.TritonBlocks]]:
     """(kernel group, blocks): the forward choices vary the forward fields, the backward ones the others."""
     base = tk.TritonBlocks()
@@ -206,13 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# default {default}; compiled for sm_{args.arch}" + (f"; times at batch {args.batch}" if args.time
                                                                   else ""), flush=True)
     if not args.json:
-        print(f"{'layer':14} {'call':15} {'kernel':17} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} "
+        print(f"{'layer':14} {'dtype':7} {'call':15} {'kernel':17} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} "
               f"{'spill B':>7} {'smem':>6} {'ms':>8}")
     for preset in args.presets.split(","):
-        for name, n_in, n_out, per_image, offsets in layers(preset):
+        for name, n_in, n_out, per_image, offsets, dtype in layers(preset):
             m = args.batch * per_image
-            meta_t = arguments(n_in, n_out, m, offsets, "meta")
-            real_t = arguments(n_in, n_out, m, offsets, "cuda") if args.time else None
+            meta_t = arguments(n_in, n_out, m, offsets, dtype, "meta")
+            real_t = arguments(n_in, n_out, m, offsets, dtype, "cuda") if args.time else None
             for group, blocks in choices(args):
                 kernels = (("mstep", "estep_assign", "estep_backward") if group == "forward"
                            else ("mstep_backward",))
@@ -224,19 +236,12 @@ def main(argv: list[str] | None = None) -> int:
                     fns[kernel]()
                     ms = time_call(timed[kernel], args.repeat) if args.time else None
                     for n, (fn, launch_args, meta) in enumerate(recorder.launches):
-                        record = dict(layer=name, call=kernel, kernel=fn.__name__.strip("_").removesuffix("_kernel"),
+                        record = dict(layer=name, dtype=str(dtype).removeprefix("torch."), call=kernel,
+                                      kernel=fn.__name__.strip("_").removesuffix("_kernel"),
                                       votes=meta["BI"] * meta["BJ"], warps=meta["num_warps"],
                                       problems=meta.get("BM"), default=(blocks == default),
-                                      **compile_report(fn, launch_args, meta, args.arch),
-                                      ms=ms if n == 0 else None)
-                        if args.json:
-                            print(json.dumps(record), flush=True)
-                        else:
-                            shown = f"{ms:8.3f}" if n == 0 and ms is not None else "       -"
-                            mark = " *" if record["default"] else ""
-                            print(f"{name:14} {kernel:15} {record['kernel']:17} {record['votes']:5d} "
-                                  f"{record['warps']:5d} {record['problems'] or '-':>5} {record['registers']:4d} "
-                                  f"{record['spill_bytes']:7d} {record['shared']:6d} {shown}{mark}", flush=True)
+                                      **compile_report(fn, launch_args, meta, args.arch), ms=ms if n == 0 else None)
+                        print(json.dumps(record) if args.json else row(record), flush=True)
     return 0
 
 

@@ -41,6 +41,21 @@ def test_cuda_backends_match_the_cpu_float64_reference(backend, name):
         torch.testing.assert_close(g, w, atol=1e-4 * max(1.0, float(w.abs().max())), rtol=1e-2)
 
 
+@pytest.mark.skipif(triton_kernels() is None, reason="no triton")
+def test_triton_on_the_paper_network_matches_the_cpu_float64_reference():
+    """Paper-sized layers: several blocks of children, of parent types and (72 problems) of backward problems."""
+    torch.manual_seed(0)
+    reference = create_model("paper", runtime=Runtime(backend="torch")).double()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    want, want_grads = _outputs_and_grads(reference, x)
+    torch.manual_seed(0)
+    model = create_model("paper", runtime=Runtime(backend="triton")).cuda()
+    got, grads = _outputs_and_grads(model, x.float().cuda())
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-3)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w, atol=1e-4 * max(1.0, float(w.abs().max())), rtol=1e-2)
+
+
 def test_cuda_chooses_whole_batches_and_stored_tensors():
     s = Runtime().on(torch.device("cuda"))
     assert s.chunk_mb > 1024 and not s.recompute
@@ -58,8 +73,9 @@ def test_bf16_precision_on_cuda(tmp_path):
     assert summary["finished"] and summary["final_loss"] == summary["final_loss"]
 
 
-def test_deterministic_cuda_runs_repeat_bit_for_bit(tmp_path):
-    cfg = config.load(None, TOY + ["train.deterministic=true"])
+@pytest.mark.parametrize("backend", ["auto", TRITON])
+def test_deterministic_cuda_runs_repeat_bit_for_bit(tmp_path, backend):
+    cfg = config.load(None, TOY + ["train.deterministic=true", f"runtime.backend={backend}"])
     loop.train(cfg, tmp_path / "a", quiet=True)
     loop.train(cfg, tmp_path / "b", quiet=True)
     a, b = checkpoint.load_checkpoint(tmp_path / "a")["model"], checkpoint.load_checkpoint(tmp_path / "b")["model"]

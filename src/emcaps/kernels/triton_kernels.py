@@ -226,12 +226,13 @@ if triton is not None:
 @dataclass(frozen=True)
 class TritonBlocks:
     """How the kernels cut their work: about `votes` votes (children x parent types) per block of the forward
-    passes and `backward_votes` per block of mstep_backward, which keeps more live per vote; `problems` routing
-    problems per mstep_backward program (its transform gradients are summed over them in registers); warps per
-    program of each. `benchmarks/triton_blocks.py` reports registers and spills of each choice (any machine) and
-    times them (CUDA). Compiled for sm_90 (H100, H200), these defaults use at most 255 registers per thread and
-    spill none in every routed layer of the paper and small networks; with 4 warps, the class layer's passes
-    spill (tests/test_triton_kernels.py checks)."""
+    passes and `backward_votes` per block of mstep_backward, which keeps more live per vote (both counted in
+    float32: half as many in float64, which takes two registers a value); `problems` routing problems per
+    mstep_backward program (its transform gradients are summed over them in registers); warps per program of
+    each. `benchmarks/triton_blocks.py` reports registers and spills of each choice (any machine) and times them
+    (CUDA). Compiled for sm_90 (H100, H200), these defaults spill nothing in any routed layer of the paper and
+    small networks, float32 capsule convolutions and float64 class capsules alike; with 4 warps, or without
+    the float64 halving, the class layer's passes spill (tests/test_benchmarks.py checks the defaults)."""
 
     votes: int = 256
     backward_votes: int = 64
@@ -239,13 +240,13 @@ class TritonBlocks:
     warps: int = 8
     backward_warps: int = 8
 
-    def forward(self, n_out: int, n_in: int) -> tuple[int, int]:
+    def forward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
         """(BJ, BI) of the forward passes: every parent type in one block, children up to `votes` votes."""
-        return _blocks(n_out, n_in, self.votes)
+        return _blocks(n_out, n_in, self.votes * 4 // dtype.itemsize)
 
-    def backward(self, n_out: int, n_in: int) -> tuple[int, int]:
+    def backward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
         """(BJ, BI) of mstep_backward."""
-        return _blocks(n_out, n_in, self.backward_votes)
+        return _blocks(n_out, n_in, self.backward_votes * 4 // dtype.itemsize)
 
 
 def _blocks(n_out: int, n_in: int, votes: int) -> tuple[int, int]:
@@ -276,21 +277,21 @@ class TritonKernels:
     def mstep(self, P: Tensor, W: Tensor, O: Tensor | None, r: Tensor, r_sm: int, r_sj: int, act: Tensor,
               M: int, J: int, I: int, eps: float, mean: Tensor, var: Tensor, S: Tensor) -> None:
         """mean, var (M, J, 16) (no floor) and weight sums S (M, J) of every parent."""
-        bj, bi = self.blocks.forward(J, I)
+        bj, bi = self.blocks.forward(J, I, P.dtype)
         self.launch(_gather_kernel, (M,), P, W, O if O is not None else P, r, r_sm, r_sj, act, P, M, I, J, eps,
                     mean, var, S, MODE=0, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
 
     def estep_assign(self, P: Tensor, W: Tensor, O: Tensor | None, mean: Tensor, inv_var: Tensor, const: Tensor,
                      M: int, J: int, I: int, h: float, r: Tensor, lse: Tensor) -> None:
         """r (M, J, I): the E-step normalised over parent types; lse (M, I), each child's log-normaliser."""
-        bj, bi = self.blocks.forward(J, I)
+        bj, bi = self.blocks.forward(J, I, P.dtype)
         self.launch(_estep_kernel, (M, triton.cdiv(I, bi)), P, W, O if O is not None else P, mean, inv_var, const,
                     M, I, J, h, r, lse, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
 
     def estep_backward(self, P: Tensor, W: Tensor, O: Tensor | None, mean: Tensor, inv_var: Tensor,
                        g_maha: Tensor, M: int, J: int, I: int, g_mean: Tensor, g_inv_var: Tensor) -> None:
         """g_mean = -2 inv_var sum_i g_maha (v - mean), g_inv_var = sum_i g_maha (v - mean)^2, (M, J, 16)."""
-        bj, bi = self.blocks.forward(J, I)
+        bj, bi = self.blocks.forward(J, I, P.dtype)
         self.launch(_gather_kernel, (M,), P, W, O if O is not None else P, g_maha, J * I, I, P, mean, M, I, J, 0.0,
                     g_mean, g_inv_var, P, MODE=1, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
         g_mean.mul_(inv_var).mul_(-2.0)
@@ -305,7 +306,7 @@ class TritonKernels:
         # d var / d mean = -2 sum_i w_i (v_i - mean) = -2 mean (1 - sum_i w_i): zero unless S < eps
         gm = (g_mean - 2 * g_var * mean * (1 - S * inv).unsqueeze(-1)).contiguous()
         gw = P.new_empty(M, J, I)
-        bj, bi = self.blocks.backward(J, I)
+        bj, bi = self.blocks.backward(J, I, P.dtype)
         bm = self.blocks.problems
         blocks, n_ib = triton.cdiv(M, bm), triton.cdiv(I, bi)
         part = P.new_empty(blocks, I, J, 16)
@@ -320,7 +321,7 @@ class TritonKernels:
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a
         g_sp = -gw_sum.sum(-1) * inv                                                      # (M, J)
         g_s = g_S + torch.where(S > eps, g_sp * inv, torch.zeros_like(g_sp))
-        bj, bi = self.blocks.forward(J, I)
+        bj, bi = self.blocks.forward(J, I, P.dtype)
         self.launch(_weights_backward_kernel, (M, triton.cdiv(I, bi)), gw, r, r_sm, r_sj, act, inv,
                     g_s.contiguous(), M, I, J, g_r if g_r is not None else gw, g_act, HAS_GR=g_r is not None,
                     BI=bi, BJ=bj, num_warps=self.blocks.warps)

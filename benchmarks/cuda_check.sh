@@ -8,9 +8,10 @@
 #             reference beside it, and infer, batch 256), the small network (train, batch 256), the paper
 #             network at batch 32;
 #   profile:  one paper training step (benchmarks/profile_routing.py), by CUDA time;
-#   triton:   the Triton kernels (routing backend 'triton') against the default in the same runs: paper train
-#             and infer, small train, batch 256, a profile of one paper training step with them, and
-#             benchmarks/triton_blocks.py --time: each kernel's time per block choice (TritonBlocks).
+#   triton:   the Triton kernels (routing backend 'triton'), about 9 minutes: tests/test_cuda.py -k triton, then
+#             against the default in the same runs (paper train, small train, paper infer, batch 256), each
+#             kernel's time per block choice (benchmarks/triton_blocks.py --time), and a profile of one paper
+#             training step with them.
 # Usage: bash benchmarks/cuda_check.sh [DIR [TARBALL [STEPS]]]
 #   logs and JSON records land in DIR (default ./cuda-check); with TARBALL, DIR is packed into it after each
 #   step, so that a run cut short still hands back what it measured. STEPS: a comma-separated subset of
@@ -75,16 +76,21 @@ if wants profile; then
         > "$OUT/profile-paper256.txt" 2>&1
 fi
 
-if wants triton; then
+if wants triton; then   # about 9 minutes: the most telling first, each step bounded
+    stamp "tests/test_cuda.py, the triton backend"
+    timeout 180 $PY -m pytest -q -p no:cacheprovider tests/test_cuda.py -k triton 2>&1 \
+        | tee "$OUT/test_cuda_triton.txt" | tail -5
     bench triton-paper256 --presets paper --modes train --batch 256 --impl emcaps-triton,emcaps
-    bench triton-paper256-infer --presets paper --modes infer --batch 256 --impl emcaps-triton,emcaps
+    stamp "triton blocks: each kernel of the paper network's layers, per block choice (batch 256)"
+    timeout 150 $PY benchmarks/triton_blocks.py --presets paper --time --batch 256 --no-registers \
+        --votes 128,256,512 --warps 4,8 --backward-votes 32,64,128 --backward-warps 8 --problems 16,64 \
+        > "$OUT/triton-blocks.txt" 2>&1
+    tail -40 "$OUT/triton-blocks.txt"
     bench triton-small256 --presets small --modes train --batch 256 --impl emcaps-triton,emcaps
+    bench triton-paper256-infer --presets paper --modes infer --batch 256 --impl emcaps-triton,emcaps
     stamp "profile: one paper training step at batch 256, routing backend triton"
     timeout 60 $PY benchmarks/profile_routing.py --device cuda --preset paper --batch 256 --warmup 3 --rows 25 \
         --impl emcaps-triton > "$OUT/profile-triton-paper256.txt" 2>&1
-    stamp "triton blocks: each kernel of the paper network's layers, per block choice (batch 256)"
-    timeout 240 $PY benchmarks/triton_blocks.py --presets paper --time --batch 256 > "$OUT/triton-blocks.txt" 2>&1
-    tail -40 "$OUT/triton-blocks.txt"
 fi
 
 stamp "summary"

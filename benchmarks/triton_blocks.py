@@ -3,7 +3,7 @@ routed layers of a preset network.
 
     python benchmarks/triton_blocks.py [--presets paper,small] [--arch 90] [--time] [--batch 256] [--json]
                                        [--votes 128,256,512] [--warps 4,8] [--backward-votes 64,128,256]
-                                       [--backward-warps 4,8] [--problems 16,64] [--default-only]
+                                       [--backward-warps 4,8] [--problems 16,64] [--default-only] [--no-registers]
 
 Why: the kernels hold blocks of (children x parent types x 16) values in registers; too large a block spills
 them to local memory, too small a one leaves the GPU's lanes idle. Triton compiles for a named GPU architecture
@@ -170,9 +170,11 @@ def time_call(fn, repeat: int) -> float:
 
 def row(r: dict) -> str:
     """One line of the table; `*` marks the default blocks."""
-    ms = f"{r['ms']:8.3f}" if r["ms"] is not None else "       -"
+    def f(key, width, fmt="d"):
+        return f"{r[key]:{width}{fmt}}" if r[key] is not None else f"{'-':>{width}}"
+
     return (f"{r['layer']:14} {r['dtype']:7} {r['call']:15} {r['kernel']:17} {r['votes']:5d} {r['warps']:5d} "
-            f"{r['problems'] or '-':>5} {r['registers']:4d} {r['spill_bytes']:7d} {r['shared']:6d} {ms}"
+            f"{f('problems', 5)} {f('registers', 4)} {f('spill_bytes', 7)} {f('shared', 6)} {f('ms', 8, '.3f')}"
             + (" *" if r["default"] else ""))
 
 
@@ -202,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--backward-votes", type=ints, default=[64, 128, 256])
     p.add_argument("--backward-warps", type=ints, default=[4, 8])
     p.add_argument("--problems", type=ints, default=[16, 64])
+    p.add_argument("--no-registers", dest="registers", action="store_false",
+                   help="skip the compile report (registers, spills): only the times")
     p.add_argument("--default-only", action="store_true", help="only TritonBlocks() (ignores the lists above)")
     p.add_argument("--json", action="store_true", help="one JSON record per line instead of the table")
     args = p.parse_args(argv)
@@ -215,8 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         print("triton_blocks: --time needs a CUDA device (the compile report runs anywhere)", file=sys.stderr)
         return 2
     default = tk.TritonBlocks()
-    print(f"# default {default}; compiled for sm_{args.arch}" + (f"; times at batch {args.batch}" if args.time
-                                                                  else ""), flush=True)
+    head = [f"# default {default}"] + ([f"registers for sm_{args.arch}"] if args.registers else []) + \
+        ([f"ms at batch {args.batch} on {torch.cuda.get_device_name()}"] if args.time else [])
+    print("; ".join(head), flush=True)
     if not args.json:
         print(f"{'layer':14} {'dtype':7} {'call':15} {'kernel':17} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} "
               f"{'spill B':>7} {'smem':>6} {'ms':>8}")
@@ -240,7 +245,9 @@ def main(argv: list[str] | None = None) -> int:
                                       kernel=fn.__name__.strip("_").removesuffix("_kernel"),
                                       votes=meta["BI"] * meta["BJ"], warps=meta["num_warps"],
                                       problems=meta.get("BM"), default=(blocks == default),
-                                      **compile_report(fn, launch_args, meta, args.arch), ms=ms if n == 0 else None)
+                                      **(compile_report(fn, launch_args, meta, args.arch) if args.registers else
+                                         dict(registers=None, spill_bytes=None, shared=None)),
+                                      ms=ms if n == 0 else None)
                         print(json.dumps(record) if args.json else row(record), flush=True)
     return 0
 

@@ -229,7 +229,8 @@ class TritonBlocks:
     passes and `backward_votes` per block of mstep_backward, which keeps more live per vote (both counted in
     float32: half as many in float64, which takes two registers a value); `problems` routing problems per
     mstep_backward program (its transform gradients are summed over them in registers); warps per program of
-    each. `benchmarks/triton_blocks.py` reports registers and spills of each choice (any machine) and times them
+    each; `weights_votes` per block of mstep_backward's second kernel, a light pass over memory that wants
+    large blocks. `benchmarks/triton_blocks.py` reports registers and spills of each choice (any machine) and times them
     (CUDA). Compiled for sm_90 (H100, H200), these defaults spill nothing in any routed layer of the paper and
     small networks, float32 capsule convolutions and float64 class capsules alike; with 4 warps, or without
     the float64 halving, the class layer's passes spill (tests/test_benchmarks.py checks the defaults)."""
@@ -239,6 +240,7 @@ class TritonBlocks:
     problems: int = 64
     warps: int = 8
     backward_warps: int = 8
+    weights_votes: int = 2048
 
     def forward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
         """(BJ, BI) of the forward passes: every parent type in one block, children up to `votes` votes."""
@@ -321,7 +323,7 @@ class TritonKernels:
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a
         g_sp = -gw_sum.sum(-1) * inv                                                      # (M, J)
         g_s = g_S + torch.where(S > eps, g_sp * inv, torch.zeros_like(g_sp))
-        bj, bi = self.blocks.forward(J, I, P.dtype)
+        bj, bi = _blocks(J, I, self.blocks.weights_votes * 4 // P.dtype.itemsize)
         self.launch(_weights_backward_kernel, (M, triton.cdiv(I, bi)), gw, r, r_sm, r_sj, act, inv,
                     g_s.contiguous(), M, I, J, g_r if g_r is not None else gw, g_act, HAS_GR=g_r is not None,
                     BI=bi, BJ=bj, num_warps=self.blocks.warps)

@@ -230,10 +230,10 @@ class TritonBlocks:
     float32: half as many in float64, which takes two registers a value); `problems` routing problems per
     mstep_backward program (its transform gradients are summed over them in registers); warps per program of
     each; `weights_votes` per block of mstep_backward's second kernel, a light pass over memory that wants
-    large blocks. `benchmarks/triton_blocks.py` reports registers and spills of each choice (any machine) and times them
-    (CUDA). Compiled for sm_90 (H100, H200), these defaults spill nothing in any routed layer of the paper and
-    small networks, float32 capsule convolutions and float64 class capsules alike; with 4 warps, or without
-    the float64 halving, the class layer's passes spill (tests/test_benchmarks.py checks the defaults)."""
+    large blocks. `benchmarks/triton_blocks.py` reports registers and spills of each choice (any machine) and
+    times them (CUDA). Compiled for sm_90 (H100, H200), these defaults spill nothing in any routed layer of the
+    paper and small networks, float32 capsule convolutions and float64 class capsules alike; with 4 warps, or
+    without the float64 halving, the class layer's passes spill (tests/test_benchmarks.py checks the defaults)."""
 
     votes: int = 256
     backward_votes: int = 64

@@ -10,10 +10,11 @@ them to local memory, too small a one leaves the GPU's lanes idle. Triton compil
 without one (its bundled ptxas does the last step), so the register and spill columns come from any machine
 with the triton package; `--time` (CUDA) adds each kernel's time at `--batch` images, best of `--repeat`
 calls. Each kernel is compiled from the very launch `TritonKernels` makes (same arguments, blocks and warps).
-Forward choices (votes per block, warps) apply to mstep, estep_assign and estep_backward (and the weights'
-backward pass of mstep_backward); backward choices (votes, warps, problems per program) to mstep_backward's
-main kernel. One row per kernel launch; `ms` is the whole call (all its launches and its PyTorch glue), on the
-call's first row.
+Forward choices (votes per block, warps) apply to mstep, estep_assign and estep_backward; backward choices
+(votes, warps, problems per program) to mstep_backward's main kernel; a choice of votes holds in float32 and
+float64 layers alike (the defaults differ: TritonBlocks). `i/vote` is a static estimate of the work: the
+thread-instructions of one iteration of the kernel's main loop over the votes it handles. One row per kernel
+launch; `ms` is the whole call (all its launches and its PyTorch glue), on the call's first row.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import asdict
+from dataclasses import replace
 
 os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")      # Triton's own default, without its warning
 
@@ -132,8 +133,12 @@ def _signature(kernel, args: tuple, meta: dict) -> tuple[dict, dict, dict, dict]
 
 
 def compile_report(kernel, args: tuple, meta: dict, arch: int) -> dict:
-    """Compiles one launch for sm_`arch` and reads ptxas's resource report: registers, spills, shared memory."""
+    """Compiles one launch for sm_`arch` and reads ptxas's resource report (registers, spills, shared memory)
+    and the machine code: its instructions and global loads (LDG), counted in the code (a loop body once), and
+    `per_vote`, the thread-instructions each vote costs: the main loop's instructions (main_loop) times the
+    threads of a program, over the votes of one iteration."""
     import triton
+    from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
 
@@ -147,11 +152,38 @@ def compile_report(kernel, args: tuple, meta: dict, arch: int) -> dict:
             f.write(compiled.asm["ptx"])
         log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
                               os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stderr
+        sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", os.path.join(d, "k.cubin")],
+                              capture_output=True, text=True, check=True).stdout
     regs = re.search(r"Used (\d+) registers", log)
     spill = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    ops = machine_code(sass)
+    body = main_loop(ops)
+    threads = 32 * meta["num_warps"]
     return dict(registers=int(regs.group(1)) if regs else None,
                 spill_bytes=int(spill.group(1)) + int(spill.group(2)) if spill else 0,
-                shared=compiled.metadata.shared)
+                shared=compiled.metadata.shared, instructions=len(ops), loads=sum(op == "LDG" for _, op, _ in ops),
+                per_vote=round(len(body) * threads / (meta["BI"] * meta["BJ"]), 1))
+
+
+def machine_code(sass: str) -> list[tuple[int, str, str]]:
+    """(address, opcode, operands) of each instruction in cuobjdump's listing."""
+    found = re.findall(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)[.A-Z0-9_]*\s*([^;]*);", sass)
+    return [(int(a, 16), op, rest) for a, op, rest in found]
+
+
+def main_loop(ops: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """The instructions of the largest loop (a backward branch's range), each run once per iteration: one block
+    of votes (the gather kernels: a block of children; mstep_backward: one problem). The whole kernel where it
+    has no loop (estep_assign: one block per program)."""
+    loops = []
+    for addr, op, rest in ops:
+        target = re.match(r"\s*(?:`\(.*?\)\s*)?0x([0-9a-f]+)", rest)
+        if op == "BRA" and target and int(target.group(1), 16) < addr:
+            loops.append((int(target.group(1), 16), addr))
+    if not loops:
+        return ops
+    start, end = max(loops, key=lambda r: r[1] - r[0])
+    return [x for x in ops if start <= x[0] <= end]
 
 
 def time_call(fn, repeat: int) -> float:
@@ -174,7 +206,8 @@ def row(r: dict) -> str:
         return f"{r[key]:{width}{fmt}}" if r[key] is not None else f"{'-':>{width}}"
 
     return (f"{r['layer']:14} {r['dtype']:7} {r['call']:15} {r['kernel']:17} {r['votes']:5d} {r['warps']:5d} "
-            f"{f('problems', 5)} {f('registers', 4)} {f('spill_bytes', 7)} {f('shared', 6)} {f('ms', 8, '.3f')}"
+            f"{f('problems', 5)} {f('registers', 4)} {f('spill_bytes', 7)} {f('shared', 6)} "
+            f"{f('instructions', 5)} {f('loads', 5)} {f('per_vote', 7, '.1f')} {f('ms', 8, '.3f')}"
             + (" *" if r["default"] else ""))
 
 
@@ -183,10 +216,9 @@ def choices(args) -> list[tuple[str, tk.TritonBlocks]]:
     base = tk.TritonBlocks()
     if args.default_only:
         return [("forward", base), ("backward", base)]
-    out = [("forward", tk.TritonBlocks(**{**asdict(base), "votes": v, "warps": w}))
+    out = [("forward", replace(base, votes=v, votes_float64=v, warps=w))
            for v, w in itertools.product(args.votes, args.warps)]
-    out += [("backward", tk.TritonBlocks(**{**asdict(base), "backward_votes": v, "backward_warps": w,
-                                             "problems": p}))
+    out += [("backward", replace(base, backward_votes=v, backward_votes_float64=v, backward_warps=w, problems=p))
             for v, w, p in itertools.product(args.backward_votes, args.backward_warps, args.problems)]
     return out
 
@@ -224,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     print("; ".join(head), flush=True)
     if not args.json:
         print(f"{'layer':14} {'dtype':7} {'call':15} {'kernel':17} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} "
-              f"{'spill B':>7} {'smem':>6} {'ms':>8}")
+              f"{'spill B':>7} {'smem':>6} {'instr':>5} {'LDG':>5} {'i/vote':>7} {'ms':>8}")
     for preset in args.presets.split(","):
         for name, n_in, n_out, per_image, offsets, dtype in layers(preset):
             m = args.batch * per_image
@@ -246,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                                       votes=meta["BI"] * meta["BJ"], warps=meta["num_warps"],
                                       problems=meta.get("BM"), default=(blocks == default),
                                       **(compile_report(fn, launch_args, meta, args.arch) if args.registers else
-                                         dict(registers=None, spill_bytes=None, shared=None)),
+                                         dict(registers=None, spill_bytes=None, shared=None, instructions=None,
+                                              loads=None, per_vote=None)),
                                       ms=ms if n == 0 else None)
                         print(json.dumps(record) if args.json else row(record), flush=True)
     return 0

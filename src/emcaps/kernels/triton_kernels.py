@@ -9,8 +9,8 @@ transform gradients are summed per block and then across blocks (no atomics: the
 scheduling, so runs repeat bit for bit); a second, light kernel turns its per-vote sums into the gradients of
 the assignments and activations in one pass over the (M, J, I) tensors.
 
-Tensors are blocks of (children BI, parents BJ, pose entry e = 4 r + c); a vote's entry is
-v[i, j, 4r+c] = sum_k P[i, 4r+k] W[i, j, 4k+c], four products of gathered loads. `TRITON_INTERPRET=1` runs the
+Tensors are blocks of (children BI, parents BJ, row r, column c): v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c],
+each row W[i, j, k, :] one contiguous (vector) load broadcast over the rows r. `TRITON_INTERPRET=1` runs the
 kernels on CPU tensors (the tests compare them there with the C++ kernels and PyTorch ops); on CUDA Triton
 compiles them on first use. `triton_kernels()` is None where the triton package is missing.
 """
@@ -48,19 +48,41 @@ def triton_available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _votes(P, W, O, m, i, j, I, J, HAS_OFF: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
-        """The votes of children i (BI,) of problem m for parents j (BJ,): (BI, BJ, 16), zero where masked."""
-        e = tl.arange(0, 16)
-        i3, j3, e3 = i[:, None, None], j[None, :, None], e[None, None, :]
-        ok = (i3 < I) & (j3 < J)
-        v = tl.zeros((BI, BJ, 16), dtype=P.dtype.element_ty)
-        for k in tl.static_range(4):
-            p = tl.load(P + (m * I + i3) * 16 + (e3 // 4) * 4 + k, mask=i3 < I, other=0.0)     # (BI, 1, 16)
-            w = tl.load(W + (i3 * J + j3) * 16 + k * 4 + e3 % 4, mask=ok, other=0.0)          # (BI, BJ, 16)
-            v += p * w
+    def _pose_column(P, m, i4, r4, k, I):
+        """Column k of each child's pose, P[m, i, r, k]: (BI, 1, 4, 1)."""
+        return tl.load(P + (m * I + i4) * 16 + r4 * 4 + k, mask=i4 < I, other=0.0)
+
+    @triton.jit
+    def _transform_row(W, i4, j4, c4, k, I, J):
+        """Row k of each transform, W[i, j, k, c]: (BI, BJ, 1, 4), four contiguous values (one vector load)."""
+        return tl.load(W + (i4 * J + j4) * 16 + k * 4 + c4, mask=(i4 < I) & (j4 < J), other=0.0)
+
+    @triton.jit
+    def _votes(P, W, O, m, i, j, I, J, HAS_OFF: tl.constexpr):
+        """The votes of children i (BI,) of problem m for parents j (BJ,): (BI, BJ, 4, 4), zero where masked.
+        v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c] (+ the child's offset O[i, r, c])."""
+        i4, j4 = i[:, None, None, None], j[None, :, None, None]
+        r4, c4 = tl.arange(0, 4)[None, None, :, None], tl.arange(0, 4)[None, None, None, :]
+        v = _pose_column(P, m, i4, r4, 0, I) * _transform_row(W, i4, j4, c4, 0, I, J)
+        for k in tl.static_range(1, 4):
+            v += _pose_column(P, m, i4, r4, k, I) * _transform_row(W, i4, j4, c4, k, I, J)
         if HAS_OFF:
-            v += tl.load(O + i3 * 16 + e3, mask=i3 < I, other=0.0)
-        return tl.where(ok, v, 0.0)
+            v += tl.load(O + i4 * 16 + r4 * 4 + c4, mask=i4 < I, other=0.0)
+        return tl.where((i4 < I) & (j4 < J), v, 0.0)
+
+    @triton.jit
+    def _parents(X, m, J, BJ: tl.constexpr):
+        """X[m, j, r, c] for every parent type: (BJ, 4, 4), zero past J."""
+        j3 = tl.arange(0, BJ)[:, None, None]
+        e3 = tl.arange(0, 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+        return tl.load(X + (m * J + j3) * 16 + e3, mask=j3 < J, other=0.0)
+
+    @triton.jit
+    def _store_parents(X, m, J, value, BJ: tl.constexpr):
+        """X[m, j, r, c] = value (BJ, 4, 4) for j < J."""
+        j3 = tl.arange(0, BJ)[:, None, None]
+        e3 = tl.arange(0, 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
+        tl.store(X + (m * J + j3) * 16 + e3, value, mask=j3 < J)
 
     @triton.jit
     def _gather_kernel(P, W, O, wts, w_sm, w_sj, act, centre, M, I, J, eps, out_a, out_b, out_s,
@@ -73,39 +95,41 @@ if triton is not None:
         """
         m = tl.program_id(0).to(tl.int64)      # offsets past 2^31 elements at large batches
         j = tl.arange(0, BJ)
-        e = tl.arange(0, 16)
-        jm = j[:, None] * 16 + e[None, :]                                                   # (BJ, 16)
-        ok2 = (j[:, None] < J) & (e[None, :] < 16)
         if MODE == 0:
-            c = tl.sum(_votes(P, W, O, m, tl.arange(0, 1), j, I, J, HAS_OFF, 1, BJ), axis=0)   # (BJ, 16)
+            c = tl.sum(_votes(P, W, O, m, tl.arange(0, 1), j, I, J, HAS_OFF), axis=0)          # (BJ, 4, 4)
         else:
-            c = tl.load(centre + m * J * 16 + jm, mask=ok2, other=0.0)
-        s1 = tl.zeros((BJ, 16), dtype=P.dtype.element_ty)
-        s2 = tl.zeros((BJ, 16), dtype=P.dtype.element_ty)
-        sw = tl.zeros((BJ,), dtype=P.dtype.element_ty)
+            c = _parents(centre, m, J, BJ)
+        # summed over each block's children elementwise, and across them once at the end: the loop then holds
+        # no reduction across threads
+        s1 = tl.zeros((BI, BJ, 4, 4), dtype=P.dtype.element_ty)
+        s2 = tl.zeros((BI, BJ, 4, 4), dtype=P.dtype.element_ty)
+        sw = tl.zeros((BI, BJ), dtype=P.dtype.element_ty)
         for i0 in range(0, I, BI):
             i = i0 + tl.arange(0, BI)
             ok = (i[:, None] < I) & (j[None, :] < J)
             wt = tl.load(wts + m * w_sm + j[None, :] * w_sj + i[:, None], mask=ok, other=0.0)   # (BI, BJ)
             if MODE == 0:
                 wt = wt * tl.load(act + m * I + i, mask=i < I, other=0.0)[:, None]
-            d = _votes(P, W, O, m, i, j, I, J, HAS_OFF, BI, BJ) - c[None, :, :]
-            wd = wt[:, :, None] * d
-            s1 += tl.sum(wd, axis=0)
-            s2 += tl.sum(wd * d, axis=0)
-            sw += tl.sum(wt, axis=0)
+            d = _votes(P, W, O, m, i, j, I, J, HAS_OFF) - c[None, :, :, :]
+            wd = wt[:, :, None, None] * d
+            s1 += wd
+            s2 += wd * d
+            sw += wt
+        s1 = tl.sum(s1, axis=0)                                                             # (BJ, 4, 4)
+        s2 = tl.sum(s2, axis=0)
+        sw = tl.sum(sw, axis=0)                                                             # (BJ,)
         if MODE == 0:
             inv = 1.0 / tl.maximum(sw, eps)
-            total = (sw * inv)[:, None]
-            dd = s1 * inv[:, None]
+            total = (sw * inv)[:, None, None]
+            dd = s1 * inv[:, None, None]
             off = dd + c * (total - 1.0)                                                     # mean - c
-            var = tl.maximum(s2 * inv[:, None] - 2.0 * off * dd + total * off * off, 0.0)
-            tl.store(out_a + m * J * 16 + jm, c + off, mask=ok2)
-            tl.store(out_b + m * J * 16 + jm, var, mask=ok2)
+            var = tl.maximum(s2 * inv[:, None, None] - 2.0 * off * dd + total * off * off, 0.0)
+            _store_parents(out_a, m, J, c + off, BJ)
+            _store_parents(out_b, m, J, var, BJ)
             tl.store(out_s + m * J + j, sw, mask=j < J)
         else:
-            tl.store(out_a + m * J * 16 + jm, s1, mask=ok2)
-            tl.store(out_b + m * J * 16 + jm, s2, mask=ok2)
+            _store_parents(out_a, m, J, s1, BJ)
+            _store_parents(out_b, m, J, s2, BJ)
 
     @triton.jit
     def _estep_kernel(P, W, O, mean, inv_var, const, M, I, J, h, r, lse,
@@ -114,13 +138,8 @@ if triton is not None:
         m = tl.program_id(0).to(tl.int64)      # offsets past 2^31 elements at large batches
         i = tl.program_id(1) * BI + tl.arange(0, BI)
         j = tl.arange(0, BJ)
-        e = tl.arange(0, 16)
-        ok2 = (j[:, None] < J) & (e[None, :] < 16)
-        jm = m * J * 16 + j[:, None] * 16 + e[None, :]
-        mu = tl.load(mean + jm, mask=ok2, other=0.0)
-        iv = tl.load(inv_var + jm, mask=ok2, other=0.0)
-        d = _votes(P, W, O, m, i, j, I, J, HAS_OFF, BI, BJ) - mu[None, :, :]
-        maha = tl.sum(d * d * iv[None, :, :], axis=2)                                        # (BI, BJ)
+        d = _votes(P, W, O, m, i, j, I, J, HAS_OFF) - _parents(mean, m, J, BJ)[None, :, :, :]
+        maha = tl.sum(tl.sum(d * d * _parents(inv_var, m, J, BJ)[None, :, :, :], axis=3), axis=2)   # (BI, BJ)
         ok = (i[:, None] < I) & (j[None, :] < J)
         lg = tl.load(const + m * J + j, mask=j < J, other=0.0)[None, :] - h * maha
         lg = tl.where(ok, lg, -float("inf"))
@@ -131,6 +150,19 @@ if triton is not None:
         total = tl.where(i < I, total, 1.0)
         tl.store(r + (m * J + j[None, :]) * I + i[:, None], p / total[:, None], mask=ok)
         tl.store(lse + m * I + i, top + tl.log(total), mask=i < I)
+
+    @triton.jit
+    def _pose_and_transform_grads(g, P, W, gP, m, i, j, k, I, J):
+        """For row/column k: adds sum_j sum_c g[i, j, r, c] W[i, j, k, c] to gP[m, i, r, k]; returns the
+        transform gradient's share sum_r P[i, r, k] g[i, j, r, c], (BI, BJ, 4) over c."""
+        i4, j4 = i[:, None, None, None], j[None, :, None, None]
+        r4, c4 = tl.arange(0, 4)[None, None, :, None], tl.arange(0, 4)[None, None, None, :]
+        gp = tl.sum(tl.sum(g * _transform_row(W, i4, j4, c4, k, I, J), axis=3), axis=1)           # (BI, 4 r)
+        r2 = tl.arange(0, 4)[None, :]
+        ptr = gP + (m * I + i[:, None]) * 16 + r2 * 4 + k
+        pm = (i[:, None] < I) & (r2 < 4)
+        tl.store(ptr, tl.load(ptr, mask=pm, other=0.0) + gp, mask=pm)
+        return tl.sum(_pose_column(P, m, i4, r4, k, I) * g, axis=2)                              # (BI, BJ, 4 c)
 
     @triton.jit
     def _mstep_backward_kernel(P, W, O, r, r_sm, r_sj, act, inv, mean, g_var, gm, g_maha, inv_var, e_mean,
@@ -146,57 +178,38 @@ if triton is not None:
         NB = tl.num_programs(1)
         i = ib * BI + tl.arange(0, BI)
         j = tl.arange(0, BJ)
-        e = tl.arange(0, 16)
-        i3, j3, e3 = i[:, None, None], j[None, :, None], e[None, None, :]
         ok = (i[:, None] < I) & (j[None, :] < J)
-        ok3 = (i3 < I) & (j3 < J)
-        ok2 = (j[:, None] < J) & (e[None, :] < 16)
-        gw0 = tl.zeros((BI * BJ, 4), dtype=P.dtype.element_ty)
-        gw1 = tl.zeros((BI * BJ, 4), dtype=P.dtype.element_ty)
-        gw2 = tl.zeros((BI * BJ, 4), dtype=P.dtype.element_ty)
-        gw3 = tl.zeros((BI * BJ, 4), dtype=P.dtype.element_ty)
+        ok4 = ok[:, :, None, None]
+        gw0 = tl.zeros((BI, BJ, 4), dtype=P.dtype.element_ty)
+        gw1 = tl.zeros((BI, BJ, 4), dtype=P.dtype.element_ty)
+        gw2 = tl.zeros((BI, BJ, 4), dtype=P.dtype.element_ty)
+        gw3 = tl.zeros((BI, BJ, 4), dtype=P.dtype.element_ty)
         for mm in range(0, BM):
             m = mb * BM + mm
             if m < M:
-                jm = m * J * 16 + j[:, None] * 16 + e[None, :]
-                v = _votes(P, W, O, m, i, j, I, J, HAS_OFF, BI, BJ)
-                d = v - tl.load(mean + jm, mask=ok2, other=0.0)[None, :, :]
-                gv = tl.load(g_var + jm, mask=ok2, other=0.0)[None, :, :]
-                gmj = tl.load(gm + jm, mask=ok2, other=0.0)[None, :, :]
+                v = _votes(P, W, O, m, i, j, I, J, HAS_OFF)
+                d = v - _parents(mean, m, J, BJ)[None, :, :, :]
+                gv = _parents(g_var, m, J, BJ)[None, :, :, :]
+                gmj = _parents(gm, m, J, BJ)[None, :, :, :]
                 ra = tl.load(r + m * r_sm + j[None, :] * r_sj + i[:, None], mask=ok, other=0.0)
                 ra = ra * tl.load(act + m * I + i, mask=i < I, other=0.0)[:, None]                 # (BI, BJ)
                 w = ra * tl.load(inv + m * J + j, mask=j < J, other=0.0)[None, :]
-                g = w[:, :, None] * (gmj + 2.0 * gv * d)
+                g = w[:, :, None, None] * (gmj + 2.0 * gv * d)
                 if HAS_E:
                     c = 2.0 * tl.load(g_maha + (m * J + j[None, :]) * I + i[:, None], mask=ok, other=0.0)
-                    emu = tl.load(e_mean + jm, mask=ok2, other=0.0)[None, :, :]
-                    ivr = tl.load(inv_var + jm, mask=ok2, other=0.0)[None, :, :]
-                    g += c[:, :, None] * (v - emu) * ivr
-                g = tl.where(ok3, g, 0.0)
-                acc = tl.sum(gmj * v + gv * d * d, axis=2)                                 # (BI, BJ)
+                    emu = _parents(e_mean, m, J, BJ)[None, :, :, :]
+                    g += c[:, :, None, None] * (v - emu) * _parents(inv_var, m, J, BJ)[None, :, :, :]
+                g = tl.where(ok4, g, 0.0)
+                acc = tl.sum(tl.sum(gmj * v + gv * d * d, axis=3), axis=2)                     # (BI, BJ)
                 tl.store(gw + (m * J + j[None, :]) * I + i[:, None], acc, mask=ok)
                 tl.store(gw_sum + (m * J + j) * NB + ib, tl.sum(acc * ra, axis=0), mask=j < J)
-                # pose gradient gP[i, 4r+k] += sum_j sum_c g[i, j, 4r+c] W[i, j, 4k+c]; transform gradient
-                # gW[i, j, 4k+c] += sum_r P[i, 4r+k] g[i, j, 4r+c]
-                for k in tl.static_range(4):
-                    wk = tl.load(W + (i3 * J + j3) * 16 + k * 4 + e3 % 4, mask=ok3, other=0.0)
-                    gp = tl.sum(tl.reshape(tl.sum(g * wk, axis=1), (BI, 4, 4)), axis=2)            # (BI, 4 r)
-                    ptr = gP + (m * I + i[:, None]) * 16 + tl.arange(0, 4)[None, :] * 4 + k
-                    pm = (i[:, None] < I) & (tl.arange(0, 4)[None, :] < 4)
-                    tl.store(ptr, tl.load(ptr, mask=pm, other=0.0) + gp, mask=pm)
-                    pk = tl.load(P + (m * I + i3) * 16 + (e3 // 4) * 4 + k, mask=i3 < I, other=0.0)
-                    t = tl.sum(tl.reshape(pk * g, (BI * BJ, 4, 4)), axis=1)                        # (BI*BJ, 4 c)
-                    if k == 0:
-                        gw0 += t
-                    elif k == 1:
-                        gw1 += t
-                    elif k == 2:
-                        gw2 += t
-                    else:
-                        gw3 += t
-        ij = (i[:, None] * J + j[None, :])                                                          # (BI, BJ)
-        base = gW_part + mb * I * J * 16 + tl.reshape(ij, (BI * BJ,))[:, None] * 16 + tl.arange(0, 4)[None, :]
-        okw = tl.reshape(ok, (BI * BJ,))[:, None] & (tl.arange(0, 4)[None, :] < 4)
+                gw0 += _pose_and_transform_grads(g, P, W, gP, m, i, j, 0, I, J)
+                gw1 += _pose_and_transform_grads(g, P, W, gP, m, i, j, 1, I, J)
+                gw2 += _pose_and_transform_grads(g, P, W, gP, m, i, j, 2, I, J)
+                gw3 += _pose_and_transform_grads(g, P, W, gP, m, i, j, 3, I, J)
+        i3, j3, c3 = i[:, None, None], j[None, :, None], tl.arange(0, 4)[None, None, :]
+        base = gW_part + mb * I * J * 16 + (i3 * J + j3) * 16 + c3                          # (BI, BJ, 4)
+        okw = (i3 < I) & (j3 < J)
         tl.store(base, gw0, mask=okw)
         tl.store(base + 4, gw1, mask=okw)
         tl.store(base + 8, gw2, mask=okw)
@@ -225,30 +238,32 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class TritonBlocks:
-    """How the kernels cut their work: about `votes` votes (children x parent types) per block of the forward
-    passes and `backward_votes` per block of mstep_backward, which keeps more live per vote (both counted in
-    float32: half as many in float64, which takes two registers a value); `problems` routing problems per
-    mstep_backward program (its transform gradients are summed over them in registers); warps per program of
-    each; `weights_votes` per block of mstep_backward's second kernel, a light pass over memory that wants
-    large blocks. `benchmarks/triton_blocks.py` reports registers and spills of each choice (any machine) and
-    times them (CUDA). Compiled for sm_90 (H100, H200), these defaults spill nothing in any routed layer of the
-    paper and small networks, float32 capsule convolutions and float64 class capsules alike; with 4 warps, or
-    without the float64 halving, the class layer's passes spill (tests/test_benchmarks.py checks the defaults)."""
+    """How the kernels cut their work: votes (children x parent types) per block of the forward passes and of
+    mstep_backward, in float32 and in float64 (the class capsules' routing dtype: a value takes two registers);
+    `problems` routing problems per mstep_backward program (its transform gradients are summed over them in
+    registers); warps per program of each; `weights_votes` per block of mstep_backward's second kernel, a light
+    pass over memory that wants large blocks. `benchmarks/triton_blocks.py` reports registers, spills and
+    thread-instructions per vote of each choice from the machine code (any machine with triton) and times them
+    (CUDA). Compiled for sm_90 (H100, H200), these defaults spill nothing in any routed layer of the paper and
+    small networks, with the fewest instructions per vote among the spill-free choices tried there for the
+    capsule convolutions (tests/test_benchmarks.py checks they spill nothing)."""
 
     votes: int = 256
-    backward_votes: int = 64
+    votes_float64: int = 128
+    backward_votes: int = 256
+    backward_votes_float64: int = 64
     problems: int = 64
     warps: int = 8
     backward_warps: int = 8
     weights_votes: int = 2048
 
     def forward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
-        """(BJ, BI) of the forward passes: every parent type in one block, children up to `votes` votes."""
-        return _blocks(n_out, n_in, self.votes * 4 // dtype.itemsize)
+        """(BJ, BI) of the forward passes: every parent type in one block, children up to the block's votes."""
+        return _blocks(n_out, n_in, self.votes_float64 if dtype == torch.float64 else self.votes)
 
     def backward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
         """(BJ, BI) of mstep_backward."""
-        return _blocks(n_out, n_in, self.backward_votes * 4 // dtype.itemsize)
+        return _blocks(n_out, n_in, self.backward_votes_float64 if dtype == torch.float64 else self.backward_votes)
 
 
 def _blocks(n_out: int, n_in: int, votes: int) -> tuple[int, int]:

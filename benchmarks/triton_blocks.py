@@ -5,16 +5,18 @@ routed layers of a preset network.
                                        [--votes 128,256,512] [--warps 4,8] [--backward-votes 64,128,256]
                                        [--backward-warps 4,8] [--problems 16,64] [--default-only] [--no-registers]
 
-Why: the kernels hold blocks of (children x parent types x 16) values in registers; too large a block spills
-them to local memory, too small a one leaves the GPU's lanes idle. Triton compiles for a named GPU architecture
-without one (its bundled ptxas does the last step), so the register and spill columns come from any machine
-with the triton package; `--time` (CUDA) adds each kernel's time at `--batch` images, best of `--repeat`
-calls. Each kernel is compiled from the very launch `TritonKernels` makes (same arguments, blocks and warps).
-Forward choices (votes per block, warps) apply to mstep, estep_assign and estep_backward; backward choices
-(votes, warps, problems per program) to mstep_backward's main kernel; a choice of votes holds in float32 and
-float64 layers alike (the defaults differ: TritonBlocks). `i/vote` is a static estimate of the work: the
-thread-instructions of one iteration of the kernel's main loop over the votes it handles. One row per kernel
-launch; `ms` is the whole call (all its launches and its PyTorch glue), on the call's first row.
+Why: the kernels hold blocks of (children x parent types x 4 x 4) values in registers; too large a block
+spills them to local memory, too small a one spends its instructions on sums across threads. Triton compiles
+for a named GPU architecture without one (its bundled ptxas does the last step), so the registers, spills and
+instruction counts come from any machine with the triton package; `--time` (CUDA) adds each kernel's time at
+`--batch` images, best of `--repeat` calls. Each kernel is compiled from the very launch `TritonKernels` makes
+(same arguments, blocks and warps).
+Forward choices (votes per block, warps) apply to mstep, estep_backward and estep_assign (which takes four
+times the votes); backward choices (votes, warps, problems per program) to mstep_backward's main kernel; a
+choice of votes holds in float32 and float64 layers alike (the defaults differ: TritonBlocks). `i/vote` is a
+static estimate of the work: the thread-instructions of one iteration of the kernel's main loop over the votes
+it handles. One row per kernel launch; `ms` is the whole call (all its launches and its PyTorch glue), on the
+call's first row.
 """
 
 from __future__ import annotations

@@ -238,15 +238,16 @@ if triton is not None:
 
 @dataclass(frozen=True)
 class TritonBlocks:
-    """How the kernels cut their work: votes (children x parent types) per block of the forward passes and of
+    """How the kernels cut their work: votes (children x parent types) per block of the M-step passes and of
     mstep_backward, in float32 and in float64 (the class capsules' routing dtype: a value takes two registers);
-    `problems` routing problems per mstep_backward program (its transform gradients are summed over them in
-    registers); warps per program of each; `weights_votes` per block of mstep_backward's second kernel, a light
-    pass over memory that wants large blocks. `benchmarks/triton_blocks.py` reports registers, spills and
-    thread-instructions per vote of each choice from the machine code (any machine with triton) and times them
-    (CUDA). Compiled for sm_90 (H100, H200), these defaults spill nothing in any routed layer of the paper and
-    small networks, with the fewest instructions per vote among the spill-free choices tried there for the
-    capsule convolutions (tests/test_benchmarks.py checks they spill nothing)."""
+    estep_assign, which keeps no running sums, takes four times the M-step's blocks; `problems` routing problems
+    per mstep_backward program (its transform gradients are summed over them in registers); warps per program;
+    `weights_votes` per block of mstep_backward's second kernel, a light pass over memory that wants large
+    blocks. `benchmarks/triton_blocks.py` reports registers, spills and thread-instructions per vote of each
+    choice from the machine code (any machine with triton) and times them (CUDA). Compiled for sm_90 (H100,
+    H200), these defaults spill nothing in any routed layer of the paper and small networks, with the fewest
+    instructions per vote among the spill-free choices tried there for the capsule convolutions
+    (tests/test_benchmarks.py checks they spill nothing)."""
 
     votes: int = 256
     votes_float64: int = 128
@@ -258,8 +259,12 @@ class TritonBlocks:
     weights_votes: int = 2048
 
     def forward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
-        """(BJ, BI) of the forward passes: every parent type in one block, children up to the block's votes."""
+        """(BJ, BI) of mstep and estep_backward: every parent type in one block, children up to the block's votes."""
         return _blocks(n_out, n_in, self.votes_float64 if dtype == torch.float64 else self.votes)
+
+    def estep(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
+        """(BJ, BI) of estep_assign: four times the forward blocks, as it keeps no running sums."""
+        return _blocks(n_out, n_in, 4 * (self.votes_float64 if dtype == torch.float64 else self.votes))
 
     def backward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
         """(BJ, BI) of mstep_backward."""
@@ -301,7 +306,7 @@ class TritonKernels:
     def estep_assign(self, P: Tensor, W: Tensor, O: Tensor | None, mean: Tensor, inv_var: Tensor, const: Tensor,
                      M: int, J: int, I: int, h: float, r: Tensor, lse: Tensor) -> None:
         """r (M, J, I): the E-step normalised over parent types; lse (M, I), each child's log-normaliser."""
-        bj, bi = self.blocks.forward(J, I, P.dtype)
+        bj, bi = self.blocks.estep(J, I, P.dtype)
         self.launch(_estep_kernel, (M, triton.cdiv(I, bi)), P, W, O if O is not None else P, mean, inv_var, const,
                     M, I, J, h, r, lse, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
 

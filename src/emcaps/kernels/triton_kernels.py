@@ -59,8 +59,9 @@ if triton is not None:
 
     @triton.jit
     def _votes(P, W, O, m, i, j, I, J, HAS_OFF: tl.constexpr):
-        """The votes of children i (BI,) of problem m for parents j (BJ,): (BI, BJ, 4, 4), zero where masked.
-        v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c] (+ the child's offset O[i, r, c])."""
+        """The votes of children i (BI,) of problem m for parents j (BJ,): (BI, BJ, 4, 4), finite where masked
+        (every caller gives those votes zero weight). v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c] (+ the
+        child's offset O[i, r, c])."""
         i4, j4 = i[:, None, None, None], j[None, :, None, None]
         r4, c4 = tl.arange(0, 4)[None, None, :, None], tl.arange(0, 4)[None, None, None, :]
         v = _pose_column(P, m, i4, r4, 0, I) * _transform_row(W, i4, j4, c4, 0, I, J)
@@ -68,7 +69,7 @@ if triton is not None:
             v += _pose_column(P, m, i4, r4, k, I) * _transform_row(W, i4, j4, c4, k, I, J)
         if HAS_OFF:
             v += tl.load(O + i4 * 16 + r4 * 4 + c4, mask=i4 < I, other=0.0)
-        return tl.where((i4 < I) & (j4 < J), v, 0.0)
+        return v
 
     @triton.jit
     def _parents(X, m, J, BJ: tl.constexpr):

@@ -39,8 +39,6 @@ from emcaps.kernels import triton_kernels as tk  # noqa: E402
 from emcaps.layers import ClassCaps  # noqa: E402
 from emcaps.models import CAPSULE_PRESETS  # noqa: E402
 
-KERNELS = ("mstep", "estep_assign", "estep_backward", "mstep_backward")
-
 
 def layers(preset: str) -> list[tuple[str, int, int, int, bool, torch.dtype]]:
     """(name, children I, parent types J, routing problems per image, offsets?, dtype) of each routed layer of a
@@ -113,7 +111,7 @@ class _Recorder(tk.TritonKernels):
 
 def _signature(kernel, args: tuple, meta: dict) -> tuple[dict, dict, dict, dict]:
     """Triton's signature, constexprs, attributes and options for a launch, as its JIT specialises them:
-    float32 pointers (16-byte aligned), 32-bit ints (divisible by 16 where they are), float scalars."""
+    float32/float64 pointers (16-byte aligned), 32-bit ints (divisible by 16 where they are), float scalars."""
     consts = {k: v for k, v in meta.items() if k in kernel.arg_names}
     options = {k: v for k, v in meta.items() if k not in kernel.arg_names}
     names = [n for n in kernel.arg_names if n not in consts]
@@ -225,6 +223,29 @@ def choices(args) -> list[tuple[str, tk.TritonBlocks]]:
     return out
 
 
+def reports(name: str, dtype: torch.dtype, group: str, blocks: tk.TritonBlocks, meta_t: dict, real_t: dict | None,
+            m: int, n_out: int, n_in: int, args) -> list[dict]:
+    """One record per kernel launch of the group's calls on one layer: its blocks, the compile report (unless
+    --no-registers) and, on the call's first launch, the call's time (with --time)."""
+    recorder = _Recorder(blocks)
+    fns = calls(recorder, meta_t, m, n_out, n_in)
+    timed = calls(tk.TritonKernels(blocks), real_t, m, n_out, n_in) if args.time else None
+    empty = dict(registers=None, spill_bytes=None, shared=None, instructions=None, loads=None, per_vote=None)
+    out = []
+    for call in (("mstep", "estep_assign", "estep_backward") if group == "forward" else ("mstep_backward",)):
+        recorder.launches.clear()
+        fns[call]()
+        ms = time_call(timed[call], args.repeat) if args.time else None
+        for n, (fn, launch_args, meta) in enumerate(recorder.launches):
+            out.append(dict(layer=name, dtype=str(dtype).removeprefix("torch."), call=call,
+                            kernel=fn.__name__.strip("_").removesuffix("_kernel"),
+                            votes=meta["BI"] * meta["BJ"], warps=meta["num_warps"], problems=meta.get("BM"),
+                            default=(blocks == tk.TritonBlocks()),
+                            **(compile_report(fn, launch_args, meta, args.arch) if args.registers else empty),
+                            ms=ms if n == 0 else None))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ints = lambda s: [int(x) for x in s.split(",") if x]    # noqa: E731
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -265,25 +286,8 @@ def main(argv: list[str] | None = None) -> int:
             meta_t = arguments(n_in, n_out, m, offsets, dtype, "meta")
             real_t = arguments(n_in, n_out, m, offsets, dtype, "cuda") if args.time else None
             for group, blocks in choices(args):
-                kernels = (("mstep", "estep_assign", "estep_backward") if group == "forward"
-                           else ("mstep_backward",))
-                recorder = _Recorder(blocks)
-                fns = calls(recorder, meta_t, m, n_out, n_in)
-                timed = calls(tk.TritonKernels(blocks), real_t, m, n_out, n_in) if args.time else None
-                for kernel in kernels:
-                    recorder.launches.clear()
-                    fns[kernel]()
-                    ms = time_call(timed[kernel], args.repeat) if args.time else None
-                    for n, (fn, launch_args, meta) in enumerate(recorder.launches):
-                        record = dict(layer=name, dtype=str(dtype).removeprefix("torch."), call=kernel,
-                                      kernel=fn.__name__.strip("_").removesuffix("_kernel"),
-                                      votes=meta["BI"] * meta["BJ"], warps=meta["num_warps"],
-                                      problems=meta.get("BM"), default=(blocks == default),
-                                      **(compile_report(fn, launch_args, meta, args.arch) if args.registers else
-                                         dict(registers=None, spill_bytes=None, shared=None, instructions=None,
-                                              loads=None, per_vote=None)),
-                                      ms=ms if n == 0 else None)
-                        print(json.dumps(record) if args.json else row(record), flush=True)
+                for record in reports(name, dtype, group, blocks, meta_t, real_t, m, n_out, n_in, args):
+                    print(json.dumps(record) if args.json else row(record), flush=True)
     return 0
 
 

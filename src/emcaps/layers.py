@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
@@ -14,10 +15,12 @@ from torch.utils.checkpoint import checkpoint
 
 from emcaps.capsules import Capsules, conv_output_size, gather_windows
 from emcaps.kernels import library
-from emcaps.kernels.triton_kernels import triton_available, triton_kernels
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
-from emcaps.routing.native import Kernels, conv_routing, native_available
+from emcaps.routing.native import conv_routing, native_available
 from emcaps.routing.runtime import Runtime, Settings
+
+if TYPE_CHECKING:
+    from emcaps.routing.native import Kernels
 
 
 def _trunc_normal(shape: tuple[int, ...], std: float) -> nn.Parameter:
@@ -75,6 +78,8 @@ def _route_kernels(settings: Settings, pose: Tensor, trace: list[RoutingStep] | 
                                f"(got a {pose.device.type} tensor; see emcaps.kernels)")
         return library()
     if settings.backend == "triton":
+        from emcaps.kernels.triton_kernels import triton_available, triton_kernels  # imports triton: only here
+
         if not triton_available(pose.device):
             raise RuntimeError(f"routing backend 'triton' needs a CUDA tensor and the triton package (got a "
                                f"{pose.device.type} tensor{'' if triton_kernels() else ', and no triton'}; on a "

@@ -22,6 +22,7 @@ normalisation over every parent a child feeds (PositionCompetition.edge_scale).
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -29,14 +30,16 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from emcaps.kernels import Library, PerThread, library
-from emcaps.kernels.triton_kernels import TritonKernels
 from emcaps.routing.config import EPS, RoutingConfig
 from emcaps.routing.fused import PositionCompetition
 from emcaps.routing.reference import parent_logit
 
 _LOG_2PI = math.log(2 * math.pi)
 D = 16
-Kernels = Library | TritonKernels           # the four passes over the votes, C++ (CPU) or Triton (CUDA)
+if TYPE_CHECKING:                           # importing triton takes a tenth of a second: only where used
+    from emcaps.kernels.triton_kernels import TritonKernels
+
+    Kernels = Library | TritonKernels       # the four passes over the votes, C++ (CPU) or Triton (CUDA)
 
 
 def native_available(device: torch.device) -> bool:

@@ -218,7 +218,8 @@ def choices(args) -> list[tuple[str, tk.TritonBlocks]]:
         return [("forward", base), ("backward", base)]
     out = [("forward", replace(base, votes=v, votes_float64=v, warps=w))
            for v, w in itertools.product(args.votes, args.warps)]
-    out += [("backward", replace(base, backward_votes=v, backward_votes_float64=v, backward_warps=w, problems=p))
+    out += [("backward", replace(base, backward_votes=v, backward_votes_float64=v, backward_warps=w,
+                                 backward_warps_float64=w, problems=p))
             for v, w, p in itertools.product(args.backward_votes, args.backward_warps, args.problems)]
     return out
 

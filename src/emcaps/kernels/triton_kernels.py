@@ -153,68 +153,112 @@ if triton is not None:
         tl.store(lse + m * I + i, top + tl.log(total), mask=i < I)
 
     @triton.jit
-    def _pose_and_transform_grads(g, P, W, gP, m, i, j, k, I, J):
-        """For row/column k: adds sum_j sum_c g[i, j, r, c] W[i, j, k, c] to gP[m, i, r, k]; returns the
-        transform gradient's share sum_r P[i, r, k] g[i, j, r, c], (BI, BJ, 4) over c."""
-        i4, j4 = i[:, None, None, None], j[None, :, None, None]
-        r4, c4 = tl.arange(0, 4)[None, None, :, None], tl.arange(0, 4)[None, None, None, :]
-        gp = tl.sum(tl.sum(g * _transform_row(W, i4, j4, c4, k, I, J), axis=3), axis=1)           # (BI, 4 r)
-        r2 = tl.arange(0, 4)[None, :]
-        ptr = gP + (m * I + i[:, None]) * 16 + r2 * 4 + k
-        pm = (i[:, None] < I) & (r2 < 4)
-        tl.store(ptr, tl.load(ptr, mask=pm, other=0.0) + gp, mask=pm)
-        return tl.sum(_pose_column(P, m, i4, r4, k, I) * g, axis=2)                              # (BI, BJ, 4 c)
+    def _load(ptr, mask, EVEN: tl.constexpr):
+        """tl.load, masked (zero outside) unless EVEN says the block lies inside the tensors."""
+        if EVEN:
+            return tl.load(ptr)
+        else:
+            return tl.load(ptr, mask=mask, other=0.0)
+
+    @triton.jit
+    def _store(ptr, value, mask, EVEN: tl.constexpr):
+        """tl.store, masked unless EVEN."""
+        if EVEN:
+            tl.store(ptr, value)
+        else:
+            tl.store(ptr, value, mask=mask)
+
+    @triton.jit
+    def _pick(x, c5, k):
+        """x[..., k] broadcast over the last axis of a 5-D block: that axis lies within a thread, so the choice
+        compiles to a register (adding -0.0 is exact, NaN included, and folds away)."""
+        return tl.sum(tl.where(c5 == k, x, -0.0), axis=4)[:, :, :, :, None]
 
     @triton.jit
     def _mstep_backward_kernel(P, W, O, r, r_sm, r_sj, act, inv, mean, g_var, gm, g_maha, inv_var, e_mean,
                                M, I, J, gP, gW_part, gw, gw_sum,
-                               HAS_OFF: tl.constexpr, HAS_E: tl.constexpr, BM: tl.constexpr,
-                               BI: tl.constexpr, BJ: tl.constexpr):
+                               HAS_OFF: tl.constexpr, HAS_E: tl.constexpr, EVEN: tl.constexpr,
+                               BM: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
         """Problems [BM block] x children [BI block]: the vote gradients g of every parent, turned into pose
         gradients (added to gP), transform gradients (this block's sum, into gW_part[block]), the per-vote sums
         gw[m, j, i] = sum_e gm v + g_var (v - mean)^2 from which the weight gradients follow, and this block's
-        sum over children of gw r a, gw_sum[m, j, block] (the gradient through the weight sums S needs it)."""
+        sum over children of gw r a, gw_sum[m, j, block] (the gradient through the weight sums S needs it).
+
+        Blocks are 5-D, (parent groups JO, children BI, parents in a group JI, row r, column c), j = jo JI + ji:
+        Triton then lays the columns in a thread, (ji, r) across a warp's lanes, children across warps and the
+        groups in a thread, so the pose gradient's sum over parents is mostly within threads (3 rounds of
+        shuffles for 4 values, where a 4-D (children, parents) block takes 5 rounds for 16), and the transform
+        gradient is summed over rows once, after the loop. The transforms are loaded once per program."""
+        JI: tl.constexpr = 8 if BJ >= 8 else BJ
+        JO: tl.constexpr = BJ // JI
         mb = tl.program_id(0).to(tl.int64)
         ib = tl.program_id(1)
         NB = tl.num_programs(1)
-        i = ib * BI + tl.arange(0, BI)
-        j = tl.arange(0, BJ)
-        ok = (i[:, None] < I) & (j[None, :] < J)
-        ok4 = ok[:, :, None, None]
-        gw0 = tl.zeros((BI, BJ, 4), dtype=P.dtype.element_ty)
-        gw1 = tl.zeros((BI, BJ, 4), dtype=P.dtype.element_ty)
-        gw2 = tl.zeros((BI, BJ, 4), dtype=P.dtype.element_ty)
-        gw3 = tl.zeros((BI, BJ, 4), dtype=P.dtype.element_ty)
+        i5 = ib * BI + tl.arange(0, BI)[None, :, None, None, None]
+        j5 = tl.arange(0, JO)[:, None, None, None, None] * JI + tl.arange(0, JI)[None, None, :, None, None]
+        r5 = tl.arange(0, 4)[None, None, None, :, None]
+        c5 = tl.arange(0, 4)[None, None, None, None, :]
+        ok5 = (i5 < I) & (j5 < J) & (r5 < 4) & (c5 < 4)                                    # (JO, BI, JI, 4, 4)
+        i3 = ib * BI + tl.arange(0, BI)[None, :, None]
+        j3 = tl.arange(0, JO)[:, None, None] * JI + tl.arange(0, JI)[None, None, :]
+        ok3 = (i3 < I) & (j3 < J)                                                           # (JO, BI, JI)
+        j2 = tl.arange(0, JO)[:, None] * JI + tl.arange(0, JI)[None, :]                     # (JO, JI)
+        ip = ib * BI + tl.arange(0, BI)[None, :, None, None, None]
+        okp = (ip < I) & (r5 < 4) & (c5 < 4)                                                # (1, BI, 1, 4, 4)
+        w_at = W + (i5 * J + j5) * 16 + r5 * 0 + c5          # W[i, j, k, c] over c, row k at + 4 k
+        w0 = _load(w_at, ok5, EVEN)
+        w1 = _load(w_at + 4, ok5, EVEN)
+        w2 = _load(w_at + 8, ok5, EVEN)
+        w3 = _load(w_at + 12, ok5, EVEN)
+        gw0 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)   # P[i, r, k] g[i, j, r, c], row k
+        gw1 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
+        gw2 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
+        gw3 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
         for mm in range(0, BM):
             m = mb * BM + mm
             if m < M:
-                v = _votes(P, W, O, m, i, j, I, J, HAS_OFF)
-                d = v - _parents(mean, m, J, BJ)[None, :, :, :]
-                gv = _parents(g_var, m, J, BJ)[None, :, :, :]
-                gmj = _parents(gm, m, J, BJ)[None, :, :, :]
-                ra = tl.load(r + m * r_sm + j[None, :] * r_sj + i[:, None], mask=ok, other=0.0)
-                ra = ra * tl.load(act + m * I + i, mask=i < I, other=0.0)[:, None]                 # (BI, BJ)
-                w = ra * tl.load(inv + m * J + j, mask=j < J, other=0.0)[None, :]
-                g = w[:, :, None, None] * (gmj + 2.0 * gv * d)
+                pose = _load(P + (m * I + i5) * 16 + r5 * 4 + c5 + j5 * 0, ok5, EVEN)     # P[i, r, k] over k
+                p0, p1 = _pick(pose, c5, 0), _pick(pose, c5, 1)
+                p2, p3 = _pick(pose, c5, 2), _pick(pose, c5, 3)
+                v = p0 * w0 + p1 * w1 + p2 * w2 + p3 * w3
+                if HAS_OFF:
+                    v += _load(O + i5 * 16 + r5 * 4 + c5 + j5 * 0, ok5, EVEN)
+                par = (m * J + j5) * 16 + r5 * 4 + c5 + i5 * 0                            # parents' (j, r, c)
+                d = v - _load(mean + par, ok5, EVEN)
+                gv = _load(g_var + par, ok5, EVEN)
+                gmj = _load(gm + par, ok5, EVEN)
+                ra = _load(r + m * r_sm + j3 * r_sj + i3, ok3, EVEN) * _load(act + m * I + i3 + j3 * 0, ok3, EVEN)
+                w = ra * _load(inv + m * J + j3 + i3 * 0, ok3, EVEN)
+                g = w[:, :, :, None, None] * (gmj + 2.0 * gv * d)
                 if HAS_E:
-                    c = 2.0 * tl.load(g_maha + (m * J + j[None, :]) * I + i[:, None], mask=ok, other=0.0)
-                    emu = _parents(e_mean, m, J, BJ)[None, :, :, :]
-                    g += c[:, :, None, None] * (v - emu) * _parents(inv_var, m, J, BJ)[None, :, :, :]
-                g = tl.where(ok4, g, 0.0)
-                acc = tl.sum(tl.sum(gmj * v + gv * d * d, axis=3), axis=2)                     # (BI, BJ)
-                tl.store(gw + (m * J + j[None, :]) * I + i[:, None], acc, mask=ok)
-                tl.store(gw_sum + (m * J + j) * NB + ib, tl.sum(acc * ra, axis=0), mask=j < J)
-                gw0 += _pose_and_transform_grads(g, P, W, gP, m, i, j, 0, I, J)
-                gw1 += _pose_and_transform_grads(g, P, W, gP, m, i, j, 1, I, J)
-                gw2 += _pose_and_transform_grads(g, P, W, gP, m, i, j, 2, I, J)
-                gw3 += _pose_and_transform_grads(g, P, W, gP, m, i, j, 3, I, J)
-        i3, j3, c3 = i[:, None, None], j[None, :, None], tl.arange(0, 4)[None, None, :]
-        base = gW_part + mb * I * J * 16 + (i3 * J + j3) * 16 + c3                          # (BI, BJ, 4)
-        okw = (i3 < I) & (j3 < J)
-        tl.store(base, gw0, mask=okw)
-        tl.store(base + 4, gw1, mask=okw)
-        tl.store(base + 8, gw2, mask=okw)
-        tl.store(base + 12, gw3, mask=okw)
+                    c = 2.0 * _load(g_maha + (m * J + j3) * I + i3, ok3, EVEN)
+                    g += c[:, :, :, None, None] * (v - _load(e_mean + par, ok5, EVEN)) * _load(inv_var + par, ok5, EVEN)
+                if not EVEN:
+                    g = tl.where(ok5, g, 0.0)
+                acc = tl.sum(tl.sum(gmj * v + gv * d * d, axis=4), axis=3)                     # (JO, BI, JI)
+                _store(gw + (m * J + j3) * I + i3, acc, ok3, EVEN)
+                _store(gw_sum + (m * J + j2) * NB + ib, tl.sum(acc * ra, axis=1), j2 < J, EVEN)
+                # sum_c g[i, j, r, c] W[i, j, k, c] for each k, laid along the last axis (k), then over parents
+                gk = tl.where(c5 == 0, tl.sum(g * w0, axis=4)[:, :, :, :, None], 0.0)
+                gk += tl.where(c5 == 1, tl.sum(g * w1, axis=4)[:, :, :, :, None], 0.0)
+                gk += tl.where(c5 == 2, tl.sum(g * w2, axis=4)[:, :, :, :, None], 0.0)
+                gk += tl.where(c5 == 3, tl.sum(g * w3, axis=4)[:, :, :, :, None], 0.0)
+                gp = tl.sum(tl.sum(gk, axis=0, keep_dims=True), axis=2, keep_dims=True)     # (1, BI, 1, 4, 4)
+                at = gP + (m * I + ip) * 16 + r5 * 4 + c5
+                _store(at, _load(at, okp, EVEN) + gp, okp, EVEN)
+                gw0 += p0 * g
+                gw1 += p1 * g
+                gw2 += p2 * g
+                gw3 += p3 * g
+        i4 = ib * BI + tl.arange(0, BI)[None, :, None, None]
+        j4 = tl.arange(0, JO)[:, None, None, None] * JI + tl.arange(0, JI)[None, None, :, None]
+        c4 = tl.arange(0, 4)[None, None, None, :]
+        at = gW_part + mb * I * J * 16 + (i4 * J + j4) * 16 + c4                            # (JO, BI, JI, 4)
+        okw = (i4 < I) & (j4 < J)
+        tl.store(at, tl.sum(gw0, axis=3), mask=okw)
+        tl.store(at + 4, tl.sum(gw1, axis=3), mask=okw)
+        tl.store(at + 8, tl.sum(gw2, axis=3), mask=okw)
+        tl.store(at + 12, tl.sum(gw3, axis=3), mask=okw)
 
     @triton.jit
     def _weights_backward_kernel(gw, r, r_sm, r_sj, act, inv, g_s, M, I, J, g_r, g_act,
@@ -252,11 +296,12 @@ class TritonBlocks:
 
     votes: int = 256
     votes_float64: int = 128
-    backward_votes: int = 256
+    backward_votes: int = 128
     backward_votes_float64: int = 64
     problems: int = 64
     warps: int = 8
-    backward_warps: int = 8
+    backward_warps: int = 4
+    backward_warps_float64: int = 8
     weights_votes: int = 2048
 
     def forward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
@@ -267,9 +312,11 @@ class TritonBlocks:
         """(BJ, BI) of estep_assign: four times the forward blocks, as it keeps no running sums."""
         return _blocks(n_out, n_in, 4 * (self.votes_float64 if dtype == torch.float64 else self.votes))
 
-    def backward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
-        """(BJ, BI) of mstep_backward."""
-        return _blocks(n_out, n_in, self.backward_votes_float64 if dtype == torch.float64 else self.backward_votes)
+    def backward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int, int]:
+        """(BJ, BI, warps) of mstep_backward."""
+        if dtype == torch.float64:
+            return *_blocks(n_out, n_in, self.backward_votes_float64), self.backward_warps_float64
+        return *_blocks(n_out, n_in, self.backward_votes), self.backward_warps
 
 
 def _blocks(n_out: int, n_in: int, votes: int) -> tuple[int, int]:
@@ -329,7 +376,7 @@ class TritonKernels:
         # d var / d mean = -2 sum_i w_i (v_i - mean) = -2 mean (1 - sum_i w_i): zero unless S < eps
         gm = (g_mean - 2 * g_var * mean * (1 - S * inv).unsqueeze(-1)).contiguous()
         gw = P.new_empty(M, J, I)
-        bj, bi = self.blocks.backward(J, I, P.dtype)
+        bj, bi, warps = self.blocks.backward(J, I, P.dtype)
         bm = self.blocks.problems
         blocks, n_ib = triton.cdiv(M, bm), triton.cdiv(I, bi)
         part = P.new_empty(blocks, I, J, 16)
@@ -338,8 +385,8 @@ class TritonKernels:
         self.launch(_mstep_backward_kernel, (blocks, n_ib),
                     P, W, O if O is not None else P, r, r_sm, r_sj, act, inv, mean, g_var, gm,
                     g_maha if has_e else P, inv_var if has_e else P, e_mean if has_e else P, M, I, J, gP, part, gw,
-                    gw_sum, HAS_OFF=O is not None, HAS_E=has_e, BM=bm, BI=bi, BJ=bj,
-                    num_warps=self.blocks.backward_warps)
+                    gw_sum, HAS_OFF=O is not None, HAS_E=has_e, EVEN=I % bi == 0 and J == bj, BM=bm, BI=bi, BJ=bj,
+                    num_warps=warps)
         gW[0] += part.sum(0)
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a
         g_sp = -gw_sum.sum(-1) * inv                                                      # (M, J)

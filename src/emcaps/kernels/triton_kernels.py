@@ -48,27 +48,43 @@ def triton_available(device: torch.device) -> bool:
 if triton is not None:
 
     @triton.jit
-    def _pose_column(P, m, i4, r4, k, I):
+    def _load(ptr, mask, EVEN: tl.constexpr):
+        """tl.load, masked (zero outside) unless EVEN says the block lies inside the tensors."""
+        if EVEN:
+            return tl.load(ptr)
+        else:
+            return tl.load(ptr, mask=mask, other=0.0)
+
+    @triton.jit
+    def _store(ptr, value, mask, EVEN: tl.constexpr):
+        """tl.store, masked unless EVEN."""
+        if EVEN:
+            tl.store(ptr, value)
+        else:
+            tl.store(ptr, value, mask=mask)
+
+    @triton.jit
+    def _pose_column(P, m, i4, r4, k, I, EVEN: tl.constexpr):
         """Column k of each child's pose, P[m, i, r, k]: (BI, 1, 4, 1)."""
-        return tl.load(P + (m * I + i4) * 16 + r4 * 4 + k, mask=i4 < I, other=0.0)
+        return _load(P + (m * I + i4) * 16 + r4 * 4 + k, i4 < I, EVEN)
 
     @triton.jit
-    def _transform_row(W, i4, j4, c4, k, I, J):
+    def _transform_row(W, i4, j4, c4, k, I, J, EVEN: tl.constexpr):
         """Row k of each transform, W[i, j, k, c]: (BI, BJ, 1, 4), four contiguous values (one vector load)."""
-        return tl.load(W + (i4 * J + j4) * 16 + k * 4 + c4, mask=(i4 < I) & (j4 < J), other=0.0)
+        return _load(W + (i4 * J + j4) * 16 + k * 4 + c4, (i4 < I) & (j4 < J), EVEN)
 
     @triton.jit
-    def _votes(P, W, O, m, i, j, I, J, HAS_OFF: tl.constexpr):
+    def _votes(P, W, O, m, i, j, I, J, HAS_OFF: tl.constexpr, EVEN: tl.constexpr):
         """The votes of children i (BI,) of problem m for parents j (BJ,): (BI, BJ, 4, 4), finite where masked
         (every caller gives those votes zero weight). v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c] (+ the
         child's offset O[i, r, c])."""
         i4, j4 = i[:, None, None, None], j[None, :, None, None]
         r4, c4 = tl.arange(0, 4)[None, None, :, None], tl.arange(0, 4)[None, None, None, :]
-        v = _pose_column(P, m, i4, r4, 0, I) * _transform_row(W, i4, j4, c4, 0, I, J)
+        v = _pose_column(P, m, i4, r4, 0, I, EVEN) * _transform_row(W, i4, j4, c4, 0, I, J, EVEN)
         for k in tl.static_range(1, 4):
-            v += _pose_column(P, m, i4, r4, k, I) * _transform_row(W, i4, j4, c4, k, I, J)
+            v += _pose_column(P, m, i4, r4, k, I, EVEN) * _transform_row(W, i4, j4, c4, k, I, J, EVEN)
         if HAS_OFF:
-            v += tl.load(O + i4 * 16 + r4 * 4 + c4, mask=i4 < I, other=0.0)
+            v += _load(O + i4 * 16 + r4 * 4 + c4, i4 < I, EVEN)
         return v
 
     @triton.jit
@@ -87,7 +103,8 @@ if triton is not None:
 
     @triton.jit
     def _gather_kernel(P, W, O, wts, w_sm, w_sj, act, centre, M, I, J, eps, out_a, out_b, out_s,
-                       MODE: tl.constexpr, HAS_OFF: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+                       MODE: tl.constexpr, HAS_OFF: tl.constexpr, EVEN: tl.constexpr, BI: tl.constexpr,
+                       BJ: tl.constexpr):
         """Per problem m: sums over children of weight * (v - c) and weight * (v - c)^2 for every parent.
 
         MODE 0 (mstep): weights r[m, j, i] act[m, i]; centre c = child 0's vote; writes the weighted mean,
@@ -97,7 +114,7 @@ if triton is not None:
         m = tl.program_id(0).to(tl.int64)      # offsets past 2^31 elements at large batches
         j = tl.arange(0, BJ)
         if MODE == 0:
-            c = tl.sum(_votes(P, W, O, m, tl.arange(0, 1), j, I, J, HAS_OFF), axis=0)          # (BJ, 4, 4)
+            c = tl.sum(_votes(P, W, O, m, tl.arange(0, 1), j, I, J, HAS_OFF, EVEN), axis=0)          # (BJ, 4, 4)
         else:
             c = _parents(centre, m, J, BJ)
         # summed over each block's children elementwise, and across them once at the end: the loop then holds
@@ -108,10 +125,10 @@ if triton is not None:
         for i0 in range(0, I, BI):
             i = i0 + tl.arange(0, BI)
             ok = (i[:, None] < I) & (j[None, :] < J)
-            wt = tl.load(wts + m * w_sm + j[None, :] * w_sj + i[:, None], mask=ok, other=0.0)   # (BI, BJ)
+            wt = _load(wts + m * w_sm + j[None, :] * w_sj + i[:, None], ok, EVEN)                 # (BI, BJ)
             if MODE == 0:
-                wt = wt * tl.load(act + m * I + i, mask=i < I, other=0.0)[:, None]
-            d = _votes(P, W, O, m, i, j, I, J, HAS_OFF) - c[None, :, :, :]
+                wt = wt * _load(act + m * I + i, i < I, EVEN)[:, None]
+            d = _votes(P, W, O, m, i, j, I, J, HAS_OFF, EVEN) - c[None, :, :, :]
             wd = wt[:, :, None, None] * d
             s1 += wd
             s2 += wd * d
@@ -134,39 +151,26 @@ if triton is not None:
 
     @triton.jit
     def _estep_kernel(P, W, O, mean, inv_var, const, M, I, J, h, r, lse,
-                      HAS_OFF: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+                      HAS_OFF: tl.constexpr, EVEN: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
         """Children [BI block] of problem m: l_j = const_j - h maha_ji, softmax over j into r, lse per child."""
         m = tl.program_id(0).to(tl.int64)      # offsets past 2^31 elements at large batches
         i = tl.program_id(1) * BI + tl.arange(0, BI)
         j = tl.arange(0, BJ)
-        d = _votes(P, W, O, m, i, j, I, J, HAS_OFF) - _parents(mean, m, J, BJ)[None, :, :, :]
+        d = _votes(P, W, O, m, i, j, I, J, HAS_OFF, EVEN) - _parents(mean, m, J, BJ)[None, :, :, :]
         maha = tl.sum(tl.sum(d * d * _parents(inv_var, m, J, BJ)[None, :, :, :], axis=3), axis=2)   # (BI, BJ)
         ok = (i[:, None] < I) & (j[None, :] < J)
-        lg = tl.load(const + m * J + j, mask=j < J, other=0.0)[None, :] - h * maha
-        lg = tl.where(ok, lg, -float("inf"))
+        lg = _load(const + m * J + j, j < J, EVEN)[None, :] - h * maha
+        if not EVEN:
+            lg = tl.where(ok, lg, -float("inf"))
         top = tl.max(lg, axis=1)
-        top = tl.where(i < I, top, 0.0)
+        if not EVEN:
+            top = tl.where(i < I, top, 0.0)
         p = tl.exp(lg - top[:, None])
         total = tl.sum(p, axis=1)
-        total = tl.where(i < I, total, 1.0)
-        tl.store(r + (m * J + j[None, :]) * I + i[:, None], p / total[:, None], mask=ok)
-        tl.store(lse + m * I + i, top + tl.log(total), mask=i < I)
-
-    @triton.jit
-    def _load(ptr, mask, EVEN: tl.constexpr):
-        """tl.load, masked (zero outside) unless EVEN says the block lies inside the tensors."""
-        if EVEN:
-            return tl.load(ptr)
-        else:
-            return tl.load(ptr, mask=mask, other=0.0)
-
-    @triton.jit
-    def _store(ptr, value, mask, EVEN: tl.constexpr):
-        """tl.store, masked unless EVEN."""
-        if EVEN:
-            tl.store(ptr, value)
-        else:
-            tl.store(ptr, value, mask=mask)
+        if not EVEN:
+            total = tl.where(i < I, total, 1.0)
+        _store(r + (m * J + j[None, :]) * I + i[:, None], p / total[:, None], ok, EVEN)
+        _store(lse + m * I + i, top + tl.log(total), i < I, EVEN)
 
     @triton.jit
     def _pick(x, c5, k):
@@ -326,6 +330,12 @@ def _blocks(n_out: int, n_in: int, votes: int) -> tuple[int, int]:
     return bj, bi
 
 
+def _even(n_in: int, n_out: int, bi: int, bj: int) -> bool:
+    """Whether blocks of (bi children, bj parent types) tile the problem exactly: the kernels then load and store
+    without masks (a masked load also zeroes its registers first)."""
+    return n_in % bi == 0 and n_out == bj
+
+
 class TritonKernels:
     """The four kernels with em_kernels.cpp's arguments (less the thread range), and `call` as `Library.call`."""
 
@@ -349,21 +359,24 @@ class TritonKernels:
         """mean, var (M, J, 16) (no floor) and weight sums S (M, J) of every parent."""
         bj, bi = self.blocks.forward(J, I, P.dtype)
         self.launch(_gather_kernel, (M,), P, W, O if O is not None else P, r, r_sm, r_sj, act, P, M, I, J, eps,
-                    mean, var, S, MODE=0, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
+                    mean, var, S, MODE=0, HAS_OFF=O is not None, EVEN=_even(I, J, bi, bj), BI=bi, BJ=bj,
+                    num_warps=self.blocks.warps)
 
     def estep_assign(self, P: Tensor, W: Tensor, O: Tensor | None, mean: Tensor, inv_var: Tensor, const: Tensor,
                      M: int, J: int, I: int, h: float, r: Tensor, lse: Tensor) -> None:
         """r (M, J, I): the E-step normalised over parent types; lse (M, I), each child's log-normaliser."""
         bj, bi = self.blocks.estep(J, I, P.dtype)
         self.launch(_estep_kernel, (M, triton.cdiv(I, bi)), P, W, O if O is not None else P, mean, inv_var, const,
-                    M, I, J, h, r, lse, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
+                    M, I, J, h, r, lse, HAS_OFF=O is not None, EVEN=_even(I, J, bi, bj), BI=bi, BJ=bj,
+                    num_warps=self.blocks.warps)
 
     def estep_backward(self, P: Tensor, W: Tensor, O: Tensor | None, mean: Tensor, inv_var: Tensor,
                        g_maha: Tensor, M: int, J: int, I: int, g_mean: Tensor, g_inv_var: Tensor) -> None:
         """g_mean = -2 inv_var sum_i g_maha (v - mean), g_inv_var = sum_i g_maha (v - mean)^2, (M, J, 16)."""
         bj, bi = self.blocks.forward(J, I, P.dtype)
         self.launch(_gather_kernel, (M,), P, W, O if O is not None else P, g_maha, J * I, I, P, mean, M, I, J, 0.0,
-                    g_mean, g_inv_var, P, MODE=1, HAS_OFF=O is not None, BI=bi, BJ=bj, num_warps=self.blocks.warps)
+                    g_mean, g_inv_var, P, MODE=1, HAS_OFF=O is not None, EVEN=_even(I, J, bi, bj), BI=bi, BJ=bj,
+                    num_warps=self.blocks.warps)
         g_mean.mul_(inv_var).mul_(-2.0)
 
     def mstep_backward(self, P: Tensor, W: Tensor, O: Tensor | None, WT: Tensor, r: Tensor, r_sm: int, r_sj: int,
@@ -385,7 +398,7 @@ class TritonKernels:
         self.launch(_mstep_backward_kernel, (blocks, n_ib),
                     P, W, O if O is not None else P, r, r_sm, r_sj, act, inv, mean, g_var, gm,
                     g_maha if has_e else P, inv_var if has_e else P, e_mean if has_e else P, M, I, J, gP, part, gw,
-                    gw_sum, HAS_OFF=O is not None, HAS_E=has_e, EVEN=I % bi == 0 and J == bj, BM=bm, BI=bi, BJ=bj,
+                    gw_sum, HAS_OFF=O is not None, HAS_E=has_e, EVEN=_even(I, J, bi, bj), BM=bm, BI=bi, BJ=bj,
                     num_warps=warps)
         gW[0] += part.sum(0)
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a

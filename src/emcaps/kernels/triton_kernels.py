@@ -181,8 +181,8 @@ if triton is not None:
     @triton.jit
     def _mstep_backward_kernel(P, W, O, r, r_sm, r_sj, act, inv, mean, g_var, gm, g_maha, inv_var, e_mean,
                                M, I, J, gP, gW_part, gw, gw_sum,
-                               HAS_OFF: tl.constexpr, HAS_E: tl.constexpr, EVEN: tl.constexpr,
-                               BM: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+                               HAS_OFF: tl.constexpr, HAS_E: tl.constexpr, CENTRED: tl.constexpr,
+                               EVEN: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
         """Problems [BM block] x children [BI block]: the vote gradients g of every parent, turned into pose
         gradients (added to gP), transform gradients (this block's sum, into gW_part[block]), the per-vote sums
         gw[m, j, i] = sum_e gm v + g_var (v - mean)^2 from which the weight gradients follow, and this block's
@@ -232,11 +232,18 @@ if triton is not None:
                 gv = _load(g_var + par, ok5, EVEN)
                 gmj = _load(gm + par, ok5, EVEN)
                 ra = _load(r + m * r_sm + j3 * r_sj + i3, ok3, EVEN) * _load(act + m * I + i3 + j3 * 0, ok3, EVEN)
-                w = ra * _load(inv + m * J + j3 + i3 * 0, ok3, EVEN)
-                g = w[:, :, :, None, None] * (gmj + 2.0 * gv * d)
+                w = (ra * _load(inv + m * J + j3 + i3 * 0, ok3, EVEN))[:, :, :, None, None]
+                # g = w (gm + 2 g_var d) + c inv_var (v - centre); where the centre is the mean, d (2 w g_var +
+                # c inv_var) + w gm: four operations per entry instead of six
                 if HAS_E:
-                    c = 2.0 * _load(g_maha + (m * J + j3) * I + i3, ok3, EVEN)
-                    g += c[:, :, :, None, None] * (v - _load(e_mean + par, ok5, EVEN)) * _load(inv_var + par, ok5, EVEN)
+                    c = 2.0 * _load(g_maha + (m * J + j3) * I + i3, ok3, EVEN)[:, :, :, None, None]
+                    ci = c * _load(inv_var + par, ok5, EVEN)
+                    if CENTRED:
+                        g = d * (2.0 * w * gv + ci) + w * gmj
+                    else:
+                        g = w * (gmj + 2.0 * gv * d) + ci * (v - _load(e_mean + par, ok5, EVEN))
+                else:
+                    g = w * (gmj + 2.0 * gv * d)
                 if not EVEN:
                     g = tl.where(ok5, g, 0.0)
                 acc = tl.sum(tl.sum(gmj * v + gv * d * d, axis=4), axis=3)                     # (JO, BI, JI)
@@ -398,8 +405,8 @@ class TritonKernels:
         self.launch(_mstep_backward_kernel, (blocks, n_ib),
                     P, W, O if O is not None else P, r, r_sm, r_sj, act, inv, mean, g_var, gm,
                     g_maha if has_e else P, inv_var if has_e else P, e_mean if has_e else P, M, I, J, gP, part, gw,
-                    gw_sum, HAS_OFF=O is not None, HAS_E=has_e, EVEN=_even(I, J, bi, bj), BM=bm, BI=bi, BJ=bj,
-                    num_warps=warps)
+                    gw_sum, HAS_OFF=O is not None, HAS_E=has_e, CENTRED=e_mean is mean, EVEN=_even(I, J, bi, bj),
+                    BM=bm, BI=bi, BJ=bj, num_warps=warps)
         gW[0] += part.sum(0)
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a
         g_sp = -gw_sum.sum(-1) * inv                                                      # (M, J)

@@ -10,7 +10,8 @@ scheduling, so runs repeat bit for bit); a second, light kernel turns its per-vo
 the assignments and activations in one pass over the (M, J, I) tensors.
 
 Tensors are blocks of (children BI, parents BJ, row r, column c): v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c],
-each row W[i, j, k, :] one contiguous (vector) load broadcast over the rows r. `TRITON_INTERPRET=1` runs the
+each row W[i, j, k, :] one contiguous (vector) load broadcast over the rows r; mstep_backward, which sums over
+parents for every child, cuts the parents in two axes (its docstring says why). `TRITON_INTERPRET=1` runs the
 kernels on CPU tensors (the tests compare them there with the C++ kernels and PyTorch ops); on CUDA Triton
 compiles them on first use. `triton_kernels()` is None where the triton package is missing.
 """
@@ -207,17 +208,17 @@ if triton is not None:
         j3 = tl.arange(0, JO)[:, None, None] * JI + tl.arange(0, JI)[None, None, :]
         ok3 = (i3 < I) & (j3 < J)                                                           # (JO, BI, JI)
         j2 = tl.arange(0, JO)[:, None] * JI + tl.arange(0, JI)[None, :]                     # (JO, JI)
-        ip = ib * BI + tl.arange(0, BI)[None, :, None, None, None]
-        okp = (ip < I) & (r5 < 4) & (c5 < 4)                                                # (1, BI, 1, 4, 4)
+        okp = (i5 < I) & (r5 < 4) & (c5 < 4)                                                # (1, BI, 1, 4, 4)
         w_at = W + (i5 * J + j5) * 16 + r5 * 0 + c5          # W[i, j, k, c] over c, row k at + 4 k
         w0 = _load(w_at, ok5, EVEN)
         w1 = _load(w_at + 4, ok5, EVEN)
         w2 = _load(w_at + 8, ok5, EVEN)
         w3 = _load(w_at + 12, ok5, EVEN)
-        gw0 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)   # P[i, r, k] g[i, j, r, c], row k
-        gw1 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
-        gw2 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
-        gw3 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
+        # transform gradients gt_k = sum_m P[i, r, k] g[i, j, r, c], summed over rows r after the loop
+        gt0 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
+        gt1 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
+        gt2 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
+        gt3 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
         for mm in range(0, BM):
             m = mb * BM + mm
             if m < M:
@@ -255,21 +256,21 @@ if triton is not None:
                 gk += tl.where(c5 == 2, tl.sum(g * w2, axis=4)[:, :, :, :, None], 0.0)
                 gk += tl.where(c5 == 3, tl.sum(g * w3, axis=4)[:, :, :, :, None], 0.0)
                 gp = tl.sum(tl.sum(gk, axis=0, keep_dims=True), axis=2, keep_dims=True)     # (1, BI, 1, 4, 4)
-                at = gP + (m * I + ip) * 16 + r5 * 4 + c5
+                at = gP + (m * I + i5) * 16 + r5 * 4 + c5
                 _store(at, _load(at, okp, EVEN) + gp, okp, EVEN)
-                gw0 += p0 * g
-                gw1 += p1 * g
-                gw2 += p2 * g
-                gw3 += p3 * g
+                gt0 += p0 * g
+                gt1 += p1 * g
+                gt2 += p2 * g
+                gt3 += p3 * g
         i4 = ib * BI + tl.arange(0, BI)[None, :, None, None]
         j4 = tl.arange(0, JO)[:, None, None, None] * JI + tl.arange(0, JI)[None, None, :, None]
         c4 = tl.arange(0, 4)[None, None, None, :]
         at = gW_part + mb * I * J * 16 + (i4 * J + j4) * 16 + c4                            # (JO, BI, JI, 4)
         okw = (i4 < I) & (j4 < J)
-        tl.store(at, tl.sum(gw0, axis=3), mask=okw)
-        tl.store(at + 4, tl.sum(gw1, axis=3), mask=okw)
-        tl.store(at + 8, tl.sum(gw2, axis=3), mask=okw)
-        tl.store(at + 12, tl.sum(gw3, axis=3), mask=okw)
+        tl.store(at, tl.sum(gt0, axis=3), mask=okw)
+        tl.store(at + 4, tl.sum(gt1, axis=3), mask=okw)
+        tl.store(at + 8, tl.sum(gt2, axis=3), mask=okw)
+        tl.store(at + 12, tl.sum(gt3, axis=3), mask=okw)
 
     @triton.jit
     def _weights_backward_kernel(gw, r, r_sm, r_sj, act, inv, g_s, M, I, J, g_r, g_act,

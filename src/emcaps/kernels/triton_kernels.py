@@ -65,42 +65,66 @@ if triton is not None:
             tl.store(ptr, value, mask=mask)
 
     @triton.jit
-    def _pose_column(P, m, i4, r4, k, I, EVEN: tl.constexpr):
-        """Column k of each child's pose, P[m, i, r, k]: (BI, 1, 4, 1)."""
-        return _load(P + (m * I + i4) * 16 + r4 * 4 + k, i4 < I, EVEN)
+    def _pick(x, lane, k):
+        """x[..., k] kept as a last axis of size 1: that axis lies within a thread, so the choice compiles to a
+        register (adding -0.0 is exact, NaN included, and folds away)."""
+        return tl.sum(tl.where(lane == k, x, -0.0), axis=len(x.shape) - 1, keep_dims=True)
 
     @triton.jit
-    def _transform_row(W, i4, j4, c4, k, I, J, EVEN: tl.constexpr):
-        """Row k of each transform, W[i, j, k, c]: (BI, BJ, 1, 4), four contiguous values (one vector load)."""
-        return _load(W + (i4 * J + j4) * 16 + k * 4 + c4, (i4 < I) & (j4 < J), EVEN)
+    def _inside(index, n, EVEN: tl.constexpr):
+        """`index` clamped into [0, n): a block past the end of the children or parents reads the last one
+        instead of masking its loads (a masked load zeroes its registers first). Those votes are finite and
+        every caller gives them zero weight or masks them out."""
+        if EVEN:
+            return index
+        else:
+            return tl.minimum(index, n - 1)
 
     @triton.jit
-    def _votes(P, W, O, m, i, j, I, J, HAS_OFF: tl.constexpr, EVEN: tl.constexpr):
-        """The votes of children i (BI,) of problem m for parents j (BJ,): (BI, BJ, 4, 4), finite where masked
-        (every caller gives those votes zero weight). v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c] (+ the
-        child's offset O[i, r, c])."""
-        i4, j4 = i[:, None, None, None], j[None, :, None, None]
-        r4, c4 = tl.arange(0, 4)[None, None, :, None], tl.arange(0, 4)[None, None, None, :]
-        v = _pose_column(P, m, i4, r4, 0, I, EVEN) * _transform_row(W, i4, j4, c4, 0, I, J, EVEN)
-        for k in tl.static_range(1, 4):
-            v += _pose_column(P, m, i4, r4, k, I, EVEN) * _transform_row(W, i4, j4, c4, k, I, J, EVEN)
+    def _vote_row(P, W, O, m, i4, j4, c4, row, I, J, HAS_OFF: tl.constexpr, EVEN: tl.constexpr):
+        """Row `row` of the votes of children i4 (BI, 1, 1, 1) of problem m for parents j4 (1, BJ, 1, 1):
+        v[i, j, row, c] = sum_k P[i, row, k] W[i, j, k, c] (+ the child's offset), (BI, BJ, 1, 4); past I or J,
+        another vote's values. The pose row and each transform row are one vector load of four values; the
+        pose's entries are picked in registers."""
+        i4, j4 = _inside(i4, I, EVEN), _inside(j4, J, EVEN)
+        pose = tl.load(P + (m * I + i4) * 16 + row * 4 + c4 + j4 * 0)                    # P[i, row, k] over k
+        at = W + (i4 * J + j4) * 16 + c4                                                  # W[i, j, k, c] at + 4 k
+        v = _pick(pose, c4, 0) * tl.load(at)
+        v += _pick(pose, c4, 1) * tl.load(at + 4)
+        v += _pick(pose, c4, 2) * tl.load(at + 8)
+        v += _pick(pose, c4, 3) * tl.load(at + 12)
         if HAS_OFF:
-            v += _load(O + i4 * 16 + r4 * 4 + c4, i4 < I, EVEN)
+            v += tl.load(O + i4 * 16 + row * 4 + c4 + j4 * 0)
         return v
 
     @triton.jit
-    def _parents(X, m, J, BJ: tl.constexpr):
-        """X[m, j, r, c] for every parent type: (BJ, 4, 4), zero past J."""
-        j3 = tl.arange(0, BJ)[:, None, None]
-        e3 = tl.arange(0, 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-        return tl.load(X + (m * J + j3) * 16 + e3, mask=j3 < J, other=0.0)
+    def _parent_row(X, m, i4, j4, c4, row, J, EVEN: tl.constexpr):
+        """X[m, j, row, c] broadcast over the children i4: (BI, BJ, 1, 4), past J the last parent's; loaded as
+        the transform rows are, so it shares their layout."""
+        return tl.load(X + (m * J + _inside(j4, J, EVEN)) * 16 + row * 4 + c4 + i4 * 0)
 
     @triton.jit
-    def _store_parents(X, m, J, value, BJ: tl.constexpr):
-        """X[m, j, r, c] = value (BJ, 4, 4) for j < J."""
-        j3 = tl.arange(0, BJ)[:, None, None]
-        e3 = tl.arange(0, 4)[None, :, None] * 4 + tl.arange(0, 4)[None, None, :]
-        tl.store(X + (m * J + j3) * 16 + e3, value, mask=j3 < J)
+    def _moments(d, w, s1, s2):
+        """s1 + w d, s2 + w d^2."""
+        wd = w * d
+        return s1 + wd, s2 + wd * d
+
+    @triton.jit
+    def _finish_row(out_a, out_b, m, J, j4, c4, row, s1, s2, c, inv, total, MODE: tl.constexpr):
+        """One row of every parent's outputs from its sums over the children (BI, BJ, 1, 4): MODE 0 the weighted
+        mean and variance (no floor) from sums around c, MODE 1 the sums themselves."""
+        s1 = tl.sum(s1, axis=0, keep_dims=True)                                             # (1, BJ, 1, 4)
+        s2 = tl.sum(s2, axis=0, keep_dims=True)
+        at = (m * J + j4) * 16 + row * 4 + c4
+        ok = (j4 < J) & (c4 < 4)
+        if MODE == 0:
+            dd = s1 * inv
+            off = dd + c * (total - 1.0)                                                     # mean - c
+            tl.store(out_a + at, c + off, mask=ok)
+            tl.store(out_b + at, tl.maximum(s2 * inv - 2.0 * off * dd + total * off * off, 0.0), mask=ok)
+        else:
+            tl.store(out_a + at, s1, mask=ok)
+            tl.store(out_b + at, s2, mask=ok)
 
     @triton.jit
     def _gather_kernel(P, W, O, wts, w_sm, w_sj, act, centre, M, I, J, eps, out_a, out_b, out_s,
@@ -110,45 +134,67 @@ if triton is not None:
 
         MODE 0 (mstep): weights r[m, j, i] act[m, i]; centre c = child 0's vote; writes the weighted mean,
         variance (no floor) and weight sums S. MODE 1 (estep_backward): weights g_maha[m, j, i], c = `centre`
-        (the parents' means); writes the raw sums, which the caller scales.
+        (the parents' means); writes the raw sums, which the caller scales. Each row of the votes has its own
+        sums, so that a row is one vector load of the pose (the blocks are (children, parents, 1, column)).
         """
         m = tl.program_id(0).to(tl.int64)      # offsets past 2^31 elements at large batches
         j = tl.arange(0, BJ)
+        j4 = j[None, :, None, None]
+        c4 = tl.arange(0, 4)[None, None, None, :]
+        first = tl.arange(0, 1)[:, None, None, None]                                        # child 0
         if MODE == 0:
-            c = tl.sum(_votes(P, W, O, m, tl.arange(0, 1), j, I, J, HAS_OFF, EVEN), axis=0)          # (BJ, 4, 4)
+            c0 = _vote_row(P, W, O, m, first, j4, c4, 0, I, J, HAS_OFF, EVEN)              # (1, BJ, 1, 4)
+            c1 = _vote_row(P, W, O, m, first, j4, c4, 1, I, J, HAS_OFF, EVEN)
+            c2 = _vote_row(P, W, O, m, first, j4, c4, 2, I, J, HAS_OFF, EVEN)
+            c3 = _vote_row(P, W, O, m, first, j4, c4, 3, I, J, HAS_OFF, EVEN)
         else:
-            c = _parents(centre, m, J, BJ)
+            c0 = _parent_row(centre, m, first, j4, c4, 0, J, EVEN)
+            c1 = _parent_row(centre, m, first, j4, c4, 1, J, EVEN)
+            c2 = _parent_row(centre, m, first, j4, c4, 2, J, EVEN)
+            c3 = _parent_row(centre, m, first, j4, c4, 3, J, EVEN)
         # summed over each block's children elementwise, and across them once at the end: the loop then holds
         # no reduction across threads
-        s1 = tl.zeros((BI, BJ, 4, 4), dtype=P.dtype.element_ty)
-        s2 = tl.zeros((BI, BJ, 4, 4), dtype=P.dtype.element_ty)
+        a0 = tl.zeros((BI, BJ, 1, 4), dtype=P.dtype.element_ty)         # sums of w (v - c), row by row
+        a1 = tl.zeros((BI, BJ, 1, 4), dtype=P.dtype.element_ty)
+        a2 = tl.zeros((BI, BJ, 1, 4), dtype=P.dtype.element_ty)
+        a3 = tl.zeros((BI, BJ, 1, 4), dtype=P.dtype.element_ty)
+        b0 = tl.zeros((BI, BJ, 1, 4), dtype=P.dtype.element_ty)         # sums of w (v - c)^2
+        b1 = tl.zeros((BI, BJ, 1, 4), dtype=P.dtype.element_ty)
+        b2 = tl.zeros((BI, BJ, 1, 4), dtype=P.dtype.element_ty)
+        b3 = tl.zeros((BI, BJ, 1, 4), dtype=P.dtype.element_ty)
         sw = tl.zeros((BI, BJ), dtype=P.dtype.element_ty)
         for i0 in range(0, I, BI):
             i = i0 + tl.arange(0, BI)
+            i4 = i[:, None, None, None]
             ok = (i[:, None] < I) & (j[None, :] < J)
             wt = _load(wts + m * w_sm + j[None, :] * w_sj + i[:, None], ok, EVEN)                 # (BI, BJ)
             if MODE == 0:
                 wt = wt * _load(act + m * I + i, i < I, EVEN)[:, None]
-            d = _votes(P, W, O, m, i, j, I, J, HAS_OFF, EVEN) - c[None, :, :, :]
-            wd = wt[:, :, None, None] * d
-            s1 += wd
-            s2 += wd * d
+            w = wt[:, :, None, None]
+            a0, b0 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 0, I, J, HAS_OFF, EVEN) - c0, w, a0, b0)
+            a1, b1 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 1, I, J, HAS_OFF, EVEN) - c1, w, a1, b1)
+            a2, b2 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 2, I, J, HAS_OFF, EVEN) - c2, w, a2, b2)
+            a3, b3 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 3, I, J, HAS_OFF, EVEN) - c3, w, a3, b3)
             sw += wt
-        s1 = tl.sum(s1, axis=0)                                                             # (BJ, 4, 4)
-        s2 = tl.sum(s2, axis=0)
         sw = tl.sum(sw, axis=0)                                                             # (BJ,)
+        total = sw[None, :, None, None]                                                     # (1, BJ, 1, 1)
+        inv = total                                                         # MODE 1 uses neither
         if MODE == 0:
-            inv = 1.0 / tl.maximum(sw, eps)
-            total = (sw * inv)[:, None, None]
-            dd = s1 * inv[:, None, None]
-            off = dd + c * (total - 1.0)                                                     # mean - c
-            var = tl.maximum(s2 * inv[:, None, None] - 2.0 * off * dd + total * off * off, 0.0)
-            _store_parents(out_a, m, J, c + off, BJ)
-            _store_parents(out_b, m, J, var, BJ)
+            inv = 1.0 / tl.maximum(total, eps)
+            total = total * inv
+        _finish_row(out_a, out_b, m, J, j4, c4, 0, a0, b0, c0, inv, total, MODE)
+        _finish_row(out_a, out_b, m, J, j4, c4, 1, a1, b1, c1, inv, total, MODE)
+        _finish_row(out_a, out_b, m, J, j4, c4, 2, a2, b2, c2, inv, total, MODE)
+        _finish_row(out_a, out_b, m, J, j4, c4, 3, a3, b3, c3, inv, total, MODE)
+        if MODE == 0:
             tl.store(out_s + m * J + j, sw, mask=j < J)
-        else:
-            _store_parents(out_a, m, J, s1, BJ)
-            _store_parents(out_b, m, J, s2, BJ)
+
+    @triton.jit
+    def _row_maha(P, W, O, mean, inv_var, m, i4, j4, c4, row, I, J, HAS_OFF: tl.constexpr, EVEN: tl.constexpr):
+        """One row's share of each vote's Mahalanobis distance, sum_c (v - mean)^2 / var: (BI, BJ)."""
+        v = _vote_row(P, W, O, m, i4, j4, c4, row, I, J, HAS_OFF, EVEN)
+        d = v - _parent_row(mean, m, i4, j4, c4, row, J, EVEN)
+        return tl.sum(tl.sum(d * d * _parent_row(inv_var, m, i4, j4, c4, row, J, EVEN), axis=3), axis=2)
 
     @triton.jit
     def _estep_kernel(P, W, O, mean, inv_var, const, M, I, J, h, r, lse,
@@ -157,8 +203,11 @@ if triton is not None:
         m = tl.program_id(0).to(tl.int64)      # offsets past 2^31 elements at large batches
         i = tl.program_id(1) * BI + tl.arange(0, BI)
         j = tl.arange(0, BJ)
-        d = _votes(P, W, O, m, i, j, I, J, HAS_OFF, EVEN) - _parents(mean, m, J, BJ)[None, :, :, :]
-        maha = tl.sum(tl.sum(d * d * _parents(inv_var, m, J, BJ)[None, :, :, :], axis=3), axis=2)   # (BI, BJ)
+        i4, j4, c4 = i[:, None, None, None], j[None, :, None, None], tl.arange(0, 4)[None, None, None, :]
+        maha = _row_maha(P, W, O, mean, inv_var, m, i4, j4, c4, 0, I, J, HAS_OFF, EVEN)            # (BI, BJ)
+        maha += _row_maha(P, W, O, mean, inv_var, m, i4, j4, c4, 1, I, J, HAS_OFF, EVEN)
+        maha += _row_maha(P, W, O, mean, inv_var, m, i4, j4, c4, 2, I, J, HAS_OFF, EVEN)
+        maha += _row_maha(P, W, O, mean, inv_var, m, i4, j4, c4, 3, I, J, HAS_OFF, EVEN)
         ok = (i[:, None] < I) & (j[None, :] < J)
         lg = _load(const + m * J + j, j < J, EVEN)[None, :] - h * maha
         if not EVEN:
@@ -172,12 +221,6 @@ if triton is not None:
             total = tl.where(i < I, total, 1.0)
         _store(r + (m * J + j[None, :]) * I + i[:, None], p / total[:, None], ok, EVEN)
         _store(lse + m * I + i, top + tl.log(total), i < I, EVEN)
-
-    @triton.jit
-    def _pick(x, c5, k):
-        """x[..., k] broadcast over the last axis of a 5-D block: that axis lies within a thread, so the choice
-        compiles to a register (adding -0.0 is exact, NaN included, and folds away)."""
-        return tl.sum(tl.where(c5 == k, x, -0.0), axis=4)[:, :, :, :, None]
 
     @triton.jit
     def _mstep_backward_kernel(P, W, O, r, r_sm, r_sj, act, inv, mean, g_var, gm, g_maha, inv_var, e_mean,
@@ -209,11 +252,12 @@ if triton is not None:
         ok3 = (i3 < I) & (j3 < J)                                                           # (JO, BI, JI)
         j2 = tl.arange(0, JO)[:, None] * JI + tl.arange(0, JI)[None, :]                     # (JO, JI)
         okp = (i5 < I) & (r5 < 4) & (c5 < 4)                                                # (1, BI, 1, 4, 4)
-        w_at = W + (i5 * J + j5) * 16 + r5 * 0 + c5          # W[i, j, k, c] over c, row k at + 4 k
-        w0 = _load(w_at, ok5, EVEN)
-        w1 = _load(w_at + 4, ok5, EVEN)
-        w2 = _load(w_at + 8, ok5, EVEN)
-        w3 = _load(w_at + 12, ok5, EVEN)
+        i5c, j5c = _inside(i5, I, EVEN), _inside(j5, J, EVEN)          # unmasked loads of the votes' inputs
+        w_at = W + (i5c * J + j5c) * 16 + r5 * 0 + c5        # W[i, j, k, c] over c, row k at + 4 k
+        w0 = tl.load(w_at)
+        w1 = tl.load(w_at + 4)
+        w2 = tl.load(w_at + 8)
+        w3 = tl.load(w_at + 12)
         # transform gradients gt_k = sum_m P[i, r, k] g[i, j, r, c], summed over rows r after the loop
         gt0 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
         gt1 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
@@ -222,27 +266,27 @@ if triton is not None:
         for mm in range(0, BM):
             m = mb * BM + mm
             if m < M:
-                pose = _load(P + (m * I + i5) * 16 + r5 * 4 + c5 + j5 * 0, ok5, EVEN)     # P[i, r, k] over k
+                pose = tl.load(P + (m * I + i5c) * 16 + r5 * 4 + c5 + j5 * 0)           # P[i, r, k] over k
                 p0, p1 = _pick(pose, c5, 0), _pick(pose, c5, 1)
                 p2, p3 = _pick(pose, c5, 2), _pick(pose, c5, 3)
                 v = p0 * w0 + p1 * w1 + p2 * w2 + p3 * w3
                 if HAS_OFF:
-                    v += _load(O + i5 * 16 + r5 * 4 + c5 + j5 * 0, ok5, EVEN)
-                par = (m * J + j5) * 16 + r5 * 4 + c5 + i5 * 0                            # parents' (j, r, c)
-                d = v - _load(mean + par, ok5, EVEN)
-                gv = _load(g_var + par, ok5, EVEN)
-                gmj = _load(gm + par, ok5, EVEN)
+                    v += tl.load(O + i5c * 16 + r5 * 4 + c5 + j5 * 0)
+                par = (m * J + j5c) * 16 + r5 * 4 + c5 + i5 * 0                           # parents' (j, r, c)
+                d = v - tl.load(mean + par)
+                gv = tl.load(g_var + par)
+                gmj = tl.load(gm + par)
                 ra = _load(r + m * r_sm + j3 * r_sj + i3, ok3, EVEN) * _load(act + m * I + i3 + j3 * 0, ok3, EVEN)
                 w = (ra * _load(inv + m * J + j3 + i3 * 0, ok3, EVEN))[:, :, :, None, None]
                 # g = w (gm + 2 g_var d) + c inv_var (v - centre); where the centre is the mean, d (2 w g_var +
                 # c inv_var) + w gm: four operations per entry instead of six
                 if HAS_E:
                     c = 2.0 * _load(g_maha + (m * J + j3) * I + i3, ok3, EVEN)[:, :, :, None, None]
-                    ci = c * _load(inv_var + par, ok5, EVEN)
+                    ci = c * tl.load(inv_var + par)
                     if CENTRED:
                         g = d * (2.0 * w * gv + ci) + w * gmj
                     else:
-                        g = w * (gmj + 2.0 * gv * d) + ci * (v - _load(e_mean + par, ok5, EVEN))
+                        g = w * (gmj + 2.0 * gv * d) + ci * (v - tl.load(e_mean + par))
                 else:
                     g = w * (gmj + 2.0 * gv * d)
                 if not EVEN:

@@ -12,11 +12,12 @@ instruction counts come from any machine with the triton package; `--time` (CUDA
 `--batch` images, best of `--repeat` calls. Each kernel is compiled from the very launch `TritonKernels` makes
 (same arguments, blocks and warps).
 Forward choices (votes per block, warps) apply to mstep, estep_backward and estep_assign (which takes four
-times the votes); backward choices (votes, warps, problems per program) to mstep_backward's main kernel; a
-choice of votes holds in float32 and float64 layers alike (the defaults differ: TritonBlocks). `i/vote` is a
-static estimate of the work: the thread-instructions of one iteration of the kernel's main loop over the votes
-it handles. One row per kernel launch; `ms` is the whole call (all its launches and its PyTorch glue), on the
-call's first row.
+times the votes); backward choices (votes, warps, problems per program) to mstep_backward's main kernel,
+reported as training calls it by default (`mstep_backward`: constant assignments, the last iteration only)
+and through the E-step (`mstep_backward+estep`, with `detach_assignments = false`); a choice of votes holds
+in float32 and float64 layers alike (the defaults differ: TritonBlocks). `i/vote` is a static estimate of the
+work: the thread-instructions of one iteration of the kernel's main loop over the votes it handles. One row
+per kernel launch; `ms` is the whole call (all its launches and its PyTorch glue), on the call's first row.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def arguments(n_in: int, n_out: int, m: int, offsets: bool, dtype: torch.dtype, 
 
 
 def calls(kernels: tk.TritonKernels, t: dict, m: int, n_out: int, n_in: int) -> dict:
-    """Each kernel called as emcaps.routing.native calls it: name -> a function of no arguments."""
+    """Each kernel called as emcaps.routing.native calls it: name -> a function of no arguments. mstep_backward
+    as training calls it by default (constant assignments: the last iteration only), and through the E-step
+    as with `detach_assignments = false`."""
     P, W, off, r = t["P"], t["W"], t["O"], t["r"]
     D = 16
 
@@ -89,13 +92,14 @@ def calls(kernels: tk.TritonKernels, t: dict, m: int, n_out: int, n_in: int) -> 
 
     gP, gW, g_r, g_a = torch.zeros_like(P), W.new_zeros(1, n_in, n_out, D), torch.empty_like(r), t["act"] * 0
 
-    def mstep_backward():
+    def mstep_backward(through_estep: bool = False):
+        e = (t["inv_var"], t["g_maha"], t["mean"]) if through_estep else (None, None, None)
         kernels.mstep_backward(P, W, off, t["WT"], r, r.stride(0), r.stride(1), t["act"], t["mean"], t["S"],
-                               t["g_mean"], t["g_var"], t["g_S"], t["inv_var"], t["g_maha"], t["mean"], m, n_out,
-                               n_in, 1e-8, gP, gW, g_r, g_a)
+                               t["g_mean"], t["g_var"], t["g_S"], *e, m, n_out, n_in, 1e-8, gP, gW,
+                               g_r if through_estep else None, g_a)
 
-    return dict(mstep=mstep, estep_assign=estep_assign, estep_backward=estep_backward,
-                mstep_backward=mstep_backward)
+    return {"mstep": mstep, "estep_assign": estep_assign, "estep_backward": estep_backward,
+            "mstep_backward": mstep_backward, "mstep_backward+estep": lambda: mstep_backward(True)}
 
 
 class _Recorder(tk.TritonKernels):
@@ -205,7 +209,7 @@ def row(r: dict) -> str:
     def f(key, width, fmt="d"):
         return f"{r[key]:{width}{fmt}}" if r[key] is not None else f"{'-':>{width}}"
 
-    return (f"{r['layer']:14} {r['dtype']:7} {r['call']:15} {r['kernel']:17} {r['votes']:5d} {r['warps']:5d} "
+    return (f"{r['layer']:14} {r['dtype']:7} {r['call']:20} {r['kernel']:17} {r['votes']:5d} {r['warps']:5d} "
             f"{f('problems', 5)} {f('registers', 4)} {f('spill_bytes', 7)} {f('shared', 6)} "
             f"{f('instructions', 5)} {f('loads', 5)} {f('per_vote', 7, '.1f')} {f('ms', 8, '.3f')}"
             + (" *" if r["default"] else ""))
@@ -233,7 +237,8 @@ def reports(name: str, dtype: torch.dtype, group: str, blocks: tk.TritonBlocks, 
     timed = calls(tk.TritonKernels(blocks), real_t, m, n_out, n_in) if args.time else None
     empty = dict(registers=None, spill_bytes=None, shared=None, instructions=None, loads=None, per_vote=None)
     out = []
-    for call in (("mstep", "estep_assign", "estep_backward") if group == "forward" else ("mstep_backward",)):
+    backward = ("mstep_backward", "mstep_backward+estep")
+    for call in (("mstep", "estep_assign", "estep_backward") if group == "forward" else backward):
         recorder.launches.clear()
         fns[call]()
         ms = time_call(timed[call], args.repeat) if args.time else None
@@ -279,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         ([f"ms at batch {args.batch} on {torch.cuda.get_device_name()}"] if args.time else [])
     print("; ".join(head), flush=True)
     if not args.json:
-        print(f"{'layer':14} {'dtype':7} {'call':15} {'kernel':17} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} "
+        print(f"{'layer':14} {'dtype':7} {'call':20} {'kernel':17} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} "
               f"{'spill B':>7} {'smem':>6} {'instr':>5} {'LDG':>5} {'i/vote':>7} {'ms':>8}")
     for preset in args.presets.split(","):
         for name, n_in, n_out, per_image, offsets, dtype in layers(preset):

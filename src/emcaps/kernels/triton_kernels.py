@@ -9,11 +9,12 @@ transform gradients are summed per block and then across blocks (no atomics: the
 scheduling, so runs repeat bit for bit); a second, light kernel turns its per-vote sums into the gradients of
 the assignments and activations in one pass over the (M, J, I) tensors.
 
-Tensors are blocks of (children BI, parents BJ, row r, column c): v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c],
-each row W[i, j, k, :] one contiguous (vector) load broadcast over the rows r; mstep_backward, which sums over
-parents for every child, cuts the parents in two axes (its docstring says why). `TRITON_INTERPRET=1` runs the
-kernels on CPU tensors (the tests compare them there with the C++ kernels and PyTorch ops); on CUDA Triton
-compiles them on first use. `triton_kernels()` is None where the triton package is missing.
+The forward passes compute a vote one row at a time, in blocks of (children BI, parents BJ, 1, column c):
+v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c], the pose row P[i, r, :] and each transform row W[i, j, k, :] one
+contiguous (vector) load; mstep_backward, which sums over parents for every child, cuts the parents in two
+axes (its docstring says why). Blocks past the last child or parent read clamped indices, not masked loads.
+`TRITON_INTERPRET=1` runs the kernels on CPU tensors (the tests compare them there with the C++ kernels and
+PyTorch ops); on CUDA Triton compiles them on first use. `triton_kernels()` is None where the triton package is missing.
 """
 
 from __future__ import annotations

@@ -14,7 +14,8 @@ v[i, j, r, c] = sum_k P[i, r, k] W[i, j, k, c], the pose row P[i, r, :] and each
 contiguous (vector) load; mstep_backward, which sums over parents for every child, cuts the parents in two
 axes (its docstring says why). Blocks past the last child or parent read clamped indices, not masked loads.
 `TRITON_INTERPRET=1` runs the kernels on CPU tensors (the tests compare them there with the C++ kernels and
-PyTorch ops); on CUDA Triton compiles them on first use. `triton_kernels()` is None where the triton package is missing.
+PyTorch ops); on CUDA Triton compiles them on first use. `triton_kernels()` is None where the triton package
+is missing.
 """
 
 from __future__ import annotations

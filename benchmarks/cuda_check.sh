@@ -83,7 +83,8 @@ if wants triton; then   # about 9 minutes: the most telling first, each step bou
     bench triton-paper256 --presets paper --modes train --batch 256 --impl emcaps-triton,emcaps
     stamp "triton blocks: each kernel of the paper network's layers, per block choice (batch 256)"
     timeout 150 $PY benchmarks/triton_blocks.py --presets paper --time --batch 256 --no-registers \
-        --votes 128,256,512 --warps 4,8 --backward-votes 64,128,256 --backward-warps 4,8 --problems 16,64 \
+        --votes 128,256,512 --warps 4,8 --backward-votes 64,128,256 --backward-warps 4,8 --problems 64 \
+        --calls mstep,estep_assign,estep_backward,mstep_backward \
         > "$OUT/triton-blocks.txt" 2>&1
     tail -40 "$OUT/triton-blocks.txt"
     bench triton-small256 --presets small --modes train --batch 256 --impl emcaps-triton,emcaps

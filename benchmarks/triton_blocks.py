@@ -3,7 +3,8 @@ routed layers of a preset network.
 
     python benchmarks/triton_blocks.py [--presets paper,small] [--arch 90] [--time] [--batch 256] [--json]
                                        [--votes 128,256,512] [--warps 4,8] [--backward-votes 64,128,256]
-                                       [--backward-warps 4,8] [--problems 16,64] [--default-only] [--no-registers]
+                                       [--backward-warps 4,8] [--problems 16,64] [--calls mstep,...]
+                                       [--default-only] [--no-registers]
 
 Why: the kernels hold blocks of (children x parent types x 4 x 4) values in registers; too large a block
 spills them to local memory, too small a one spends its instructions on sums across threads. Triton compiles
@@ -228,6 +229,10 @@ def choices(args) -> list[tuple[str, tk.TritonBlocks]]:
     return out
 
 
+GROUPS = {"forward": ("mstep", "estep_assign", "estep_backward"),
+          "backward": ("mstep_backward", "mstep_backward+estep")}
+
+
 def reports(name: str, dtype: torch.dtype, group: str, blocks: tk.TritonBlocks, meta_t: dict, real_t: dict | None,
             m: int, n_out: int, n_in: int, args) -> list[dict]:
     """One record per kernel launch of the group's calls on one layer: its blocks, the compile report (unless
@@ -237,8 +242,7 @@ def reports(name: str, dtype: torch.dtype, group: str, blocks: tk.TritonBlocks, 
     timed = calls(tk.TritonKernels(blocks), real_t, m, n_out, n_in) if args.time else None
     empty = dict(registers=None, spill_bytes=None, shared=None, instructions=None, loads=None, per_vote=None)
     out = []
-    backward = ("mstep_backward", "mstep_backward+estep")
-    for call in (("mstep", "estep_assign", "estep_backward") if group == "forward" else backward):
+    for call in [c for c in GROUPS[group] if c in args.calls]:
         recorder.launches.clear()
         fns[call]()
         ms = time_call(timed[call], args.repeat) if args.time else None
@@ -267,9 +271,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--problems", type=ints, default=[16, 64])
     p.add_argument("--no-registers", dest="registers", action="store_false",
                    help="skip the compile report (registers, spills): only the times")
+    p.add_argument("--calls", type=lambda x: x.split(","), default=[c for g in GROUPS.values() for c in g],
+                   help="which calls to report (default: all; mstep_backward+estep runs only where "
+                        "detach_assignments = false)")
     p.add_argument("--default-only", action="store_true", help="only TritonBlocks() (ignores the lists above)")
     p.add_argument("--json", action="store_true", help="one JSON record per line instead of the table")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.calls) - {c for g in GROUPS.values() for c in g})
+    if unknown:
+        print(f"triton_blocks: unknown call(s) {', '.join(unknown)}; known: "
+              f"{', '.join(c for g in GROUPS.values() for c in g)}", file=sys.stderr)
+        return 2
     if tk.triton is None:
         print("triton_blocks: the triton package is missing (pip install 'emcaps[triton]')", file=sys.stderr)
         return 2

@@ -263,6 +263,8 @@ def test_triton_blocks_refuses_the_interpreter_and_time_without_cuda(monkeypatch
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert blocks.main(["--default-only"]) == 2
     assert "unset TRITON_INTERPRET" in capsys.readouterr().err
+    assert blocks.main(["--calls", "mstep,estep"]) == 2
+    assert "unknown call(s) estep" in capsys.readouterr().err
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert blocks.main(["--time"]) == 2

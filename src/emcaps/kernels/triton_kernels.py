@@ -317,10 +317,10 @@ if triton is not None:
                 _store(gw + (m * J + j3) * I + i3, acc, ok3, EVEN)
                 _store(gw_sum + (m * J + j2) * NB + ib, tl.sum(acc * ra, axis=1), j2 < J, EVEN)
                 # sum_c g[i, j, r, c] W[i, j, k, c] for each k, laid along the last axis (k), then over parents
-                gk = tl.where(c5 == 0, _dot_last(g, w0, c5), 0.0)
-                gk += tl.where(c5 == 1, _dot_last(g, w1, c5), 0.0)
-                gk += tl.where(c5 == 2, _dot_last(g, w2, c5), 0.0)
-                gk += tl.where(c5 == 3, _dot_last(g, w3, c5), 0.0)
+                gk = tl.where(c5 == 0, _dot_last(g, w0, c5), -0.0)
+                gk += tl.where(c5 == 1, _dot_last(g, w1, c5), -0.0)
+                gk += tl.where(c5 == 2, _dot_last(g, w2, c5), -0.0)
+                gk += tl.where(c5 == 3, _dot_last(g, w3, c5), -0.0)
                 gp = tl.sum(tl.sum(gk, axis=0, keep_dims=True), axis=2, keep_dims=True)     # (1, BI, 1, 4, 4)
                 at = gP + (m * I + i5) * 16 + r5 * 4 + c5
                 _store(at, _load(at, okp, EVEN) + gp, okp, EVEN)

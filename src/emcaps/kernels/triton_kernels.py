@@ -95,15 +95,16 @@ if triton is not None:
             return tl.minimum(index, n - 1)
 
     @triton.jit
-    def _vote_row(P, W, O, m, i4, j4, c4, row, I, J, HAS_OFF: tl.constexpr, EVEN: tl.constexpr):
-        """Row `row` of the votes of children i4 (BI, 1, 1, 1) of problem m for parents j4 (1, BJ, 1, 1):
-        v[i, j, row, c] = sum_k P[i, row, k] W[i, j, k, c] (+ the child's offset), (BI, BJ, 1, 4); past I or J,
-        another vote's values. The pose row and each transform row are one vector load of four values; the
-        pose's entries are picked in registers."""
+    def _vote_row(P, W, O, m, i4, j4, c4, row, shift, I, J, HAS_OFF: tl.constexpr, EVEN: tl.constexpr):
+        """Row `row` of the votes of children i4 (BI, 1, 1, 1) of problem m for parents j4 (1, BJ, 1, 1), less
+        `shift` (a centre's row, or 0.0): v[i, j, row, c] - shift = sum_k P[i, row, k] W[i, j, k, c] (+ the child's
+        offset) - shift, (BI, BJ, 1, 4); past I or J, another vote's values. The pose row and each transform row
+        are one vector load of four values; the pose's entries are picked in registers; the shift starts the
+        chain of multiply-adds, where a difference afterwards would take an instruction of its own."""
         i4, j4 = _inside(i4, I, EVEN), _inside(j4, J, EVEN)
         pose = tl.load(P + (m * I + i4) * 16 + row * 4 + c4 + j4 * 0)                    # P[i, row, k] over k
         at = W + (i4 * J + j4) * 16 + c4                                                  # W[i, j, k, c] at + 4 k
-        v = _pick(pose, c4, 0) * tl.load(at)
+        v = _pick(pose, c4, 0) * tl.load(at) - shift
         v += _pick(pose, c4, 1) * tl.load(at + 4)
         v += _pick(pose, c4, 2) * tl.load(at + 8)
         v += _pick(pose, c4, 3) * tl.load(at + 12)
@@ -157,10 +158,10 @@ if triton is not None:
         c4 = tl.arange(0, 4)[None, None, None, :]
         first = tl.arange(0, 1)[:, None, None, None]                                        # child 0
         if MODE == 0:
-            c0 = _vote_row(P, W, O, m, first, j4, c4, 0, I, J, HAS_OFF, EVEN)              # (1, BJ, 1, 4)
-            c1 = _vote_row(P, W, O, m, first, j4, c4, 1, I, J, HAS_OFF, EVEN)
-            c2 = _vote_row(P, W, O, m, first, j4, c4, 2, I, J, HAS_OFF, EVEN)
-            c3 = _vote_row(P, W, O, m, first, j4, c4, 3, I, J, HAS_OFF, EVEN)
+            c0 = _vote_row(P, W, O, m, first, j4, c4, 0, 0.0, I, J, HAS_OFF, EVEN)              # (1, BJ, 1, 4)
+            c1 = _vote_row(P, W, O, m, first, j4, c4, 1, 0.0, I, J, HAS_OFF, EVEN)
+            c2 = _vote_row(P, W, O, m, first, j4, c4, 2, 0.0, I, J, HAS_OFF, EVEN)
+            c3 = _vote_row(P, W, O, m, first, j4, c4, 3, 0.0, I, J, HAS_OFF, EVEN)
         else:
             c0 = _parent_row(centre, m, first, j4, c4, 0, J, EVEN)
             c1 = _parent_row(centre, m, first, j4, c4, 1, J, EVEN)
@@ -185,10 +186,10 @@ if triton is not None:
             if MODE == 0:
                 wt = wt * _load(act + m * I + i, i < I, EVEN)[:, None]
             w = wt[:, :, None, None]
-            a0, b0 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 0, I, J, HAS_OFF, EVEN) - c0, w, a0, b0)
-            a1, b1 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 1, I, J, HAS_OFF, EVEN) - c1, w, a1, b1)
-            a2, b2 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 2, I, J, HAS_OFF, EVEN) - c2, w, a2, b2)
-            a3, b3 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 3, I, J, HAS_OFF, EVEN) - c3, w, a3, b3)
+            a0, b0 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 0, c0, I, J, HAS_OFF, EVEN), w, a0, b0)
+            a1, b1 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 1, c1, I, J, HAS_OFF, EVEN), w, a1, b1)
+            a2, b2 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 2, c2, I, J, HAS_OFF, EVEN), w, a2, b2)
+            a3, b3 = _moments(_vote_row(P, W, O, m, i4, j4, c4, 3, c3, I, J, HAS_OFF, EVEN), w, a3, b3)
             sw += wt
         sw = tl.sum(sw, axis=0)                                                             # (BJ,)
         total = sw[None, :, None, None]                                                     # (1, BJ, 1, 1)
@@ -208,8 +209,8 @@ if triton is not None:
                       EVEN: tl.constexpr):
         """maha (BI, BJ, 1, 1) plus one row's share of each vote's Mahalanobis distance, sum_c (v - mean)^2 / var,
         as a chain of multiply-adds (a sum over the row would add its four products apart)."""
-        v = _vote_row(P, W, O, m, i4, j4, c4, row, I, J, HAS_OFF, EVEN)
-        d = v - _parent_row(mean, m, i4, j4, c4, row, J, EVEN)
+        d = _vote_row(P, W, O, m, i4, j4, c4, row, _parent_row(mean, m, i4, j4, c4, row, J, EVEN), I, J, HAS_OFF,
+                      EVEN)
         t = d * _parent_row(inv_var, m, i4, j4, c4, row, J, EVEN)
         if t.dtype == tl.float64:
             return maha + _dot_last(t, d, c4)

@@ -231,6 +231,7 @@ def choices(args) -> list[tuple[str, tk.TritonBlocks]]:
 
 GROUPS = {"forward": ("mstep", "estep_assign", "estep_backward"),
           "backward": ("mstep_backward", "mstep_backward+estep")}
+CALLS = GROUPS["forward"] + GROUPS["backward"]
 
 
 def reports(name: str, dtype: torch.dtype, group: str, blocks: tk.TritonBlocks, meta_t: dict, real_t: dict | None,
@@ -271,16 +272,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--problems", type=ints, default=[16, 64])
     p.add_argument("--no-registers", dest="registers", action="store_false",
                    help="skip the compile report (registers, spills): only the times")
-    p.add_argument("--calls", type=lambda x: x.split(","), default=[c for g in GROUPS.values() for c in g],
+    p.add_argument("--calls", type=lambda x: x.split(","), default=list(CALLS),
                    help="which calls to report (default: all; mstep_backward+estep runs only where "
                         "detach_assignments = false)")
     p.add_argument("--default-only", action="store_true", help="only TritonBlocks() (ignores the lists above)")
     p.add_argument("--json", action="store_true", help="one JSON record per line instead of the table")
     args = p.parse_args(argv)
-    unknown = sorted(set(args.calls) - {c for g in GROUPS.values() for c in g})
+    unknown = sorted(set(args.calls) - set(CALLS))
     if unknown:
-        print(f"triton_blocks: unknown call(s) {', '.join(unknown)}; known: "
-              f"{', '.join(c for g in GROUPS.values() for c in g)}", file=sys.stderr)
+        print(f"triton_blocks: unknown call(s) {', '.join(unknown)}; known: {', '.join(CALLS)}", file=sys.stderr)
         return 2
     if tk.triton is None:
         print("triton_blocks: the triton package is missing (pip install 'emcaps[triton]')", file=sys.stderr)

@@ -73,14 +73,15 @@ if triton is not None:
         return tl.sum(tl.where(lane == k, x, -0.0), axis=len(x.shape) - 1, keep_dims=True)
 
     @triton.jit
-    def _dot_last(a, b, lane):
-        """sum over the last axis of a b (kept, of size 1). In float32 that axis (one 16-byte vector) lies within
-        a thread, and a chain of multiply-adds takes fewer instructions than products summed apart; in float64
-        it spans two threads, and a sum is cheaper than picking each entry."""
+    def _dot_last(a, b, lane, start):
+        """start + sum over the last axis of a b (kept, of size 1; start -0.0 for the sum alone). In float32 that
+        axis (one 16-byte vector) lies within a thread, and a chain of multiply-adds from `start` takes fewer
+        instructions than products summed apart; in float64 it spans two threads, and a sum is cheaper than
+        picking each entry."""
         if a.dtype == tl.float64:
-            return tl.sum(a * b, axis=len(a.shape) - 1, keep_dims=True)
-        out = _pick(a, lane, 0) * _pick(b, lane, 0)
-        for c in tl.static_range(1, 4):
+            return start + tl.sum(a * b, axis=len(a.shape) - 1, keep_dims=True)
+        out = start
+        for c in tl.static_range(4):
             out += _pick(a, lane, c) * _pick(b, lane, c)
         return out
 
@@ -207,16 +208,10 @@ if triton is not None:
     @triton.jit
     def _add_row_maha(maha, P, W, O, mean, inv_var, m, i4, j4, c4, row, I, J, HAS_OFF: tl.constexpr,
                       EVEN: tl.constexpr):
-        """maha (BI, BJ, 1, 1) plus one row's share of each vote's Mahalanobis distance, sum_c (v - mean)^2 / var,
-        as a chain of multiply-adds (a sum over the row would add its four products apart)."""
+        """maha (BI, BJ, 1, 1) plus one row's share of each vote's Mahalanobis distance, sum_c (v - mean)^2 / var."""
         d = _vote_row(P, W, O, m, i4, j4, c4, row, _parent_row(mean, m, i4, j4, c4, row, J, EVEN), I, J, HAS_OFF,
                       EVEN)
-        t = d * _parent_row(inv_var, m, i4, j4, c4, row, J, EVEN)
-        if t.dtype == tl.float64:
-            return maha + _dot_last(t, d, c4)
-        for c in tl.static_range(4):
-            maha += _pick(t, c4, c) * _pick(d, c4, c)                 # _dot_last, continuing the chain
-        return maha
+        return _dot_last(d * _parent_row(inv_var, m, i4, j4, c4, row, J, EVEN), d, c4, maha)
 
     @triton.jit
     def _estep_kernel(P, W, O, mean, inv_var, const, M, I, J, h, r, lse,
@@ -313,15 +308,15 @@ if triton is not None:
                     g = w * (gmj + 2.0 * gv * d)
                 if not EVEN:
                     g = tl.where(ok5, g, 0.0)
-                acc = _dot_last(gmj, v, c5) + _dot_last(gv * d, d, c5)                      # (JO, BI, JI, 4, 1)
+                acc = _dot_last(gv * d, d, c5, _dot_last(gmj, v, c5, -0.0))                  # (JO, BI, JI, 4, 1)
                 acc = tl.sum(tl.sum(acc, axis=4), axis=3)                                       # (JO, BI, JI)
                 _store(gw + (m * J + j3) * I + i3, acc, ok3, EVEN)
                 _store(gw_sum + (m * J + j2) * NB + ib, tl.sum(acc * ra, axis=1), j2 < J, EVEN)
                 # sum_c g[i, j, r, c] W[i, j, k, c] for each k, laid along the last axis (k), then over parents
-                gk = tl.where(c5 == 0, _dot_last(g, w0, c5), -0.0)
-                gk += tl.where(c5 == 1, _dot_last(g, w1, c5), -0.0)
-                gk += tl.where(c5 == 2, _dot_last(g, w2, c5), -0.0)
-                gk += tl.where(c5 == 3, _dot_last(g, w3, c5), -0.0)
+                gk = tl.where(c5 == 0, _dot_last(g, w0, c5, -0.0), -0.0)
+                gk += tl.where(c5 == 1, _dot_last(g, w1, c5, -0.0), -0.0)
+                gk += tl.where(c5 == 2, _dot_last(g, w2, c5, -0.0), -0.0)
+                gk += tl.where(c5 == 3, _dot_last(g, w3, c5, -0.0), -0.0)
                 gp = tl.sum(tl.sum(gk, axis=0, keep_dims=True), axis=2, keep_dims=True)     # (1, BI, 1, 4, 4)
                 at = gP + (m * I + i5) * 16 + r5 * 4 + c5
                 _store(at, _load(at, okp, EVEN) + gp, okp, EVEN)

@@ -182,7 +182,8 @@ def main_loop(ops: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
     has no loop (estep_assign: one block per program)."""
     loops = []
     for addr, op, rest in ops:
-        target = re.match(r"\s*(?:`\(.*?\)\s*)?0x([0-9a-f]+)", rest)
+        # sm_90: `BRA 0x40`, `BRA `(.L_x_1) 0x40`; sm_100 puts a uniform predicate first: `BRA.U !UP0, 0x40`
+        target = re.match(r"\s*(?:!?U?P\w+,\s*)?(?:`\(.*?\)\s*)?0x([0-9a-f]+)", rest)
         if op == "BRA" and target and int(target.group(1), 16) < addr:
             loops.append((int(target.group(1), 16), addr))
     if not loops:

@@ -234,16 +234,19 @@ def test_bench_on_a_device_without_cuda_is_a_one_line_error(capsys):
 
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="needs the triton package")
-def test_triton_kernels_compile_for_sm90_and_the_default_blocks_spill_nothing():
-    """Triton compiles every kernel for an H100/H200 without a GPU (ptxas included); the default TritonBlocks
-    keep each routed layer of the paper and small networks within the registers, with no spills."""
+@pytest.mark.parametrize("arch", [80, 90, 100])
+def test_triton_kernels_compile_and_the_default_blocks_spill_nothing(arch):
+    """Triton compiles every kernel for an A100 (sm_80), an H100/H200 (sm_90) and a B200 (sm_100) without a GPU
+    (ptxas included); the default TritonBlocks keep each routed layer of the paper and small networks within
+    the registers, with no spills."""
     import os
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR.parent / "src"), env.get("PYTHONPATH", "")])
     done = subprocess.run([sys.executable, str(BENCH_DIR / "triton_blocks.py"), "--presets", "paper,small",
-                           "--default-only", "--json"], env=env, capture_output=True, text=True, timeout=600)
+                           "--default-only", "--arch", str(arch), "--json"], env=env, capture_output=True,
+                          text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     assert len(records) == 2 * 3 * 7                          # presets x routed layers x kernel launches
@@ -255,6 +258,9 @@ def test_triton_kernels_compile_for_sm90_and_the_default_blocks_spill_nothing():
     spilled = [(r["layer"], r["kernel"], r["spill_bytes"]) for r in records if r["spill_bytes"]]
     assert not spilled
     assert all(0 < r["registers"] <= 255 for r in records)
+    # i/vote counts the main loop, not the whole kernel (estep_assign and the weights' pass have no loop)
+    assert all(r["per_vote"] * r["votes"] < r["instructions"] * 32 * r["warps"] for r in records
+               if r["kernel"] not in ("estep", "weights_backward")), records
 
 
 def test_triton_blocks_refuses_the_interpreter_and_time_without_cuda(monkeypatch, capsys):
@@ -269,3 +275,23 @@ def test_triton_blocks_refuses_the_interpreter_and_time_without_cuda(monkeypatch
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         assert blocks.main(["--time"]) == 2
         assert "--time needs a CUDA device" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("branch", ["BRA 0x0020", "BRA `(.L_x_1) 0x0020", "BRA.U !UP0, 0x0020", "@P1 BRA 0x0020"])
+def test_instruction_counts_find_the_main_loop_in_every_branch_syntax(branch):
+    """i/vote counts the largest loop's body: its backward branch is found in sm_80/90 listings and in sm_100's,
+    which put a uniform predicate after the opcode (missing it counted the whole kernel, 6x too many)."""
+    blocks = _load("triton_blocks")
+    sass = "\n".join([
+        "        /*0000*/                   MOV R1, c[0x0][0x28] ;",
+        "        /*0010*/                   ISETP.GE.AND P0, PT, R2, 0x4, PT ;",
+        "        /*0020*/                   FFMA R3, R4, R5, R3 ;",
+        "        /*0030*/                   IADD3 R2, R2, 0x1, RZ ;",
+        f"        /*0040*/                   {branch} ;",
+        "        /*0050*/                   STG.E [R6.64], R3 ;",
+        "        /*0060*/                   EXIT ;",
+        "        /*0070*/                   BRA 0x70;",
+    ])
+    ops = blocks.machine_code(sass)
+    assert [op for _, op, _ in ops] == ["MOV", "ISETP", "FFMA", "IADD3", "BRA", "STG", "EXIT", "BRA"]
+    assert [op for _, op, _ in blocks.main_loop(ops)] == ["FFMA", "IADD3", "BRA"]

@@ -56,6 +56,22 @@ def test_triton_on_the_paper_network_matches_the_cpu_float64_reference():
         torch.testing.assert_close(g, w, atol=1e-4 * max(1.0, float(w.abs().max())), rtol=1e-2)
 
 
+@pytest.mark.skipif(triton_kernels() is None or torch.cuda.device_count() < 2, reason="needs triton and 2 GPUs")
+def test_triton_routes_a_model_on_a_gpu_that_is_not_the_current_one():
+    """Triton launches on the current device: the kernels switch to the tensors' GPU (cuda:1 while cuda:0 is
+    current), and a model there gives what it gives on cuda:0."""
+    torch.manual_seed(0)
+    model = create_model("tiny", runtime=Runtime(backend="triton"))
+    x = torch.randn(4, 1, 32, 32)
+    assert torch.cuda.current_device() == 0
+    want, want_grads = _outputs_and_grads(model.to("cuda:0"), x.to("cuda:0"))
+    model.zero_grad()
+    got, grads = _outputs_and_grads(model.to("cuda:1"), x.to("cuda:1"))
+    torch.testing.assert_close(got, want)
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
 def test_cuda_chooses_whole_batches_and_stored_tensors():
     s = Runtime().on(torch.device("cuda"))
     assert s.chunk_mb > 1024 and not s.recompute

@@ -32,6 +32,28 @@ def test_cuda_settings_take_whole_batches_from_free_memory_and_store_the_backwar
     assert small.images_per_chunk(256, 31 * 2**20) < 256
 
 
+def test_cuda_budget_comes_from_the_layers_own_gpu(monkeypatch):
+    """A model on cuda:1 (the current device still cuda:0, busy with someone else's job) sizes its chunks from
+    cuda:1's free memory, and each GPU keeps its own settings."""
+    free = {0: 1 * GB, 1: 100 * GB}
+    asked = []
+
+    def mem_get_info(device=None):
+        index = 0 if device is None else torch.device(device).index
+        asked.append(device)
+        return free[index], 141 * GB
+
+    monkeypatch.setattr(torch.cuda, "mem_get_info", mem_get_info)
+    runtime._settings.cache_clear()
+    try:
+        on_1 = Runtime().on(torch.device("cuda", 1))
+        on_0 = Runtime().on(torch.device("cuda", 0))
+    finally:
+        runtime._settings.cache_clear()
+    assert on_1.chunk_mb == 25 * 1024 and on_0.chunk_mb == 256
+    assert asked == [torch.device("cuda", 1), torch.device("cuda", 0)]
+
+
 def test_what_a_user_sets_wins_on_every_device():
     rt = Runtime(backend="torch", chunk=4, chunk_mb=64, recompute="yes")
     for settings in (rt.on(CPU), rt.on(CUDA, free_bytes=100 * GB)):

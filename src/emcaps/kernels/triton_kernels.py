@@ -20,6 +20,7 @@ is missing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from dataclasses import dataclass
@@ -417,7 +418,9 @@ class TritonKernels:
 
     def call(self, name: str, dtype: torch.dtype, args: list, n_problems: int, range_at: int) -> None:
         args = [a.tensor if isinstance(a, PerThread) else a for a in args]    # one slot: threads() is 1
-        with torch.profiler.record_function(f"emcaps::{name}"):
+        # Triton launches on the current CUDA device, which need not be the tensors' (a model on cuda:1)
+        device = torch.cuda.device(args[0].device) if args[0].is_cuda else contextlib.nullcontext()
+        with torch.profiler.record_function(f"emcaps::{name}"), device:
             getattr(self, name)(*args)
 
     def launch(self, kernel, grid: tuple[int, ...], *args, **meta) -> None:

@@ -137,10 +137,14 @@ def _signature(kernel, args: tuple, meta: dict) -> tuple[dict, dict, dict, dict]
     return signature, consts, attrs, options
 
 
+ZERO = re.compile(r"(?<!-)\bRZ\b")       # the zero register as an operand (-RZ, -0.0, is a copy or |x|)
+
+
 def compile_report(kernel, args: tuple, meta: dict, arch: int) -> dict:
     """Compiles one launch for sm_`arch` and reads ptxas's resource report (registers, spills, shared memory)
-    and the machine code: its instructions and global loads (LDG), counted in the code (a loop body once), and
-    `per_vote`, the thread-instructions each vote costs: the main loop's instructions (main_loop) times the
+    and the machine code: its instructions and global loads (LDG), counted in the code (a loop body once),
+    `zero_adds`, additions of the zero register in the main loop (x + 0.0, where a sum from -0.0 folds away),
+    and `per_vote`, the thread-instructions each vote costs: the main loop's instructions (main_loop) times the
     threads of a program, over the votes of one iteration."""
     import triton
     from triton import knobs
@@ -167,6 +171,7 @@ def compile_report(kernel, args: tuple, meta: dict, arch: int) -> dict:
     return dict(registers=int(regs.group(1)) if regs else None,
                 spill_bytes=int(spill.group(1)) + int(spill.group(2)) if spill else 0,
                 shared=compiled.metadata.shared, instructions=len(ops), loads=sum(op == "LDG" for _, op, _ in ops),
+                zero_adds=sum(op in ("FADD", "DADD") and ZERO.search(rest) is not None for _, op, rest in body),
                 per_vote=round(len(body) * threads / (meta["BI"] * meta["BJ"]), 1))
 
 
@@ -242,7 +247,8 @@ def reports(name: str, dtype: torch.dtype, group: str, blocks: tk.TritonBlocks, 
     recorder = _Recorder(blocks)
     fns = calls(recorder, meta_t, m, n_out, n_in)
     timed = calls(tk.TritonKernels(blocks), real_t, m, n_out, n_in) if args.time else None
-    empty = dict(registers=None, spill_bytes=None, shared=None, instructions=None, loads=None, per_vote=None)
+    empty = dict(registers=None, spill_bytes=None, shared=None, instructions=None, loads=None, zero_adds=None,
+                 per_vote=None)
     out = []
     for call in [c for c in GROUPS[group] if c in args.calls]:
         recorder.launches.clear()

@@ -68,14 +68,24 @@ if triton is not None:
             tl.store(ptr, value, mask=mask)
 
     @triton.jit
+    def _minus_zero(dtype: tl.constexpr):
+        """-0.0 of `dtype`: adding it is exact (NaN included) and folds away. Built from its bits, since
+        triton < 3.9 turns a literal -0.0 into +0.0 (its tl.full takes any value equal to 0 for the null value),
+        and x + 0.0 is an instruction."""
+        if dtype == tl.float64:
+            return tl.full((), -(2**63), tl.int64).to(tl.float64, bitcast=True)
+        else:
+            return tl.full((), -(2**31), tl.int32).to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _pick(x, lane, k):
         """x[..., k] kept as a last axis of size 1: that axis lies within a thread, so the choice compiles to a
-        register (adding -0.0 is exact, NaN included, and folds away)."""
-        return tl.sum(tl.where(lane == k, x, -0.0), axis=len(x.shape) - 1, keep_dims=True)
+        register (the other entries are -0.0)."""
+        return tl.sum(tl.where(lane == k, x, _minus_zero(x.dtype)), axis=len(x.shape) - 1, keep_dims=True)
 
     @triton.jit
     def _dot_last(a, b, lane, start):
-        """start + sum over the last axis of a b (kept, of size 1; start -0.0 for the sum alone). In float32 that
+        """start + sum over the last axis of a b (kept, of size 1; start _minus_zero for the sum alone). In float32 that
         axis (one 16-byte vector) lies within a thread, and a chain of multiply-adds from `start` takes fewer
         instructions than products summed apart; in float64 it spans two threads, and a sum is cheaper than
         picking each entry."""
@@ -222,7 +232,7 @@ if triton is not None:
         i = tl.program_id(1) * BI + tl.arange(0, BI)
         j = tl.arange(0, BJ)
         i4, j4, c4 = i[:, None, None, None], j[None, :, None, None], tl.arange(0, 4)[None, None, None, :]
-        maha = tl.zeros((BI, BJ, 1, 1), dtype=P.dtype.element_ty)
+        maha = _minus_zero(P.dtype.element_ty)                       # a scalar: the first row's sums broadcast it
         for row in tl.static_range(4):
             maha = _add_row_maha(maha, P, W, O, mean, inv_var, m, i4, j4, c4, row, I, J, HAS_OFF, EVEN)
         maha = tl.sum(tl.sum(maha, axis=3), axis=2)                                         # (BI, BJ)
@@ -309,15 +319,16 @@ if triton is not None:
                     g = w * (gmj + 2.0 * gv * d)
                 if not EVEN:
                     g = tl.where(ok5, g, 0.0)
-                acc = _dot_last(gv * d, d, c5, _dot_last(gmj, v, c5, -0.0))                  # (JO, BI, JI, 4, 1)
+                nz = _minus_zero(g.dtype)
+                acc = _dot_last(gv * d, d, c5, _dot_last(gmj, v, c5, nz))                    # (JO, BI, JI, 4, 1)
                 acc = tl.sum(tl.sum(acc, axis=4), axis=3)                                       # (JO, BI, JI)
                 _store(gw + (m * J + j3) * I + i3, acc, ok3, EVEN)
                 _store(gw_sum + (m * J + j2) * NB + ib, tl.sum(acc * ra, axis=1), j2 < J, EVEN)
                 # sum_c g[i, j, r, c] W[i, j, k, c] for each k, laid along the last axis (k), then over parents
-                gk = tl.where(c5 == 0, _dot_last(g, w0, c5, -0.0), -0.0)
-                gk += tl.where(c5 == 1, _dot_last(g, w1, c5, -0.0), -0.0)
-                gk += tl.where(c5 == 2, _dot_last(g, w2, c5, -0.0), -0.0)
-                gk += tl.where(c5 == 3, _dot_last(g, w3, c5, -0.0), -0.0)
+                gk = tl.where(c5 == 0, _dot_last(g, w0, c5, nz), nz)
+                gk += tl.where(c5 == 1, _dot_last(g, w1, c5, nz), nz)
+                gk += tl.where(c5 == 2, _dot_last(g, w2, c5, nz), nz)
+                gk += tl.where(c5 == 3, _dot_last(g, w3, c5, nz), nz)
                 gp = tl.sum(tl.sum(gk, axis=0, keep_dims=True), axis=2, keep_dims=True)     # (1, BI, 1, 4, 4)
                 at = gP + (m * I + i5) * 16 + r5 * 4 + c5
                 _store(at, _load(at, okp, EVEN) + gp, okp, EVEN)

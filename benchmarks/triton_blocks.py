@@ -159,7 +159,11 @@ def compile_report(kernel, args: tuple, meta: dict, arch: int) -> dict:
         ptx = os.path.join(d, "k.ptx")
         with open(ptx, "w") as f:
             f.write(compiled.asm["ptx"])
-        log = subprocess.run([get_ptxas(arch).path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
+        try:
+            ptxas = get_ptxas(arch)               # triton >= 3.6 (a ptxas per architecture)
+        except TypeError:
+            ptxas = get_ptxas()
+        log = subprocess.run([ptxas.path, f"-arch=sm_{arch}{suffix}", "-v", ptx, "-o",
                               os.path.join(d, "k.cubin")], capture_output=True, text=True, check=True).stderr
         sass = subprocess.run([knobs.nvidia.cuobjdump.path, "-sass", os.path.join(d, "k.cubin")],
                               capture_output=True, text=True, check=True).stdout

@@ -7,7 +7,7 @@ import pytest
 import torch
 from test_native_routing import assert_same, problem, run_both
 
-from emcaps.kernels.triton_kernels import interpreted, triton_available, triton_kernels
+from emcaps.kernels.triton_kernels import TritonBlocks, TritonKernels, interpreted, triton_available, triton_kernels
 from emcaps.models import create_model
 from emcaps.routing import RoutingConfig, Runtime
 from emcaps.routing.native import conv_routing
@@ -39,6 +39,17 @@ def test_triton_whole_blocks_and_parent_groups_match_torch(monkeypatch):
     monkeypatch.setattr(test_native_routing, "conv_routing", triton_routing)
     inputs = problem(n=1, h=3, b=32, c=32, seed=5)
     assert_same(run_both(inputs, RoutingConfig(iterations=2, final_lambda=1.0), True), atol=1e-10, rtol=1e-9)
+
+
+def test_triton_reversed_axes_match_torch(monkeypatch):
+    """mstep_backward loading its blocks with the first four axes reversed (TritonBlocks.reverse_axes, the
+    default under triton 3.6) gives the same gradients, through the E-step too, with four parent groups."""
+    import test_native_routing
+    kernels = TritonKernels(TritonBlocks(reverse_axes=True))
+    monkeypatch.setattr(test_native_routing, "conv_routing",
+                        lambda *args, **kwargs: conv_routing(*args, kernels=kernels, **kwargs))
+    config = RoutingConfig(iterations=2, final_lambda=1.0, detach_assignments=False)
+    assert_same(run_both(problem(n=1, h=3, b=4, c=32, seed=7), config, True), atol=1e-10, rtol=1e-9)
 
 
 def test_triton_float32_and_offsets_match_the_cpp_kernels():

@@ -23,7 +23,8 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
@@ -95,6 +96,15 @@ if triton is not None:
         for c in tl.static_range(4):
             out += _pick(a, lane, c) * _pick(b, lane, c)
         return out
+
+    @triton.jit
+    def _load5(ptr, REVERSE: tl.constexpr):
+        """tl.load of a 5-D block (JO, BI, JI, row, column); REVERSE loads it with the first four axes reversed and
+        reverses them back (TritonBlocks.reverse_axes)."""
+        if REVERSE:
+            return tl.permute(tl.load(tl.permute(ptr, (3, 2, 1, 0, 4))), (3, 2, 1, 0, 4))
+        else:
+            return tl.load(ptr)
 
     @triton.jit
     def _inside(index, n, EVEN: tl.constexpr):
@@ -254,7 +264,8 @@ if triton is not None:
     def _mstep_backward_kernel(P, W, O, r, r_sm, r_sj, act, inv, mean, g_var, gm, g_maha, inv_var, e_mean,
                                M, I, J, gP, gW_part, gw, gw_sum,
                                HAS_OFF: tl.constexpr, HAS_E: tl.constexpr, CENTRED: tl.constexpr,
-                               EVEN: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr):
+                               EVEN: tl.constexpr, BM: tl.constexpr, BI: tl.constexpr, BJ: tl.constexpr,
+                               REVERSE: tl.constexpr):
         """Problems [BM block] x children [BI block]: the vote gradients g of every parent, turned into pose
         gradients (added to gP), transform gradients (this block's sum, into gW_part[block]), the per-vote sums
         gw[m, j, i] = sum_e gm v + g_var (v - mean)^2 from which the weight gradients follow, and this block's
@@ -282,10 +293,10 @@ if triton is not None:
         okp = (i5 < I) & (r5 < 4) & (c5 < 4)                                                # (1, BI, 1, 4, 4)
         i5c, j5c = _inside(i5, I, EVEN), _inside(j5, J, EVEN)          # unmasked loads of the votes' inputs
         w_at = W + (i5c * J + j5c) * 16 + r5 * 0 + c5        # W[i, j, k, c] over c, row k at + 4 k
-        w0 = tl.load(w_at)
-        w1 = tl.load(w_at + 4)
-        w2 = tl.load(w_at + 8)
-        w3 = tl.load(w_at + 12)
+        w0 = _load5(w_at, REVERSE)
+        w1 = _load5(w_at + 4, REVERSE)
+        w2 = _load5(w_at + 8, REVERSE)
+        w3 = _load5(w_at + 12, REVERSE)
         # transform gradients gt_k = sum_m P[i, r, k] g[i, j, r, c], summed over rows r after the loop
         gt0 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
         gt1 = tl.zeros((JO, BI, JI, 4, 4), dtype=P.dtype.element_ty)
@@ -294,27 +305,27 @@ if triton is not None:
         for mm in range(0, BM):
             m = mb * BM + mm
             if m < M:
-                pose = tl.load(P + (m * I + i5c) * 16 + r5 * 4 + c5 + j5 * 0)           # P[i, r, k] over k
+                pose = _load5(P + (m * I + i5c) * 16 + r5 * 4 + c5 + j5 * 0, REVERSE)         # P[i, r, k] over k
                 p0, p1 = _pick(pose, c5, 0), _pick(pose, c5, 1)
                 p2, p3 = _pick(pose, c5, 2), _pick(pose, c5, 3)
                 v = p0 * w0 + p1 * w1 + p2 * w2 + p3 * w3
                 if HAS_OFF:
-                    v += tl.load(O + i5c * 16 + r5 * 4 + c5 + j5 * 0)
+                    v += _load5(O + i5c * 16 + r5 * 4 + c5 + j5 * 0, REVERSE)
                 par = (m * J + j5c) * 16 + r5 * 4 + c5 + i5 * 0                           # parents' (j, r, c)
-                d = v - tl.load(mean + par)
-                gv = tl.load(g_var + par)
-                gmj = tl.load(gm + par)
+                d = v - _load5(mean + par, REVERSE)
+                gv = _load5(g_var + par, REVERSE)
+                gmj = _load5(gm + par, REVERSE)
                 ra = _load(r + m * r_sm + j3 * r_sj + i3, ok3, EVEN) * _load(act + m * I + i3 + j3 * 0, ok3, EVEN)
                 w = (ra * _load(inv + m * J + j3 + i3 * 0, ok3, EVEN))[:, :, :, None, None]
                 # g = w (gm + 2 g_var d) + c inv_var (v - centre); where the centre is the mean, d (2 w g_var +
                 # c inv_var) + w gm: four operations per entry instead of six
                 if HAS_E:
                     c = 2.0 * _load(g_maha + (m * J + j3) * I + i3, ok3, EVEN)[:, :, :, None, None]
-                    ci = c * tl.load(inv_var + par)
+                    ci = c * _load5(inv_var + par, REVERSE)
                     if CENTRED:
                         g = d * (2.0 * w * gv + ci) + w * gmj
                     else:
-                        g = w * (gmj + 2.0 * gv * d) + ci * (v - tl.load(e_mean + par))
+                        g = w * (gmj + 2.0 * gv * d) + ci * (v - _load5(e_mean + par, REVERSE))
                 else:
                     g = w * (gmj + 2.0 * gv * d)
                 if not EVEN:
@@ -378,7 +389,13 @@ class TritonBlocks:
     choice from the machine code (any machine with triton) and times them (CUDA). Compiled for sm_90 (H100,
     H200), these defaults spill nothing in any routed layer of the paper and small networks, with the fewest
     instructions per vote among the spill-free choices tried there for the capsule convolutions
-    (tests/test_benchmarks.py checks they spill nothing)."""
+    (tests/test_benchmarks.py checks they spill nothing).
+
+    `reverse_axes`: mstep_backward loads its 5-D blocks with the first four axes reversed (and reverses them
+    back). Triton lays a block out from the loads' axes, most contiguous first; where axes tie (all but the
+    column here), triton 3.7 and later take the last first and triton 3.6 the first, so reversing them gives
+    3.6 the layout the others choose (parent types within a thread and a warp, children across warps).
+    Default: on for triton 3.6 only (3.4 and 3.5 lose the loads' vectors through the permutation)."""
 
     votes: int = 256
     votes_float64: int = 128
@@ -389,6 +406,7 @@ class TritonBlocks:
     backward_warps: int = 4
     backward_warps_float64: int = 8
     weights_votes: int = 2048
+    reverse_axes: bool = field(default_factory=lambda: _version()[:2] == (3, 6))
 
     def forward(self, n_out: int, n_in: int, dtype: torch.dtype) -> tuple[int, int]:
         """(BJ, BI) of mstep and estep_backward: every parent type in one block, children up to the block's votes."""
@@ -403,6 +421,11 @@ class TritonBlocks:
         if dtype == torch.float64:
             return *_blocks(n_out, n_in, self.backward_votes_float64), self.backward_warps_float64
         return *_blocks(n_out, n_in, self.backward_votes), self.backward_warps
+
+
+def _version() -> tuple[int, ...]:
+    """triton's version, e.g. (3, 6, 0); () without triton."""
+    return tuple(int(x) for x in re.findall(r"\d+", triton.__version__)[:3]) if triton is not None else ()
 
 
 def _blocks(n_out: int, n_in: int, votes: int) -> tuple[int, int]:
@@ -483,7 +506,8 @@ class TritonKernels:
                     P, W, O if O is not None else P, r, r_sm, r_sj, act, inv, mean, g_var, gm,
                     g_maha if has_e else P, inv_var if has_e else P, e_mean if has_e else P, M, I, J, gP, part, gw,
                     gw_sum, HAS_OFF=O is not None, HAS_E=has_e, CENTRED=e_mean is mean, EVEN=_even(I, J, bi, bj),
-                    BM=bm, BI=bi, BJ=bj, num_warps=warps)
+                    BM=bm, BI=bi, BJ=bj, REVERSE=self.blocks.reverse_axes,
+                    num_warps=warps)
         gW[0] += part.sum(0)
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a
         g_sp = -gw_sum.sum(-1) * inv                                                      # (M, J)

@@ -237,19 +237,19 @@ def test_bench_on_a_device_without_cuda_is_a_one_line_error(capsys):
 @pytest.mark.parametrize("arch", [80, 90, 100])
 def test_triton_kernels_compile_and_the_default_blocks_spill_nothing(arch):
     """Triton compiles every kernel for an A100 (sm_80), an H100/H200 (sm_90) and a B200 (sm_100) without a GPU
-    (ptxas included); the default TritonBlocks keep each routed layer of the paper and small networks within
-    the registers, with no spills and no additions of zero."""
+    (ptxas included); the default TritonBlocks keep each routed layer of the paper, small and tiny networks
+    within the registers, with no spills and no additions of zero."""
     import os
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(BENCH_DIR.parent / "src"), env.get("PYTHONPATH", "")])
-    done = subprocess.run([sys.executable, str(BENCH_DIR / "triton_blocks.py"), "--presets", "paper,small",
+    done = subprocess.run([sys.executable, str(BENCH_DIR / "triton_blocks.py"), "--presets", "paper,small,tiny",
                            "--default-only", "--arch", str(arch), "--json"], env=env, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     records = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert len(records) == 2 * 3 * 7                          # presets x routed layers x kernel launches
+    assert len(records) == 3 * 3 * 7                          # presets x routed layers x kernel launches
     assert {(r["call"], r["kernel"]) for r in records} == {
         ("mstep", "gather"), ("estep_assign", "estep"), ("estep_backward", "gather"),
         ("mstep_backward", "mstep_backward"), ("mstep_backward", "weights_backward"),

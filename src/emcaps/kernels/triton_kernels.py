@@ -387,7 +387,7 @@ class TritonBlocks:
     `weights_votes` per block of mstep_backward's second kernel, a light pass over memory that wants large
     blocks. `benchmarks/triton_blocks.py` reports registers, spills and thread-instructions per vote of each
     choice from the machine code (any machine with triton) and times them (CUDA). Compiled for sm_90 (H100,
-    H200), these defaults spill nothing in any routed layer of the paper and small networks, with the fewest
+    H200), these defaults spill nothing in any routed layer of the paper, small and tiny networks, with the fewest
     instructions per vote among the spill-free choices tried there for the capsule convolutions
     (tests/test_benchmarks.py checks they spill nothing).
 

@@ -259,7 +259,7 @@ def test_triton_kernels_compile_and_the_default_blocks_spill_nothing(arch):
     assert not spilled
     assert all(0 < r["registers"] <= 255 for r in records)
     # no x + 0.0 in a main loop: every pick and sum that starts from -0.0 folds away (a literal -0.0 would be
-    # +0.0 in triton 3.6 and 3.7, and cost an instruction per entry)
+    # +0.0 in triton before 3.9, and cost an instruction per entry)
     assert not [(r["layer"], r["kernel"], r["zero_adds"]) for r in records if r["zero_adds"]]
     # i/vote counts the main loop, not the whole kernel (estep_assign and the weights' pass have no loop)
     assert all(r["per_vote"] * r["votes"] < r["instructions"] * 32 * r["warps"] for r in records

@@ -35,6 +35,7 @@ stamp() {
 stamp "device"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$OUT/device.txt"
 $PY -c "import torch, sys; print('python', sys.version.split()[0], 'torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" | tee -a "$OUT/device.txt"
+$PY -c "import triton; from emcaps.kernels.triton_kernels import TritonBlocks; print('triton', triton.__version__, TritonBlocks())" 2>&1 | tail -1 | tee -a "$OUT/device.txt"
 
 if wants converge; then
     stamp "render SynthNORB (full, 48 px) into the cache"

@@ -137,6 +137,22 @@ def _signature(kernel, args: tuple, meta: dict) -> tuple[dict, dict, dict, dict]
     return signature, consts, attrs, options
 
 
+# per SM: registers, threads, shared memory (bytes usable by programs), programs; by compute capability
+SM_LIMITS = {80: (65536, 2048, 164 * 1024, 32), 86: (65536, 1536, 100 * 1024, 16), 89: (65536, 1536, 100 * 1024, 24),
+             90: (65536, 2048, 228 * 1024, 32), 100: (65536, 2048, 228 * 1024, 32)}
+
+
+def warps_per_sm(arch: int, registers: int, warps: int, shared: int) -> int | None:
+    """Warps of one kernel an SM holds at once (the CUDA occupancy calculation): registers are given to a warp
+    in units of 256, each program also takes 1 KB of shared memory."""
+    if arch not in SM_LIMITS:
+        return None
+    regs, threads, smem, programs = SM_LIMITS[arch]
+    per_warp = -(-registers * 32 // 256) * 256
+    fit = min(regs // per_warp // warps, threads // (32 * warps), smem // (shared + 1024), programs)
+    return fit * warps
+
+
 ZERO = re.compile(r"(?<!-)\bRZ\b")       # the zero register as an operand (-RZ, -0.0, is a copy or |x|)
 
 
@@ -172,11 +188,14 @@ def compile_report(kernel, args: tuple, meta: dict, arch: int) -> dict:
     ops = machine_code(sass)
     body = main_loop(ops)
     threads = 32 * meta["num_warps"]
-    return dict(registers=int(regs.group(1)) if regs else None,
+    registers = int(regs.group(1)) if regs else None
+    return dict(registers=registers,
                 spill_bytes=int(spill.group(1)) + int(spill.group(2)) if spill else 0,
                 shared=compiled.metadata.shared, instructions=len(ops), loads=sum(op == "LDG" for _, op, _ in ops),
                 zero_adds=sum(op in ("FADD", "DADD") and ZERO.search(rest) is not None for _, op, rest in body),
-                per_vote=round(len(body) * threads / (meta["BI"] * meta["BJ"]), 1))
+                per_vote=round(len(body) * threads / (meta["BI"] * meta["BJ"]), 1),
+                warps_per_sm=warps_per_sm(arch, registers, meta["num_warps"], compiled.metadata.shared)
+                if registers else None)
 
 
 def machine_code(sass: str) -> list[tuple[int, str, str]]:
@@ -222,7 +241,8 @@ def row(r: dict) -> str:
 
     return (f"{r['layer']:14} {r['dtype']:7} {r['call']:20} {r['kernel']:17} {r['votes']:5d} {r['warps']:5d} "
             f"{f('problems', 5)} {f('registers', 4)} {f('spill_bytes', 7)} {f('shared', 6)} "
-            f"{f('instructions', 5)} {f('loads', 5)} {f('per_vote', 7, '.1f')} {f('ms', 8, '.3f')}"
+            f"{f('instructions', 5)} {f('loads', 5)} {f('per_vote', 7, '.1f')} {f('warps_per_sm', 5)} "
+            f"{f('ms', 8, '.3f')}"
             + (" *" if r["default"] else ""))
 
 
@@ -252,7 +272,7 @@ def reports(name: str, dtype: torch.dtype, group: str, blocks: tk.TritonBlocks, 
     fns = calls(recorder, meta_t, m, n_out, n_in)
     timed = calls(tk.TritonKernels(blocks), real_t, m, n_out, n_in) if args.time else None
     empty = dict(registers=None, spill_bytes=None, shared=None, instructions=None, loads=None, zero_adds=None,
-                 per_vote=None)
+                 per_vote=None, warps_per_sm=None)
     out = []
     for call in [c for c in GROUPS[group] if c in args.calls]:
         recorder.launches.clear()
@@ -308,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     print("; ".join(head), flush=True)
     if not args.json:
         print(f"{'layer':14} {'dtype':7} {'call':20} {'kernel':17} {'votes':>5} {'warps':>5} {'probs':>5} {'regs':>4} "
-              f"{'spill B':>7} {'smem':>6} {'instr':>5} {'LDG':>5} {'i/vote':>7} {'ms':>8}")
+              f"{'spill B':>7} {'smem':>6} {'instr':>5} {'LDG':>5} {'i/vote':>7} {'w/SM':>5} {'ms':>8}")
     for preset in args.presets.split(","):
         for name, n_in, n_out, per_image, offsets, dtype in layers(preset):
             m = args.batch * per_image

@@ -298,3 +298,17 @@ def test_instruction_counts_find_the_main_loop_in_every_branch_syntax(branch):
     ops = blocks.machine_code(sass)
     assert [op for _, op, _ in ops] == ["MOV", "ISETP", "FFMA", "IADD3", "BRA", "STG", "EXIT", "BRA"]
     assert [op for _, op, _ in blocks.main_loop(ops)] == ["FFMA", "IADD3", "BRA"]
+
+
+def test_warps_per_sm_follow_registers_threads_and_shared_memory():
+    """The occupancy column of triton_blocks.py: registers go to a warp in units of 256 per warp (234 registers
+    -> 7,680 a warp, 8 warps of 65,536), threads cap it (2,048 on sm_90, 1,536 on sm_89), and so does shared
+    memory (1 KB more a program)."""
+    blocks = _load("triton_blocks")
+    assert blocks.warps_per_sm(90, 234, 4, 2048) == 8           # two programs of 4 warps
+    assert blocks.warps_per_sm(90, 103, 8, 4096) == 16          # 3,328 a warp: 19 warps fit, two programs of 8
+    assert blocks.warps_per_sm(90, 132, 8, 4096) == 8           # 4,352 a warp: 15 warps, one program
+    assert blocks.warps_per_sm(90, 32, 8, 2048) == 64           # threads: 2,048 / 256 = 8 programs
+    assert blocks.warps_per_sm(89, 32, 8, 2048) == 48           # threads: 1,536 / 256 = 6 programs
+    assert blocks.warps_per_sm(90, 32, 4, 100 * 1024) == 8      # shared memory: 2 programs of 101 KB
+    assert blocks.warps_per_sm(75, 32, 4, 0) is None            # an architecture without a table row

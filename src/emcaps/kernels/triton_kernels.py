@@ -398,7 +398,8 @@ class TritonBlocks:
     back). Triton lays a block out from the loads' axes, most contiguous first; where axes tie (all but the
     column here), triton 3.7 and later take the last first and triton 3.6 the first, so reversing them gives
     3.6 the layout the others choose (parent types within a thread and a warp, children across warps).
-    Default: on for triton 3.6 only (3.4 and 3.5 lose the loads' vectors through the permutation)."""
+    Default: on for triton 3.6 only (3.4 and 3.5 lose the loads' vectors through the permutation); float32
+    blocks only (in float64 a vote's columns span two threads, and the reversal costs instructions)."""
 
     votes: int = 256
     votes_float64: int = 128
@@ -509,7 +510,7 @@ class TritonKernels:
                     P, W, O if O is not None else P, r, r_sm, r_sj, act, inv, mean, g_var, gm,
                     g_maha if has_e else P, inv_var if has_e else P, e_mean if has_e else P, M, I, J, gP, part, gw,
                     gw_sum, HAS_OFF=O is not None, HAS_E=has_e, CENTRED=e_mean is mean, EVEN=_even(I, J, bi, bj),
-                    BM=bm, BI=bi, BJ=bj, REVERSE=self.blocks.reverse_axes,
+                    BM=bm, BI=bi, BJ=bj, REVERSE=self.blocks.reverse_axes and P.dtype == torch.float32,
                     num_warps=warps)
         gW[0] += part.sum(0)
         # the weights w_ji = r_ji a_i / max(S_j, eps): their gradients through S and then r and a

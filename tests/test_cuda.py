@@ -67,9 +67,9 @@ def test_triton_routes_a_model_on_a_gpu_that_is_not_the_current_one():
     want, want_grads = _outputs_and_grads(model.to("cuda:0"), x.to("cuda:0"))
     model.zero_grad()
     got, grads = _outputs_and_grads(model.to("cuda:1"), x.to("cuda:1"))
-    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)      # float32, with atomics in PyTorch's ops
     for g, w in zip(grads, want_grads):
-        torch.testing.assert_close(g, w)
+        torch.testing.assert_close(g, w, atol=1e-5 * max(1.0, float(w.abs().max())), rtol=1e-4)
 
 
 def test_cuda_chooses_whole_batches_and_stored_tensors():

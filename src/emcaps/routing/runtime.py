@@ -68,7 +68,7 @@ class Runtime:
 
     def on(self, device: torch.device, free_bytes: int | None = None) -> Settings:
         """The settings a layer uses on `device`. `free_bytes` stands in for the device's free memory (tests)."""
-        return _settings(self, device.type, device.index, free_bytes)
+        return _settings(self, device, free_bytes)
 
 
 @dataclass(frozen=True)
@@ -99,10 +99,10 @@ class Settings:
 
 
 @functools.cache
-def _settings(runtime: Runtime, device_type: str, index: int | None, free_bytes: int | None) -> Settings:
-    if device_type == "cuda":
+def _settings(runtime: Runtime, device: torch.device, free_bytes: int | None) -> Settings:
+    if device.type == "cuda":
         if free_bytes is None:        # the layer's own GPU, which need not be the current one (cuda:1 on a shared box)
-            free_bytes, _ = torch.cuda.mem_get_info(torch.device("cuda", index) if index is not None else None)
+            free_bytes, _ = torch.cuda.mem_get_info(device)
         chunk_mb = runtime.chunk_mb or max(CPU_CHUNK_MB, CUDA_MEMORY_SHARE * free_bytes / 2**20)
         backend = runtime.backend
         if backend == "auto":

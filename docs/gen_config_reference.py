@@ -26,14 +26,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 PAGE = ROOT / "docs" / "configs.md"
 
-# Meanings of the fields that neither a docstring entry nor a comment in the code describes.
+# Meanings of the fields that neither a docstring entry nor a comment in the code describes. (A table's row
+# links to its section without being told.)
 EXTRA: dict[str, dict[str, str]] = {
     "RunConfig": {
-        "data": "where images come from and how they are preprocessed: [`[data]`](#data).",
-        "model": "which network, and its initialisation: [`[model]`](#model).",
-        "optim": "the optimiser and its learning-rate schedule: [`[optim]`](#optim).",
-        "loss": "the loss and its margin schedule: [`[loss]`](#loss).",
-        "train": "the training loop: length, batch, device, checkpoints, evaluation: [`[train]`](#train).",
+        "data": "where images come from and how they are preprocessed.",
+        "model": "which network, and its initialisation.",
+        "optim": "the optimiser and its learning-rate schedule.",
+        "loss": "the loss and its margin schedule.",
+        "train": "the training loop: length, batch, device, checkpoints, evaluation.",
     },
     "DataConfig": {
         "synth_size": "side in pixels of the SynthNORB images rendered into the cache (`emcaps data synth --size`).",
@@ -55,10 +56,6 @@ EXTRA: dict[str, dict[str, str]] = {
         "decay_steps": "with lr_schedule 'exponential': the steps over which the lr falls by `lr_decay`.",
         "min_lr_ratio": "with lr_schedule 'cosine': the lr at the end of the run, as a fraction of `lr`.",
         "warmup_steps": "the lr rises linearly from 0 over this many steps (0 = off).",
-    },
-    "LossConfig": {
-        "margin_schedule": "how the spread loss's margin moves from margin_start to margin_end: 'linear', "
-                           "'sigmoid' or 'constant'.",
     },
     "TrainConfig": {
         "batch_size": "images per optimiser step (over all processes under torchrun).",
@@ -331,13 +328,17 @@ def render() -> str:
         described = meanings(cls)
         for f in fields:
             key = f"{section}.{f.name}" if section else f.name
-            out.append(f"| `{key}` | {_type(f, hints)} | {_default(f)} | {_cell(described[f.name])} |")
+            meaning = described[f.name]
+            if dataclasses.is_dataclass(hints[f.name]):
+                meaning = f"{meaning.rstrip('.')}: [`[{key}]`](#{key.replace('.', '-')})."
+            out.append(f"| `{key}` | {_type(f, hints)} | {_default(f)} | {_cell(meaning)} |")
     from emcaps.routing import PARAMETERISATIONS
 
     out += ["", "## What each routing parameterisation sets {#parameterisations}", "",
             "`routing.parameterisation = NAME` sets these routing fields (and the model's initialisation, "
             "its `init` in `emcaps.routing.PARAMETERISATIONS`) wherever the config does not set them itself. A "
-            "config that names a parameterisation and gives one of these fields another value is refused.", ""]
+            "config that names a parameterisation and gives one of these fields another value is refused; an "
+            "override of one (`--set`) changes that field alone, and the label becomes `custom`.", ""]
     names = list(PARAMETERISATIONS)
     keys = list(dict.fromkeys(k for p in PARAMETERISATIONS.values() for k in p.routing))
     out += ["| field | " + " | ".join(f"`{n}`" for n in names) + " |",

@@ -171,6 +171,23 @@ def test_the_label_follows_the_fields_where_no_name_is_given(tmp_path):
     assert config.load(path) == c
 
 
+@pytest.mark.parametrize("name, field, value", [("paper", "final_lambda", 0.1), ("authors", "var_floor", 1e-9)])
+def test_an_override_of_a_named_field_keeps_the_names_other_fields_and_init(name, field, value, tmp_path):
+    """A file naming a parameterisation, and a saved run of it, take an override of one of its routing fields
+    as a change of that field alone: every other field, and the initialisation, stay the name's."""
+    from emcaps.routing import PARAMETERISATIONS
+
+    path = tmp_path / "run.toml"
+    path.write_text(f'[routing]\nparameterisation = "{name}"\n')
+    saved = config.load(path).to_dict()
+    for c in (config.load(path, [f"routing.{field}={value}"]), config.from_saved(saved, [f"routing.{field}={value}"])):
+        assert c.routing == RoutingConfig.named(name, **{field: value})
+        assert c.routing.parameterisation == "custom"
+        assert {key: getattr(c.model, key) for key in PARAMETERISATIONS[name].init} == PARAMETERISATIONS[name].init
+    same = PARAMETERISATIONS[name].routing[field]
+    assert config.load(path, [f"routing.{field}={same}"]).routing.parameterisation == name
+
+
 @pytest.mark.parametrize("override", ["routing.parameterisation=google", "routing.parameterisation=3"])
 def test_unknown_parameterisation_is_a_config_error(override):
     with pytest.raises(ConfigError, match="routing.parameterisation must be one of 'emcaps', 'paper', "
@@ -200,6 +217,43 @@ def test_the_old_spelling_of_a_renamed_key_still_loads():
     old = config.from_dict({"routing": {"normalize_cost": True}})
     assert old.routing.normalise_cost and old == config.load(None, ["routing.normalise_cost=true"])
     assert config.load(None, ["routing.normalize_cost=true"]).routing.normalise_cost
+
+
+@pytest.mark.parametrize("key, value, runtime", [
+    ("recompute", "true", "yes"), ("recompute", "false", "no"), ("chunk", "4", 4), ("chunk_mb", "12", 12.0),
+    ("native_chunk_mb", "12", 12.0), ("backend", '"torch"', "torch"), ("backend", '"auto"', "auto"),
+])
+def test_an_old_routing_runtime_key_sets_its_runtime_key_and_says_so(key, value, runtime, tmp_path, caplog):
+    """routing.chunk, chunk_mb, native_chunk_mb, recompute and backend moved to [runtime]: given by a user, in
+    an override or a file (`value` is TOML), each keeps its value there (recompute's true / false as 'yes' /
+    'no'), and a warning names the new key. An override wins over a saved run's runtime."""
+    moved = f"routing.{key} is now runtime.{key}"
+    with caplog.at_level("WARNING", logger="emcaps"):
+        assert getattr(config.load(None, [f"routing.{key}={value}"]).runtime, key) == runtime
+    assert [r.getMessage() for r in caplog.records] == [f"emcaps: {moved}"]
+    saved = config.load(None).to_dict()
+    assert getattr(config.from_saved(saved, [f"routing.{key}={value}"]).runtime, key) == runtime
+    caplog.clear()
+    path = tmp_path / "old.toml"
+    path.write_text(f"[routing]\n{key} = {value}\n")
+    with caplog.at_level("WARNING", logger="emcaps"):
+        assert getattr(config.load(path).runtime, key) == runtime
+    assert [r.getMessage() for r in caplog.records] == [f"emcaps: {path}: {moved}"]
+
+
+def test_a_saved_runs_old_routing_runtime_keys_load_quietly(caplog):
+    """A checkpoint from before [runtime] saved every runtime key in [routing], its CPU defaults among them:
+    they load without a word, the defaults left for the device to choose."""
+    from emcaps.routing import Runtime
+
+    saved = config.load(None).to_dict()
+    del saved["runtime"]
+    saved["routing"].update(chunk=0, chunk_mb=12.0, native_chunk_mb=12.0, recompute=True, backend="auto")
+    with caplog.at_level("WARNING", logger="emcaps"):
+        assert config.from_saved(saved).runtime == Runtime()
+        saved["routing"].update(recompute=False, chunk_mb=64.0)
+        assert config.from_saved(saved).runtime == Runtime(recompute="no", chunk_mb=64.0)
+    assert not caplog.records
 
 
 def test_the_viewpoint_filters_are_one_table_and_their_old_keys_still_load(tmp_path):

@@ -500,6 +500,22 @@ def test_named_parameterisations():
     assert not any(RoutingConfig.named(name).detach_assignments for name in ("paper", "authors", "ibm"))
 
 
+def test_a_named_routing_with_a_field_it_sets_changed_builds_the_names_model_with_its_init():
+    """RoutingConfig.named(NAME, field=...) changing a field NAME sets is 'custom', which create_model
+    initialises as emcaps does; passing PARAMETERISATIONS[NAME].init too (the docstring's recipe) gives
+    NAME's initialisation with that routing."""
+    from emcaps.models import create_model
+    from emcaps.routing import PARAMETERISATIONS
+
+    routing = RoutingConfig.named("authors", var_floor=1e-9)
+    assert routing.parameterisation == "custom" and routing.centre_damping == 0.1
+    init = PARAMETERISATIONS["authors"].init
+    model = create_model("tiny", routing=routing, **init)
+    assert model.config.routing == routing and {k: getattr(model.config, k) for k in init} == init
+    plain = create_model("tiny", routing=routing).config
+    assert {k: getattr(plain, k) for k in init} == PARAMETERISATIONS["emcaps"].init
+
+
 def test_standardised_logits_have_zero_mean_and_lambda_spread_over_the_parents():
     """Whatever the scale of votes and fan-in, the standardised costs put each problem's logits (beta_a = 0)
     at mean 0 and standard deviation lambda across its parents; the paper's are lambda * cost, tiny here."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import importlib.resources
+import logging
 import sys
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
@@ -29,6 +30,8 @@ else:                                            # the same parser, before it jo
 
 
 PRECISIONS = ("float32", "bf16")
+
+log = logging.getLogger("emcaps")
 
 
 @dataclass(frozen=True)
@@ -92,11 +95,20 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    """name: 'auto' (spread loss for capsules, cross-entropy for the CNN), 'spread', 'margin' or
-    'cross_entropy'. The spread-loss margin rises from margin_start to margin_end: 'linear' over the whole
-    run (the paper), 'sigmoid' (the authors' code, with sigmoid_steps per unit), or 'constant' (margin_end).
+    """The loss, and the margin of the spread loss.
+
+    name:            'auto' (spread loss for capsules, cross-entropy for the CNN), 'spread', 'margin' or
+                     'cross_entropy'.
+    margin_schedule: how the spread loss's margin moves over the run: 'linear' from margin_start to margin_end
+                     (the paper), 'sigmoid' (the authors' code, see sigmoid_steps), or 'constant' (margin_end).
+    margin_start:    the margin at the first step, with margin_schedule 'linear'.
+    margin_end:      the margin at the last step with margin_schedule 'linear', and at every step with
+                     'constant'.
+    sigmoid_steps:   with margin_schedule 'sigmoid', the margin is 0.2 + 0.79 sigmoid(min(10, step /
+                     sigmoid_steps - 4)), whatever margin_start and margin_end say.
     reconstruction_weight: with model.decoder, the mean squared error per pixel of the reconstructions
-    (of standardised images) is added to the loss times this: small, so that classification leads.
+                     (of standardised images) is added to the loss times this: small, so that classification
+                     leads.
     """
 
     name: str = "auto"
@@ -115,19 +127,28 @@ class LossConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """The loop. It trains for `epochs`, or for `max_steps` optimiser steps when that is set (0 = off;
-    the last epoch then ends early, and the lr and margin schedules span the steps). device: 'auto' (cuda
-    if present, else cpu), 'cpu', 'cuda', 'cuda:1'...; threads: torch intra-op threads (0 = torch's
-    default). Checkpoints are written every epoch, every `checkpoint_minutes`
-    and every `checkpoint_steps` steps (0 = off). eval_every: test the model every this many epochs
-    (0 = only at the end); eval_steps: also every this many steps (0 = off), logged as 'eval' events in
-    log.jsonl: a learning curve. ema_decay: evaluate, checkpoint and export an exponential moving average
-    of the weights with this decay (0 = off, the raw weights; see emcaps.training.averaging).
-    precision: 'float32', or 'bf16': the training step's convolutions and loss run under bf16 autocast,
-    while capsule layers compute votes and routing statistics in float32 (emcaps.layers), and the weights
-    and optimiser stay in float32. deterministic: every operation takes its deterministic algorithm
-    (torch.use_deterministic_algorithms, CUBLAS_WORKSPACE_CONFIG), so a CUDA run repeats bit for bit and
-    resumes exactly as a CPU run does; slower on a GPU."""
+    """The loop: how long it trains, on what, and when it checkpoints, tests and logs.
+
+    epochs:        passes over the training set, unless max_steps is set.
+    max_steps:     train for this many optimiser steps instead of `epochs` (0 = off); the last epoch then ends
+                   early, and the lr and margin schedules span the steps.
+    device:        'auto' (cuda if present, else cpu), 'cpu', 'cuda', 'cuda:1'...
+    threads:       torch intra-op threads (0 = torch's default).
+    checkpoint_minutes: write a checkpoint whenever this many minutes have passed since the last (> 0); one is
+                   also written at the end of every epoch.
+    checkpoint_steps: also write a checkpoint every this many steps (0 = off).
+    eval_every:    test the model every this many epochs (0 = only at the end).
+    eval_steps:    also test it every this many steps (0 = off), logged as 'eval' events in log.jsonl: a
+                   learning curve.
+    ema_decay:     evaluate, checkpoint and export an exponential moving average of the weights with this decay
+                   (0 = off, the raw weights; see emcaps.training.averaging).
+    precision:     'float32', or 'bf16': the training step's convolutions and loss run under bf16 autocast,
+                   while capsule layers compute votes and routing statistics in float32 (emcaps.layers), and
+                   the weights and optimiser stay in float32.
+    deterministic: every operation takes its deterministic algorithm (torch.use_deterministic_algorithms,
+                   CUBLAS_WORKSPACE_CONFIG), so a CUDA run repeats bit for bit and resumes exactly as a CPU run
+                   does; slower on a GPU.
+    """
 
     epochs: int = 10
     max_steps: int = 0
@@ -165,8 +186,12 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything that decides a run. `name` labels the run directory and logs. `routing` is the routing's
-    mathematics; `runtime` only how it runs on the run's device (0 / 'auto': chosen for it)."""
+    """Everything that decides a run.
+
+    name:    labels the run directory and logs.
+    routing: the routing's mathematics, shared by every routed layer.
+    runtime: only how the routing runs on the run's device, never what it computes (0 / 'auto': chosen for it).
+    """
 
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
@@ -223,26 +248,37 @@ def _unknown(key: str, known: list[str]) -> ConfigError:
 RENAMED_KEYS = {"routing.normalize_cost": "normalise_cost"}
 
 
-# How routing runs was part of [routing] before it became [runtime]: the old keys move there, and the values
-# every config then saved (its defaults, chosen for a CPU) are dropped so that the device chooses.
+# How routing runs was part of [routing] before it became [runtime]: the old keys still load, into [runtime].
+# Their old defaults, chosen for a CPU, are what every run then saved: a saved config drops those so that the
+# device chooses. A user's file or override keeps every value it gives, and is told the key's new name.
 MOVED_TO_RUNTIME = {"chunk": 0, "chunk_mb": 12.0, "native_chunk_mb": 12.0, "recompute": True, "backend": "auto"}
 
 
-def _move_runtime_keys(data: dict[str, Any]) -> dict[str, Any]:
+def _runtime_value(key: str, value: Any) -> Any:
+    """An old routing.KEY value as runtime.KEY takes it: recompute was true or false, now 'yes' or 'no'."""
+    return {True: "yes", False: "no"}[value] if key == "recompute" and isinstance(value, bool) else value
+
+
+def _say_moved(key: str, where: str = "") -> None:
+    log.warning("emcaps: %srouting.%s is now runtime.%s", where, key, key)
+
+
+def _move_runtime_keys(data: dict[str, Any], where: str | None = None) -> dict[str, Any]:
+    """`data` with its old routing.* runtime keys in [runtime], where a key [runtime] sets itself wins. `where`
+    names the user's file they came from (each is then kept and named in a warning); None: a saved config."""
     routing = data.get("routing")
     if not isinstance(routing, dict) or not MOVED_TO_RUNTIME.keys() & routing.keys():
         return data
-    runtime = dict(data.get("runtime", {})) if isinstance(data.get("runtime"), dict) else data.get("runtime", {})
-    for key, old_default in MOVED_TO_RUNTIME.items():
-        if key in routing:
-            value = routing[key]
-            if value != old_default and isinstance(runtime, dict):
-                runtime.setdefault(key, {True: "yes", False: "no"}[value] if key == "recompute" and
-                                   isinstance(value, bool) else value)
-    out = {**data, "routing": {k: v for k, v in routing.items() if k not in MOVED_TO_RUNTIME}}
-    if runtime:
-        out["runtime"] = runtime
-    return out
+    moved = {k: v for k, v in routing.items() if k in MOVED_TO_RUNTIME}
+    if where is None:
+        moved = {k: v for k, v in moved.items() if v != MOVED_TO_RUNTIME[k]}
+    else:
+        for key in moved:
+            _say_moved(key, f"{where}: ")
+    runtime = data.get("runtime", {})
+    if isinstance(runtime, dict):
+        runtime = {**{k: _runtime_value(k, v) for k, v in moved.items()}, **runtime}
+    return {**data, "routing": {k: v for k, v in routing.items() if k not in MOVED_TO_RUNTIME}, "runtime": runtime}
 
 
 # The viewpoint filters were keys of [data] before they became [data.viewpoints]: they move there.
@@ -300,10 +336,14 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply `section.key=value` strings to a plain config dict (a new dict; the input is unchanged)."""
+    """Apply `section.key=value` strings to a plain config dict (a new dict; the input is unchanged). An old
+    routing.* runtime key sets its runtime.* key, with a warning."""
     out = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
     for text in overrides:
         path, value = parse_override(text)
+        if len(path) == 2 and path[0] == "routing" and path[1] in MOVED_TO_RUNTIME:
+            _say_moved(path[1])
+            path, value = ["runtime", path[1]], _runtime_value(path[1], value)
         node = out
         for part in path[:-1]:
             node = node.setdefault(part, {})
@@ -320,8 +360,8 @@ def resolve_parameterisation(data: dict[str, Any]) -> dict[str, Any]:
     A config that names a parameterisation and sets one of its routing fields to another value contradicts
     itself: RoutingConfig refuses it (a ConfigError when it loads). Without the name the label is derived
     from the fields ('custom' where no name sets them all). (`from_dict` and `with_updates` first drop the
-    named fields of a config whose name an override or update changes, and the label of one whose named
-    fields they change.)
+    named fields of a config whose name an override or update changes; one that changes a named field fills
+    in the config's named fields, then drops its label.)
     """
     routing = data.get("routing")
     if not isinstance(routing, dict) or "parameterisation" not in routing:
@@ -350,13 +390,15 @@ def _without_named_fields(data: dict[str, Any]) -> dict[str, Any]:
 
 def from_dict(data: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """A RunConfig from plain data and overrides. An override naming `routing.parameterisation` replaces every
-    field that parameterisation sets, also where `data` (a file, a saved run) sets it; other overrides win."""
+    field that parameterisation sets, also where `data` (a file, a saved run) sets it. Any other override
+    changes only what it names: the fields `data`'s parameterisation sets keep its values otherwise, and an
+    override of one of them makes the label follow the fields ('custom' where they differ from the name's)."""
     overrides = list(overrides)
     paths = [parse_override(text)[0] for text in overrides]
     if ["routing", "parameterisation"] in paths:
         data = _without_named_fields(data)
     elif any(path[:1] == ["routing"] and path[-1] in _NAMED_ROUTING_FIELDS for path in paths):
-        data = _without_label(data)
+        data = _without_label(resolve_parameterisation(data))
     return build(RunConfig, resolve_parameterisation(apply_overrides(data, overrides)))
 
 
@@ -393,6 +435,7 @@ def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] 
             data = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
             raise ConfigError(f"{path}: not valid TOML: {err}") from None
+        data = _move_runtime_keys(data, str(path))
         data.setdefault("name", path.stem)
     return from_dict(data, overrides)
 

@@ -184,8 +184,13 @@ class RoutingConfig:
 
     @classmethod
     def named(cls, name: str, **fields: Any) -> RoutingConfig:
-        """A named parameterisation's routing (see PARAMETERISATIONS), with `fields` overriding any of its settings;
-        `create_model(..., routing=RoutingConfig.named(NAME))` gives the initialisation that goes with it too."""
+        """A named parameterisation's routing (see PARAMETERISATIONS), with `fields` overriding any of its settings.
+
+        `create_model(..., routing=RoutingConfig.named(NAME))` gives the initialisation that goes with the name
+        too. A field the name sets, changed here, labels the routing 'custom' (the label never lies), and
+        `create_model` then initialises as emcaps does: pass the name's initialisation as well,
+        `create_model(..., routing=RoutingConfig.named(NAME, var_floor=...), **PARAMETERISATIONS[NAME].init)`,
+        as a run config does for an override of a field its parameterisation sets."""
         if name not in PARAMETERISATIONS:
             raise ValueError(f"unknown routing parameterisation {name!r}; expected one of "
                              f"{', '.join(PARAMETERISATIONS)}")

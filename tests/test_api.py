@@ -28,7 +28,8 @@ def test_a_forward_pass_and_a_loss_from_the_top_level():
 def test_unknown_models_and_wrong_options_are_clear_errors():
     with pytest.raises(ValueError, match="unknown model 'big'; expected one of paper, small, tiny, cnn"):
         emcaps.create_model("big")
-    with pytest.raises(ValueError, match="the baseline CNN takes no capsule settings, got \\['routing'\\]"):
+    with pytest.raises(TypeError, match="model 'cnn' takes classes, in_channels, image_size, dropout; got an "
+                                        "unexpected keyword argument 'routing'"):
         emcaps.create_model("cnn", routing=emcaps.RoutingConfig())
 
 
@@ -46,6 +47,40 @@ def test_a_registered_model_is_known_to_run_configs():
         del _REGISTRY["tiny2"]
     with pytest.raises(config.ConfigError, match="model.name must be one of"):
         config.load(None, ["model.name=tiny2"])
+
+
+def test_a_builder_takes_the_keywords_register_model_documents():
+    """create_model passes what its caller gives; a run config passes image_size and, to a capsule network,
+    routing, runtime and the model.* options. A builder that cannot take them is named, with what it takes."""
+    from emcaps.training.build import build_model
+
+    calls = []
+
+    @emcaps.register_model("mine")
+    def mine(classes, in_channels, *, image_size=32, routing=None, runtime=None, **options):
+        calls.append((classes, in_channels, image_size, routing, runtime, options))
+        return emcaps.create_model("tiny", classes=classes, in_channels=in_channels, routing=routing,
+                                   runtime=runtime, image_size=image_size, **options)
+
+    @emcaps.register_model("narrow")
+    def narrow(classes, in_channels):
+        return emcaps.create_model("tiny", classes=classes, in_channels=in_channels)
+
+    try:
+        assert emcaps.create_model("mine", classes=3)(torch.randn(1, 1, 32, 32)).shape == (1, 3)
+        run = config.load(None, ["model.name=mine", "data.crop=24", "runtime.backend=torch"])
+        model = build_model(run, classes=4, in_channels=2)
+        assert model(torch.randn(1, 2, 24, 24)).shape == (1, 4)
+        classes, in_channels, image_size, routing, runtime, options = calls[-1]
+        assert (classes, in_channels, image_size) == (4, 2, 24) and routing == run.routing
+        assert runtime.backend == "torch" and options == run.model.capsule_options()
+        assert isinstance(emcaps.create_model("narrow"), emcaps.MatrixCapsNet)
+        with pytest.raises(TypeError, match=r"model 'narrow' takes classes, in_channels; got an unexpected keyword "
+                                            r"argument '(routing|runtime|image_size)' \(register_model lists what "
+                                            r"run configs pass a builder\)"):
+            build_model(config.load(None, ["model.name=narrow"]), classes=5, in_channels=1)
+    finally:
+        del _REGISTRY["mine"], _REGISTRY["narrow"]
 
 
 def test_the_same_named_recipe_from_python_and_from_the_cli():

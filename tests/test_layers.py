@@ -191,6 +191,58 @@ def test_layer_bad_inputs():
         ClassCaps(5, 3)(random_caps(types=3, dtype=torch.float32))
 
 
+# Layers on the 'meta' device fed CPU inputs: every backend, each layer, the whole network and the kernels'
+# entry point. Run in a child process: were a check missing, the C++ kernels would read the meta weights' pointers
+# and crash the process, which must fail this test rather than end the test run.
+_DEVICE_SCRIPT = """
+import torch
+from emcaps.capsules import Capsules
+from emcaps.layers import ClassCaps, ConvCaps, PrimaryCaps
+from emcaps.models import create_model
+from emcaps.routing import RoutingConfig, Runtime
+from emcaps.routing.native import conv_routing
+
+
+def caps(side, types):
+    return Capsules(torch.randn(2, side, side, types, 4, 4), torch.rand(2, side, side, types))
+
+
+def refused(call):
+    try:
+        call()
+        print("ran")
+    except RuntimeError as err:
+        print(err)
+
+
+for backend in ("auto", "native", "triton", "torch"):
+    for layer, x in ((ConvCaps(2, 3, kernel=3, stride=1), caps(5, 2)), (ClassCaps(2, 3), caps(3, 2))):
+        layer.runtime = Runtime(backend=backend)
+        refused(lambda: layer.to("meta")(x))
+refused(lambda: PrimaryCaps(4, 2).to("meta")(torch.randn(1, 4, 5, 5)))
+refused(lambda: create_model("tiny").to("meta")(torch.randn(1, 1, 32, 32)))
+refused(lambda: conv_routing(torch.randn(4, 6, 16), torch.randn(6, 3, 16, device="meta"), torch.rand(4, 6),
+                             torch.zeros(3), torch.zeros(3), RoutingConfig(), torch.full((1, 1, 1), 1 / 3), None))
+"""
+
+
+def test_parameters_on_another_device_than_the_input_are_refused_not_a_crash():
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _DEVICE_SCRIPT], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    mismatch = "Expected all tensors to be on the same device, but found at least two devices, cpu and meta: "
+    fix = " on meta and its input on cpu; move both to one device (module.to(device))"
+    assert done.stdout.splitlines() == [
+        *[f"{mismatch}{layer} has weight{fix}" for _ in range(4) for layer in ("ConvCaps", "ClassCaps")],
+        f"{mismatch}PrimaryCaps has pose.weight{fix}", f"{mismatch}MatrixCapsNet has parameters{fix}",
+        f"{mismatch}conv_routing has weight{fix}"]
+
+
 @pytest.mark.parametrize("compete", [True, False])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_layers_gradcheck(backend, compete):
@@ -251,3 +303,20 @@ def test_routing_backends_in_layers_match_torch(backend, name):
     torch.testing.assert_close(results[1][0], results[0][0])
     for g, g0 in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(g, g0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "native"])
+def test_a_layer_first_run_in_inference_mode_still_trains(backend):
+    """The window index and the position competition are made once per grid and device and then shared: made
+    inside inference mode, a later training step could not save them for its backward pass."""
+    if backend == "native" and not native_available(torch.device("cpu")):
+        pytest.skip("no native kernels")
+    layer = ConvCaps(3, 2, kernel=3, stride=1, routing=RoutingConfig(iterations=2))
+    layer.runtime = Runtime(backend=backend)
+    caps = random_caps(h=7, w=9, types=3, seed=4, dtype=torch.float32)       # a grid no other test routes
+    with torch.inference_mode():
+        first = layer(caps).activation
+    out = layer(caps)
+    out.activation.sum().backward()
+    assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
+    torch.testing.assert_close(out.activation.detach(), first)

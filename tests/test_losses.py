@@ -36,7 +36,8 @@ def test_margin_and_cross_entropy():
     assert cross_entropy(a, t).item() == pytest.approx(torch.nn.functional.cross_entropy(a, t).item())
     with pytest.raises(ValueError, match="target must have shape"):
         spread_loss(a, torch.tensor([0]), 0.2)
-    with pytest.raises(ValueError, match="scores must have shape"):
+    with pytest.raises(ValueError, match=r"scores must be a floating-point tensor of shape \(N, E\), "
+                                         r"got torch.float32 \(2,\)"):
         margin_loss(a[0], t)
 
 
@@ -48,3 +49,22 @@ def test_margin_schedules():
     assert sigmoid_margin(0) == pytest.approx(0.2 + 0.79 / (1 + 2.718281828 ** 4), rel=1e-6)
     assert sigmoid_margin(200000) == pytest.approx(0.2 + 0.79 / 2)
     assert sigmoid_margin(10 ** 9) == pytest.approx(0.2 + 0.79 / (1 + 2.718281828 ** -10), rel=1e-6)
+
+
+@pytest.mark.parametrize("loss", [spread_loss, margin_loss, cross_entropy])
+def test_wrong_labels_and_scores_are_named_before_torch_sees_them(loss):
+    a = torch.rand(3, 5)
+    args = (0.2,) if loss is spread_loss else ()
+    with pytest.raises(ValueError, match=r"target must hold integer class indices, got torch.float32: convert it "
+                                         r"with target.long\(\)"):
+        loss(a, torch.tensor([0.0, 1.0, 2.0]), *args)
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 5\), got values from 0 to 7"):
+        loss(a, torch.tensor([0, 1, 7]), *args)
+    with pytest.raises(ValueError, match=r"target must hold class indices in \[0, 5\), got values from -1 to 1"):
+        loss(a, torch.tensor([0, 1, -1]), *args)
+    with pytest.raises(ValueError, match=r"target must have shape \(3,\), got \(2,\)"):
+        loss(a, torch.tensor([0, 1]), *args)
+    with pytest.raises(ValueError, match=r"scores must be a floating-point tensor of shape \(N, E\), got torch.int64"):
+        loss(torch.ones(3, 5, dtype=torch.long), torch.tensor([0, 1, 2]), *args)
+    target = torch.tensor([0, 4, 2])
+    assert loss(a, target.int(), *args) == loss(a, target, *args)        # any integer type is class indices

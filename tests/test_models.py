@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from emcaps.models import BaselineCNN, MatrixCapsNet, count_parameters, create_model
-from emcaps.routing import RoutingConfig
+from emcaps.routing import RoutingConfig, Runtime
 
 
 def test_paper_preset_layer_shapes_match_the_paper():
@@ -46,10 +46,101 @@ def test_any_number_of_classes_and_stereo_input():
 def test_model_errors():
     with pytest.raises(ValueError, match="unknown model 'huge'"):
         create_model("huge")
-    with pytest.raises(ValueError, match=r"expects images \(N, 1, H, W\)"):
-        create_model("tiny")(torch.randn(2, 3, 32, 32))
-    with pytest.raises(ValueError, match="larger than the input grid"):
-        create_model("tiny")(torch.randn(2, 1, 16, 16))
+
+
+CAPS = r"MatrixCapsNet expects a non-empty batch of floating-point images \(N, 1, H, W\) with H, W >= 17; got "
+CNN = r"BaselineCNN\(image_size=32\) expects a non-empty batch of floating-point images \(N, 1, 32, 32\); got "
+
+
+@pytest.mark.parametrize("name, expects", [("tiny", CAPS), ("cnn", CNN)])
+@pytest.mark.parametrize("images, got", [
+    (torch.zeros(2, 1, 32, 32, dtype=torch.uint8), r"torch.uint8: convert them first, e.g. x.float\(\)"),
+    (torch.zeros(2, 1, 32, 32, dtype=torch.int64), r"torch.int64: convert them first"),
+    (torch.zeros(2, 3, 32, 32), r"shape \(2, 3, 32, 32\)"),
+    (torch.zeros(2, 1, 32), r"shape \(2, 1, 32\)"),
+    (torch.zeros(0, 1, 32, 32), r"shape \(0, 1, 32, 32\)"),
+])
+def test_bad_images_are_named_before_any_layer_runs(name, expects, images, got):
+    with pytest.raises(ValueError, match=expects + got):
+        create_model(name)(images)
+
+
+@pytest.mark.parametrize("name", ["tiny", "cnn"])
+def test_images_in_another_dtype_than_the_model_say_how_to_convert(name):
+    model = create_model(name).eval()
+    x = torch.randn(2, 1, 32, 32, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"has torch.float32 weights and was given torch.float64 images: convert the "
+                                         r"images \(x.to\(torch.float32\)\) or the model"):
+        model(x)
+    assert model(x.float()).dtype == torch.float32 and model.double()(x).dtype == torch.float64
+
+
+def test_the_smallest_images_follow_from_the_kernels():
+    """Conv1 (5, stride 2) -> ConvCaps1 (3, stride 2) -> ConvCaps2 (3, stride 1) -> one class-capsule position:
+    17 pixels; a kernel that grows raises the minimum."""
+    model = create_model("tiny")
+    assert model.min_image_size == 17
+    assert model(torch.randn(1, 1, 17, 20)).shape == (1, 5)
+    with pytest.raises(ValueError, match=CAPS + r"shape \(1, 1, 16, 20\)"):
+        model(torch.randn(1, 1, 16, 20))
+    model.conv_caps2.kernel = 5
+    assert model.min_image_size == 25                     # 5 -> (5 - 1) * 2 + 3 = 11 -> (11 - 1) * 2 + 5
+
+
+def test_the_cnn_takes_the_image_size_it_is_built_for():
+    cnn = create_model("cnn", image_size=24, classes=3, in_channels=2)
+    assert cnn(torch.randn(2, 2, 24, 24)).shape == (2, 3)
+    with pytest.raises(ValueError, match=r"BaselineCNN\(image_size=24\) expects .* \(N, 2, 24, 24\); got shape "
+                                         r"\(2, 2, 32, 32\)"):
+        cnn(torch.randn(2, 2, 32, 32))
+
+
+def test_a_run_config_builds_the_cnn_for_its_crop():
+    """`quick` crops 24: the CNN it builds classifies 24x24 images (its classifier was sized for 32 before)."""
+    from emcaps import config
+    from emcaps.training.build import build_model
+
+    run = config.load(config.named_config_path("quick"), ["model.name=cnn"])
+    assert run.data.crop == 24
+    cnn = build_model(run, classes=5, in_channels=2)
+    assert isinstance(cnn, BaselineCNN) and cnn.image_size == 24
+    assert cnn(torch.randn(2, 2, 24, 24)).shape == (2, 5)
+
+
+def test_unknown_keywords_say_what_a_model_takes():
+    with pytest.raises(TypeError, match=r"a capsule network takes classes, in_channels, routing, runtime, "
+                                        r".*decoder.*; got iterations; routing settings go in "
+                                        r"routing=RoutingConfig\(iterations=\.\.\.\) or "
+                                        r"routing=RoutingConfig.named\(NAME, iterations=\.\.\.\)"):
+        create_model("small", iterations=2)
+    with pytest.raises(TypeError, match=r"got chunk; how the routing runs goes in runtime=Runtime\(chunk=\.\.\.\)"):
+        create_model("small", chunk=2)
+    with pytest.raises(TypeError, match=r"got colour$"):
+        create_model("small", colour=2)
+    with pytest.raises(TypeError, match=r"routing must be a RoutingConfig or a parameterisation's name"):
+        create_model("tiny", routing={"iterations": 2})
+    with pytest.raises(TypeError, match=r"model 'cnn' takes classes, in_channels, image_size, dropout; got an "
+                                        r"unexpected keyword argument 'routing'"):
+        create_model("cnn", routing=RoutingConfig())
+
+
+def test_routing_and_runtime_by_name():
+    """routing='paper' is RoutingConfig.named('paper'), initialisation included; a runtime's name is its backend."""
+    torch.manual_seed(0)
+    by_name = create_model("tiny", routing="paper", runtime="torch")
+    torch.manual_seed(0)
+    by_config = create_model("tiny", routing=RoutingConfig.named("paper"), runtime=Runtime(backend="torch"))
+    assert by_name.config == by_config.config and by_name.config.routing.parameterisation == "paper"
+    for (k, a), (_, b) in zip(by_name.state_dict().items(), by_config.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert by_name.class_caps.runtime == Runtime(backend="torch")
+    model = create_model("tiny").set_runtime("native")
+    assert all(layer.runtime == Runtime(backend="native")
+               for layer in (model.conv_caps1, model.conv_caps2, model.class_caps))
+    with pytest.raises(ValueError, match="unknown routing backend 'torhc'"):
+        model.set_runtime("torhc")
+    with pytest.raises(TypeError, match="runtime must be a Runtime or a backend name, got dict"):
+        model.set_runtime({"backend": "torch"})
 
 
 def test_routing_config_reaches_every_layer():

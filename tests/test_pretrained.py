@@ -33,6 +33,14 @@ def test_an_exported_run_loads_offline_as_a_pretrained_model(tmp_path, monkeypat
         emcaps.create_model("small", pretrained="synthnorb")
     with pytest.raises(ValueError, match="come with the settings they were trained with"):
         emcaps.create_model("tiny", pretrained="synthnorb", coord_add=False)
+    classes, channels = model.config.classes, model.config.in_channels        # the weights fix both
+    same = emcaps.create_model("tiny", pretrained="synthnorb", classes=classes, in_channels=channels)
+    torch.testing.assert_close(same(x), model(x))
+    with pytest.raises(ValueError, match=f"pretrained weights 'synthnorb' are for classes={classes}, not "
+                                         f"classes={classes + 1}: leave classes out"):
+        emcaps.create_model("tiny", pretrained="synthnorb", classes=classes + 1)
+    with pytest.raises(ValueError, match=f"are for in_channels={channels}, not in_channels={channels + 1}"):
+        emcaps.create_model("tiny", pretrained="synthnorb", in_channels=channels + 1)
 
 
 def test_an_unknown_pretrained_name_is_a_one_line_error(capsys):

@@ -6,6 +6,7 @@ pair in one typed value lets every layer check what it is given instead of trust
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -88,7 +89,7 @@ def gather_windows(x: Tensor, kernel: int, stride: int) -> Tensor:
         raise ValueError(f"gather_windows needs (N, H, W, ...), got {tuple(x.shape)}")
     n, h, w = x.shape[:3]
     oh, ow = conv_output_size(h, kernel, stride), conv_output_size(w, kernel, stride)
-    index = child_index(h, w, kernel, stride).to(x.device)                  # (H'*W'*K*K,)
+    index = child_index_on(h, w, kernel, stride, x.device)                  # (H'*W'*K*K,)
     rows = x.reshape(n, h * w, *x.shape[3:]).index_select(1, index)         # (N, H'*W'*K*K, *rest)
     return rows.view(n, oh, ow, kernel, kernel, *x.shape[3:])
 
@@ -102,3 +103,12 @@ def child_index(height: int, width: int, kernel: int, stride: int) -> Tensor:
     y = torch.arange(oh).view(oh, 1, 1, 1) * stride + torch.arange(kernel).view(1, 1, kernel, 1)
     x = torch.arange(ow).view(1, ow, 1, 1) * stride + torch.arange(kernel).view(1, 1, 1, kernel)
     return (y * width + x).reshape(-1)
+
+
+@functools.lru_cache(maxsize=32)
+def child_index_on(height: int, width: int, kernel: int, stride: int, device: torch.device) -> Tensor:
+    """child_index on `device`, made once per grid and device: built afresh, each forward would copy it from the
+    CPU (on a GPU, a synchronous copy a layer). Made outside inference mode, so a graph recorded later may save
+    it. -> (H'*W'*K*K,) long; shared, never to be written to."""
+    with torch.inference_mode(False):
+        return child_index(height, width, kernel, stride).to(device)

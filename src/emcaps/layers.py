@@ -16,7 +16,7 @@ from torch.utils.checkpoint import checkpoint
 from emcaps.capsules import Capsules, conv_output_size, gather_windows
 from emcaps.kernels import library
 from emcaps.routing import PositionCompetition, RoutingConfig, RoutingStep, em_routing_fused
-from emcaps.routing.native import conv_routing, native_available
+from emcaps.routing.native import check_device, conv_routing, native_available
 from emcaps.routing.runtime import Runtime, Settings
 
 if TYPE_CHECKING:
@@ -142,6 +142,11 @@ class _Routed(nn.Module):
         """The kernels this call routes with (C++ or Triton), or None for PyTorch ops."""
         return _route_kernels(self.settings(pose.device), pose, trace)
 
+    def _check_device(self, caps: Capsules) -> None:
+        """Parameters and capsules must share a device: the kernels would read another device's pointers."""
+        check_device(caps.pose.device, type(self).__name__, activation=caps.activation,
+                     **dict(self.named_parameters()))
+
 
 class PrimaryCaps(nn.Module):
     """1x1 convolution from a feature map to capsules: a linear 4x4 pose and a logistic activation per type.
@@ -161,8 +166,10 @@ class PrimaryCaps(nn.Module):
         nn.init.zeros_(self.activation.bias)
 
     def forward(self, x: Tensor) -> Capsules:
+        """(N, A, H, W) -> Capsules (N, H, W, B, 4, 4), (N, H, W, B)."""
         if x.dim() != 4:
             raise ValueError(f"PrimaryCaps expects a feature map (N, C, H, W), got {tuple(x.shape)}")
+        check_device(x.device, "PrimaryCaps", **dict(self.named_parameters()))    # a meta conv returns garbage
         n, _, h, w = x.shape
         pose = self.pose(x).permute(0, 2, 3, 1).reshape(n, h, w, self.types, 4, 4)
         act = torch.sigmoid(self.activation(x) - self.activation_offset).permute(0, 2, 3, 1)
@@ -222,7 +229,7 @@ class ConvCaps(_Routed):
         cd = torch.promote_types(pose.dtype, torch.float32)
         comp = initial = None
         if self.routing.compete_positions:
-            comp = PositionCompetition(h, w, self.kernel, self.stride, self.in_types, device=pose.device)
+            comp = PositionCompetition.of(h, w, self.kernel, self.stride, self.in_types, pose.device)
             if self.routing.initial_assignments == "uniform":
                 initial = comp.initial(n, self.out_types, cd)
         kernels = self.route_kernels(pose, trace)
@@ -240,6 +247,12 @@ class ConvCaps(_Routed):
         return pose.view(n, oh, ow, self.out_types, 4, 4), act.view(n, oh, ow, self.out_types)
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
+        """(N, H, W, B, 4, 4), (N, H, W, B) capsules -> (N, H', W', C, 4, 4), (N, H', W', C).
+
+        `trace`, if a list, receives a RoutingStep per EM iteration (diagnostics): the whole batch then routes at
+        once with PyTorch ops, whatever the runtime says, since the kernels keep no per-iteration tensors.
+        """
+        self._check_device(caps)
         h, w = caps.pose.shape[1:3]
         positions = ((h - self.kernel) // self.stride + 1) * ((w - self.kernel) // self.stride + 1)
         per_image = max(positions, 1) * self.out_types * self.kernel ** 2 * self.in_types * 16
@@ -327,6 +340,12 @@ class ClassCaps(_Routed):
         return pose.view(n, self.classes, 4, 4).to(dtype), act.to(dtype)
 
     def forward(self, caps: Capsules, trace: list[RoutingStep] | None = None) -> Capsules:
+        """(N, H, W, D, 4, 4), (N, H, W, D) capsules -> class capsules (N, E, 4, 4), (N, E).
+
+        `trace`, if a list, receives a RoutingStep per EM iteration (diagnostics): the whole batch then routes at
+        once with PyTorch ops, whatever the runtime says, since the kernels keep no per-iteration tensors.
+        """
+        self._check_device(caps)
         per_image = caps.pose[0, ..., 0, 0].numel() * self.classes * 16 if caps.pose.shape[0] else 0
         return Capsules(*_route_in_chunks(self._route, caps, self.settings(caps.pose.device), trace,
                                           per_image, self.uses_native(caps.pose, trace)))

@@ -6,6 +6,7 @@ what the scores are: "activation" (capsule activations in [0, 1]) or "logit".
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields, replace
@@ -19,6 +20,7 @@ from emcaps.capsules import Capsules
 from emcaps.checks import choice, positive
 from emcaps.layers import BIAS_INITS, ClassCaps, ConvCaps, PrimaryCaps
 from emcaps.routing import RoutingConfig, RoutingStep, Runtime, parameterisation
+from emcaps.routing.native import check_device
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,34 @@ class CapsNetConfig(CapsuleOptions):
     in_channels: int = 1
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     image_size: int = 32
+
+
+def _check_images(model: str, x: Tensor, weight: Tensor, channels: int, side: int, exact: bool) -> None:
+    """Raise unless `x` is a non-empty batch of images (N, channels, H, W), H and W `side` (exact) or at least
+    `side`, in the dtype and on the device of the model's first `weight`: torch's own errors come from deep
+    inside a layer and name neither the model nor what it expects."""
+    shape = f"(N, {channels}, {side}, {side})" if exact else f"(N, {channels}, H, W) with H, W >= {side}"
+    expects = f"{model} expects a non-empty batch of floating-point images {shape}"
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{expects}; got a {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{expects}; got {x.dtype}: convert them first, e.g. x.float()")
+    if (x.dim() != 4 or x.shape[0] == 0 or x.shape[1] != channels
+            or not all(s == side if exact else s >= side for s in x.shape[2:])):
+        raise ValueError(f"{expects}; got shape {tuple(x.shape)}")
+    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{model} has {weight.dtype} weights and was given {x.dtype} images: convert the images "
+                         f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))")
+    check_device(x.device, model, parameters=weight)
+
+
+def _as_runtime(runtime: Runtime | str) -> Runtime:
+    """A Runtime, or a backend name (emcaps.routing.BACKENDS) standing for Runtime(backend=name)."""
+    if isinstance(runtime, str):
+        return Runtime(backend=runtime)
+    if not isinstance(runtime, Runtime):
+        raise TypeError(f"runtime must be a Runtime or a backend name, got {type(runtime).__name__}")
+    return runtime
 
 
 class Reconstruction(NamedTuple):
@@ -126,9 +156,22 @@ class MatrixCapsNet(nn.Module):
         self.decoder = (ReconstructionDecoder(c.classes, (c.in_channels, c.image_size, c.image_size))
                         if c.decoder else None)
 
-    def set_runtime(self, runtime: Runtime) -> MatrixCapsNet:
-        """Route with `runtime` (backend, chunks, recomputation; emcaps.routing.runtime) from now on: how the
-        routing runs, not what it computes, so it is not part of the config and not saved. Returns self."""
+    @property
+    def min_image_size(self) -> int:
+        """The smallest image side every kernel fits in: one class-capsule position needs a ConvCaps2 window,
+        which needs ConvCaps1 windows, which need Conv1's."""
+        side = 1
+        for kernel, stride in ((self.conv_caps2.kernel, self.conv_caps2.stride),
+                               (self.conv_caps1.kernel, self.conv_caps1.stride),
+                               (self.conv1.kernel_size[0], self.conv1.stride[0])):
+            side = (side - 1) * stride + kernel
+        return side
+
+    def set_runtime(self, runtime: Runtime | str) -> MatrixCapsNet:
+        """Route with `runtime` (backend, chunks, recomputation; emcaps.routing.runtime; a backend name for
+        Runtime(backend=name)) from now on: how the routing runs, not what it computes, so it is not part of
+        the config and not saved. Returns self."""
+        runtime = _as_runtime(runtime)
         for layer in (self.conv_caps1, self.conv_caps2, self.class_caps):
             layer.runtime = runtime
         return self
@@ -145,9 +188,7 @@ class MatrixCapsNet(nn.Module):
 
         `trace`, if given, collects the class layer's routing iterations.
         """
-        if x.dim() != 4 or x.shape[1] != self.config.in_channels:
-            raise ValueError(f"MatrixCapsNet expects images (N, {self.config.in_channels}, H, W), "
-                             f"got {tuple(x.shape)}")
+        _check_images("MatrixCapsNet", x, self.conv1.weight, self.config.in_channels, self.min_image_size, False)
         caps = self.primary(F.relu(self.conv1(x)))
         caps = self.conv_caps2(self.conv_caps1(caps))
         return self.class_caps(caps, trace=trace)
@@ -183,13 +224,17 @@ class Reconstructing(nn.Module):
 class BaselineCNN(nn.Module):
     """The paper's baseline: conv 5x5x32 + pool, conv 5x5x64 + pool, FC 1024 + dropout, FC E.
 
-    (N, in_channels, 32, 32) -> logits (N, E); about 4.2M parameters at 32x32.
+    (N, in_channels, S, S) -> logits (N, E), S = image_size (its classifier is sized for it); about 4.2M
+    parameters at 32x32.
     """
 
     score_kind = "logit"
 
     def __init__(self, classes: int = 5, in_channels: int = 1, image_size: int = 32, dropout: float = 0.5) -> None:
         super().__init__()
+        if image_size < 4:
+            raise ValueError(f"BaselineCNN needs images of side >= 4 (two 2x2 poolings), got image_size={image_size}")
+        self.in_channels, self.image_size = in_channels, image_size
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
             nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
@@ -201,12 +246,16 @@ class BaselineCNN(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
+        """(N, in_channels, S, S), S = image_size -> logits (N, E)."""
+        _check_images(f"BaselineCNN(image_size={self.image_size})", x, self.features[0].weight, self.in_channels,
+                      self.image_size, True)
         return self.classifier(self.features(x))
 
 
 @dataclass(frozen=True)
 class ModelEntry:
-    """A registered model: `build(classes, in_channels, **options)` and whether it is a capsule network."""
+    """A registered model: its builder (register_model says what it is called with) and whether it is a
+    capsule network."""
 
     build: Callable[..., nn.Module]
     capsules: bool
@@ -217,8 +266,17 @@ _REGISTRY: dict[str, ModelEntry] = {}
 
 
 def register_model(name: str, capsules: bool = True, description: str = "") -> Callable:
-    """Decorator: register `build(classes=..., in_channels=..., **options) -> nn.Module` under `name`, so that
-    create_model, list_models, run configs (`model.name`) and the CLI know it."""
+    """Decorator: register a builder `build(**keywords) -> nn.Module` under `name`, for create_model,
+    list_models and run configs (`model.name`) in the Python process that registers it (the `emcaps` command
+    cannot import your code: train such a model from a script, with emcaps.training.loop.train).
+
+    The builder is called with keywords only: `classes` and `in_channels` always; by create_model, whatever
+    else its caller passes; by a run config (emcaps.training.build.build_model), `image_size` (data.crop, the
+    side of the images it sees) and, where `capsules` is true, `routing` (a RoutingConfig), `runtime` (a
+    Runtime) and the `model.*` options (CapsuleOptions' fields), so a builder takes `**options` for those it
+    does not use. The model maps images (N, in_channels, S, S) to scores (N, classes); its `score_kind`
+    ('activation' or 'logit', the default) picks the loss a run config's `loss.name = "auto"` trains it with.
+    """
     def register(build: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"a model named {name!r} is already registered")
@@ -242,11 +300,37 @@ def _entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+_CAPSULE_OPTIONS = tuple(f.name for f in fields(CapsNetConfig) if f.name not in ("classes", "in_channels", "routing"))
+_ROUTING_FIELDS = {f.name for f in fields(RoutingConfig)}
+_RUNTIME_FIELDS = {f.name for f in fields(Runtime)}
+
+
+def _check_capsule_options(options: dict[str, Any]) -> None:
+    """A TypeError for keywords a capsule network does not take, sending routing and runtime settings to their
+    own arguments: create_model("small", iterations=2) means routing=RoutingConfig(iterations=2)."""
+    unknown = sorted(set(options) - set(_CAPSULE_OPTIONS))
+    if not unknown:
+        return
+    routing = [k for k in unknown if k in _ROUTING_FIELDS]
+    runtime = [k for k in unknown if k in _RUNTIME_FIELDS]
+    hint = (f"; routing settings go in routing=RoutingConfig({routing[0]}=...) or "
+            f"routing=RoutingConfig.named(NAME, {routing[0]}=...)" if routing else "")
+    hint += f"; how the routing runs goes in runtime=Runtime({runtime[0]}=...)" if runtime else ""
+    raise TypeError(f"a capsule network takes classes, in_channels, routing, runtime, pretrained and "
+                    f"{', '.join(_CAPSULE_OPTIONS)}; got {', '.join(unknown)}{hint}")
+
+
 def _capsule_preset(preset: CapsNetConfig) -> Callable[..., nn.Module]:
-    def build(classes: int = 5, in_channels: int = 1, routing: RoutingConfig | None = None,
-              coord_add: bool | None = None, runtime: Runtime | None = None, **fields) -> MatrixCapsNet:
+    def build(classes: int = 5, in_channels: int = 1, routing: RoutingConfig | str | None = None,
+              coord_add: bool | None = None, runtime: Runtime | str | None = None, **fields) -> MatrixCapsNet:
+        _check_capsule_options(fields)
         config = replace(preset, classes=classes, in_channels=in_channels)
+        if isinstance(routing, str):
+            routing = RoutingConfig.named(routing)
         if routing is not None:
+            if not isinstance(routing, RoutingConfig):
+                raise TypeError(f"routing must be a RoutingConfig or a parameterisation's name "
+                                f"(emcaps.PARAMETERISATIONS), got {type(routing).__name__}")
             # The initialisation goes with the routing's parameterisation, as `--set routing.parameterisation`
             # gives it: fields passed here override it.
             named = parameterisation(routing.parameterisation)
@@ -272,32 +356,43 @@ for _name, _preset in CAPSULE_PRESETS.items():
 
 
 @register_model("cnn", capsules=False, description="the paper's baseline CNN (about 4.2M parameters)")
-def _baseline_cnn(classes: int = 5, in_channels: int = 1, **options) -> BaselineCNN:
-    if options:
-        raise ValueError(f"the baseline CNN takes no capsule settings, got {sorted(options)}")
-    return BaselineCNN(classes=classes, in_channels=in_channels)
+def _baseline_cnn(classes: int = 5, in_channels: int = 1, image_size: int = 32, dropout: float = 0.5) -> BaselineCNN:
+    return BaselineCNN(classes=classes, in_channels=in_channels, image_size=image_size, dropout=dropout)
 
 
-def create_model(name: str, classes: int = 5, in_channels: int = 1, pretrained: str | None = None,
-                 **options) -> nn.Module:
-    """A registered model by name (list_models()): a capsule preset ('paper', 'small', 'tiny') or 'cnn'.
+def create_model(name: str, classes: int | None = None, in_channels: int | None = None,
+                 pretrained: str | None = None, **options) -> nn.Module:
+    """A registered model by name (list_models()): a capsule preset ('paper', 'small', 'tiny') or 'cnn', for
+    `classes` classes (default 5) and images of `in_channels` channels (default 1).
 
-    Capsule networks take `routing` (a RoutingConfig; the initialisation is then the one its parameterisation
-    names, emcaps.routing.PARAMETERISATIONS, as in a run config), `runtime` (how the routing runs; default:
-    chosen per device, see MatrixCapsNet.set_runtime), `coord_add`, and CapsNetConfig fields (e.g.
-    class_transform_std, decoder) that override the preset's. (N, in_channels, 32, 32) -> scores (N, classes).
+    Capsule networks take `routing` (a RoutingConfig, or a parameterisation's name for RoutingConfig.named(name);
+    the initialisation is then the one its parameterisation names, emcaps.routing.PARAMETERISATIONS, as in a run
+    config), `runtime` (how the routing runs, a Runtime or a backend name; default: chosen per device, see
+    MatrixCapsNet.set_runtime), `coord_add`, and CapsNetConfig fields (e.g. class_transform_std, decoder) that
+    override the preset's. The CNN takes `image_size` (its images' side, default 32) and `dropout`.
+    (N, in_channels, 32, 32) -> scores (N, classes).
     `pretrained` names weights shipped with emcaps (emcaps.pretrained.list_pretrained()): the trained network,
-    in eval mode, with the classes, channels and settings it was trained with.
+    in eval mode, with the classes, channels and settings it was trained with (asking for others is an error).
     """
+    entry = _entry(name)
     if pretrained is not None:
         from emcaps import pretrained as shipped
 
         if options:
             raise ValueError(f"pretrained weights come with the settings they were trained with; got {sorted(options)}")
-        _entry(name)
-        return shipped.load(pretrained, model=name)
-    return _entry(name).build(classes=classes, in_channels=in_channels, **options)
+        return shipped.load(pretrained, model=name, classes=classes, in_channels=in_channels)
+    keywords = {"classes": 5 if classes is None else classes, "in_channels": 1 if in_channels is None else in_channels,
+                **options}
+    signature = inspect.signature(entry.build)
+    try:
+        signature.bind(**keywords)
+    except TypeError as err:       # say which model, and what its builder takes, rather than only what it refused
+        takes = ", ".join(("**" if p.kind is p.VAR_KEYWORD else "") + p.name for p in signature.parameters.values())
+        raise TypeError(f"model {name!r} takes {takes}; {err} (register_model lists what run configs pass a "
+                        f"builder)") from None
+    return entry.build(**keywords)
 
 
 def count_parameters(model: nn.Module) -> int:
+    """The trainable parameters' count: what the paper's model sizes (310K, 68K, 4.2M) count."""
     return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -62,11 +62,19 @@ def info(name: str) -> dict[str, Any]:
         "model": state["config"]["model"]["name"], "config": state["config"]}
 
 
-def load(name: str, model: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """The network of the shipped weights `name` in eval mode; with `model`, check that it is that model."""
-    net, config, _ = model_from_checkpoint(weights_path(name), device)
+def load(name: str, model: str | None = None, device: str | torch.device = "cpu", classes: int | None = None,
+         in_channels: int | None = None) -> nn.Module:
+    """The network of the shipped weights `name` in eval mode; with `model`, `classes` or `in_channels`, check
+    that it is that model, for that many classes and channels (the weights fix them)."""
+    net, config, state = model_from_checkpoint(weights_path(name), device)
     if model is not None and config.model.name != model:
         raise ValueError(f"pretrained weights {name!r} are for model {config.model.name!r}, not {model!r}")
+    shape = state.get("data_shape", {})
+    trained = {"classes": shape.get("classes", 5), "in_channels": shape.get("in_channels", 1)}
+    for key, asked in (("classes", classes), ("in_channels", in_channels)):
+        if asked is not None and asked != trained[key]:
+            raise ValueError(f"pretrained weights {name!r} are for {key}={trained[key]}, not {key}={asked}: "
+                             f"leave {key} out, or train a model of your own")
     return net
 
 

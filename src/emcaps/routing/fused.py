@@ -4,6 +4,8 @@ normalisation of a capsule convolution in which parents at different positions c
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -62,7 +64,8 @@ def _compiled(votes: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor
     for t in (v, a, r):
         if t.dim() > 0 and t.shape[0] > 1:
             torch._dynamo.maybe_mark_dynamic(t, 0)
-    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, recompile_limit=64):
+    limit = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"  # < 2.7
+    with torch._dynamo.config.patch(automatic_dynamic_shapes=False, **{limit: 64}):
         mean, act = _compiled_kernel()(v, a, beta_u.to(cd), beta_a.to(cd), tuple(config.inverse_temperatures),
                                        config.var_floor, cost_scale, r, normalise, config.activation,
                                        config.estep_temperature, config.centre_damping, config.detach_assignments)
@@ -132,9 +135,9 @@ class PositionCompetition:
 
     def __init__(self, height: int, width: int, kernel: int, stride: int, types_in: int,
                  device: torch.device | None = None) -> None:
-        from emcaps.capsules import child_index
+        from emcaps.capsules import child_index_on
 
-        self.index = child_index(height, width, kernel, stride).to(device)   # (L*K*K,)
+        self.index = child_index_on(height, width, kernel, stride, torch.device(device or "cpu"))  # (L*K*K,)
         self.n_children = height * width
         self.kk = kernel * kernel
         self.types_in = types_in
@@ -142,6 +145,15 @@ class PositionCompetition:
             0, self.index, torch.ones_like(self.index, dtype=torch.float32))
         self.uncovered = (count == 0).float()                                   # (H*W,)
         self.edge_fan_out = count[self.index]                                    # parents per child, / types
+
+    @staticmethod
+    @functools.lru_cache(maxsize=32)
+    def of(height: int, width: int, kernel: int, stride: int, types_in: int,
+           device: torch.device) -> PositionCompetition:
+        """The competition of one grid on `device`, made once: a layer asks for it at every forward, and building
+        it costs a few small kernels and a copy from the CPU. Shared, so its tensors are never written to."""
+        with torch.inference_mode(False):
+            return PositionCompetition(height, width, kernel, stride, types_in, device)
 
     def initial(self, batch: int, types_out: int, dtype: torch.dtype) -> Tensor:
         """Uniform assignments over all parents a child feeds: (N*L, 1, K*K*B)."""

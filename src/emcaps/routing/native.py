@@ -47,6 +47,17 @@ def native_available(device: torch.device) -> bool:
     return device.type == "cpu" and library() is not None
 
 
+def check_device(device: torch.device, where: str, **tensors: Tensor | None) -> None:
+    """Raise torch's kind of device-mismatch error unless every tensor given is on `device`: the C++ and Triton
+    kernels read raw pointers, and one from another device (a layer left on CUDA or 'meta') crashes the process.
+    """
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise RuntimeError(f"Expected all tensors to be on the same device, but found at least two devices, "
+                               f"{device} and {t.device}: {where} has {name} on {t.device} and its input on "
+                               f"{device}; move both to one device (module.to(device))")
+
+
 def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Tensor, beta_a: Tensor,
                  config: RoutingConfig, initial: Tensor, competition: PositionCompetition | None,
                  cost_scale: float = 1.0, offsets: Tensor | None = None, *, kernels: Kernels | None = None
@@ -63,6 +74,8 @@ def conv_routing(poses: Tensor, weight: Tensor, activations: Tensor, beta_u: Ten
     kernels:     the kernels to run (default: the C++ ones, `emcaps.kernels.library()`)
     returns pose (M, J, 16) and activation (M, J).
     """
+    check_device(poses.device, "conv_routing", weight=weight, activations=activations, beta_u=beta_u,
+                 beta_a=beta_a, initial=initial, offsets=offsets)
     lib = kernels if kernels is not None else library()
     if lib is None:
         raise RuntimeError("the native routing kernels are not available (see emcaps.kernels)")

@@ -43,6 +43,8 @@ def routing_path(model: nn.Module, device: torch.device) -> str | None:
 
 
 def margin_at(cfg: LossConfig, step: int, total_steps: int) -> float:
+    """The spread loss's margin at `step`: the schedule starts it small, so that early training separates
+    the classes a little before it asks for the full margin."""
     if cfg.margin_schedule == "linear":
         return linear_margin(step, total_steps, cfg.margin_start, cfg.margin_end)
     if cfg.margin_schedule == "sigmoid":
@@ -51,6 +53,8 @@ def margin_at(cfg: LossConfig, step: int, total_steps: int) -> float:
 
 
 def loss_name(config: RunConfig, model: nn.Module) -> str:
+    """The loss a run trains with: 'auto' follows the model's `score_kind` (cross-entropy on logits, the spread
+    loss on capsule activations)."""
     if config.loss.name != "auto":
         return config.loss.name
     return "cross_entropy" if getattr(model, "score_kind", "logit") == "logit" else "spread"
@@ -64,13 +68,16 @@ def compute_loss(name: str, scores: Tensor, target: Tensor, margin: float) -> Te
 
 
 def build_model(config: RunConfig, classes: int, in_channels: int) -> nn.Module:
+    """The run's model for its data: every model gets the crop side as `image_size` (the CNN's classifier
+    is sized by it), a capsule network also the run's routing, runtime and `model.*` options."""
     if not is_capsule_model(config.model.name):
-        return create_model(config.model.name, classes=classes, in_channels=in_channels)
+        return create_model(config.model.name, classes=classes, in_channels=in_channels, image_size=config.data.crop)
     return create_model(config.model.name, classes=classes, in_channels=in_channels, routing=config.routing,
                         runtime=config.runtime, image_size=config.data.crop, **config.model.capsule_options())
 
 
 def build_optimizer(cfg: OptimConfig, params) -> torch.optim.Optimizer:
+    """The optimiser the run's `optim` section names, over `params` (a model's parameters or parameter groups)."""
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     cls = torch.optim.AdamW if cfg.optimizer == "adamw" else torch.optim.Adam

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from emcaps import cli
+from emcaps.config import ConfigError
 
 TOY = ["--set", "data.dataset=toy", "--set", "data.resize=36", "--set", "data.train_limit=32", "--set",
        "data.test_limit=16", "--set", "model.name=tiny", "--set", "train.epochs=1", "--set", "train.batch_size=16",
@@ -42,6 +43,10 @@ def one_error_line(err: str) -> str:
      "named configs: converge, converge-cnn, converge-gpu, mnist, paper, quick, small"),
     (["experiment", "adversarial", "--eps", "0.1,x"], 2, "--eps takes comma-separated numbers"),
     (["report", "/no/such/results"], 1, "is not a directory of results"),
+    (["eval", "/no/such/run", "--device", "gpu"], 2,
+     "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["eval", "/no/such/run", "--batch-size", "-1"], 2,
+     "argument --batch-size: expected a whole number >= 1, got '-1'"),
 ])
 def test_user_errors_are_one_line(capsys, monkeypatch, tmp_path, argv, code, text):
     monkeypatch.chdir(tmp_path)                  # where a default run folder would go
@@ -49,6 +54,55 @@ def test_user_errors_are_one_line(capsys, monkeypatch, tmp_path, argv, code, tex
     assert status == code
     assert text in one_error_line(err)
     assert not (tmp_path / "runs").exists()     # a run that cannot start leaves no folder behind
+
+
+@pytest.mark.parametrize("backend, text", [
+    ("triton", "runtime.backend 'triton' needs a CUDA device"),
+    ("native", "runtime.backend 'native' needs the emcaps C++ kernels"),
+])
+def test_a_backend_that_cannot_run_on_the_device_is_one_line(capsys, monkeypatch, tmp_path, backend, text):
+    """Checked before the run directory is made, not at the first batch."""
+    from emcaps.training import loop
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")                          # no Triton interpreter
+    monkeypatch.setattr(loop, "native_available", lambda device: False)  # as without a C++ compiler
+    status, _, err = run(capsys, "train", "--config", "quick", *TOY, "--set", "train.device=cpu",
+                         "--set", f"runtime.backend={backend}")
+    assert status == 2 and text in one_error_line(err)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_check_backend_names_what_the_device_lacks(monkeypatch):
+    from emcaps.kernels import triton_kernels
+    from emcaps.training.loop import check_backend
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    with pytest.raises(ConfigError, match="'native' needs a CPU; the device is cuda:0"):
+        check_backend("native", cuda)
+    monkeypatch.setattr(triton_kernels, "triton", None)
+    with pytest.raises(ConfigError, match="'triton' needs the triton package; the device is cuda:0"):
+        check_backend("triton", cuda)
+    for backend in ("auto", "torch", "compile"):
+        check_backend(backend, cuda)
+        check_backend(backend, cpu)
+
+
+def test_eval_pretrained_tests_the_whole_split(capsys, monkeypatch, tmp_path):
+    """The shipped weights' config tests 2,000 images; their documented error is on the whole split."""
+    from emcaps import evaluate
+
+    seen = []
+
+    def fake_evaluate_run(path, **kwargs):
+        seen.append(kwargs["overrides"])
+        return {"name": "x", "test_error": 0.1, "images": 1, "out_dir": str(tmp_path)}
+
+    monkeypatch.setattr(evaluate, "evaluate_run", fake_evaluate_run)
+    for argv in (["--pretrained", "synthnorb"], ["--pretrained", "synthnorb", "--set", "data.test_limit=50"],
+                 ["--pretrained", "synthnorb", "--set", "data.cameras=left"], [str(tmp_path)]):
+        assert run(capsys, "eval", *argv, "--out", str(tmp_path))[0] == 0
+    assert seen == [["data.test_limit=0"], ["data.test_limit=50"], ["data.cameras=left", "data.test_limit=0"], []]
 
 
 def test_bad_toml_is_one_line(capsys, tmp_path):

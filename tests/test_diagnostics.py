@@ -54,7 +54,7 @@ def test_report_needs_a_capsule_network():
 
 
 def test_cli_diagnoses_a_fresh_network_and_a_checkpoint(capsys, tmp_path):
-    assert cli.main(["diagnose", "--config", "quick", *TOY, "--images", "8"]) == 0
+    assert cli.main(["diagnose", "--config", "quick", *TOY, "--images", "8", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "at initialisation" in out and "conv_caps2" in out and "gradient norms" in out
     run_dir = tmp_path / "run"
@@ -70,8 +70,19 @@ def test_cli_diagnoses_a_fresh_network_and_a_checkpoint(capsys, tmp_path):
     (["diagnose", "/no/such/run"], "no checkpoint or run directory"),
     (["diagnose", "--config", "quick", *TOY, "--set", "model.name=cnn"], "need a capsule network"),
     (["diagnose", "--config", "quick", *TOY, "--images", "1"], "at least 2 images"),
+    (["diagnose", "--config", "quick", *TOY, "--device", "gpu"], "expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    pytest.param(["diagnose", "--config", "quick", *TOY, "--device", "cuda"], "CUDA is not available",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")),
 ])
 def test_cli_diagnose_errors_are_one_line(capsys, argv, text):
     assert cli.main(argv) != 0
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("emcaps: error: ") and text in err[0]
+
+
+def test_cli_diagnose_refuses_a_backend_the_device_cannot_run(capsys, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cli.main(["diagnose", "--config", "quick", *TOY, "--device", "cpu",
+                     "--set", "runtime.backend=triton"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "runtime.backend 'triton' needs a CUDA device" in err[0]

@@ -11,7 +11,7 @@ from torch import nn
 
 from emcaps import config, evaluate
 from emcaps.data.transforms import MULTI_CROP_OFFSETS
-from emcaps.training import loop
+from emcaps.training import checkpoint, loop
 
 
 def test_confusion_rows_are_true_classes():
@@ -87,3 +87,22 @@ def test_evaluate_run_writes_json_and_png(tmp_path):
     assert multi["crops"] == 13 and (tmp_path / "mc" / "results-multicrop.json").is_file()
     with pytest.raises(config.ConfigError, match="only change data"):
         evaluate.evaluate_run(tmp_path / "run", overrides=["train.epochs=3"], quiet=True)
+
+
+def test_a_run_routed_for_a_gpu_evaluates_on_a_cpu(tmp_path):
+    """A saved run's runtime says how it routed; a backend of another device gives way to 'auto' on this one,
+    and eval's runtime.* overrides choose one explicitly."""
+    cfg = config.load(None, ["name=toy", "data.dataset=toy", "data.resize=38", "data.train_limit=32",
+                             "data.test_limit=40", "model.name=tiny", "train.epochs=1", "train.batch_size=16",
+                             "train.threads=1"])
+    loop.train(cfg, tmp_path / "run", quiet=True)
+    on_cpu = evaluate.evaluate_run(tmp_path / "run", device="cpu", quiet=True)
+    state = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    state["config"]["runtime"]["backend"] = "triton"               # as a run on a GPU saves it
+    torch.save(state, tmp_path / "gpu.pt")
+    model, saved, _ = checkpoint.model_from_checkpoint(tmp_path / "gpu.pt", "cpu")
+    assert saved.runtime.backend == "auto" and model.class_caps.runtime.backend == "auto"
+    assert evaluate.evaluate_run(tmp_path / "gpu.pt", device="cpu", quiet=True)["test_error"] == on_cpu["test_error"]
+    torch_ops = evaluate.evaluate_run(tmp_path / "gpu.pt", device="cpu", overrides=["runtime.backend=torch"],
+                                      quiet=True, out_dir=tmp_path / "torch")
+    assert torch_ops["test_error"] == on_cpu["test_error"]

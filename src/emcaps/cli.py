@@ -90,15 +90,17 @@ def _shared_run_dir(config) -> Path:
 def cmd_eval(args: argparse.Namespace) -> int:
     from emcaps.evaluate import evaluate_run
 
-    path, out = args.path, args.out
+    path, out, overrides = args.path, args.out, list(args.set)
     if (path is None) == (args.pretrained is None):
         raise UsageError("emcaps eval: give a checkpoint or run directory, or --pretrained NAME")
     if args.pretrained is not None:
         from emcaps.pretrained import weights_path
 
         path, out = weights_path(args.pretrained), out or f"eval-{args.pretrained}"
+        if not any(text.split("=", 1)[0].strip() == "data.test_limit" for text in overrides):
+            overrides.append("data.test_limit=0")    # the weights' own error is on the whole split
     result = evaluate_run(path, multi_crop=args.multi_crop, out_dir=out, device=args.device,
-                          overrides=args.set, batch_size=args.batch_size, quiet=args.quiet)
+                          overrides=overrides, batch_size=args.batch_size, quiet=args.quiet)
     crops = f" ({result['crops']} crops)" if args.multi_crop else ""
     recon = (f", reconstruction error {result['reconstruction_mse']:.3f} per pixel"
              if "reconstruction_mse" in result else "")
@@ -114,7 +116,7 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     if (args.path is None) == (args.config is None):
         raise UsageError("emcaps diagnose: give a CHECKPOINT_OR_RUN_DIR or --config NAME (a fresh network)")
     config = cfgmod.load(_config_path(args.config), args.set) if args.config else None
-    result = diagnose(args.path, config, images=args.images)
+    result = diagnose(args.path, config, images=args.images, device=args.device)
     if args.json:
         print(json.dumps(result))
         return 0
@@ -158,11 +160,12 @@ def build_parser() -> argparse.ArgumentParser:
         "Test error, confusion matrix and per-viewpoint error of a checkpoint (or run directory); writes "
         "results.json and PNG figures. --pretrained NAME tests weights shipped with emcaps instead."))
     p.add_argument("path", metavar="CHECKPOINT_OR_RUN_DIR", nargs="?")
-    p.add_argument("--pretrained", metavar="NAME", help="weights shipped with emcaps (e.g. synthnorb)")
+    p.add_argument("--pretrained", metavar="NAME", help="weights shipped with emcaps (e.g. synthnorb), tested on "
+                   "the whole test split unless --set data.test_limit=N")
     p.add_argument("--multi-crop", action="store_true", help="average scores over the authors' 13 test crops")
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/eval)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
-    p.add_argument("--batch-size", type=int, metavar="N", help="evaluation batch size")
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--batch-size", type=_positive, metavar="N", help="evaluation batch size")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
                    help="change the test data, e.g. --set data.viewpoints.test_azimuths=novel (repeatable)")
     p.add_argument("--quiet", action="store_true")
@@ -178,6 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (with --config; repeatable)")
     p.add_argument("--images", type=int, default=32, metavar="N", help="test images to route (default 32)")
+    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_diagnose)
 
@@ -198,6 +202,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parser(sub)
     add_report_parser(sub)
     return parser
+
+
+def _device(name: str) -> str:
+    """--device, checked while parsing: a typo is a usage error, not torch's traceback."""
+    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {name!r}")
+
+
+def _positive(text: str) -> int:
+    """A count of at least 1, checked while parsing (a negative batch size would fail deep in torch)."""
+    if not (text.strip().isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
 
 
 def _named_configs_text() -> str:

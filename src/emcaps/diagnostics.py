@@ -131,9 +131,11 @@ def gradient_norms(model: MatrixCapsNet, images: Tensor, labels: Tensor, margin:
     return norms
 
 
-def diagnose(checkpoint: str | None = None, config: Any = None, images: int = 32) -> dict[str, Any]:
+def diagnose(checkpoint: str | None = None, config: Any = None, images: int = 32,
+             device: str = "auto") -> dict[str, Any]:
     """The routing report and gradient norms of a capsule network on `images` test images: the network of
-    a checkpoint (or run directory), or, with `config` (a RunConfig), a fresh one initialised from its seed.
+    a checkpoint (or run directory), or, with `config` (a RunConfig), a fresh one initialised from its seed,
+    on `device` ('auto', 'cpu', 'cuda' or 'cuda:N': routing on the device a run trains on).
     -> {'name', 'step', 'layers': routing_report(...), 'gradients': gradient_norms(...)}."""
     from dataclasses import replace
 
@@ -141,22 +143,25 @@ def diagnose(checkpoint: str | None = None, config: Any = None, images: int = 32
     from emcaps.data.transforms import center_crop
     from emcaps.training.build import build_model
     from emcaps.training.checkpoint import model_from_checkpoint
+    from emcaps.training.distributed import resolve_device
+    from emcaps.training.loop import check_backend
 
     if (checkpoint is None) == (config is None):
         raise ValueError("give a checkpoint or a config to diagnose, not both")
     if images < 2:
         raise ConfigError(f"diagnostics need at least 2 images, got {images}")
-    step = 0
+    step, dev = 0, resolve_device(device)
     if checkpoint is not None:
-        model, config, state = model_from_checkpoint(checkpoint)
+        model, config, state = model_from_checkpoint(checkpoint, dev)
         step = int(state["step"])
+    check_backend(config.runtime.backend, dev)
     data = load_split(replace(config.data, test_limit=images), "test")
     if checkpoint is None:
         torch.manual_seed(config.train.seed)
-        model = build_model(config, data.classes, data.images.shape[1])
+        model = build_model(config, data.classes, data.images.shape[1]).to(dev)
     if not isinstance(model, MatrixCapsNet):
         raise ConfigError(f"routing diagnostics need a capsule network; model.name is {config.model.name!r}")
-    x, labels = center_crop(data.images, config.data.crop), data.labels
+    x, labels = center_crop(data.images, config.data.crop).to(dev), data.labels.to(dev)
     return {"name": config.name, "step": step, "layers": routing_report(model, x),
             "gradients": gradient_norms(model, x, labels)}
 

@@ -20,6 +20,7 @@ from emcaps.data.transforms import MULTI_CROP_OFFSETS
 from emcaps.predict import multi_crop_predict, predict, predict_reconstructing, to_probabilities
 from emcaps.training.checkpoint import checkpoint_path, model_from_checkpoint
 from emcaps.training.distributed import resolve_device
+from emcaps.training.loop import check_backend
 
 __all__ = ["confusion", "error_rate", "evaluate_run", "multi_crop_predict", "per_viewpoint_error", "predict",
            "predict_reconstructing", "summarise", "to_probabilities"]
@@ -83,7 +84,8 @@ def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path
                  quiet: bool = False) -> dict[str, Any]:
     """Evaluate a checkpoint (or run directory) on its test split; write results.json and PNG figures.
 
-    overrides change the data section of the run's config (e.g. data.viewpoints.test_azimuths=novel).
+    overrides change the data section of the run's config (e.g. data.viewpoints.test_azimuths=novel) or how
+    its routing runs (e.g. runtime.backend=torch).
     out_dir defaults to RUN_DIR/eval. Returns the results dict that results.json holds; for a capsule
     network with a decoder, tested on centre crops, it includes reconstruction_mse: the mean squared error
     per (standardised) pixel of the test images redrawn from their predicted class's pose (a blank image
@@ -94,12 +96,15 @@ def evaluate_run(path: str | Path, multi_crop: bool = False, out_dir: str | Path
 
     ckpt = checkpoint_path(path)
     for text in overrides:
-        if not text.strip().startswith("data."):
-            raise cfgmod.ConfigError(f"eval overrides may only change data.* keys, got {text!r}")
+        if not text.strip().startswith(("data.", "runtime.")):
+            raise cfgmod.ConfigError(f"eval overrides may only change data.* and runtime.* keys, got {text!r}")
     dev = resolve_device(device)
     model, config, state = model_from_checkpoint(ckpt, dev)
     if overrides:
         config = cfgmod.from_dict(config.to_dict(), overrides)
+        if hasattr(model, "set_runtime"):
+            check_backend(config.runtime.backend, dev)
+            model.set_runtime(config.runtime)
     data = load_split(config.data, "test", seed=config.train.seed, progress=not quiet and sys.stderr.isatty())
     bs = batch_size or config.train.eval_batch_size
     recon: dict[str, float] = {}

@@ -14,6 +14,7 @@ mathematics (RoutingConfig): a model trained on a CPU runs with the GPU's settin
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from dataclasses import dataclass
@@ -22,6 +23,7 @@ import torch
 
 BACKENDS = ("auto", "native", "triton", "torch", "compile")
 RECOMPUTE = ("auto", "yes", "no")
+DEVICE_OF_BACKEND = {"native": "cpu", "triton": "cuda"}     # backends that run on one kind of device only
 CPU_CHUNK_MB = 12.0
 CUDA_MEMORY_SHARE = 0.25           # of the free device memory, as votes of one chunk
 
@@ -66,6 +68,14 @@ class Runtime:
             raise ValueError(f"native_chunk_mb must be >= 0 (MB; 0 = chosen for the device), "
                              f"got {self.native_chunk_mb}")
 
+    def for_device(self, device: torch.device | str) -> Runtime:
+        """This runtime for a model moved to `device`: a backend made for another kind of device becomes 'auto'.
+        A saved run's runtime says how it ran, never what it computed, so its model still loads elsewhere."""
+        only = DEVICE_OF_BACKEND.get(self.backend)
+        if only is None or torch.device(device).type == only:
+            return self
+        return dataclasses.replace(self, backend="auto")
+
     def on(self, device: torch.device, free_bytes: int | None = None) -> Settings:
         """The settings a layer uses on `device`. `free_bytes` stands in for the device's free memory (tests)."""
         return _settings(self, device, free_bytes)
@@ -91,6 +101,7 @@ class Settings:
         return max(1, min(batch, int(budget * 2**20 // max(bytes_per_image, 1))))
 
     def describe(self) -> str:
+        """How the batch is cut and what the backward pass keeps, for the run's log."""
         chunk = f"{self.chunk} images" if self.chunk else f"{self.chunk_mb:,.0f} MB of votes"
         kept = "recomputed" if self.recompute else "recomputed if chunked" if self.recompute_if_chunked else "stored"
         return f"chunks of {chunk}, {kept} for the backward pass"

@@ -3,7 +3,9 @@ optimiser, schedule, every RNG, the data order's position) plus the run's config
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import logging
 import os
 import random
 from pathlib import Path
@@ -17,6 +19,8 @@ from emcaps import config as cfgmod
 from emcaps.config import RunConfig
 from emcaps.data.download import fsync_dir
 from emcaps.training.build import build_model
+
+log = logging.getLogger("emcaps")
 
 CHECKPOINT_FORMAT = "emcaps-checkpoint"
 CHECKPOINT_VERSION = 1
@@ -89,9 +93,15 @@ def config_of(state: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()
 def model_from_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, RunConfig,
                                                                                          dict[str, Any]]:
     """(model in eval mode, its config, the checkpoint) from a checkpoint or run directory: the run's
-    weight average when it kept one (train.ema_decay), else its weights."""
+    weight average when it kept one (train.ema_decay), else its weights. A routing backend the run chose for
+    another kind of device ('native' on CUDA, 'triton' on a CPU) becomes 'auto' on `device`, said in the log."""
     state = load_checkpoint(path)
     config = config_of(state)
+    runtime = config.runtime.for_device(device)
+    if runtime != config.runtime:
+        log.info("emcaps: %s routed with backend %r, which does not run on %s; routing with 'auto'",
+                 path, config.runtime.backend, device)
+        config = dataclasses.replace(config, runtime=runtime)
     shape = state.get("data_shape", {})
     model = build_model(config, shape.get("classes", 5), shape.get("in_channels", 1))
     model.load_state_dict(state.get("ema_model", state["model"]))

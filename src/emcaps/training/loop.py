@@ -41,6 +41,7 @@ from emcaps.data.transforms import center_crop, train_augment
 from emcaps.models import Reconstructing, count_parameters
 from emcaps.predict import predict, predict_reconstructing
 from emcaps.progress import progress_bar
+from emcaps.routing.native import native_available
 from emcaps.training.averaging import WeightAverage
 from emcaps.training.build import (
     build_model,
@@ -120,6 +121,23 @@ def _check_run_dir(run_dir: Path, resuming: bool) -> None:
                               f"--resume {run_dir} or choose another --run-dir")
 
 
+def check_backend(backend: str, device: torch.device) -> None:
+    """Raise ConfigError unless routing backend `backend` (Runtime.backend) runs on `device`: the layers
+    would only find out at the first batch, after the run directory is written."""
+    if backend == "native" and not native_available(device):
+        need = ("a CPU" if device.type != "cpu" else
+                "the emcaps C++ kernels, which are off (EMCAPS_NATIVE=0) or did not build (see emcaps.kernels)")
+        raise ConfigError(f"runtime.backend 'native' needs {need}; the device is {device}: "
+                          f"use runtime.backend=auto")
+    if backend == "triton":
+        from emcaps.kernels.triton_kernels import triton, triton_available  # imports triton: only here
+
+        if not triton_available(device):
+            need = "the triton package" if triton is None else "a CUDA device (or TRITON_INTERPRET=1 on a CPU)"
+            raise ConfigError(f"runtime.backend 'triton' needs {need}; the device is {device}: "
+                              f"use runtime.backend=auto")
+
+
 def train(config: RunConfig, run_dir: str | Path, *, state: dict[str, Any] | None = None, quiet: bool = False,
           stop_at_step: int | None = None, callback: Callback | None = None) -> dict[str, Any]:
     """Train `config` into `run_dir`; with `state` (a loaded checkpoint), continue exactly where it stopped.
@@ -177,6 +195,7 @@ class _Run:
         if dd.main:
             _check_run_dir(run_dir, resuming=state is not None)
         self.device = device = resolve_device(tc.device, dd.local_rank)
+        check_backend(config.runtime.backend, device)
         if device.type == "cuda":
             torch.cuda.set_device(device)        # nccl and the default cuda stream follow this process's GPU
         if tc.threads:

@@ -2,7 +2,7 @@
 
 `em_routing` takes votes (N, I, J, D) and is what the tests hold every other form to; `_em_direct` is the same
 maths over the layers' (M, J, I, D) layout, written as plain broadcasts so that torch.compile fuses it into loops
-(RoutingConfig.backend == 'compile'). `parent_logit` is the one activation formula every form calls.
+(Runtime.backend == 'compile'). `parent_logit` is the one activation formula every form calls.
 """
 
 from __future__ import annotations

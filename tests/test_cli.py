@@ -45,6 +45,8 @@ def one_error_line(err: str) -> str:
     (["report", "/no/such/results"], 1, "is not a directory of results"),
     (["eval", "/no/such/run", "--device", "gpu"], 2,
      "argument --device: expected auto, cpu, cuda or cuda:N, got 'gpu'"),
+    (["experiment", "viewpoint", "--device", "cuda:x"], 2,
+     "argument --device: expected auto, cpu, cuda or cuda:N, got 'cuda:x'"),
     (["eval", "/no/such/run", "--batch-size", "-1"], 2,
      "argument --batch-size: expected a whole number >= 1, got '-1'"),
 ])

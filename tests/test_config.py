@@ -4,6 +4,7 @@ import dataclasses
 from pathlib import Path
 
 import pytest
+import torch
 
 from emcaps import config
 from emcaps.config import ConfigError, RunConfig
@@ -100,6 +101,8 @@ def test_int_accepted_for_float_but_not_the_reverse():
     ("routing.iterations=0", "routing iterations must be an integer >= 1"),
     ("data.resize=16", "data.resize (16) must be 0 or at least data.crop (32)"),
     ("train=3", "train must be a table"),
+    ("train.device=cuda:x", "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'cuda:x'"),
+    ("train.device=gpu", "train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
     ("novalue", "must look like section.key=value"),
 ])
 def test_bad_keys_and_values_are_named(override, message):
@@ -347,3 +350,16 @@ def test_the_class_floor_anneal_schedule():
         RoutingConfig(class_floor_steps=-1)
     with pytest.raises(ConfigError, match="class_floor_start must be >= 0"):
         config.load(None, ["routing.class_floor_start=-1"])
+
+
+def test_a_device_this_machine_lacks_is_named(monkeypatch):
+    from emcaps.training.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)       # a machine with one GPU
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda", 0)
+    with pytest.raises(ConfigError, match=r"device 'cuda:3' was asked for, but this machine has 1 GPU\(s\)"):
+        resolve_device("cuda:3")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="device 'cuda:0' was asked for, but CUDA is not available"):
+        resolve_device("cuda")

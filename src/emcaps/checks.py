@@ -6,6 +6,7 @@ checks its values the way the run config does, without importing the models.
 
 from __future__ import annotations
 
+import argparse
 import math
 from typing import Any
 
@@ -27,3 +28,11 @@ def at_least(key: str, value: float, low: float) -> None:
 def positive(key: str, value: float) -> None:
     if not (value > 0 and math.isfinite(value)):
         raise ConfigError(f"{key} must be a finite number > 0, got {value!r}")
+
+
+def device_name(name: str) -> str:
+    """A --device value (auto, cpu, cuda or cuda:N), checked while parsing: a typo is a usage error, not
+    torch's traceback."""
+    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
+        return name
+    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {name!r}")

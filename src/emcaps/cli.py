@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from emcaps.checks import device_name
+
 USAGE_ERROR = 2
 
 
@@ -164,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "the whole test split unless --set data.test_limit=N")
     p.add_argument("--multi-crop", action="store_true", help="average scores over the authors' 13 test crops")
     p.add_argument("--out", metavar="DIR", help="output directory (default RUN_DIR/eval)")
-    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--batch-size", type=_positive, metavar="N", help="evaluation batch size")
     p.add_argument("--set", action="append", default=[], metavar="data.KEY=VALUE",
                    help="change the test data, e.g. --set data.viewpoints.test_azimuths=novel (repeatable)")
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value (with --config; repeatable)")
     p.add_argument("--images", type=int, default=32, metavar="N", help="test images to route (default 32)")
-    p.add_argument("--device", default="auto", type=_device, help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object")
     p.set_defaults(func=cmd_diagnose)
 
@@ -202,13 +204,6 @@ def build_parser() -> argparse.ArgumentParser:
     add_experiment_parser(sub)
     add_report_parser(sub)
     return parser
-
-
-def _device(name: str) -> str:
-    """--device, checked while parsing: a typo is a usage error, not torch's traceback."""
-    if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
-        return name
-    raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda or cuda:N, got {name!r}")
 
 
 def _positive(text: str) -> int:

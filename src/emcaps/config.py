@@ -180,7 +180,8 @@ class TrainConfig:
         at_least("train.eval_every", self.eval_every, 0)
         at_least("train.log_every", self.log_every, 1)
         positive("train.checkpoint_minutes", self.checkpoint_minutes)
-        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+        index = self.device[5:] if self.device.startswith("cuda:") else None
+        if not (self.device in ("auto", "cpu", "cuda") or (index is not None and index.isdigit())):
             raise ConfigError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from emcaps.checks import device_name
 from emcaps.config import ConfigError
 
 
@@ -27,7 +28,7 @@ def _common(p: argparse.ArgumentParser, name: str) -> None:
     p.add_argument("--capsnet-lr", type=float, metavar="LR",
                    help="the capsule network's Adam learning rate (default 1e-2, the peak of a cosine schedule)")
     p.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    p.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda or cuda:N (default auto)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     _routing(p)
 
@@ -180,7 +181,7 @@ def add_experiment_parser(sub) -> None:
     q.add_argument("--runs", metavar="DIR", default="runs/reconstruct",
                    help="where the two training runs go (default runs/reconstruct)")
     q.add_argument("--seed", type=int, default=0, help="seed of initialisation and batches (default 0)")
-    q.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    q.add_argument("--device", default="auto", type=device_name, help="auto, cpu, cuda or cuda:N (default auto)")
     q.add_argument("--threads", type=int, default=0, metavar="N",
                    help="torch threads (default: torch's choice); 1 is much faster on a CPU other jobs share")
     q.add_argument("--quiet", action="store_true", help="no progress lines")

@@ -78,10 +78,18 @@ def _check_images(model: str, x: Tensor, weight: Tensor, channels: int, side: in
     if (x.dim() != 4 or x.shape[0] == 0 or x.shape[1] != channels
             or not all(s == side if exact else s >= side for s in x.shape[2:])):
         raise ValueError(f"{expects}; got shape {tuple(x.shape)}")
-    if x.dtype != weight.dtype and not torch.is_autocast_enabled(x.device.type):
+    if x.dtype != weight.dtype and not _autocast_on(x.device.type):
         raise ValueError(f"{model} has {weight.dtype} weights and was given {x.dtype} images: convert the images "
                          f"(x.to({weight.dtype})) or the model (model.to({x.dtype}))")
     check_device(x.device, model, parameters=weight)
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Whether autocast is on for this kind of device (torch < 2.4 asks CPU and CUDA separately)."""
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def _as_runtime(runtime: Runtime | str) -> Runtime:
